@@ -35,6 +35,8 @@ of automatic differentiation. :mod:`hos._summary` dispatches to them by
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -43,6 +45,7 @@ from torch.func import grad, jvp
 from torch.overrides import TorchFunctionMode
 
 from hos._exact import ExactOps
+from hos._jet import JetMode, JetTracker
 from hos._partition import Partition
 
 __all__ = [
@@ -53,7 +56,11 @@ __all__ = [
     "reverse_diagonal",
     "reverse_summarize",
     "reverse_tensor",
+    "taylor_diagonal",
+    "taylor_summarize",
 ]
+
+_LOG = logging.getLogger("hos")
 
 Params = Mapping[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
@@ -138,9 +145,14 @@ class _PathMode(TorchFunctionMode):
     ``f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)`` (at η = 0, by :class:`_Shift`).
     """
 
-    def __init__(self, marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]):
+    def __init__(
+        self,
+        marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+        tracker: JetTracker | None = None,
+    ):
         super().__init__()
         self.marked = marked
+        self.tracker = tracker
         self.first_use: dict[int, None] = {}
 
     def _note(self, values) -> None:
@@ -164,18 +176,37 @@ class _PathMode(TorchFunctionMode):
                 base = func(x, theta, *rest, **kwargs)
                 if rest:
                     rest[0] = None
+                bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
                 along = func(
                     x, u, *rest, **{**kwargs, **({"bias": None} if "bias" in kwargs else {})}
                 )
-                return _Shift.apply(eta, base, along)
-        return func(*args, **kwargs)
+                out = _Shift.apply(eta, base, along)
+                if self.tracker is not None and self.tracker.jet(args[1]) is not None:
+                    self.tracker.factored(func, out, entry[3], along, bias)
+                elif self.tracker is not None:
+                    self.tracker.propagate(func, args, kwargs, out)
+                return out
+        out = func(*args, **kwargs)
+        if self.tracker is not None:
+            self.tracker.propagate(func, args, kwargs, out)
+        return out
 
 
 class _PathGraph:
-    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order."""
+    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order.
 
-    def __init__(self, prob: Problem):
+    With a ``tracker``, the same forward pass also carries the Taylor coefficients
+    along the lines of the groups ``jet_groups`` (see :mod:`hos._jet`).
+    """
+
+    def __init__(
+        self,
+        prob: Problem,
+        tracker: JetTracker | None = None,
+        jet_groups: Sequence[int] = (),
+    ):
         self.prob = prob
+        self.tracker = tracker
         self.eta = [
             torch.zeros((), dtype=prob.dtype, device=prob.device, requires_grad=True)
             for _ in range(prob.S)
@@ -186,7 +217,9 @@ class _PathGraph:
                 shifted = _Shift.apply(self.eta[s], prob.theta[n], prob.u[n])
                 moved[n] = shifted
                 marked[id(shifted)] = (prob.theta[n], prob.u[n], self.eta[s], s)
-        mode = _PathMode(marked)
+                if tracker is not None and s in jet_groups:
+                    tracker.seed(shifted, s, prob.u[n])
+        mode = _PathMode(marked, tracker)
         with torch.enable_grad(), mode, ExactOps():
             self.value = prob.loss(moved)
         used = list(mode.first_use)
@@ -253,17 +286,130 @@ def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
     return out
 
 
-def reverse_diagonal(prob: Problem, order: int) -> torch.Tensor:
-    """d^d/dt^d L(θ + t u_i) by d nested one-leaf backward passes per group."""
+def reverse_diagonal(
+    prob: Problem, order: int, groups: Sequence[int] | None = None
+) -> torch.Tensor:
+    """d^d/dt^d L(θ + t u_i) by d nested one-leaf backward passes per group (all or ``groups``)."""
     out = prob.zeros(prob.S)
     path = _PathGraph(prob)
     first = path.derivative(path.value, range(prob.S), keep=order > 1)
-    for i in range(prob.S):
+    for i in range(prob.S) if groups is None else groups:
         value = first[i]
         for depth in range(2, order + 1):
             value = path.derivative(value, [i], keep=depth < order)[0]
         out[i] = value.detach()
     return out
+
+
+# =========================================================================== taylor
+#: The most memory the Taylor coefficients of one forward pass may hold; past it the
+#: groups are split into smaller chunks (see :func:`jet_diagonals`).
+JET_MAX_BYTES = 2 * 2**30
+
+
+def _jet_pass(prob: Problem, order: int, groups: Sequence[int]) -> tuple[dict | None, JetTracker]:
+    """One forward carrying jets of order ``order`` along the groups ``groups``.
+
+    Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, tracker),
+    or (None, tracker) when the tracker failed (``tracker.failure`` says why).
+    """
+    tracker = JetTracker(order, JET_MAX_BYTES)
+    wanted = set(groups)
+    moved: dict[str, torch.Tensor] = {}
+    for s, names in enumerate(prob.groups):
+        for n in names:
+            moved[n] = prob.theta[n].detach()
+            if s in wanted:
+                tracker.seed(moved[n], s, prob.u[n])
+    with JetMode(tracker), ExactOps():
+        value = prob.loss(moved)
+    return _read_jets(tracker, value, groups), tracker
+
+
+def _read_jets(tracker: JetTracker, value: torch.Tensor, groups: Sequence[int]) -> dict | None:
+    if tracker.failure is not None:
+        return None
+    coeffs = tracker.coefficients(value, list(groups))
+    factorials = torch.tensor(
+        [math.factorial(k) for k in range(1, tracker.K + 1)], dtype=coeffs.dtype
+    ).to(coeffs.device)
+    tracker.clear()
+    return {s: coeffs[:, j] * factorials for j, s in enumerate(groups)}
+
+
+def jet_diagonals(
+    prob: Problem, order: int, groups: Sequence[int], chunk: int | None
+) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """Derivatives 1..order along each group's line by Taylor mode, ``chunk`` groups a pass.
+
+    Returns (derivatives per group, the groups Taylor mode could not follow). A pass
+    whose coefficients outgrow :data:`JET_MAX_BYTES` is retried with half the chunk.
+    """
+    pending = list(groups)
+    size = len(pending) if chunk is None else chunk
+    done: dict[int, torch.Tensor] = {}
+    while pending:
+        part = pending[:size]
+        result, tracker = _jet_pass(prob, order, part)
+        if result is not None:
+            done.update(result)
+            pending = pending[len(part) :]
+        elif tracker.out_of_memory and size > 1:
+            size = max(1, size // 2)
+            _LOG.debug("hos: Taylor chunk halved to %d groups (%s)", size, tracker.failure)
+        else:
+            _LOG.debug("hos: Taylor mode falls back to reverse mode: %s", tracker.failure)
+            return done, pending
+    return done, []
+
+
+def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torch.Tensor:
+    """d^d/dt^d L(θ + t u_s) for every s by univariate Taylor mode (reverse mode where it cannot)."""
+    out = prob.zeros(prob.S)
+    done, failed = jet_diagonals(prob, order, range(prob.S), chunk)
+    for s, derivs in done.items():
+        out[s] = derivs[order - 1]
+    if failed:
+        out[failed] = reverse_diagonal(prob, order, failed)[failed]
+    return out
+
+
+def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(ḡ, H̄, diag D³, L): reverse rows for ḡ and H̄, diag D³ by Taylor mode.
+
+    The first chunk of groups rides on the forward pass that builds the graph (a
+    factored input layer hands over its f(x, u_W)); further chunks take a forward
+    pass each. Groups Taylor mode cannot follow get d3 from a third backward pass.
+    """
+    S = prob.S
+    first = list(range(S if chunk is None else min(chunk, S)))
+    tracker = JetTracker(3, JET_MAX_BYTES)
+    path = _PathGraph(prob, tracker, first)
+    d3 = prob.zeros(S)
+    shared = _read_jets(tracker, path.value, first)
+    if shared is not None:
+        done, failed = jet_diagonals(prob, 3, [s for s in range(S) if s not in shared], chunk)
+        done.update(shared)
+    elif tracker.out_of_memory:
+        tracker.clear()
+        done, failed = jet_diagonals(prob, 3, range(S), max(1, len(first) // 2))
+    else:
+        _LOG.debug("hos: Taylor mode falls back to reverse mode: %s", tracker.failure)
+        done, failed = {}, list(range(S))
+    for s, derivs in done.items():
+        d3[s] = derivs[2]
+    backward = set(failed)
+    H = prob.zeros(S, S)
+    g = path.derivative(path.value, range(S), keep=True)
+    for i in path.order:
+        later = path.later(i)
+        row = path.derivative(g[i], later, keep=i in backward)
+        values = torch.stack([r.detach() for r in row])
+        H[i, later] = values
+        H[later, i] = values
+        if i in backward:
+            d3[i] = path.derivative(row[0], [i], keep=False)[0].detach()
+    return torch.stack([x.detach() for x in g]), H, d3, path.value.detach()
 
 
 # =========================================================================== forward

@@ -11,7 +11,16 @@ Backends (see :data:`BACKENDS`) compute the same numbers by different
 compositions of automatic differentiation; each is checked against
 :mod:`hos.reference` in the tests.
 
-``reverse`` (the fastest; what ``"auto"`` picks)
+``taylor`` (the fastest; what ``"auto"`` picks)
+    ``reverse`` for ḡ, H̄ and the full tensors; every *diagonal* (diag D³ in
+    :func:`summarize`, :func:`summary_diagonal` at any order) by univariate
+    Taylor mode: the forward pass carries, for each group s, the Taylor
+    coefficients of every activation along :math:`t \mapsto \theta + t u_s`,
+    so :math:`d^k/dt^k L` needs no backward pass at all (see :mod:`hos._jet`).
+    ``chunk`` bounds how many groups one forward pass carries. An operation
+    Taylor mode cannot follow (an in-place write into a moving tensor, no
+    forward-mode derivative) sends those groups back to ``reverse``.
+``reverse``
     torch.autograd, nested reverse mode on φ itself with S scalar leaves η_s,
     one shared graph; input layers factored as f(x, θ_W) + η_W f(x, u_W), so the
     weight gradient of the first layer is never formed; row i of H̄ stops at
@@ -38,6 +47,7 @@ from hos._exact import ExactOps
 from hos._partition import Partition
 from hos._validate import (
     all_zero,
+    check_chunk,
     check_depends,
     check_order,
     check_output_size,
@@ -59,6 +69,7 @@ class Backend(str, enum.Enum):
     AUTO = "auto"
     FORWARD = "forward"
     REVERSE = "reverse"
+    TAYLOR = "taylor"
     REFERENCE = "reference"
 
 
@@ -85,17 +96,23 @@ class Summary:
 
 
 # --------------------------------------------------------------------------- registry
-_TENSOR = {Backend.FORWARD: _backends.forward_tensor, Backend.REVERSE: _backends.reverse_tensor}
+_TENSOR = {
+    Backend.FORWARD: _backends.forward_tensor,
+    Backend.REVERSE: _backends.reverse_tensor,
+    Backend.TAYLOR: _backends.reverse_tensor,  # mixed entries: Taylor mode has no shortcut
+}
 _DIAGONAL = {
-    Backend.FORWARD: _backends.forward_diagonal,
-    Backend.REVERSE: _backends.reverse_diagonal,
+    Backend.FORWARD: lambda prob, order, chunk: _backends.forward_diagonal(prob, order),
+    Backend.REVERSE: lambda prob, order, chunk: _backends.reverse_diagonal(prob, order),
+    Backend.TAYLOR: _backends.taylor_diagonal,
 }
 _SUMMARIZE = {
-    Backend.FORWARD: _backends.forward_summarize,
-    Backend.REVERSE: _backends.reverse_summarize,
+    Backend.FORWARD: lambda prob, chunk: _backends.forward_summarize(prob),
+    Backend.REVERSE: lambda prob, chunk: _backends.reverse_summarize(prob),
+    Backend.TAYLOR: _backends.taylor_summarize,
 }
 #: What ``"auto"`` resolves to: the fastest exact backend (see analysis/bench_summaries.py).
-_FASTEST = Backend.REVERSE
+_FASTEST = Backend.TAYLOR
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -108,6 +125,10 @@ def _resolve(backend: Backend | str) -> Backend:
             "those (or a hos.Backend), e.g. backend='auto' for the fastest exact one."
         ) from None
     return choice
+
+
+def _effective(choice: Backend) -> Backend:
+    return _FASTEST if choice is Backend.AUTO else choice
 
 
 def _prepare(loss, params, direction, partition, order: int, what: str) -> _backends.Problem:
@@ -175,7 +196,7 @@ def summary_tensor(
             from hos import reference
 
             return reference.summary_tensor(prob.loss, prob.theta, prob.u, partition, order)
-        return _TENSOR[_FASTEST if choice is Backend.AUTO else choice](prob, order)
+        return _TENSOR[_effective(choice)](prob, order)
 
     out = _checked_run(prob, params, compute)
     check_result("summary_tensor", prob.names, **{f"D^({order})": out})
@@ -190,10 +211,16 @@ def summary_diagonal(
     order: int,
     *,
     backend: Backend | str = Backend.AUTO,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     r"""The diagonal of :math:`D^{(d)}`, shape ``(S,)``, without the full tensor.
 
     ``out[s] = d^d/dt^d L(θ + t u_s)`` at t = 0 (u_s: u on group s, zero elsewhere).
+
+    With the ``taylor`` backend (``"auto"``) this is one forward pass carrying
+    d Taylor coefficients per group; ``chunk`` (groups per pass, default all,
+    halved automatically when the coefficients outgrow 2 GiB) trades passes for
+    memory. Other backends take no ``chunk``.
 
     >>> import torch, hos
     >>> loss = lambda p: (p["x"] ** 4).sum() + p["y"].exp().sum()
@@ -204,6 +231,7 @@ def summary_diagonal(
     """
     order = check_order(order)
     choice = _resolve(backend)
+    chunk = check_chunk(chunk, _effective(choice))
     prob = _prepare(loss, params, direction, partition, order, "summary_diagonal")
     if choice is Backend.REFERENCE:
         numel = sum(v.numel() for v in prob.theta.values())
@@ -216,7 +244,7 @@ def summary_diagonal(
             from hos import reference
 
             return reference.summary_diagonal(prob.loss, prob.theta, prob.u, partition, order)
-        return _DIAGONAL[_FASTEST if choice is Backend.AUTO else choice](prob, order)
+        return _DIAGONAL[_effective(choice)](prob, order, chunk)
 
     out = _checked_run(prob, params, compute)
     check_result("summary_diagonal", prob.names, **{f"diag D^({order})": out})
@@ -230,8 +258,12 @@ def summarize(
     partition: Partition,
     *,
     backend: Backend | str = Backend.AUTO,
+    chunk: int | None = None,
 ) -> Summary:
     r"""The GroupedNewton triple (ḡ, H̄, diag D^(3)) computed together.
+
+    ``chunk``: groups per Taylor-mode forward pass for diag D³ (``taylor``/``"auto"``
+    backend only; default all in the pass that also builds the graph for H̄).
 
     >>> import torch, hos
     >>> loss = lambda p: (p["x"] ** 3).sum() + (p["x"] * p["y"]).sum()
@@ -242,6 +274,7 @@ def summarize(
     ([4.0, 1.0], [[6.0, 1.0], [1.0, 0.0]], [6.0, 0.0])
     """
     choice = _resolve(backend)
+    chunk = check_chunk(chunk, _effective(choice))
     prob = _prepare(loss, params, direction, partition, 3, "summarize")
 
     def compute() -> tuple[torch.Tensor, ...]:
@@ -253,7 +286,7 @@ def summarize(
                 for k in (1, 2, 3)
             )
             return g, H, torch.einsum("iii->i", d3), prob.loss(prob.theta).detach()
-        return _SUMMARIZE[_FASTEST if choice is Backend.AUTO else choice](prob)
+        return _SUMMARIZE[_effective(choice)](prob, chunk)
 
     g, H, d3, value = _checked_run(prob, params, compute)
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
@@ -263,4 +296,9 @@ def summarize(
 
 
 #: Every backend by name, for tests and benchmarks.
-BACKENDS: tuple[Backend, ...] = (Backend.FORWARD, Backend.REVERSE, Backend.REFERENCE)
+BACKENDS: tuple[Backend, ...] = (
+    Backend.FORWARD,
+    Backend.REVERSE,
+    Backend.TAYLOR,
+    Backend.REFERENCE,
+)

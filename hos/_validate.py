@@ -108,6 +108,23 @@ def check_order(order: object, argument: str = "order") -> int:
     return value
 
 
+def check_chunk(chunk: object, backend) -> int | None:
+    """None, or an int >= 1 for the Taylor-mode backend (groups per forward pass)."""
+    if chunk is None:
+        return None
+    if backend.value != "taylor":
+        raise ValueError(
+            f"chunk={_short(chunk)} applies to Taylor mode only, but backend is "
+            f"{backend.value!r}; pass backend='taylor' (or 'auto'), or drop chunk."
+        )
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(
+            f"chunk must be None or an int >= 1 (groups per Taylor-mode forward pass), got "
+            f"{type(chunk).__name__} {_short(chunk)}; e.g. chunk=8, or None for all at once."
+        )
+    return int(chunk)
+
+
 # --------------------------------------------------------------------------- tensors
 def _count_bad(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum()) if t.device.type != "meta" else 0

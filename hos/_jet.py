@@ -1,0 +1,974 @@
+r"""Univariate Taylor mode ("jets") carried alongside one forward pass.
+
+For each group s of a chunk, the diagonal entries
+:math:`D^{(k)}_{s\dots s} = d^k/dt^k\, L(\theta + t u_s)|_{t=0}`, k = 1..K, are the
+Taylor coefficients of the loss along the line :math:`t \mapsto \theta + t u_s`,
+times k!. :class:`JetTracker` propagates, next to every tensor x of the forward
+pass that depends on a group of the chunk, its coefficients
+:math:`x_k = \tfrac{1}{k!} d^k x/dt^k`, k = 1..K, for all those groups at once
+(a leading "direction" dimension, so each rule is one batched operation):
+
+* a parameter of group s starts as :math:`\theta_p + t\,u_p` (x_1 = u_p, higher
+  coefficients zero; zeros are kept as ``None`` and never computed with);
+* multilinear operations (products, convolutions, views, reductions, indexing)
+  take the Cauchy product :math:`y_k = \sum_{a+b=k} f(x_a, w_b)`;
+* affine ones (add, cat, where, ...) take :math:`y_k = f(x_k)` with constants zeroed;
+* elementwise nonlinearities use Faà di Bruno,
+  :math:`y_k = \sum_j f^{(j)}(x_0)/j!\,[\delta^j]_k` with
+  :math:`\delta(t) = \sum_{k\ge1} x_k t^k`, the derivatives :math:`f^{(j)}` from
+  closed recurrences (tanh, sigmoid, exp) or nested ``jvp``;
+* any other operation falls back to nested ``torch.func.jvp`` in t along the
+  polynomial path, vectorised over the directions with ``vmap`` -- exact for every
+  operation forward-mode AD supports.
+
+Cost: each coefficient costs about one forward of the layers *after* the
+group's first use, and no backward pass; so the diagonal of order K costs about
+K forwards restricted to the later layers per group, instead of K nested
+backward passes. Anything the tracker cannot follow (an in-place write into a
+tensor that depends on t, an operation without forward-mode derivative, jets
+larger than the memory cap) sets :attr:`JetTracker.failure`; the callers then
+fall back to nested reverse mode, which is exact too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import jvp, vmap
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["Jet", "JetMode", "JetTracker"]
+
+Coeffs = list  # list[torch.Tensor | None], index k-1 for order k; shape (m, *x.shape)
+
+
+class Jet:
+    """Taylor coefficients x_1..x_K of one tensor along the lines of the groups ``dirs``."""
+
+    __slots__ = ("dirs", "coeffs")
+
+    def __init__(self, dirs: tuple[int, ...], coeffs: Coeffs):
+        self.dirs = dirs
+        self.coeffs = coeffs
+
+
+class JetFailure(Exception):
+    """The tracker cannot follow an operation; the caller falls back to reverse mode."""
+
+
+# --------------------------------------------------------------------------- op tables
+_T = torch.Tensor
+
+
+def _getters(*names: str) -> set:
+    return {getattr(_T, n).__get__ for n in names}
+
+
+#: Linear in each tensor argument that carries a jet (constants multiply or select).
+_MULTILINEAR = {
+    torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply,
+    torch.matmul, _T.matmul, _T.__matmul__, torch.mm, _T.mm, torch.bmm, _T.bmm,
+    torch.einsum, torch.outer, torch.tensordot,
+    torch.sum, _T.sum, torch.mean, _T.mean, torch.flatten, _T.flatten,
+    _T.view, _T.view_as, _T.reshape, _T.reshape_as, torch.reshape,
+    _T.permute, torch.permute, _T.transpose, torch.transpose, _T.t, torch.t,
+    _T.contiguous, _T.unsqueeze, torch.unsqueeze, _T.squeeze, torch.squeeze,
+    _T.expand, _T.expand_as, _T.__getitem__, _T.neg, torch.neg, _T.__neg__,
+    _T.clone, torch.clone, _T.repeat, _T.flip, torch.flip, _T.roll, torch.roll,
+    _T.narrow, torch.narrow, _T.select, torch.select, _T.chunk, torch.chunk,
+    _T.split, torch.split, _T.unbind, torch.unbind, _T.movedim, torch.movedim,
+    _T.unflatten, torch.diagonal, _T.diagonal, torch.tril, torch.triu, _T.tril, _T.triu,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.embedding,
+    F.linear, F.conv1d, F.conv2d, F.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    _T.to, _T.type_as, _T.float, _T.double, F.nll_loss,
+} | _getters("T", "mT")  # fmt: skip
+
+#: Linear with an additive constant: the constant parts get coefficient zero.
+_AFFINE = {
+    torch.add, _T.add, _T.__add__, _T.__radd__, torch.sub, _T.sub, _T.__sub__, _T.__rsub__,
+    torch.subtract, torch.cat, torch.concat, torch.stack, torch.where, _T.masked_fill,
+}  # fmt: skip
+
+#: Division: linear in the numerator.
+_DIVIDE = {torch.div, _T.div, _T.__truediv__, torch.true_divide}
+
+#: Layers with a ``bias`` third argument added after a product linear in (input, weight).
+_WITH_BIAS = {
+    F.linear, F.conv1d, F.conv2d, F.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+}  # fmt: skip
+
+#: Elementwise functions of one tensor (other arguments are numbers or flags).
+_ELEMENTWISE = {
+    torch.tanh, _T.tanh, F.tanh, torch.sigmoid, _T.sigmoid, F.sigmoid, torch.exp, _T.exp,
+    torch.log, _T.log, torch.sqrt, _T.sqrt, torch.rsqrt, _T.rsqrt, torch.reciprocal,
+    _T.reciprocal, torch.sin, _T.sin, torch.cos, _T.cos, torch.square, _T.square,
+    torch.relu, _T.relu, F.relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.softplus,
+    F.leaky_relu, F.logsigmoid, torch.erf, _T.erf, torch.log1p, _T.log1p, torch.expm1,
+    torch.abs, _T.abs, _T.__abs__, F.hardtanh, F.relu6, F.tanhshrink, F.softsign,
+}  # fmt: skip
+
+_POWER = {torch.pow, _T.pow, _T.__pow__}
+
+#: Max pooling (the functions behind F.max_pool*d's boolean dispatch) and their index variant.
+_MAX_POOL = {
+    F.max_pool1d: F.max_pool1d_with_indices,
+    F.max_pool2d: F.max_pool2d_with_indices,
+    F.max_pool3d: F.max_pool3d_with_indices,
+}
+_MAX_POOL_DIMS = {F.max_pool1d: (0,), F.max_pool2d: (0, 1), F.max_pool3d: (0, 1, 2)}
+
+
+def _softmax_dim(x, dim):
+    if dim is None:  # the legacy implicit choice of F.softmax
+        return 0 if x.dim() in (0, 1, 3) else 1
+    return dim
+
+
+def _exp_series(delta: Coeffs) -> Coeffs:
+    r"""Coefficients w_1..w_K of exp(δ(t)) for δ(0) = 0 (w_0 = 1).
+
+    From w' = δ'w: :math:`w_k = \tfrac1k \\sum_{j=1}^k j\,\delta_j w_{k-j}`.
+    """
+    K = len(delta)
+    w: Coeffs = [None] * K
+    for k in range(1, K + 1):
+        acc = None
+        for j in range(1, k + 1):
+            d = delta[j - 1]
+            prev = None if k == j else w[k - j - 1]
+            if d is None or (k != j and prev is None):
+                continue
+            term = d * j if k == j else d * prev * j
+            acc = term if acc is None else acc + term
+        w[k - 1] = None if acc is None else acc / k
+    return w
+
+
+def _log_series(E: Coeffs) -> Coeffs:
+    """Coefficients of log(E(t)) for E(0) = 1: ℓ_k = E_k − (1/k) Σ_{j<k} j ℓ_j E_{k−j}."""
+    K = len(E)
+    ell: Coeffs = [None] * K
+    for k in range(1, K + 1):
+        acc = E[k - 1]
+        for j in range(1, k):
+            if ell[j - 1] is None or E[k - j - 1] is None:
+                continue
+            term = ell[j - 1] * E[k - j - 1] * (j / k)
+            acc = -term if acc is None else acc - term
+        ell[k - 1] = acc
+    return ell
+
+
+def _lse_series(x0: torch.Tensor, delta: Coeffs, dim: int) -> tuple[torch.Tensor, Coeffs]:
+    """(softmax(x0), coefficients of logsumexp along ``dim`` of x0 + δ(t)), keepdim."""
+    p = torch.softmax(x0, dim)
+    batched_dim = dim + 1 if dim >= 0 else dim
+    w = _exp_series(delta)
+    E = [None if c is None else (p * c).sum(batched_dim, keepdim=True) for c in w]
+    return p, _log_series(E)
+
+
+def _cross_entropy(
+    input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+    reduction="mean", label_smoothing=0.0,
+):  # fmt: skip
+    if target.is_floating_point() or label_smoothing != 0.0:
+        raise _Unsupported
+    logp = F.log_softmax(input, 1 if input.dim() > 1 else 0)
+    return F.nll_loss(logp, target, weight, None, ignore_index, None, reduction)
+
+
+class _Unsupported(Exception):
+    """A decomposition does not cover this call: the generic rule takes it."""
+
+
+#: Operations whose jets are propagated through a decomposition into the ops above.
+def _quotient(input, other, *, rounding_mode=None):
+    if rounding_mode is not None:
+        raise _Unsupported
+    return input * torch.reciprocal(other)
+
+
+_DECOMPOSE = {
+    F.cross_entropy: _cross_entropy,
+    torch.div: _quotient, _T.div: _quotient, _T.__truediv__: _quotient,
+    torch.true_divide: _quotient,
+}  # fmt: skip
+
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, _T.log_softmax}
+_SOFTMAX = {F.softmax, torch.softmax, _T.softmax}
+_LOGSUMEXP = {torch.logsumexp, _T.logsumexp}
+_SOFTMAX_FAMILY = _LOG_SOFTMAX | _SOFTMAX | _LOGSUMEXP
+
+#: Outputs that carry no jet.
+_CUT = {_T.detach, torch.detach} | _getters("data")
+
+
+def _poly_derivative(c: list[float]) -> list[float]:
+    return [i * c[i] for i in range(1, len(c))] or [0.0]
+
+
+def _poly_mul(a: list[float], b: list[float]) -> list[float]:
+    out = [0.0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            out[i + j] += x * y
+    return out
+
+
+def _chain_polynomials(first: list[float], K: int) -> list[list[float]]:
+    """For f' = p(f) with p a polynomial, f^(n) = P_n(f): P_1 = p, P_(n+1) = P_n'·p."""
+    polys = [first]
+    while len(polys) < K:
+        polys.append(_poly_mul(_poly_derivative(polys[-1]), first))
+    return polys
+
+
+def _horner(c: list[float], y: torch.Tensor) -> torch.Tensor:
+    """Σ_i c_i y^i, in place on one fresh tensor."""
+    out = torch.full_like(y, c[-1])
+    for a in reversed(c[:-1]):
+        out.mul_(y)
+        if a:
+            out.add_(a)
+    return out
+
+
+def _scaled(polys: list[list[float]]) -> list[list[float]]:
+    """The polynomials of f^(j)/j! (what Faà di Bruno multiplies by)."""
+    return [[a / math.factorial(j + 1) for a in c] for j, c in enumerate(polys)]
+
+
+_TANH = _scaled(_chain_polynomials([1.0, 0.0, -1.0], 8))  # tanh' = 1 − tanh²
+_SIGMOID = _scaled(_chain_polynomials([0.0, 1.0, -1.0], 8))  # σ' = σ − σ²
+
+
+def _tanh_derivatives(y: torch.Tensor, K: int) -> list[torch.Tensor]:
+    """f^(j)(x)/j!, j = 1..K, of tanh: polynomials in y = tanh(x)."""
+    polys = _TANH if K <= len(_TANH) else _scaled(_chain_polynomials([1.0, 0.0, -1.0], K))
+    return [_horner(c, y) for c in polys[:K]]
+
+
+def _sigmoid_derivatives(y: torch.Tensor, K: int) -> list[torch.Tensor]:
+    """f^(j)(x)/j!, j = 1..K, of the logistic function: polynomials in y = σ(x)."""
+    polys = _SIGMOID if K <= len(_SIGMOID) else _scaled(_chain_polynomials([0.0, 1.0, -1.0], K))
+    return [_horner(c, y) for c in polys[:K]]
+
+
+def _power_derivatives(x: torch.Tensor, p: float, K: int) -> list:
+    """f^(1..K) of x^p: p(p−1)…(p−j+1) x^(p−j); exact zeros past an integer p."""
+    out, coef = [], 1.0
+    for j in range(1, K + 1):
+        coef *= p - (j - 1)
+        out.append(None if coef == 0 else coef * x ** (p - j))
+    return out
+
+
+def _log_derivatives(x: torch.Tensor, K: int) -> list:
+    return [(-1) ** (j - 1) * math.factorial(j - 1) * x ** (-j) for j in range(1, K + 1)]
+
+
+def _gelu_derivatives(x: torch.Tensor, K: int) -> list:
+    """f = xΦ(x): f^(j) = xΦ^(j) + jΦ^(j−1), Φ^(j) = (−1)^(j−1) He_(j−1)(x) φ(x)."""
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    hermite = [torch.ones_like(x), x]  # probabilists' He_n
+    while len(hermite) < K + 1:
+        n = len(hermite) - 1
+        hermite.append(x * hermite[n] - n * hermite[n - 1])
+    phi = [cdf] + [(-1) ** (j - 1) * hermite[j - 1] * pdf for j in range(1, K + 1)]
+    return [x * phi[j] + j * phi[j - 1] for j in range(1, K + 1)]
+
+
+def _silu_derivatives(x: torch.Tensor, K: int) -> list:
+    """f = xσ(x): f^(j)/j! = x σ^(j)/j! + σ^(j−1)/(j−1)! (already divided by j!)."""
+    sig = torch.sigmoid(x)
+    d = [sig] + _sigmoid_derivatives(sig, K)
+    return [x * d[j] + d[j - 1] for j in range(1, K + 1)]
+
+
+def _divided(derivs: list) -> list:
+    """f^(j) → f^(j)/j!, the factors Faà di Bruno multiplies by."""
+    return [None if d is None else d / math.factorial(j + 1) for j, d in enumerate(derivs)]
+
+
+def _closed_form(func, args, kwargs, y: torch.Tensor, K: int) -> list | None:
+    """f^(j)/j!, j = 1..K, at the primal input in closed form; None if the table has no entry.
+
+    ``None`` entries inside the list are derivatives that vanish identically.
+    """
+    x = args[0].detach()
+    if func in (torch.tanh, _T.tanh, F.tanh):
+        return _tanh_derivatives(y, K)
+    if func in (torch.sigmoid, _T.sigmoid, F.sigmoid):
+        return _sigmoid_derivatives(y, K)
+    if func is F.silu:
+        return _silu_derivatives(x, K)
+    raw = _raw_derivatives(func, args, kwargs, x, y, K)
+    return None if raw is None else _divided(raw)
+
+
+def _raw_derivatives(func, args, kwargs, x, y, K: int) -> list | None:
+    """f^(j), j = 1..K, for the functions without a scaled form above."""
+    name = getattr(func, "__name__", "")
+    if func in (torch.exp, _T.exp):
+        return [y] * K
+    if func in (torch.log, _T.log):
+        return _log_derivatives(x, K)
+    if func in (torch.log1p, _T.log1p):
+        return _log_derivatives(1 + x, K)
+    powers = {"reciprocal": -1.0, "sqrt": 0.5, "rsqrt": -0.5, "square": 2.0}
+    if func in _POWER:
+        exponent = args[1]
+        return _power_derivatives(x, float(exponent), K)
+    if name in powers and func in _ELEMENTWISE:
+        return _power_derivatives(x, powers[name], K)
+    if func in (torch.sin, _T.sin, torch.cos, _T.cos):
+        cycle = [torch.cos(x), -torch.sin(x), -torch.cos(x), torch.sin(x)]
+        start = 0 if func in (torch.sin, _T.sin) else 1
+        return [cycle[(start + j) % 4] for j in range(K)]
+    if func in (torch.relu, _T.relu, F.relu):
+        return [(x > 0).to(x.dtype)] + [None] * (K - 1)
+    if func is F.leaky_relu:
+        slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+        return [torch.where(x > 0, 1.0, slope).to(x.dtype)] + [None] * (K - 1)
+    if func is F.elu:
+        alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
+        negative = alpha * torch.exp(torch.clamp(x, max=0))
+        return [torch.where(x > 0, 1.0, negative)] + [
+            torch.where(x > 0, 0.0, negative) for _ in range(K - 1)
+        ]
+    if (
+        func is F.gelu
+        and (args[1] if len(args) > 1 else kwargs.get("approximate", "none")) == "none"
+    ):
+        return _gelu_derivatives(x, K)
+    return None
+
+
+def _is_inplace(func, kwargs) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__"):
+        return True
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    return bool(kwargs.get("inplace")) or kwargs.get("out") is not None
+
+
+def _nested_derivatives(fn: Callable, t: torch.Tensor, K: int) -> list:
+    """[fn(t), fn'(t), ..., fn^(K)(t)] by K nested forward-mode passes."""
+
+    def level0(s):
+        return [fn(s)]
+
+    current = level0
+    for _ in range(K):
+
+        def current(s, prev=current):
+            values, tangents = jvp(prev, (s,), (torch.ones_like(s),))
+            return values + [tangents[-1]]
+
+    return current(t)
+
+
+# --------------------------------------------------------------------------- tracker
+class JetTracker:
+    """Taylor coefficients up to order ``order`` of every tensor that depends on the seeds.
+
+    Args:
+        order: K, the highest Taylor coefficient kept.
+        max_bytes: a cap on the memory the coefficients may hold; past it the
+            tracker gives up (``failure`` says so) instead of running out of memory.
+    """
+
+    def __init__(self, order: int, max_bytes: int):
+        self.K = order
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.failure: str | None = None
+        self.out_of_memory = False
+
+    # ------------------------------------------------------------------ bookkeeping
+    def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
+        """``tensor`` moves as θ + t·direction along the line of ``group``."""
+        self._store(
+            tensor, Jet((group,), [direction.detach().unsqueeze(0)] + [None] * (self.K - 1))
+        )
+
+    def jet(self, tensor: Any) -> Jet | None:
+        if self.failure is not None or not isinstance(tensor, torch.Tensor):
+            return None
+        return self.table.get(tensor)
+
+    def coefficients(self, tensor: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+        """(K, len(groups)) tensor: the k-th coefficient of scalar ``tensor`` per group."""
+        out = torch.zeros((self.K, len(groups)), dtype=tensor.dtype, device=tensor.device)
+        jet = self.jet(tensor)
+        if jet is None:
+            return out
+        where = {s: i for i, s in enumerate(groups)}
+        for k, c in enumerate(jet.coeffs):
+            if c is None:
+                continue
+            for j, s in enumerate(jet.dirs):
+                if s in where:
+                    out[k, where[s]] = c[j].reshape(())
+        return out
+
+    def _store(self, tensor: torch.Tensor, jet: Jet) -> None:
+        if all(c is None for c in jet.coeffs):
+            return
+        self.bytes += sum(c.numel() * c.element_size() for c in jet.coeffs if c is not None)
+        if self.bytes > self.max_bytes:
+            self.out_of_memory = True
+            raise JetFailure(
+                f"Taylor coefficients exceed {self.max_bytes / 2**20:.0f} MiB; "
+                "use a smaller jet chunk"
+            )
+        self.table[tensor] = jet
+
+    def fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every coefficient held (the memory is freed with them)."""
+        self.table = WeakIdKeyDictionary()
+        self.bytes = 0
+
+    # ------------------------------------------------------------------ propagation
+    def propagate(self, func, args, kwargs, out) -> None:
+        """Give the outputs ``out`` of ``func(*args, **kwargs)`` their jets."""
+        if self.failure is not None:
+            return
+        leaves, spec = tree_flatten((args, kwargs))
+        jets = {i: j for i, leaf in enumerate(leaves) if (j := self.jet(leaf)) is not None}
+        if not jets:
+            return
+        try:
+            if _is_inplace(func, kwargs):
+                raise JetFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+            if func in _CUT:
+                return
+            outs, _ = tree_flatten(out)
+            if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
+                return
+            with torch.no_grad():
+                results = self._rule(func, leaves, spec, jets, outs)
+            for o, jet in zip(outs, results):
+                if jet is not None and isinstance(o, torch.Tensor) and o.is_floating_point():
+                    self._store(o, jet)
+        except JetFailure as exc:
+            self.fail(str(exc))
+        except Exception as exc:  # an op the tracker cannot follow: reverse mode takes over
+            self.fail(f"{getattr(func, '__name__', func)}: {type(exc).__name__}: {exc}")
+
+    def _rule(self, func, leaves, spec, jets, outs):
+        if func in (torch.broadcast_tensors,):
+            return self._broadcast(leaves, jets, outs)
+        if func in _DECOMPOSE and not (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):
+            try:
+                return self._decomposed(_DECOMPOSE[func], leaves, spec, outs)
+            except _Unsupported:
+                pass
+        if func in _SOFTMAX_FAMILY and list(jets) == [0]:
+            result = self._softmax_family(func, leaves, spec, jets[0])
+            if result is not None:
+                return [result]
+        if (
+            func in _MAX_POOL
+            and list(jets) == [0]
+            and not kwargs_of(leaves, spec).get("return_indices")
+        ):
+            return [self._max_pool(func, leaves, spec, jets[0], outs)]
+        if func in _WITH_BIAS:
+            return self._with_bias(func, leaves, spec, jets, outs)
+        if func in _MULTILINEAR or (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):
+            if len(jets) <= 2:
+                return self._multilinear(func, leaves, spec, jets, outs)
+        elif func in _AFFINE:
+            return self._affine(func, leaves, spec, jets, outs)
+        elif (func in _ELEMENTWISE or _is_power(func, leaves, jets)) and list(jets) == [0]:
+            return [self._elementwise(func, leaves, spec, jets[0], outs[0])]
+        return self._generic(func, leaves, spec, jets, outs)
+
+    # a batched call of func with some leaves replaced: batched ones along dim 0
+    @staticmethod
+    def _call(func, leaves, spec, replace: dict[int, torch.Tensor], batched: set[int]):
+        """func with some leaves replaced; the ``batched`` ones carry a leading direction dim."""
+        order = sorted(replace)
+        new = list(leaves)
+        for i in order:
+            new[i] = replace[i]
+        if not batched:
+            a, kw = tree_unflatten(new, spec)
+            return func(*a, **kw)
+        result = _native(func, new, spec, batched)
+        if result is not None:
+            return result
+        in_dims = tuple(0 if i in batched else None for i in order)
+
+        def fn(*values):
+            inner = list(new)
+            for i, v in zip(order, values):
+                inner[i] = v
+            a, kw = tree_unflatten(inner, spec)
+            return func(*a, **kw)
+
+        return vmap(fn, in_dims=in_dims)(*[replace[i] for i in order])
+
+    def _decomposed(self, rewrite, leaves, spec, outs):
+        """Run ``rewrite`` (primitive ops) under this tracker; its outputs' jets are ours."""
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        with JetMode(self):
+            result = rewrite(*args, **kwargs)
+        if self.failure is not None:
+            raise JetFailure(self.failure)
+        flat, _ = tree_flatten(result)
+        return [self.jet(r) for r in flat] + [None] * (len(outs) - len(flat))
+
+    def _multilinear(self, func, leaves, spec, jets, outs):
+        """y_k = Σ_{a+b=k} f(x_a, w_b); x_0, w_0 the primals."""
+        K = self.K
+        positions = list(jets)
+        union = _union(jets[p].dirs for p in positions)
+        terms: list[list[tuple[tuple[int, ...], Any]]] = [[] for _ in range(K)]
+        for p in positions:  # one moving factor, the others at their primal values
+            jet = jets[p]
+            ks = [k for k in range(K) if jet.coeffs[k] is not None]
+            if not ks:
+                continue
+            for k in ks:
+                terms[k].append((jet.dirs, self._call(func, leaves, spec, {p: jet.coeffs[k]}, {p})))
+        if len(positions) == 2 and K > 1:
+            a, b = (jets[p] for p in positions)
+            common = tuple(s for s in a.dirs if s in b.dirs)
+            if common:
+                ca, cb = _restrict(a, common), _restrict(b, common)
+                for k in range(1, K):  # orders k+1 = (i+1) + (j+1)
+                    for i in range(k):
+                        j = k - 1 - i
+                        if ca[i] is None or cb[j] is None:
+                            continue
+                        result = self._call(
+                            func, leaves, spec, {positions[0]: ca[i], positions[1]: cb[j]},
+                            set(positions),
+                        )  # fmt: skip
+                        terms[k].append((common, result))
+        return _assemble(union, terms, len(outs))
+
+    def _with_bias(self, func, leaves, spec, jets, outs):
+        """The product without its bias (multilinear), then the bias's own jet added."""
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        args, kwargs = list(args), dict(kwargs)
+        bias = None
+        if "bias" in kwargs:
+            bias, kwargs["bias"] = kwargs["bias"], None
+        elif len(args) > 2:
+            bias, args[2] = args[2], None
+        leaves2, spec2 = tree_flatten((tuple(args), kwargs))
+        jets2 = {i: j for i, leaf in enumerate(leaves2) if (j := self.jet(leaf)) is not None}
+        if len(jets2) > 2:
+            raise JetFailure("more than two moving factors in one layer")
+        product = self._multilinear(func, leaves2, spec2, jets2, outs)[0] if jets2 else None
+        return [self._add_bias(product, bias, func, outs[0])]
+
+    def _add_bias(self, product: Jet | None, bias, func, out: torch.Tensor) -> Jet | None:
+        bias_jet = self.jet(bias)
+        if bias_jet is None:
+            return product
+        shape = [1] * out.dim()
+        if func is F.linear:
+            shape[-1] = -1
+        else:  # convolutions: channels just before the spatial dims (batched or not)
+            shape[out.dim() - len(_spatial(out, func)) - 1] = -1
+        m = len(bias_jet.dirs)
+        moved = Jet(
+            bias_jet.dirs,
+            [None if c is None else c.reshape([m] + shape).expand([m] + list(out.shape))
+             for c in bias_jet.coeffs],
+        )  # fmt: skip
+        if product is None:
+            return moved
+        union = _union([product.dirs, moved.dirs])
+        terms = [
+            [(j.dirs, j.coeffs[k]) for j in (product, moved) if j.coeffs[k] is not None]
+            for k in range(self.K)
+        ]
+        return _assemble(union, terms, 1)[0]
+
+    def factored(self, func, out, group: int, along: torch.Tensor, bias) -> None:
+        """The jet of a factored layer f(x, θ_W) + t·f(x, u_W) + bias (x constant)."""
+        if self.failure is not None:
+            return
+        try:
+            with torch.no_grad():
+                product = Jet((group,), [along.detach().unsqueeze(0)] + [None] * (self.K - 1))
+                jet = self._add_bias(product, bias, func, out)
+            self._store(out, jet)
+        except JetFailure as exc:
+            self.fail(str(exc))
+
+    def _broadcast(self, leaves, jets, outs):
+        """broadcast_tensors: each output is its own input expanded."""
+        result: list[Jet | None] = [None] * len(outs)
+        for i, jet in jets.items():
+            if i < len(outs):
+                shape = tuple(outs[i].shape)
+                result[i] = Jet(
+                    jet.dirs,
+                    [None if c is None else c.expand((c.shape[0], *shape)) for c in jet.coeffs],
+                )
+        return result
+
+    def _softmax_family(self, func, leaves, spec, jet):
+        """log_softmax, softmax and logsumexp from the series of exp and log (no nesting)."""
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        x0 = args[0].detach()
+        if func in _LOGSUMEXP:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            if not isinstance(dim, int):
+                return None
+            _, ell = _lse_series(x0, jet.coeffs, dim)
+            d = dim + 1 if dim >= 0 else dim
+            return Jet(jet.dirs, [c if c is None or keepdim else c.squeeze(d) for c in ell])
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if kwargs.get("dtype") is not None or (len(args) > 3 and args[3] is not None):
+            return None
+        dim = _softmax_dim(x0, dim)
+        p, ell = _lse_series(x0, jet.coeffs, dim)
+        logp = [
+            None if c is None and e is None else (c if e is None else (-e if c is None else c - e))
+            for c, e in zip(jet.coeffs, ell)
+        ]
+        if func in _LOG_SOFTMAX:
+            return Jet(jet.dirs, logp)
+        return Jet(jet.dirs, [None if v is None else p * v for v in _exp_series(logp)])
+
+    def _max_pool(self, func, leaves, spec, jet, outs):
+        """Max pooling is linear given the primal's argmax: gather each coefficient there."""
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        with_indices = _MAX_POOL[func]
+        kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        _, index = with_indices(args[0].detach(), *args[1:], **kwargs)
+        spatial = len(_MAX_POOL_DIMS[func])
+        flat_index = index.flatten(-spatial)
+        coeffs: Coeffs = []
+        for c in jet.coeffs:
+            if c is None:
+                coeffs.append(None)
+                continue
+            flat = c.flatten(-spatial)
+            idx = flat_index.unsqueeze(0).expand(flat.shape[:-1] + flat_index.shape[-1:])
+            coeffs.append(flat.gather(-1, idx).reshape((c.shape[0],) + tuple(index.shape)))
+        return Jet(jet.dirs, coeffs)
+
+    def _affine(self, func, leaves, spec, jets, outs):
+        """y_k = f(x_k) with the constant operands set to zero."""
+        union = _union(j.dirs for j in jets.values())
+        positional = len(tree_flatten(tree_unflatten(list(leaves), spec)[0])[0])
+        keep_ints = func in (torch.cat, torch.concat, torch.stack)
+        zeroed = dict(enumerate(leaves))
+        for i, leaf in enumerate(leaves):
+            if i in jets:
+                continue
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                zeroed[i] = torch.zeros_like(leaf)
+            elif i < positional and isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+                if isinstance(leaf, float) or not keep_ints:
+                    zeroed[i] = 0.0 if isinstance(leaf, float) else 0
+        base = [zeroed[i] for i in range(len(leaves))]
+        coeffs: Coeffs = []
+        for k in range(self.K):
+            if all(j.coeffs[k] is None for j in jets.values()):
+                coeffs.append(None)
+                continue
+            replace = {i: _aligned(j, union, k, leaves[i]) for i, j in jets.items()}
+            coeffs.append(self._call(func, base, spec, replace, set(replace)))
+        if isinstance(coeffs[0], (tuple, list)):
+            raise JetFailure(f"{func} with several outputs")
+        return [Jet(union, coeffs)]
+
+    def _elementwise(self, func, leaves, spec, jet, out):
+        """Faà di Bruno: y_k = Σ_j f^(j)(x_0)/j! [δ^j]_k."""
+        K = self.K
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        derivs = _closed_form(func, args, kwargs, out.detach(), K)
+        if derivs is None:
+
+            def f(z):
+                new = list(leaves)
+                new[0] = z
+                a, kw = tree_unflatten(new, spec)
+                return func(*a, **kw)
+
+            derivs = _divided(_nested_derivatives(f, leaves[0].detach(), K)[1:])
+        x = jet.coeffs
+        power = list(x)  # [δ^1]_k, k = 1..K (index k-1)
+        y: Coeffs = [None if c is None or derivs[0] is None else derivs[0] * c for c in x]
+        for j in range(2, K + 1):  # [δ^j]_k = Σ_a [δ^{j-1}]_a x_{k-a}
+            nxt: Coeffs = [None] * K
+            for k in range(j, K + 1):
+                acc = None
+                for a in range(j - 1, k):
+                    p, c = power[a - 1], x[k - a - 1]
+                    if p is not None and c is not None:
+                        acc = p * c if acc is None else acc + p * c
+                nxt[k - 1] = acc
+            power = nxt
+            if derivs[j - 1] is None:
+                continue
+            scale = derivs[j - 1]
+            for k in range(j, K + 1):
+                if power[k - 1] is not None:
+                    term = scale * power[k - 1]
+                    y[k - 1] = term if y[k - 1] is None else y[k - 1] + term
+        return Jet(jet.dirs, y)
+
+    def _generic(self, func, leaves, spec, jets, outs):
+        """Nested jvp in t along x_0 + Σ_k x_k t^k, vmapped over the directions."""
+        K = self.K
+        union = _union(j.dirs for j in jets.values())
+        floating = [
+            i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()
+        ]
+        positions = list(jets)
+        stacks = [
+            torch.stack([_aligned(jets[p], union, k, leaves[p]) for k in range(K)], dim=1)
+            for p in positions
+        ]
+        primals = [leaves[p].detach() for p in positions]
+        dtype = primals[0].dtype
+
+        def along(*coeff_stacks):
+            def path(t):
+                new = list(leaves)
+                for p, x0, c in zip(positions, primals, coeff_stacks):
+                    value, power = x0, 1
+                    for k in range(K):
+                        power = power * t
+                        value = value + c[k] * power
+                    new[p] = value
+                a, kw = tree_unflatten(new, spec)
+                result, _ = tree_flatten(func(*a, **kw))
+                return tuple(result[i] for i in floating)
+
+            t0 = torch.zeros((), dtype=dtype, device=primals[0].device)
+            derivs = _nested_derivatives(path, t0, K)[1:]
+            return tuple(
+                torch.stack([derivs[k][i] / math.factorial(k + 1) for k in range(K)])
+                for i in range(len(floating))
+            )
+
+        results = vmap(along)(*stacks)  # each (m, K, *out.shape)
+        jets_out: list[Jet | None] = [None] * len(outs)
+        for i, r in zip(floating, results):
+            jets_out[i] = Jet(union, [r[:, k] for k in range(K)])
+        return jets_out
+
+
+# --------------------------------------------------------------------------- batching
+_BROADCAST = {
+    torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply, torch.add, _T.add, _T.__add__,
+    _T.__radd__, torch.sub, _T.sub, _T.__sub__, _T.__rsub__, torch.subtract, torch.div, _T.div,
+    _T.__truediv__, torch.true_divide, torch.where, _T.masked_fill, torch.neg, _T.neg,
+    _T.__neg__,
+}  # fmt: skip
+_REDUCE = {torch.sum, _T.sum, torch.mean, _T.mean}
+_FLATTEN = {torch.flatten, _T.flatten}
+_RESHAPE = {_T.view, _T.reshape, torch.reshape}
+_CONV = {F.conv1d: 3, F.conv2d: 4, F.conv3d: 5}
+
+
+def _nll_batched(
+    x, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean"
+):
+    """F.nll_loss of a direction-batched (m, N, C) input; None for other layouts."""
+    if x.dim() != 3 or target.dim() != 1 or size_average is not None or reduce is not None:
+        return None
+    keep = target != ignore_index
+    index = torch.where(keep, target, 0)
+    picked = x.gather(2, index.view(1, -1, 1).expand(x.shape[0], -1, 1)).squeeze(2)
+    w = keep.to(x.dtype) if weight is None else weight[index] * keep
+    losses = -(picked * w)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum(1)
+    return losses.sum(1) / w.sum()
+
+
+def _shift_dim(dim):
+    if isinstance(dim, int):
+        return dim + 1 if dim >= 0 else dim
+    return type(dim)(d + 1 if d >= 0 else d for d in dim)
+
+
+def _native(func, leaves, spec, batched: set[int]):
+    """func on direction-batched operands without vmap, where the op batches by itself.
+
+    Returns None when the call is not one of the simple patterns below.
+    """
+    args, kwargs = tree_unflatten(list(leaves), spec)
+    first_batched = 0 in batched
+    if func in _BROADCAST:
+        others = [
+            t for j, t in enumerate(leaves) if j not in batched and isinstance(t, torch.Tensor)
+        ]
+        rank = max((t.dim() for t in others), default=0)
+        ranks = {leaves[i].dim() for i in batched}
+        if len(ranks) == 1 and ranks.pop() - 1 >= rank:
+            return func(*args, **kwargs)
+        return None
+    if func is F.linear and len(args) >= 2 and (len(args) < 3 or args[2] is None):
+        if "bias" in kwargs and kwargs["bias"] is not None:
+            return None
+        x, w = args[0], args[1]
+        if batched == {0}:
+            return F.linear(x, w)
+        m, out_features, in_features = w.shape
+        lead = x.shape[1:-1] if first_batched else x.shape[:-1]
+        xs = x.reshape(m if first_batched else 1, -1, in_features)
+        return torch.matmul(xs, w.transpose(-1, -2)).reshape((m, *lead, out_features))
+    if func in _CONV and batched == {0} and args[0].dim() == _CONV[func] + 1:
+        if (len(args) > 2 and args[2] is not None) or kwargs.get("bias") is not None:
+            return None
+        x = args[0]
+        y = func(x.flatten(0, 1), *args[1:], **kwargs)
+        return y.unflatten(0, x.shape[:2])
+    if batched != {0} or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    if func is F.nll_loss:
+        return _nll_batched(x, *args[1:], **kwargs)
+    if func in _REDUCE:
+        rest = dict(kwargs)
+        if len(args) > 1:
+            rest["dim"] = args[1]
+        if len(args) > 2:
+            rest["keepdim"] = args[2]
+        if len(args) > 3 or set(rest) - {"dim", "keepdim", "dtype"}:
+            return None
+        dim = rest.get("dim")
+        rest["dim"] = tuple(range(1, x.dim())) if dim is None else _shift_dim(dim)
+        return func(x, **rest)
+    if func in _FLATTEN and not kwargs:
+        start = args[1] if len(args) > 1 else 0
+        end = args[2] if len(args) > 2 else -1
+        return x.flatten(_shift_dim(start), _shift_dim(end))
+    if func in _RESHAPE and not kwargs and len(args) > 1:
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        if all(isinstance(n, int) for n in shape):
+            return x.reshape((x.shape[0], *shape))
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+def _union(dir_sets) -> tuple[int, ...]:
+    seen: dict[int, None] = {}
+    for dirs in dir_sets:
+        for s in dirs:
+            seen.setdefault(s)
+    return tuple(seen)
+
+
+def _restrict(jet: Jet, dirs: tuple[int, ...]) -> Coeffs:
+    if jet.dirs == dirs:
+        return jet.coeffs
+    index = torch.tensor([jet.dirs.index(s) for s in dirs])
+    return [None if c is None else c.index_select(0, index.to(c.device)) for c in jet.coeffs]
+
+
+def _aligned(jet: Jet, union: tuple[int, ...], k: int, primal: torch.Tensor) -> torch.Tensor:
+    """Coefficient k of ``jet`` on the directions ``union`` (zeros where it does not move)."""
+    c = jet.coeffs[k]
+    if c is not None and jet.dirs == union:
+        return c
+    full = primal.detach().new_zeros((len(union),) + tuple(primal.shape))
+    if c is not None:
+        index = torch.tensor([union.index(s) for s in jet.dirs], device=full.device)
+        full.index_copy_(0, index, c.to(full.dtype))
+    return full
+
+
+def _assemble(union, terms, n_out: int) -> list[Jet | None]:
+    """Sum per-order terms (dirs, value) into jets on ``union``; value may be a tuple."""
+    K = len(terms)
+    out: list[Coeffs] = [[None] * K for _ in range(n_out)]
+    for k in range(K):
+        for o in range(n_out):
+            parts = []
+            for dirs, value in terms[k]:
+                v = value[o] if isinstance(value, (tuple, list)) else value
+                if isinstance(v, torch.Tensor):
+                    parts.append((dirs, v))
+            out[o][k] = _sum_on(union, parts)
+    return [Jet(union, c) for c in out]
+
+
+def _sum_on(union: tuple[int, ...], parts: list) -> torch.Tensor | None:
+    """Σ of (dirs, value) parts, each placed on its directions within ``union``."""
+    if not parts:
+        return None
+    whole = [v for dirs, v in parts if dirs == union]
+    partial = [(dirs, v) for dirs, v in parts if dirs != union]
+    if not partial:
+        total = whole[0]
+        for v in whole[1:]:
+            total = total + v
+        return total
+    if not whole and tuple(s for dirs, _ in partial for s in dirs) == union:
+        return torch.cat([v for _, v in partial])  # disjoint blocks in order
+    first = partial[0][1]
+    total = first.new_zeros((len(union),) + tuple(first.shape[1:])) if not whole else sum(
+        whole[1:], whole[0].clone())  # fmt: skip
+    for dirs, v in partial:
+        index = torch.tensor([union.index(s) for s in dirs], device=v.device)
+        total.index_add_(0, index, v)
+    return total
+
+
+def kwargs_of(leaves, spec) -> dict:
+    return tree_unflatten(list(leaves), spec)[1]
+
+
+def _spatial(out: torch.Tensor, func) -> tuple[int, ...]:
+    n = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, F.conv_transpose1d: 1,
+         F.conv_transpose2d: 2, F.conv_transpose3d: 3}[func]  # fmt: skip
+    return tuple(out.shape[-n:])
+
+
+def _divisor_moves(leaves, spec, jets) -> bool:
+    args, _ = tree_unflatten(list(range(len(leaves))), spec)
+    return len(args) > 1 and isinstance(args[1], int) and args[1] in jets
+
+
+def _is_power(func, leaves, jets) -> bool:
+    return func in _POWER and 0 in jets and len(leaves) > 1 and isinstance(leaves[1], (int, float))
+
+
+class JetMode(TorchFunctionMode):
+    """Propagates a :class:`JetTracker` through every call of a forward pass."""
+
+    def __init__(self, tracker: JetTracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tracker.propagate(func, args, kwargs, out)
+        return out
