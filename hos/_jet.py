@@ -341,7 +341,9 @@ def _raw_derivatives(func, args, kwargs, x, y, K: int) -> list | None:
         return [(x > 0).to(x.dtype)] + [None] * (K - 1)
     if func is F.leaky_relu:
         slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
-        return [torch.where(x > 0, 1.0, slope).to(x.dtype)] + [None] * (K - 1)
+        return [torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))] + [None] * (
+            K - 1
+        )
     if func is F.elu:
         alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
         negative = alpha * torch.exp(torch.clamp(x, max=0))
@@ -398,13 +400,18 @@ class JetTracker:
         self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.failure: str | None = None
         self.out_of_memory = False
+        self.peak_bytes = 0  # the most coefficient memory this tracker has stored
 
     # ------------------------------------------------------------------ bookkeeping
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
         """``tensor`` moves as θ + t·direction along the line of ``group``."""
-        self._store(
-            tensor, Jet((group,), [direction.detach().unsqueeze(0)] + [None] * (self.K - 1))
-        )
+        if self.failure is not None:
+            return
+        line = Jet((group,), [direction.detach().unsqueeze(0)] + [None] * (self.K - 1))
+        try:
+            self._store(tensor, line)
+        except JetFailure as exc:
+            self.fail(str(exc))
 
     def jet(self, tensor: Any) -> Jet | None:
         if self.failure is not None or not isinstance(tensor, torch.Tensor):
@@ -430,6 +437,7 @@ class JetTracker:
         if all(c is None for c in jet.coeffs):
             return
         self.bytes += sum(c.numel() * c.element_size() for c in jet.coeffs if c is not None)
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
         if self.bytes > self.max_bytes:
             self.out_of_memory = True
             raise JetFailure(
@@ -650,8 +658,11 @@ class JetTracker:
             return None
         dim = _softmax_dim(x0, dim)
         p, ell = _lse_series(x0, jet.coeffs, dim)
+        shape = (len(jet.dirs), *x0.shape)
         logp = [
-            None if c is None and e is None else (c if e is None else (-e if c is None else c - e))
+            None
+            if c is None and e is None
+            else (c if e is None else (-e.expand(shape) if c is None else c - e))
             for c, e in zip(jet.coeffs, ell)
         ]
         if func in _LOG_SOFTMAX:
@@ -864,6 +875,8 @@ def _native(func, leaves, spec, batched: set[int]):
             return None
         dim = rest.get("dim")
         rest["dim"] = tuple(range(1, x.dim())) if dim is None else _shift_dim(dim)
+        if rest["dim"] == ():  # a 0-d operand: dim=() would reduce the direction dim too
+            return x.clone() if rest.get("dtype") is None else x.to(rest["dtype"])
         return func(x, **rest)
     if func in _FLATTEN and not kwargs:
         start = args[1] if len(args) > 1 else 0

@@ -282,6 +282,25 @@ BACKEND_ROWS = [
     ("backend-none", {"backend": None}, ValueError, r"backend must be one of .*got None"),
 ]
 
+#: ``chunk`` (groups per Taylor-mode pass) of summarize and summary_diagonal.
+CHUNK_ROWS = [
+    ("chunk-0", {"chunk": 0}, ValueError, r"chunk must be None or an int >= 1.*got int 0"),
+    ("chunk-float", {"chunk": 2.5}, ValueError, r"chunk must be None or an int >= 1.*float 2\.5"),
+    ("chunk-bool", {"chunk": True}, ValueError, r"chunk must be None or an int >= 1.*bool True"),
+    (
+        "chunk-with-reverse",
+        {"chunk": 2, "backend": "reverse"},
+        ValueError,
+        r"chunk=2 applies to Taylor mode only, but backend is 'reverse'",
+    ),
+    (
+        "chunk-with-reference",
+        {"chunk": 1, "backend": "reference"},
+        ValueError,
+        r"chunk=1 applies to Taylor mode only, but backend is 'reference'",
+    ),
+]
+
 #: φ itself is not differentiated, so a loss that ignores θ is not an error there.
 _NEEDS_DERIVATIVE = ("loss-constant", "loss-detached", "loss-no-grad")
 
@@ -326,7 +345,10 @@ def _rows():
         if name in WITH_BACKEND:
             for rid, kwargs, exc, regex in BACKEND_ROWS:
                 rows.append((f"{name}:{rid}", fn, kwargs, exc, regex))
-    for backend in ("forward", "reference"):
+    for name in ("summary_diagonal", "summarize"):
+        for rid, kwargs, exc, regex in CHUNK_ROWS:
+            rows.append((f"{name}:{rid}", ENTRY_POINTS[name], kwargs, exc, regex))
+    for backend in ("forward", "reverse", "reference"):
         for rid in ("loss-constant", "loss-no-grad"):
             _, kwargs, exc, regex = next(r for r in ARGUMENT_ROWS if r[0] == rid)
             for name in WITH_BACKEND:

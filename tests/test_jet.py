@@ -1,0 +1,236 @@
+"""Taylor mode (hos._jet) against independent oracles, rule by rule, in float64.
+
+Each rule of the tracker is checked on a small loss that applies a nonlinearity
+first (so every Taylor coefficient of the rule's inputs is dense), then the
+operation under test, then a weighted sum. The oracle is hos.reference
+(nested jacfwd on φ), which shares no code with the tracker. The tests also
+pin down that Taylor mode is really taken (no silent fallback) on every
+architecture of tests/cases.py, that the fallback to reverse mode is exact, and
+that chunking and the memory cap change nothing but the cost.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hos
+from hos import _backends, reference
+from hos._backends import Problem, _jet_pass, _PathGraph
+from hos._jet import JetTracker
+from tests.cases import CASES, build, oracle_diagonal
+
+DT = torch.float64
+ORDERS = (1, 3, 5)  # first order, the GroupedNewton one, and a high one
+RTOL, ATOL = 1e-10, 1e-12
+
+
+def _close(actual, expected, what):
+    scale = expected.abs().max().clamp_min(1.0)
+    err = (actual - expected).abs().max()
+    assert err <= ATOL + RTOL * scale, (
+        f"{what}: max abs error {float(err):.3e} (scale {float(scale):.3e})\n"
+        f"actual   {actual.tolist()}\nexpected {expected.tolist()}"
+    )
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _params(seed=0):
+    g = _gen(seed)
+    return {
+        "a": 0.7 * torch.randn(3, 4, generator=g, dtype=DT),
+        "b": 0.5 * torch.randn(4, generator=g, dtype=DT),
+        "c": torch.rand(3, 4, generator=g, dtype=DT) + 0.5,
+    }
+
+
+def _weights(shape, seed=5):
+    return torch.randn(shape, generator=_gen(seed), dtype=DT)
+
+
+def _smooth(p):
+    """Dense Taylor coefficients of every order: a nonlinearity of the parameters."""
+    return torch.tanh(p["a"] + p["b"]) * 1.3, torch.sigmoid(p["c"] * p["a"]) + 0.5
+
+
+#: (id, f(h, k) -> tensor) with h, k of shape (3, 4); k > 0.5 (safe for log, sqrt, div).
+RULES = [
+    ("tanh", lambda h, k: torch.tanh(h)),
+    ("sigmoid", lambda h, k: torch.sigmoid(h)),
+    ("exp", lambda h, k: torch.exp(h)),
+    ("log", lambda h, k: torch.log(k)),
+    ("log1p", lambda h, k: torch.log1p(k)),
+    ("sqrt", lambda h, k: torch.sqrt(k)),
+    ("rsqrt", lambda h, k: torch.rsqrt(k)),
+    ("reciprocal", lambda h, k: torch.reciprocal(k)),
+    ("square", lambda h, k: torch.square(h)),
+    ("pow-int", lambda h, k: h**3),
+    ("pow-float", lambda h, k: k**1.7),
+    ("sin", lambda h, k: torch.sin(h)),
+    ("cos", lambda h, k: torch.cos(h)),
+    ("relu", lambda h, k: F.relu(h)),
+    ("leaky_relu", lambda h, k: F.leaky_relu(h, 0.2)),
+    ("elu", lambda h, k: F.elu(h, alpha=0.7)),
+    ("gelu", lambda h, k: F.gelu(h)),
+    ("gelu-tanh", lambda h, k: F.gelu(h, approximate="tanh")),
+    ("silu", lambda h, k: F.silu(h)),
+    ("softplus", lambda h, k: F.softplus(h, beta=2.0)),
+    ("erf", lambda h, k: torch.erf(h)),
+    ("mul", lambda h, k: h * k),
+    ("mul-self", lambda h, k: h * h),
+    ("mul-const", lambda h, k: h * 3.0),
+    ("div-moving", lambda h, k: h / k),
+    ("div-const", lambda h, k: h / 2.5),
+    ("rsub-int", lambda h, k: 1 - h),
+    ("add-int", lambda h, k: h + 2),
+    ("add-alpha", lambda h, k: torch.add(h, k, alpha=-0.5)),
+    ("cat-const", lambda h, k: torch.cat([h, torch.ones(3, 2, dtype=DT)], dim=1)),
+    ("stack", lambda h, k: torch.stack([h, k], 0)),
+    ("where-const", lambda h, k: torch.where(h > 0, h, 0.25)),
+    ("masked_fill", lambda h, k: h.masked_fill(h < 0, 1.5)),
+    ("matmul", lambda h, k: h @ k.T),
+    ("einsum", lambda h, k: torch.einsum("ij,ij->i", h, k)),
+    ("linear-bias", lambda h, k: F.linear(h, k, k[:, 0])),
+    ("sum-mean", lambda h, k: h.sum(1) * k.mean(0).sum()),
+    ("views", lambda h, k: h.reshape(2, 6).t().flatten()[2:9].view(7, 1)),
+    ("softmax", lambda h, k: torch.softmax(h, dim=1)),
+    ("log_softmax", lambda h, k: F.log_softmax(h, dim=0)),
+    ("logsumexp", lambda h, k: torch.logsumexp(h, dim=1)),
+    ("cross_entropy", lambda h, k: F.cross_entropy(h, torch.tensor([1, 0, 3]))),
+    ("nll_loss-sum", lambda h, k: F.nll_loss(h, torch.tensor([1, 0, 3]), reduction="sum")),
+    ("mse", lambda h, k: F.mse_loss(h, k)),
+    ("var", lambda h, k: torch.var(h, dim=1)),
+    ("broadcast", lambda h, k: torch.broadcast_tensors(h[:, :1], k)[0] * k),
+    ("max_pool", lambda h, k: F.max_pool1d(h.unsqueeze(0), 2).squeeze(0)),
+    ("avg_pool", lambda h, k: F.avg_pool1d(h.unsqueeze(0), 2).squeeze(0)),
+    (
+        "conv1d-bias",
+        lambda h, k: F.conv1d(h.unsqueeze(0), torch.stack([k[:, :2], k[:, 2:]]), k[0, :2]),
+    ),
+    ("amax", lambda h, k: h.amax(1)),
+]
+
+
+def _rule_loss(f):
+    weights = _weights(f(*_smooth(_params())).shape)
+
+    def loss(p):
+        return (f(*_smooth(p)) * weights).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("rule", [r[0] for r in RULES])
+def test_rule_matches_reference(rule):
+    f = dict(RULES)[rule]
+    loss, params = _rule_loss(f), _params()
+    u = {k: torch.randn(v.shape, generator=_gen(3), dtype=DT) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    prob = Problem(loss, params, u, part)
+    result, tracker = _jet_pass(prob, max(ORDERS), range(prob.S))
+    assert result is not None, f"{rule}: Taylor mode fell back: {tracker.failure}"
+    got = torch.stack([result[s] for s in range(prob.S)], dim=1)  # (order, S)
+    for order in ORDERS:
+        expected = reference.summary_diagonal(loss, params, u, part, order)
+        _close(got[order - 1], expected, f"{rule} order {order}")
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES])
+def test_taylor_mode_is_taken_and_exact_on_every_architecture(case_id):
+    """No silent fallback on the 15 architecture cases: the jets themselves vs the oracle."""
+    b = build(case_id)
+    loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
+    prob = Problem(loss, b.params, b.direction, b.partition)
+    with hos.ExactOps():
+        result, tracker = _jet_pass(prob, 4, range(prob.S))
+    assert result is not None, f"{case_id}: Taylor mode fell back: {tracker.failure}"
+    for order in (3, 4):
+        got = torch.stack([result[s][order - 1] for s in range(prob.S)])
+        _close(got, oracle_diagonal(case_id, order), f"{case_id} diag D^({order})")
+
+
+@pytest.mark.parametrize("case_id", ["mlp-tanh-ce-per_tensor", "conv-maxpool-ce-per_tensor"])
+def test_shared_pass_reuses_factored_input_layer(case_id):
+    """taylor_summarize's jets ride on the graph-building pass (factored input layer)."""
+    b = build(case_id)
+    loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
+    prob = Problem(loss, b.params, b.direction, b.partition)
+    tracker = JetTracker(3, _backends.JET_MAX_BYTES)
+    with hos.ExactOps():
+        path = _PathGraph(prob, tracker, range(prob.S))
+    assert tracker.failure is None, tracker.failure
+    got = tracker.coefficients(path.value, list(range(prob.S)))[2] * 6
+    _close(got, oracle_diagonal(case_id, 3), f"{case_id} shared-pass d3")
+
+
+def _inplace_loss(p):
+    h = torch.tanh(p["a"]) * 1.0
+    h.mul_(2.0)  # an in-place write into a tensor that moves with t
+    return (h * p["c"]).sum() + (p["b"] ** 3).sum()
+
+
+def test_inplace_op_falls_back_to_reverse_exactly():
+    params = _params(1)
+    u = {k: torch.randn(v.shape, generator=_gen(4), dtype=DT) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    result, tracker = _jet_pass(Problem(_inplace_loss, params, u, part), 3, range(3))
+    assert result is None and "in-place" in tracker.failure
+    s = hos.summarize(_inplace_loss, params, u, part, backend="taylor")
+    oracle = reference.summary_tensor(_inplace_loss, params, u, part, 3)
+    _close(s.d3, torch.einsum("iii->i", oracle), "fallback d3")
+    diag = hos.summary_diagonal(_inplace_loss, params, u, part, 4, backend="taylor")
+    _close(diag, reference.summary_diagonal(_inplace_loss, params, u, part, 4), "fallback d4")
+
+
+def _mlp_case():
+    b = build("mlp-tanh-ce-per_tensor")
+    return hos.model_loss(b.model, b.criterion, b.inputs, b.targets), b
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, None])
+def test_chunking_changes_nothing_but_cost(chunk):
+    loss, b = _mlp_case()
+    expected = oracle_diagonal(b.id, 3)
+    s = hos.summarize(loss, b.params, b.direction, b.partition, chunk=chunk)
+    _close(s.d3, expected, f"summarize chunk={chunk}")
+    diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3, chunk=chunk)
+    _close(diag, expected, f"summary_diagonal chunk={chunk}")
+
+
+def test_memory_cap_halves_the_chunk(monkeypatch, caplog):
+    loss, b = _mlp_case()
+    prob = Problem(loss, b.params, b.direction, b.partition)
+    with hos.ExactOps():
+        _, tracker = _jet_pass(prob, 3, range(prob.S))
+        full = tracker.peak_bytes
+        _, tracker = _jet_pass(prob, 3, [0])
+        one = tracker.peak_bytes
+    assert 0 < one < full
+    monkeypatch.setattr(_backends, "JET_MAX_BYTES", (one + full) // 2)
+    with caplog.at_level("DEBUG", logger="hos"):
+        diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3)
+    assert "chunk halved" in caplog.text
+    assert "falls back" not in caplog.text
+    _close(diag, oracle_diagonal(b.id, 3), "capped diag")
+
+
+def test_memory_cap_below_one_group_falls_back(monkeypatch, caplog):
+    loss, b = _mlp_case()
+    monkeypatch.setattr(_backends, "JET_MAX_BYTES", 1)
+    with caplog.at_level("DEBUG", logger="hos"):
+        s = hos.summarize(loss, b.params, b.direction, b.partition)
+    assert "falls back" in caplog.text
+    _close(s.d3, oracle_diagonal(b.id, 3), "fallback d3 under the cap")
+
+
+def test_jets_do_not_touch_the_models_state():
+    b = build("conv-bn-ce-per_layer")
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
+    hos.summary_diagonal(loss, b.params, b.direction, b.partition, 4, backend="taylor")
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
