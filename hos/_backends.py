@@ -374,14 +374,50 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
     return out
 
 
-def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
-    """(ḡ, H̄, diag D³, L): reverse rows for ḡ and H̄, diag D³ by Taylor mode.
+#: summarize tries one forward pass with the mixed coefficients of all pairs when S is at
+#: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
+PAIR_MAX_GROUPS = 32
+PAIR_BUDGET = 16.0
 
-    The first chunk of groups rides on the forward pass that builds the graph (a
-    factored input layer hands over its f(x, u_W)); further chunks take a forward
-    pass each. Groups Taylor mode cannot follow get d3 from a third backward pass.
+
+def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:
+    """(ḡ, H̄, diag D³, L) from one forward pass: the Taylor coefficients along every
+    group's line (orders 1-3) and the mixed ones of every pair; None if it gave up."""
+    S = prob.S
+    tracker = JetTracker(3, JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
+    moved: dict[str, torch.Tensor] = {}
+    for s, names in enumerate(prob.groups):
+        for n in names:
+            moved[n] = prob.theta[n].detach()
+            tracker.seed(moved[n], s, prob.u[n])
+    with JetMode(tracker), ExactOps():
+        value = prob.loss(moved)
+    if tracker.failure is not None:
+        _LOG.debug("hos: the one-pass summary falls back to reverse rows: %s", tracker.failure)
+        return None
+    coeffs = tracker.coefficients(value, range(S))
+    H = tracker.mixed_coefficients(value, S)
+    H.diagonal().copy_(2 * coeffs[1])
+    tracker.clear()
+    return coeffs[0], H, 6 * coeffs[2], value.detach()
+
+
+def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(ḡ, H̄, diag D³, L) by Taylor mode.
+
+    For S <= :data:`PAIR_MAX_GROUPS` (and no ``chunk``), first one forward pass with
+    the mixed second-order coefficients of every pair of groups: no backward pass at
+    all. Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
+    diag D³ by univariate Taylor mode: the first chunk of groups rides on the forward
+    pass that builds the graph (a factored input layer hands over its f(x, u_W)),
+    further chunks take a forward pass each. Groups Taylor mode cannot follow get d3
+    from a third backward pass.
     """
     S = prob.S
+    if chunk is None and S <= PAIR_MAX_GROUPS:
+        result = _pair_pass(prob)
+        if result is not None:
+            return result
     first = list(range(S if chunk is None else min(chunk, S)))
     tracker = JetTracker(3, JET_MAX_BYTES)
     path = _PathGraph(prob, tracker, first)

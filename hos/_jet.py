@@ -49,13 +49,27 @@ Coeffs = list  # list[torch.Tensor | None], index k-1 for order k; shape (m, *x.
 
 
 class Jet:
-    """Taylor coefficients x_1..x_K of one tensor along the lines of the groups ``dirs``."""
+    r"""Taylor coefficients of one tensor along the lines of the groups ``dirs``.
 
-    __slots__ = ("dirs", "coeffs")
+    ``coeffs[k-1]``, shape (len(dirs), *x.shape): x_k along each line (``None`` = 0).
+    ``pairs`` and ``mixed``, shape (len(pairs), *x.shape): the mixed coefficients
+    :math:`\partial^2 x/\partial\eta_i\partial\eta_j` for i < j, when the tracker
+    follows pairs (``None`` when it does not or they vanish).
+    """
 
-    def __init__(self, dirs: tuple[int, ...], coeffs: Coeffs):
+    __slots__ = ("dirs", "coeffs", "pairs", "mixed")
+
+    def __init__(
+        self,
+        dirs: tuple[int, ...],
+        coeffs: Coeffs,
+        pairs: tuple[tuple[int, int], ...] = (),
+        mixed: torch.Tensor | None = None,
+    ):
         self.dirs = dirs
         self.coeffs = coeffs
+        self.pairs = pairs if mixed is not None else ()
+        self.mixed = mixed
 
 
 class JetFailure(Exception):
@@ -255,6 +269,11 @@ _SIGMOID = _scaled(_chain_polynomials([0.0, 1.0, -1.0], 8))  # σ' = σ − σ²
 
 def _tanh_derivatives(y: torch.Tensor, K: int) -> list[torch.Tensor]:
     """f^(j)(x)/j!, j = 1..K, of tanh: polynomials in y = tanh(x)."""
+    if K <= 3:  # 1 − y², −y(1 − y²), (1 − y²)(y² − 1/3): six passes instead of Horner's twelve
+        square = y * y
+        first = torch.rsub(square, 1.0)
+        out = [first, -(y * first), first * (square - 1.0 / 3.0)]
+        return out[:K]
     polys = _TANH if K <= len(_TANH) else _scaled(_chain_polynomials([1.0, 0.0, -1.0], K))
     return [_horner(c, y) for c in polys[:K]]
 
@@ -393,14 +412,19 @@ class JetTracker:
             tracker gives up (``failure`` says so) instead of running out of memory.
     """
 
-    def __init__(self, order: int, max_bytes: int):
+    def __init__(self, order: int, max_bytes: int, pairs: bool = False, pair_budget: float = 0):
         self.K = order
         self.max_bytes = max_bytes
+        self.pairs = pairs and order >= 2
+        self.pair_budget = pair_budget
         self.bytes = 0
         self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.failure: str | None = None
         self.out_of_memory = False
         self.peak_bytes = 0  # the most coefficient memory this tracker has stored
+        self._primal_numel = 0
+        self._mixed_numel = 0
+        self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
 
     # ------------------------------------------------------------------ bookkeeping
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
@@ -433,10 +457,30 @@ class JetTracker:
                     out[k, where[s]] = c[j].reshape(())
         return out
 
+    def mixed_coefficients(self, tensor: torch.Tensor, S: int) -> torch.Tensor:
+        """(S, S): ∂²/∂η_i∂η_j of scalar ``tensor`` for i ≠ j (zero diagonal)."""
+        out = torch.zeros((S, S), dtype=tensor.dtype, device=tensor.device)
+        jet = self.jet(tensor)
+        if jet is None or jet.mixed is None:
+            return out
+        for n, (i, j) in enumerate(jet.pairs):
+            out[i, j] = out[j, i] = jet.mixed[n].reshape(())
+        return out
+
     def _store(self, tensor: torch.Tensor, jet: Jet) -> None:
-        if all(c is None for c in jet.coeffs):
+        if jet is None or (all(c is None for c in jet.coeffs) and jet.mixed is None):
             return
-        self.bytes += sum(c.numel() * c.element_size() for c in jet.coeffs if c is not None)
+        blocks = [c for c in jet.coeffs if c is not None]
+        if jet.mixed is not None:
+            blocks.append(jet.mixed)
+            self._mixed_numel += jet.mixed.numel()
+            self._primal_numel += tensor.numel()
+            if self._mixed_numel > self.pair_budget * max(self._primal_numel, 1):
+                raise JetFailure(
+                    f"mixed coefficients exceed {self.pair_budget:g}x the activations; "
+                    "the mixed entries of H̄ go to reverse mode"
+                )
+        self.bytes += sum(c.numel() * c.element_size() for c in blocks)
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         if self.bytes > self.max_bytes:
             self.out_of_memory = True
@@ -445,6 +489,28 @@ class JetTracker:
                 "use a smaller jet chunk"
             )
         self.table[tensor] = jet
+
+    # ------------------------------------------------------------------ mixed terms
+    def _new_pairs(self, dirs_a, dirs_b) -> list[tuple[tuple[int, int], int, int]]:
+        """(pair, index in dirs_a, index in dirs_b) for every ordered cross of two lines."""
+        if not self.pairs:
+            return []
+        out = []
+        for ia, i in enumerate(dirs_a):
+            for ib, j in enumerate(dirs_b):
+                if i != j:
+                    out.append(((min(i, j), max(i, j)), ia, ib))
+        return out
+
+    def _self_pairs(self, dirs) -> list[tuple[tuple[int, int], int, int]]:
+        """(pair, index of i, index of j) for the pairs i < j of one set of lines."""
+        if not self.pairs:
+            return []
+        return [
+            ((min(dirs[a], dirs[b]), max(dirs[a], dirs[b])), a, b)
+            for a in range(len(dirs))
+            for b in range(a + 1, len(dirs))
+        ]
 
     def fail(self, reason: str) -> None:
         if self.failure is None:
@@ -461,6 +527,8 @@ class JetTracker:
         """Give the outputs ``out`` of ``func(*args, **kwargs)`` their jets."""
         if self.failure is not None:
             return
+        if self._depth == 0 and not torch.is_grad_enabled():
+            return  # the model's own no_grad block: a constant, as for reverse mode
         leaves, spec = tree_flatten((args, kwargs))
         jets = {i: j for i, leaf in enumerate(leaves) if (j := self.jet(leaf)) is not None}
         if not jets:
@@ -473,8 +541,12 @@ class JetTracker:
             outs, _ = tree_flatten(out)
             if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
                 return
-            with torch.no_grad():
-                results = self._rule(func, leaves, spec, jets, outs)
+            self._depth += 1
+            try:
+                with torch.no_grad():
+                    results = self._rule(func, leaves, spec, jets, outs)
+            finally:
+                self._depth -= 1
             for o, jet in zip(outs, results):
                 if jet is not None and isinstance(o, torch.Tensor) and o.is_floating_point():
                     self._store(o, jet)
@@ -575,7 +647,26 @@ class JetTracker:
                             set(positions),
                         )  # fmt: skip
                         terms[k].append((common, result))
-        return _assemble(union, terms, len(outs))
+        out = _assemble(union, terms, len(outs))
+        if self.pairs:
+            mixed = []  # ∂²f = f(x_ij, w) + f(x, w_ij) + f(x_i, w_j) + f(x_j, w_i)
+            for p in positions:
+                if jets[p].mixed is not None:
+                    value = self._call(func, leaves, spec, {p: jets[p].mixed}, {p})
+                    mixed.append((jets[p].pairs, value))
+            if len(positions) == 2:
+                a, b = (jets[p] for p in positions)
+                combos = self._new_pairs(a.dirs, b.dirs)
+                if combos and a.coeffs[0] is not None and b.coeffs[0] is not None:
+                    first_a = _rows(a.coeffs[0], [c[1] for c in combos])
+                    first_b = _rows(b.coeffs[0], [c[2] for c in combos])
+                    value = self._call(
+                        func, leaves, spec, {positions[0]: first_a, positions[1]: first_b},
+                        set(positions),
+                    )  # fmt: skip
+                    mixed.append((tuple(c[0] for c in combos), value))
+            _attach_mixed(out, mixed)
+        return out
 
     def _with_bias(self, func, leaves, spec, jets, outs):
         """The product without its bias (multilinear), then the bias's own jet added."""
@@ -602,11 +693,14 @@ class JetTracker:
             shape[-1] = -1
         else:  # convolutions: channels just before the spatial dims (batched or not)
             shape[out.dim() - len(_spatial(out, func)) - 1] = -1
-        m = len(bias_jet.dirs)
+
+        def placed(c):
+            return None if c is None else c.reshape([c.shape[0]] + shape).expand(
+                [c.shape[0]] + list(out.shape))  # fmt: skip
+
         moved = Jet(
-            bias_jet.dirs,
-            [None if c is None else c.reshape([m] + shape).expand([m] + list(out.shape))
-             for c in bias_jet.coeffs],
+            bias_jet.dirs, [placed(c) for c in bias_jet.coeffs], bias_jet.pairs,
+            placed(bias_jet.mixed),
         )  # fmt: skip
         if product is None:
             return moved
@@ -615,7 +709,11 @@ class JetTracker:
             [(j.dirs, j.coeffs[k]) for j in (product, moved) if j.coeffs[k] is not None]
             for k in range(self.K)
         ]
-        return _assemble(union, terms, 1)[0]
+        (result,) = _assemble(union, terms, 1)
+        _attach_mixed(
+            [result], [(j.pairs, j.mixed) for j in (product, moved) if j.mixed is not None]
+        )
+        return result
 
     def factored(self, func, out, group: int, along: torch.Tensor, bias) -> None:
         """The jet of a factored layer f(x, θ_W) + t·f(x, u_W) + bias (x constant)."""
@@ -638,6 +736,8 @@ class JetTracker:
                 result[i] = Jet(
                     jet.dirs,
                     [None if c is None else c.expand((c.shape[0], *shape)) for c in jet.coeffs],
+                    jet.pairs,
+                    None if jet.mixed is None else jet.mixed.expand((len(jet.pairs), *shape)),
                 )
         return result
 
@@ -650,9 +750,14 @@ class JetTracker:
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
             if not isinstance(dim, int):
                 return None
-            _, ell = _lse_series(x0, jet.coeffs, dim)
+            p, ell = _lse_series(x0, jet.coeffs, dim)
             d = dim + 1 if dim >= 0 else dim
-            return Jet(jet.dirs, [c if c is None or keepdim else c.squeeze(d) for c in ell])
+            labels, mixed = self._lse_mixed(p, jet, dim)
+            if mixed is not None and not keepdim:
+                mixed = mixed.squeeze(d)
+            return Jet(
+                jet.dirs, [c if c is None or keepdim else c.squeeze(d) for c in ell], labels, mixed
+            )
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if kwargs.get("dtype") is not None or (len(args) > 3 and args[3] is not None):
             return None
@@ -665,9 +770,39 @@ class JetTracker:
             else (c if e is None else (-e.expand(shape) if c is None else c - e))
             for c, e in zip(jet.coeffs, ell)
         ]
+        labels, lse_mixed = self._lse_mixed(p, jet, dim)
+        logp_mixed = None
+        if labels:
+            own = _aligned_mixed(jet, labels, x0)
+            logp_mixed = own - lse_mixed
         if func in _LOG_SOFTMAX:
-            return Jet(jet.dirs, logp)
-        return Jet(jet.dirs, [None if v is None else p * v for v in _exp_series(logp)])
+            return Jet(jet.dirs, logp, labels, logp_mixed)
+        result = Jet(jet.dirs, [None if v is None else p * v for v in _exp_series(logp)])
+        if labels:  # s = p·exp(v), v = logp − logp₀: s_ij = p (v_ij + v_i v_j)
+            combos = [(pair, jet.dirs.index(pair[0]), jet.dirs.index(pair[1])) for pair in labels]
+            first_i = _rows(logp[0], [c[1] for c in combos])
+            first_j = _rows(logp[0], [c[2] for c in combos])
+            result.pairs, result.mixed = labels, p * (logp_mixed + first_i * first_j)
+        return result
+
+    def _lse_mixed(self, p, jet, dim):
+        """(pairs, mixed block of logsumexp along dim, keepdim) = (Σp(x_ij + x_i x_j) −
+        (Σp x_i)(Σp x_j)); ((), None) without pairs."""
+        if not self.pairs or jet.coeffs[0] is None:
+            return (), None
+        combos = self._self_pairs(jet.dirs)
+        labels = _union([jet.pairs, tuple(c[0] for c in combos)])
+        if not labels:
+            return (), None
+        d = dim + 1 if dim >= 0 else dim
+        first = jet.coeffs[0]
+        index = {s: n for n, s in enumerate(jet.dirs)}
+        first_i = _rows(first, [index[i] for i, _ in labels])
+        first_j = _rows(first, [index[j] for _, j in labels])
+        own = _aligned_mixed(jet, labels, p)
+        mean_i = (p * first_i).sum(d, keepdim=True)
+        mean_j = (p * first_j).sum(d, keepdim=True)
+        return labels, (p * (own + first_i * first_j)).sum(d, keepdim=True) - mean_i * mean_j
 
     def _max_pool(self, func, leaves, spec, jet, outs):
         """Max pooling is linear given the primal's argmax: gather each coefficient there."""
@@ -677,15 +812,15 @@ class JetTracker:
         _, index = with_indices(args[0].detach(), *args[1:], **kwargs)
         spatial = len(_MAX_POOL_DIMS[func])
         flat_index = index.flatten(-spatial)
-        coeffs: Coeffs = []
-        for c in jet.coeffs:
+
+        def pooled(c):
             if c is None:
-                coeffs.append(None)
-                continue
+                return None
             flat = c.flatten(-spatial)
             idx = flat_index.unsqueeze(0).expand(flat.shape[:-1] + flat_index.shape[-1:])
-            coeffs.append(flat.gather(-1, idx).reshape((c.shape[0],) + tuple(index.shape)))
-        return Jet(jet.dirs, coeffs)
+            return flat.gather(-1, idx).reshape((c.shape[0],) + tuple(index.shape))
+
+        return Jet(jet.dirs, [pooled(c) for c in jet.coeffs], jet.pairs, pooled(jet.mixed))
 
     def _affine(self, func, leaves, spec, jets, outs):
         """y_k = f(x_k) with the constant operands set to zero."""
@@ -711,7 +846,12 @@ class JetTracker:
             coeffs.append(self._call(func, base, spec, replace, set(replace)))
         if isinstance(coeffs[0], (tuple, list)):
             raise JetFailure(f"{func} with several outputs")
-        return [Jet(union, coeffs)]
+        labels = _union(j.pairs for j in jets.values())
+        mixed = None
+        if labels:
+            replace = {i: _aligned_mixed(j, labels, leaves[i]) for i, j in jets.items()}
+            mixed = self._call(func, base, spec, replace, set(replace))
+        return [Jet(union, coeffs, labels, mixed)]
 
     def _elementwise(self, func, leaves, spec, jet, out):
         """Faà di Bruno: y_k = Σ_j f^(j)(x_0)/j! [δ^j]_k."""
@@ -729,6 +869,7 @@ class JetTracker:
             derivs = _divided(_nested_derivatives(f, leaves[0].detach(), K)[1:])
         x = jet.coeffs
         power = list(x)  # [δ^1]_k, k = 1..K (index k-1)
+        # every y_k and [δ^j]_k below is a fresh tensor, so sums accumulate in place
         y: Coeffs = [None if c is None or derivs[0] is None else derivs[0] * c for c in x]
         for j in range(2, K + 1):  # [δ^j]_k = Σ_a [δ^{j-1}]_a x_{k-a}
             nxt: Coeffs = [None] * K
@@ -737,7 +878,7 @@ class JetTracker:
                 for a in range(j - 1, k):
                     p, c = power[a - 1], x[k - a - 1]
                     if p is not None and c is not None:
-                        acc = p * c if acc is None else acc + p * c
+                        acc = p * c if acc is None else acc.addcmul_(p, c)
                 nxt[k - 1] = acc
             power = nxt
             if derivs[j - 1] is None:
@@ -745,9 +886,22 @@ class JetTracker:
             scale = derivs[j - 1]
             for k in range(j, K + 1):
                 if power[k - 1] is not None:
-                    term = scale * power[k - 1]
-                    y[k - 1] = term if y[k - 1] is None else y[k - 1] + term
-        return Jet(jet.dirs, y)
+                    if y[k - 1] is None:
+                        y[k - 1] = scale * power[k - 1]
+                    else:
+                        y[k - 1].addcmul_(scale, power[k - 1])
+        result = Jet(jet.dirs, y)
+        if self.pairs:  # ∂²f(x)/∂η_i∂η_j = f'(x) x_ij + f''(x) x_i x_j
+            mixed = []
+            if jet.mixed is not None and derivs[0] is not None:
+                mixed.append((jet.pairs, derivs[0] * jet.mixed))
+            combos = self._self_pairs(jet.dirs)
+            if combos and x[0] is not None and derivs[1] is not None:
+                first_i = _rows(x[0], [c[1] for c in combos])
+                first_j = _rows(x[0], [c[2] for c in combos])
+                mixed.append((tuple(c[0] for c in combos), (2 * derivs[1]) * first_i * first_j))
+            _attach_mixed([result], mixed)
+        return result
 
     def _generic(self, func, leaves, spec, jets, outs):
         """Nested jvp in t along x_0 + Σ_k x_k t^k, vmapped over the directions."""
@@ -788,6 +942,36 @@ class JetTracker:
         jets_out: list[Jet | None] = [None] * len(outs)
         for i, r in zip(floating, results):
             jets_out[i] = Jet(union, [r[:, k] for k in range(K)])
+        combos = self._self_pairs(union)
+        if combos:  # ∂²/∂s∂t f(x0 + s x_i + t x_j + st x_ij) at 0, vmapped over the pairs
+            labels = tuple(c[0] for c in combos)
+            first_i = [_rows(st[:, 0], [c[1] for c in combos]) for st in stacks]
+            first_j = [_rows(st[:, 0], [c[2] for c in combos]) for st in stacks]
+            own = [_aligned_mixed(jets[p], labels, leaves[p]) for p in positions]
+
+            def mixed(*blocks):
+                n = len(positions)
+                a, b, c = blocks[:n], blocks[n : 2 * n], blocks[2 * n :]
+
+                def path(s, t):
+                    new = list(leaves)
+                    for p, x0, ai, bj, cij in zip(positions, primals, a, b, c):
+                        new[p] = x0 + s * ai + t * bj + (s * t) * cij
+                    res, _ = tree_flatten(func(*tree_unflatten(new, spec)[0],
+                                               **tree_unflatten(new, spec)[1]))  # fmt: skip
+                    return tuple(res[i] for i in floating)
+
+                zero = torch.zeros((), dtype=dtype, device=primals[0].device)
+                one = torch.ones_like(zero)
+
+                def along_t(s):
+                    return jvp(lambda t: path(s, t), (zero,), (one,))[1]
+
+                return jvp(along_t, (zero,), (one,))[1]
+
+            values = vmap(mixed)(*first_i, *first_j, *own)
+            for i, v in zip(floating, values):
+                jets_out[i].pairs, jets_out[i].mixed = labels, v
         return jets_out
 
 
@@ -915,6 +1099,39 @@ def _aligned(jet: Jet, union: tuple[int, ...], k: int, primal: torch.Tensor) -> 
         index = torch.tensor([union.index(s) for s in jet.dirs], device=full.device)
         full.index_copy_(0, index, c.to(full.dtype))
     return full
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    return t.index_select(0, torch.tensor(index, device=t.device))
+
+
+def _aligned_mixed(jet: Jet, labels: tuple, primal: torch.Tensor) -> torch.Tensor:
+    """The mixed block of ``jet`` on the pairs ``labels`` (zeros where it has none)."""
+    if jet.mixed is not None and jet.pairs == labels:
+        return jet.mixed
+    full = primal.detach().new_zeros((len(labels),) + tuple(primal.shape))
+    if jet.mixed is not None:
+        index = torch.tensor([labels.index(p) for p in jet.pairs], device=full.device)
+        full.index_copy_(0, index, jet.mixed.to(full.dtype))
+    return full
+
+
+def _attach_mixed(jets: list, parts: list) -> None:
+    """Sum (pairs, value) parts (value: tensor or tuple per output) into each jet's mixed block."""
+    if not parts:
+        return
+    labels = _union(pairs for pairs, _ in parts)
+    for o, jet in enumerate(jets):
+        if jet is None:
+            continue
+        pieces = []
+        for pairs, value in parts:
+            v = value[o] if isinstance(value, (tuple, list)) else value
+            if isinstance(v, torch.Tensor):
+                pieces.append((pairs, v))
+        mixed = _sum_on(labels, pieces)
+        if mixed is not None:
+            jet.pairs, jet.mixed = labels, mixed
 
 
 def _assemble(union, terms, n_out: int) -> list[Jet | None]:

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 import hos
 from hos import _backends, reference
-from hos._backends import Problem, _jet_pass, _PathGraph
+from hos._backends import Problem, _jet_pass, _pair_pass, _PathGraph
 from hos._jet import JetTracker
-from tests.cases import CASES, build, oracle_diagonal
+from tests.cases import CASES, build, oracle_diagonal, oracle_tensor
 
 DT = torch.float64
 ORDERS = (1, 3, 5)  # first order, the GroupedNewton one, and a high one
@@ -137,6 +137,13 @@ def test_rule_matches_reference(rule):
     for order in ORDERS:
         expected = reference.summary_diagonal(loss, params, u, part, order)
         _close(got[order - 1], expected, f"{rule} order {order}")
+    # the one-pass summary: mixed second-order coefficients of every pair of groups
+    one_pass = _pair_pass(prob)
+    assert one_pass is not None, f"{rule}: the one-pass summary gave up"
+    g, H, d3, _ = one_pass
+    _close(g, reference.summary_tensor(loss, params, u, part, 1), f"{rule} one-pass g")
+    _close(H, reference.summary_tensor(loss, params, u, part, 2), f"{rule} one-pass H")
+    _close(d3, got[2], f"{rule} one-pass d3")
 
 
 @pytest.mark.parametrize("case_id", [c.id for c in CASES])
@@ -151,6 +158,11 @@ def test_taylor_mode_is_taken_and_exact_on_every_architecture(case_id):
     for order in (3, 4):
         got = torch.stack([result[s][order - 1] for s in range(prob.S)])
         _close(got, oracle_diagonal(case_id, order), f"{case_id} diag D^({order})")
+    with hos.ExactOps():
+        one_pass = _pair_pass(prob)
+    assert one_pass is not None, f"{case_id}: the one-pass summary gave up"
+    _close(one_pass[0], oracle_tensor(case_id, 1), f"{case_id} one-pass g")
+    _close(one_pass[1], oracle_tensor(case_id, 2), f"{case_id} one-pass H")
 
 
 @pytest.mark.parametrize("case_id", ["mlp-tanh-ce-per_tensor", "conv-maxpool-ce-per_tensor"])
@@ -234,3 +246,45 @@ def test_jets_do_not_touch_the_models_state():
     hos.summary_diagonal(loss, b.params, b.direction, b.partition, 4, backend="taylor")
     for k, v in b.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES])
+def test_rows_path_for_large_S_is_exact(case_id, monkeypatch):
+    """Past PAIR_MAX_GROUPS, summarize takes reverse rows + univariate jets: same numbers."""
+    monkeypatch.setattr(_backends, "PAIR_MAX_GROUPS", 0)
+    b = build(case_id)
+    loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
+    s = hos.summarize(loss, b.params, b.direction, b.partition, backend="taylor")
+    _close(s.g, oracle_tensor(case_id, 1), f"{case_id} rows g")
+    _close(s.H, oracle_tensor(case_id, 2), f"{case_id} rows H")
+    _close(s.d3, oracle_diagonal(case_id, 3), f"{case_id} rows d3")
+
+
+def test_pair_budget_gives_up_and_rows_take_over(monkeypatch, caplog):
+    monkeypatch.setattr(_backends, "PAIR_BUDGET", 1e-3)
+    loss, b = _mlp_case()
+    with caplog.at_level("DEBUG", logger="hos"):
+        s = hos.summarize(loss, b.params, b.direction, b.partition)
+    assert "one-pass summary falls back" in caplog.text
+    _close(s.H, oracle_tensor(b.id, 2), "H after the pair budget")
+    _close(s.d3, oracle_diagonal(b.id, 3), "d3 after the pair budget")
+
+
+def test_no_grad_block_inside_the_loss_is_a_constant_as_in_reverse_mode():
+    params = _params(2)
+    u = {k: torch.randn(v.shape, generator=_gen(6), dtype=DT) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+
+    def loss(p):
+        with torch.no_grad():
+            scale = p["c"].norm()  # e.g. a weight-norm statistic kept out of the graph
+        return (torch.tanh(p["a"] * scale) * p["b"]).sum() + (p["c"] ** 3).sum()
+
+    for backend in ("taylor", "reverse"):
+        s = hos.summarize(loss, params, u, part, backend=backend)
+        d4 = hos.summary_diagonal(loss, params, u, part, 4, backend=backend)
+        if backend == "taylor":
+            taylor = (s, d4)
+    _close(taylor[0].H, s.H, "no_grad block: H")
+    _close(taylor[0].d3, s.d3, "no_grad block: d3")
+    _close(taylor[1], d4, "no_grad block: d4")
