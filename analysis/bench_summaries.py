@@ -147,6 +147,8 @@ def naive_fns(loss, params, u, part):
 def hos_fns(loss, params, u, part, backend):
     return {
         "summarize": lambda: hos.summarize(loss, params, u, part, backend=backend),
+        # rows for H̄ and one group per Taylor pass: the least memory (taylor only)
+        "summarize-chunk1": lambda: hos.summarize(loss, params, u, part, backend=backend, chunk=1),
         "D3": lambda: hos.summary_tensor(loss, params, u, part, 3, backend=backend),
         "diag4": lambda: hos.summary_diagonal(loss, params, u, part, 4, backend=backend),
         "diag5": lambda: hos.summary_diagonal(loss, params, u, part, 5, backend=backend),
@@ -208,6 +210,7 @@ def gn_fns(gn, model, loss, u):
 
 # --------------------------------------------------------------------------- timing
 def best_time(fn, repeats: int) -> float:
+    """Minimum over ``repeats`` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -219,11 +222,15 @@ def best_time(fn, repeats: int) -> float:
 
 
 def ratios_for(name, args, gn) -> dict:
+    """Cost ratios, interleaved: each round times the gradient (best of 3) just before the
+    method, so a slow spell of the machine hits both. ``ratio`` is the method's best time
+    over the gradient's best time in the same rounds; ``ratio_median`` the median of the
+    rounds' own ratios (the spread says how noisy the machine was)."""
     model, loss, params, u, part = build_problem(name, args.batch)
     grad_fn = gradient_fn(loss, params)
-    t_grad = best_time(grad_fn, 3 * args.repeats)
     S = len(part)
     methods = {
+        "hos.taylor": hos_fns(loss, params, u, part, "taylor"),
         "hos.reverse": hos_fns(loss, params, u, part, "reverse"),
         "hos.forward": hos_fns(loss, params, u, part, "forward"),
         "torch.func": naive_fns(loss, params, u, part),
@@ -232,39 +239,55 @@ def ratios_for(name, args, gn) -> dict:
         methods["GroupedNewton"] = gn_fns(gn, model, loss, u)
     wanted = ["summarize", "D3", "diag4", "diag5"] + (["D4"] if S <= 8 else [])
     # the slow compositions only where they finish in seconds
-    skip = {"hos.forward": {"diag5", "D4"}, "torch.func": {"D4"}}
+    skip = {"hos.forward": {"diag5", "D4"}, "torch.func": {"D4"}, "hos.taylor": {"D3", "D4"}}
     if args.quick:
         wanted = ["summarize", "D3"]
         skip["torch.func"] = {"summarize", "D3"}
-    out: dict = {"S": S, "gradient_s": None, "ratio": {}}
+    out: dict = {"S": S, "gradient_s": None, "ratio": {}, "ratio_median": {}, "seconds": {}}
+    grads = []
     for method, fns in methods.items():
-        out["ratio"][method] = {}
+        for key in ("ratio", "ratio_median", "seconds"):
+            out[key][method] = {}
         for op in wanted:
-            if op not in fns:
-                continue
-            if op in skip.get(method, ()):
+            if op not in fns or op in skip.get(method, ()):
                 continue
             reps = 1 if (method == "torch.func" or op == "D4") else args.repeats
-            seconds = best_time(fns[op], reps)
-            out["ratio"][method][op] = seconds
-            _log(f"{name:6s} {method:14s} {op:9s} {seconds * 1e3:9.1f} ms")
-    t_grad = min(t_grad, best_time(grad_fn, 3 * args.repeats))  # again after: min of both
-    out["gradient_s"] = t_grad
-    out["seconds"] = {m: dict(v) for m, v in out["ratio"].items()}
-    for by_op in out["ratio"].values():
-        for op in by_op:
-            by_op[op] /= t_grad
+            fns[op]()  # warm up
+            rounds = []
+            for _ in range(reps):
+                t_grad = best_time(grad_fn, 3)
+                grads.append(t_grad)
+                seconds = best_time(fns[op], 1) if reps > 1 else _once(fns[op])
+                rounds.append((seconds / t_grad, seconds))
+            best = min(r[1] for r in rounds)
+            best_grad = min(r[1] / r[0] for r in rounds)
+            median = sorted(r[0] for r in rounds)[len(rounds) // 2]
+            out["ratio"][method][op] = best / best_grad
+            out["ratio_median"][method][op] = median
+            out["seconds"][method][op] = best
+            _log(f"{name:6s} {method:14s} {op:9s} {best * 1e3:9.1f} ms "
+                 f"{best / best_grad:7.2f}x (median {median:.2f}x)")  # fmt: skip
+    out["gradient_s"] = min(grads)
     return out
+
+
+def _once(fn) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def scaling(args, gn) -> dict:
     depths = (1, 2) if args.quick else (1, 2, 4, 8, 16, 32)
-    by_s: dict = {"S": [], "hos.reverse": [], "hos.forward": [], "GroupedNewton": []}
+    by_s: dict = {
+        "S": [], "hos.taylor": [], "hos.reverse": [], "hos.forward": [], "GroupedNewton": []
+    }  # fmt: skip
     for depth in depths:
         model, loss, params, u, part = build_problem("deep-mlp", args.batch, depth=depth)
         t_grad = best_time(gradient_fn(loss, params), 3 * args.repeats)
         by_s["S"].append(len(part))
-        for method in ("hos.reverse", "hos.forward"):
+        for method in ("hos.taylor", "hos.reverse", "hos.forward"):
             if method == "hos.forward" and depth > 4:
                 by_s[method].append(None)
                 continue
@@ -276,9 +299,9 @@ def scaling(args, gn) -> dict:
         _log(f"depth {depth}: S={len(part)} " + str({k: v[-1] for k, v in by_s.items() if v}))
     model, loss, params, u, part = build_problem("mlp", args.batch)
     t_grad = best_time(gradient_fn(loss, params), 3 * args.repeats)
-    by_d: dict = {"order": [1, 2, 3, 4, 5] if not args.quick else [1, 2]}
-    for backend in ("reverse",) if args.quick else ("reverse", "forward"):
-        top_diag, top_full = (5, 4) if backend == "reverse" else (4, 2)
+    by_d: dict = {"order": [1, 2, 3, 4, 5, 6] if not args.quick else [1, 2]}
+    for backend in ("taylor", "reverse") if args.quick else ("taylor", "reverse", "forward"):
+        top_diag, top_full = {"taylor": (6, 2), "reverse": (5, 4), "forward": (4, 2)}[backend]
         diag, full = [], []
         for d in by_d["order"]:
             if d > top_diag:
@@ -349,9 +372,14 @@ def run_child(spec: dict) -> dict:
 
 
 def memory(args, gn_path) -> dict:
-    cases = [("gradient", "summarize"), ("hos.reverse", "summarize")]
+    cases = [("gradient", "summarize"), ("hos.taylor", "summarize"), ("hos.reverse", "summarize")]
     if not args.quick:
-        cases += [("hos.forward", "summarize"), ("hos.reverse", "D3")]
+        cases += [
+            ("hos.taylor", "summarize-chunk1"),
+            ("hos.forward", "summarize"),
+            ("hos.reverse", "D3"),
+            ("hos.taylor", "diag5"),
+        ]
     if gn_path and not args.quick:
         cases += [("GroupedNewton", "summarize"), ("GroupedNewton", "D3")]
     out: dict = {}
@@ -385,16 +413,19 @@ def large(args) -> dict:
                 "gn_ref": None,
             }
         )
-        summ = run_child(
-            {
-                "model": name,
-                "batch": batch,
-                "threads": args.threads,
-                "method": "hos.reverse",
-                "op": "summarize",
-                "gn_ref": None,
-            }
-        )
+        summ = {
+            method: run_child(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "threads": args.threads,
+                    "method": method,
+                    "op": "summarize",
+                    "gn_ref": None,
+                }
+            )
+            for method in ("hos.taylor", "hos.reverse")
+        }
         _, _, params, _, part = build_problem(name, 1)
         out[name] = {
             "S": len(part),
@@ -466,6 +497,7 @@ def plot(args) -> None:
         axis.set_minor_formatter(NullFormatter())
 
     colors = {
+        "hos.taylor": "tab:purple",
         "hos.reverse": "tab:blue",
         "hos.forward": "tab:orange",
         "torch.func": "tab:green",

@@ -449,12 +449,12 @@ class JetTracker:
         if jet is None:
             return out
         where = {s: i for i, s in enumerate(groups)}
+        src = [j for j, s in enumerate(jet.dirs) if s in where]
+        dst = torch.tensor([where[jet.dirs[j]] for j in src], device=out.device)
+        src_index = torch.tensor(src, device=out.device)
         for k, c in enumerate(jet.coeffs):
-            if c is None:
-                continue
-            for j, s in enumerate(jet.dirs):
-                if s in where:
-                    out[k, where[s]] = c[j].reshape(())
+            if c is not None and src:
+                out[k].index_copy_(0, dst, c.reshape(len(jet.dirs)).index_select(0, src_index))
         return out
 
     def mixed_coefficients(self, tensor: torch.Tensor, S: int) -> torch.Tensor:
@@ -463,8 +463,11 @@ class JetTracker:
         jet = self.jet(tensor)
         if jet is None or jet.mixed is None:
             return out
-        for n, (i, j) in enumerate(jet.pairs):
-            out[i, j] = out[j, i] = jet.mixed[n].reshape(())
+        rows = torch.tensor([i for i, _ in jet.pairs], device=out.device)
+        cols = torch.tensor([j for _, j in jet.pairs], device=out.device)
+        values = jet.mixed.reshape(len(jet.pairs))
+        out.index_put_((rows, cols), values)
+        out.index_put_((cols, rows), values)
         return out
 
     def _store(self, tensor: torch.Tensor, jet: Jet) -> None:
@@ -658,12 +661,17 @@ class JetTracker:
                 a, b = (jets[p] for p in positions)
                 combos = self._new_pairs(a.dirs, b.dirs)
                 if combos and a.coeffs[0] is not None and b.coeffs[0] is not None:
-                    first_a = _rows(a.coeffs[0], [c[1] for c in combos])
-                    first_b = _rows(b.coeffs[0], [c[2] for c in combos])
-                    value = self._call(
-                        func, leaves, spec, {positions[0]: first_a, positions[1]: first_b},
-                        set(positions),
-                    )  # fmt: skip
+                    replace, batched = {}, set()
+                    for p, jet, col in ((positions[0], a, 1), (positions[1], b, 2)):
+                        index = [c[col] for c in combos]
+                        if len(set(index)) == 1:  # one line on this side (a layer's weight)
+                            replace[p] = jet.coeffs[0][index[0]]
+                        else:
+                            replace[p] = _rows(jet.coeffs[0], index)
+                            batched.add(p)
+                    value = self._call(func, leaves, spec, replace, batched)
+                    if not batched:
+                        value = value.unsqueeze(0)
                     mixed.append((tuple(c[0] for c in combos), value))
             _attach_mixed(out, mixed)
         return out
@@ -714,6 +722,17 @@ class JetTracker:
             [result], [(j.pairs, j.mixed) for j in (product, moved) if j.mixed is not None]
         )
         return result
+
+    def pooled(self, func, args, kwargs, out, jet: Jet, index: torch.Tensor) -> None:
+        """The jet of max pooling whose argmax ``index`` came with the primal ``out``."""
+        if self.failure is not None or (self._depth == 0 and not torch.is_grad_enabled()):
+            return
+        leaves, spec = tree_flatten((args, kwargs))
+        try:
+            with torch.no_grad():
+                self._store(out, self._max_pool(func, leaves, spec, jet, [out], index))
+        except JetFailure as exc:
+            self.fail(str(exc))
 
     def factored(self, func, out, group: int, along: torch.Tensor, bias) -> None:
         """The jet of a factored layer f(x, θ_W) + t·f(x, u_W) + bias (x constant)."""
@@ -804,12 +823,13 @@ class JetTracker:
         mean_j = (p * first_j).sum(d, keepdim=True)
         return labels, (p * (own + first_i * first_j)).sum(d, keepdim=True) - mean_i * mean_j
 
-    def _max_pool(self, func, leaves, spec, jet, outs):
+    def _max_pool(self, func, leaves, spec, jet, outs, index=None):
         """Max pooling is linear given the primal's argmax: gather each coefficient there."""
         args, kwargs = tree_unflatten(list(leaves), spec)
-        with_indices = _MAX_POOL[func]
-        kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
-        _, index = with_indices(args[0].detach(), *args[1:], **kwargs)
+        if index is None:
+            with_indices = _MAX_POOL[func]
+            kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+            _, index = with_indices(args[0].detach(), *args[1:], **kwargs)
         spatial = len(_MAX_POOL_DIMS[func])
         flat_index = index.flatten(-spatial)
 
@@ -897,9 +917,8 @@ class JetTracker:
                 mixed.append((jet.pairs, derivs[0] * jet.mixed))
             combos = self._self_pairs(jet.dirs)
             if combos and x[0] is not None and derivs[1] is not None:
-                first_i = _rows(x[0], [c[1] for c in combos])
-                first_j = _rows(x[0], [c[2] for c in combos])
-                mixed.append((tuple(c[0] for c in combos), (2 * derivs[1]) * first_i * first_j))
+                products = _upper_products(x[0])  # x_i x_j, i < j, in _self_pairs order
+                mixed.append((tuple(c[0] for c in combos), products.mul_(2 * derivs[1])))
             _attach_mixed([result], mixed)
         return result
 
@@ -1101,6 +1120,18 @@ def _aligned(jet: Jet, union: tuple[int, ...], k: int, primal: torch.Tensor) -> 
     return full
 
 
+def _upper_products(x: torch.Tensor) -> torch.Tensor:
+    """x[a]·x[b] for a < b (row-major order), without gathering copies of x."""
+    m = x.shape[0]
+    out = x.new_empty((m * (m - 1) // 2, *x.shape[1:]))
+    start = 0
+    for a in range(m - 1):
+        n = m - 1 - a
+        torch.mul(x[a], x[a + 1 :], out=out[start : start + n])
+        start += n
+    return out
+
+
 def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
     return t.index_select(0, torch.tensor(index, device=t.device))
 
@@ -1199,6 +1230,13 @@ class JetMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _MAX_POOL and not kwargs.get("return_indices") and args:
+            jet = self.tracker.jet(args[0])
+            if jet is not None:  # one pooling for the value and the argmax the jets need
+                rest = {k: v for k, v in kwargs.items() if k != "return_indices"}
+                out, index = _MAX_POOL[func](*args, **rest)
+                self.tracker.pooled(func, args, kwargs, out, jet, index)
+                return out
         out = func(*args, **kwargs)
         self.tracker.propagate(func, args, kwargs, out)
         return out

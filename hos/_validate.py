@@ -133,17 +133,19 @@ def _count_bad(t: torch.Tensor) -> int:
 def _max_abs(tensors: list[torch.Tensor]) -> list[float]:
     """max|t| of each tensor with one device sync; NaN/Inf if the tensor holds any.
 
-    ``abs().amax()`` propagates NaN and is several times cheaper than ``isfinite``
-    (about 3 % of a gradient evaluation for all parameters of the paper's MLP).
+    One ``aminmax`` pass per tensor (no temporary the size of the tensor, unlike
+    ``abs().amax()``); it propagates NaN and ±Inf and is several times cheaper than
+    ``isfinite``.
     """
     if not tensors:
         return []
-    values = [
-        t.detach().abs().amax().to(torch.float64)
-        if t.numel()
-        else torch.zeros((), dtype=torch.float64, device=t.device)
-        for t in tensors
-    ]
+    values = []
+    for t in tensors:
+        if not t.numel():
+            values.append(torch.zeros((), dtype=torch.float64, device=t.device))
+            continue
+        low, high = t.detach().aminmax()
+        values.append(torch.maximum(-low, high).to(torch.float64))
     return torch.stack(values).tolist()
 
 
