@@ -58,6 +58,7 @@ __all__ = [
     "reverse_tensor",
     "taylor_diagonal",
     "taylor_summarize",
+    "taylor_tensor",
 ]
 
 _LOG = logging.getLogger("hos")
@@ -266,23 +267,41 @@ def reverse_summarize(prob: Problem) -> tuple[torch.Tensor, ...]:
 def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
     """D^(d) over sorted multi-indices (in first-use order), depth first."""
     S = prob.S
-    out = prob.zeros(*([S] * order))
     path = _PathGraph(prob)
     if order == 1:
         return torch.stack([x.detach() for x in path.derivative(path.value, range(S), False)])
     first = path.derivative(path.value, range(S), keep=True)
+    indices: list[tuple[int, ...]] = []
+    values: list[torch.Tensor] = []
 
     def walk(index: tuple[int, ...], entry: torch.Tensor) -> None:
         later = path.later(index[-1])
         row = path.derivative(entry, later, keep=len(index) + 1 < order)
         for k, value in zip(later, row):
             if len(index) + 1 == order:
-                _symmetric_fill(out, index + (k,), value.detach())
+                indices.append(index + (k,))
+                values.append(value.detach())
             else:
                 walk(index + (k,), value)
 
     for i in path.order:
         walk((i,), first[i])
+    return _symmetric_tensor(S, order, indices, values, prob)
+
+
+def _symmetric_tensor(S, order, indices, values, prob) -> torch.Tensor:
+    """The symmetric tensor with ``values`` at ``indices`` and at all their permutations."""
+    out = prob.zeros(*([S] * order))
+    if not indices:
+        return out
+    where, which = [], []
+    for n, index in enumerate(indices):
+        for perm in set(itertools.permutations(index)):
+            where.append(perm)
+            which.append(n)
+    stacked = torch.stack(values)[torch.tensor(which, device=out.device)]
+    coords = torch.tensor(where, device=out.device).T
+    out.index_put_(tuple(coords), stacked)
     return out
 
 
@@ -376,8 +395,8 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
 
 #: summarize tries one forward pass with the mixed coefficients of all pairs when S is at
 #: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
-PAIR_MAX_GROUPS = 32
-PAIR_BUDGET = 16.0
+PAIR_MAX_GROUPS = 16
+PAIR_BUDGET = 8.0
 
 
 def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:
@@ -400,6 +419,15 @@ def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:
     H.diagonal().copy_(2 * coeffs[1])
     tracker.clear()
     return coeffs[0], H, 6 * coeffs[2], value.detach()
+
+
+def taylor_tensor(prob: Problem, order: int) -> torch.Tensor:
+    """D^(d): H̄ (d = 2) from the one-pass pair coefficients when S is small, else reverse."""
+    if order == 2 and prob.S <= PAIR_MAX_GROUPS:
+        result = _pair_pass(prob)
+        if result is not None:
+            return result[1]
+    return reverse_tensor(prob, order)
 
 
 def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:

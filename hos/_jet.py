@@ -33,6 +33,7 @@ fall back to nested reverse mode, which is exact too.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 from torch.func import jvp, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["Jet", "JetMode", "JetTracker"]
 
@@ -213,7 +213,66 @@ def _quotient(input, other, *, rounding_mode=None):
     return input * torch.reciprocal(other)
 
 
+def _attention(
+    query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k,
+    bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
+    key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False,
+    q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+    average_attn_weights=True, is_causal=False,
+):  # fmt: skip
+    """F.multi_head_attention_forward in the operations above (projections, bmm, softmax).
+
+    Covers the common configurations; the others (bias_k/v, zero attention, static keys,
+    dropout in training) go to the generic rule.
+    """
+    if (
+        bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None
+        or static_v is not None or (training and dropout_p > 0) or (is_causal and attn_mask is None)
+    ):  # fmt: skip
+        raise _Unsupported
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt, bsz, embed = query.shape
+    src = key.shape[0]
+    head = embed // num_heads
+    if use_separate_proj_weight:
+        w_q, w_k, w_v = q_proj_weight, k_proj_weight, v_proj_weight
+    else:
+        w_q, w_k, w_v = in_proj_weight.chunk(3)
+    b_q = b_k = b_v = None
+    if in_proj_bias is not None:
+        b_q, b_k, b_v = in_proj_bias.chunk(3)
+    q = F.linear(query, w_q, b_q).reshape(tgt, bsz * num_heads, head).transpose(0, 1)
+    k = F.linear(key, w_k, b_k).reshape(src, bsz * num_heads, head).transpose(0, 1)
+    v = F.linear(value, w_v, b_v).reshape(src, bsz * num_heads, head).transpose(0, 1)
+    scores = torch.bmm(q * (1.0 / math.sqrt(head)), k.transpose(1, 2))
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dim() == 3 else attn_mask.unsqueeze(0)
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else (
+            scores + mask)  # fmt: skip
+    if key_padding_mask is not None:
+        pad = key_padding_mask.reshape(bsz, 1, 1, src).expand(bsz, num_heads, 1, src)
+        pad = pad.reshape(bsz * num_heads, 1, src)
+        scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else (
+            scores + pad)  # fmt: skip
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt * bsz, embed)
+    out = F.linear(out, out_proj_weight, out_proj_bias).reshape(tgt, bsz, embed)
+    if not batched:
+        out = out.squeeze(1)
+    if not need_weights:
+        return out, None
+    weights = weights.reshape(bsz, num_heads, tgt, src)
+    if average_attn_weights:
+        weights = weights.mean(dim=1)
+    return out, (weights if batched else weights.squeeze(0))
+
+
 _DECOMPOSE = {
+    F.multi_head_attention_forward: _attention,
     F.cross_entropy: _cross_entropy,
     torch.div: _quotient, _T.div: _quotient, _T.__truediv__: _quotient,
     torch.true_divide: _quotient,
@@ -417,8 +476,8 @@ class JetTracker:
         self.max_bytes = max_bytes
         self.pairs = pairs and order >= 2
         self.pair_budget = pair_budget
-        self.bytes = 0
-        self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.bytes = 0  # coefficient memory held now (a jet goes when its tensor goes)
+        self.table: dict[int, tuple[weakref.ref, Jet, int]] = {}
         self.failure: str | None = None
         self.out_of_memory = False
         self.peak_bytes = 0  # the most coefficient memory this tracker has stored
@@ -440,7 +499,8 @@ class JetTracker:
     def jet(self, tensor: Any) -> Jet | None:
         if self.failure is not None or not isinstance(tensor, torch.Tensor):
             return None
-        return self.table.get(tensor)
+        entry = self.table.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
 
     def coefficients(self, tensor: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
         """(K, len(groups)) tensor: the k-th coefficient of scalar ``tensor`` per group."""
@@ -483,7 +543,9 @@ class JetTracker:
                     f"mixed coefficients exceed {self.pair_budget:g}x the activations; "
                     "the mixed entries of H̄ go to reverse mode"
                 )
-        self.bytes += sum(c.numel() * c.element_size() for c in blocks)
+        nbytes = sum(c.numel() * c.element_size() for c in blocks)
+        self._forget(id(tensor))
+        self.bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         if self.bytes > self.max_bytes:
             self.out_of_memory = True
@@ -491,7 +553,13 @@ class JetTracker:
                 f"Taylor coefficients exceed {self.max_bytes / 2**20:.0f} MiB; "
                 "use a smaller jet chunk"
             )
-        self.table[tensor] = jet
+        key = id(tensor)
+        self.table[key] = (weakref.ref(tensor, lambda _, key=key: self._forget(key)), jet, nbytes)
+
+    def _forget(self, key: int) -> None:
+        entry = self.table.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[2]
 
     # ------------------------------------------------------------------ mixed terms
     def _new_pairs(self, dirs_a, dirs_b) -> list[tuple[tuple[int, int], int, int]]:
@@ -522,7 +590,7 @@ class JetTracker:
 
     def clear(self) -> None:
         """Drop every coefficient held (the memory is freed with them)."""
-        self.table = WeakIdKeyDictionary()
+        self.table = {}
         self.bytes = 0
 
     # ------------------------------------------------------------------ propagation

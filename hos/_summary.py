@@ -99,7 +99,7 @@ class Summary:
 _TENSOR = {
     Backend.FORWARD: _backends.forward_tensor,
     Backend.REVERSE: _backends.reverse_tensor,
-    Backend.TAYLOR: _backends.reverse_tensor,  # mixed entries: Taylor mode has no shortcut
+    Backend.TAYLOR: _backends.taylor_tensor,  # H̄ by pair coefficients, higher by reverse
 }
 _DIAGONAL = {
     Backend.FORWARD: lambda prob, order, chunk: _backends.forward_diagonal(prob, order),

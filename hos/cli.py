@@ -450,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--order", type=_positive_int, default=3, help="highest order (>= 2)")
     summary.add_argument("--batch-size", type=_positive_int, default=100)
     summary.add_argument("--direction", choices=DIRECTIONS, default="gradient")
-    summary.add_argument("--backend", choices=("auto", "forward", "reverse"), default="auto")
+    summary.add_argument(
+        "--backend", choices=("auto", "taylor", "reverse", "forward"), default="auto"
+    )
     summary.add_argument("--dtype", choices=DTYPES, default="float64")
 
     train = sub.add_parser("train", help="train a model and record per-epoch metrics")
