@@ -323,7 +323,7 @@ def reverse_diagonal(
 # =========================================================================== taylor
 #: The most memory the Taylor coefficients of one forward pass may hold; past it the
 #: groups are split into smaller chunks (see :func:`jet_diagonals`).
-JET_MAX_BYTES = 2 * 2**30
+JET_MAX_BYTES = 2**30
 
 
 def _jet_pass(prob: Problem, order: int, groups: Sequence[int]) -> tuple[dict | None, JetTracker]:
@@ -395,8 +395,8 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
 
 #: summarize tries one forward pass with the mixed coefficients of all pairs when S is at
 #: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
-PAIR_MAX_GROUPS = 16
-PAIR_BUDGET = 8.0
+PAIR_MAX_GROUPS = 12
+PAIR_BUDGET = 32.0
 
 
 def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:

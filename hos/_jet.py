@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vmap
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["Jet", "JetMode", "JetTracker"]
 
@@ -74,6 +73,37 @@ class Jet:
 
 class JetFailure(Exception):
     """The tracker cannot follow an operation; the caller falls back to reverse mode."""
+
+
+# --------------------------------------------------------------------------- call trees
+def tree_flatten(tree: Any) -> tuple[list, Any]:
+    """Leaves of nested tuples, lists and dicts (exact types only, like torch's pytree,
+    but without its registry lookups: this runs for every call of a forward pass)."""
+    leaves: list = []
+    return leaves, _flat(tree, leaves)
+
+
+def _flat(x: Any, leaves: list):
+    kind = type(x)
+    if kind is tuple or kind is list:
+        return (kind, [_flat(v, leaves) for v in x])
+    if kind is dict:
+        keys = list(x)
+        return (dict, keys, [_flat(x[k], leaves) for k in keys])
+    leaves.append(x)
+    return None
+
+
+def tree_unflatten(leaves: list, spec: Any) -> Any:
+    return _build(spec, iter(leaves))
+
+
+def _build(spec, it):
+    if spec is None:
+        return next(it)
+    if spec[0] is dict:
+        return {k: _build(s, it) for k, s in zip(spec[1], spec[2])}
+    return spec[0](_build(s, it) for s in spec[1])
 
 
 # --------------------------------------------------------------------------- op tables
@@ -627,13 +657,18 @@ class JetTracker:
             self.fail(f"{getattr(func, '__name__', func)}: {type(exc).__name__}: {exc}")
 
     def _rule(self, func, leaves, spec, jets, outs):
-        if func in (torch.broadcast_tensors,):
-            return self._broadcast(leaves, jets, outs)
         if func in _DECOMPOSE and not (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):
-            try:
+            try:  # runs under this tracker, so torch functions must reach it
                 return self._decomposed(_DECOMPOSE[func], leaves, spec, outs)
             except _Unsupported:
                 pass
+        # the rules' own arithmetic on plain tensors needs no mode (ExactOps is below us)
+        with torch._C.DisableTorchFunction():
+            return self._direct_rule(func, leaves, spec, jets, outs)
+
+    def _direct_rule(self, func, leaves, spec, jets, outs):
+        if func in (torch.broadcast_tensors,):
+            return self._broadcast(leaves, jets, outs)
         if func in _SOFTMAX_FAMILY and list(jets) == [0]:
             result = self._softmax_family(func, leaves, spec, jets[0])
             if result is not None:
@@ -797,7 +832,7 @@ class JetTracker:
             return
         leaves, spec = tree_flatten((args, kwargs))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch._C.DisableTorchFunction():
                 self._store(out, self._max_pool(func, leaves, spec, jet, [out], index))
         except JetFailure as exc:
             self.fail(str(exc))
@@ -807,7 +842,7 @@ class JetTracker:
         if self.failure is not None:
             return
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch._C.DisableTorchFunction():
                 product = Jet((group,), [along.detach().unsqueeze(0)] + [None] * (self.K - 1))
                 jet = self._add_bias(product, bias, func, out)
             self._store(out, jet)
