@@ -383,7 +383,12 @@ def jet_diagonals(
 
 
 def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torch.Tensor:
-    """d^d/dt^d L(θ + t u_s) for every s by univariate Taylor mode (reverse mode where it cannot)."""
+    """d^d/dt^d L(θ + t u_s) for every s by univariate Taylor mode (reverse mode where it cannot).
+
+    Order 1 is ḡ: one backward pass is cheaper than a forward pass that carries S tangents.
+    """
+    if order == 1:
+        return reverse_diagonal(prob, 1)
     out = prob.zeros(prob.S)
     done, failed = jet_diagonals(prob, order, range(prob.S), chunk)
     for s, derivs in done.items():
