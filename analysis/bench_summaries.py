@@ -512,7 +512,7 @@ def plot(args) -> None:
 
     # ratios
     models = list(res["ratios"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.6), squeeze=False)
     for ax, name in zip(axes[0], models):
         block = res["ratios"][name]
         methods = list(block["ratio"])
@@ -543,7 +543,7 @@ def plot(args) -> None:
         ax.set_xticks(range(len(ops)), ops)
         ax.set_ylabel("time / one gradient")
         ax.set_title(f"{name} (S = {block['S']}, gradient {block['gradient_s'] * 1e3:.1f} ms)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.suptitle(f"Cost relative to one gradient; {note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(figures / f"bench_ratios{tag}.png", dpi=120)
