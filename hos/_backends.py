@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from hos._exact import ExactOps
 from hos._jet import JetMode, JetTracker
 from hos._partition import Partition
+from hos._poly import PolyFailure, PolyMode, PolyTracker
 
 __all__ = [
     "Problem",
@@ -426,12 +427,40 @@ def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:
     return coeffs[0], H, 6 * coeffs[2], value.detach()
 
 
+#: summary_tensor of order >= 3 by multivariate Taylor mode for S at most this, while no
+#: tensor carries more than POLY_MAX_MONOMIALS coefficients.
+POLY_MAX_GROUPS = 12
+POLY_MAX_MONOMIALS = 1200
+
+
+def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
+    """D^(order) from one forward pass carrying every Taylor coefficient up to that degree."""
+    tracker = PolyTracker(order, POLY_MAX_MONOMIALS)
+    moved: dict[str, torch.Tensor] = {}
+    for s, names in enumerate(prob.groups):
+        for n in names:
+            moved[n] = prob.theta[n].detach()
+            tracker.seed(moved[n], s, prob.u[n])
+    try:
+        with PolyMode(tracker), ExactOps():
+            value = prob.loss(moved)
+    except PolyFailure as exc:
+        _LOG.debug("hos: multivariate Taylor mode falls back to reverse mode: %s", exc)
+        return None
+    return tracker.tensor_of(value, prob.S)
+
+
 def taylor_tensor(prob: Problem, order: int) -> torch.Tensor:
-    """D^(d): H̄ (d = 2) from the one-pass pair coefficients when S is small, else reverse."""
+    """D^(d) by Taylor mode for small S: H̄ from the pair pass, d >= 3 from the multivariate
+    pass; reverse mode otherwise (and for d = 1, a gradient)."""
     if order == 2 and prob.S <= PAIR_MAX_GROUPS:
         result = _pair_pass(prob)
         if result is not None:
             return result[1]
+    if order >= 3 and prob.S <= POLY_MAX_GROUPS:
+        result = _poly_pass(prob, order)
+        if result is not None:
+            return result
     return reverse_tensor(prob, order)
 
 

@@ -115,6 +115,10 @@ RULES = [
 ]
 
 
+#: rules that only the univariate tracker's generic nested-jvp rule covers
+_POLY_GENERIC = {"var", "amax"}
+
+
 def _rule_loss(f):
     weights = _weights(f(*_smooth(_params())).shape)
 
@@ -144,6 +148,13 @@ def test_rule_matches_reference(rule):
     _close(g, reference.summary_tensor(loss, params, u, part, 1), f"{rule} one-pass g")
     _close(H, reference.summary_tensor(loss, params, u, part, 2), f"{rule} one-pass H")
     _close(d3, got[2], f"{rule} one-pass d3")
+    # the full D³ by multivariate Taylor mode (every mixed coefficient up to degree 3)
+    D3 = _backends._poly_pass(prob, 3)
+    if rule in _POLY_GENERIC:
+        assert D3 is None, f"{rule}: expected the multivariate tracker to fall back"
+    else:
+        assert D3 is not None, f"{rule}: the multivariate tracker fell back"
+        _close(D3, reference.summary_tensor(loss, params, u, part, 3), f"{rule} multivariate D3")
 
 
 @pytest.mark.parametrize("case_id", [c.id for c in CASES])
@@ -290,3 +301,38 @@ def test_no_grad_block_inside_the_loss_is_a_constant_as_in_reverse_mode():
     _close(taylor[0].H, s.H, "no_grad block: H")
     _close(taylor[0].d3, s.d3, "no_grad block: d3")
     _close(taylor[1], d4, "no_grad block: d4")
+
+
+#: recurrent kernels have no multivariate rule: summary_tensor falls back to reverse mode
+_NO_POLY = {"gru-ce-per_tensor", "lstm-mse-per_layer"}
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES])
+def test_multivariate_taylor_full_tensor_on_every_architecture(case_id, caplog):
+    """D³ (and D⁴ where cheap) from one forward pass with every mixed coefficient."""
+    b = build(case_id)
+    loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
+    prob = Problem(loss, b.params, b.direction, b.partition)
+    orders = (3, 4) if prob.S <= 4 else (3,)
+    for order in orders:
+        with hos.ExactOps(), caplog.at_level("DEBUG", logger="hos"):
+            got = _backends._poly_pass(prob, order)
+        if case_id in _NO_POLY:
+            assert got is None and "falls back" in caplog.text
+            got = hos.summary_tensor(loss, b.params, b.direction, b.partition, order)
+        else:
+            assert got is not None, caplog.text
+        _close(got, oracle_tensor(case_id, order), f"{case_id} multivariate D^({order})")
+
+
+def test_multivariate_taylor_monomial_cap_and_inplace_fall_back(monkeypatch):
+    loss, b = _mlp_case()
+    monkeypatch.setattr(_backends, "POLY_MAX_MONOMIALS", 3)
+    D3 = hos.summary_tensor(loss, b.params, b.direction, b.partition, 3, backend="taylor")
+    _close(D3, oracle_tensor(b.id, 3), "capped multivariate D3")
+    params = _params(1)
+    u = {k: torch.randn(v.shape, generator=_gen(4), dtype=DT) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    assert _backends._poly_pass(Problem(_inplace_loss, params, u, part), 3) is None
+    D3 = hos.summary_tensor(_inplace_loss, params, u, part, 3, backend="taylor")
+    _close(D3, reference.summary_tensor(_inplace_loss, params, u, part, 3), "in-place D3")
