@@ -239,7 +239,7 @@ def ratios_for(name, args, gn) -> dict:
         methods["GroupedNewton"] = gn_fns(gn, model, loss, u)
     wanted = ["summarize", "D3", "diag4", "diag5"] + (["D4"] if S <= 8 else [])
     # the slow compositions only where they finish in seconds
-    skip = {"hos.forward": {"diag5", "D4"}, "torch.func": {"D4"}, "hos.taylor": {"D3", "D4"}}
+    skip = {"hos.forward": {"diag5", "D4"}, "torch.func": {"D4"}}
     if args.quick:
         wanted = ["summarize", "D3"]
         skip["torch.func"] = {"summarize", "D3"}
@@ -301,7 +301,7 @@ def scaling(args, gn) -> dict:
     t_grad = best_time(gradient_fn(loss, params), 3 * args.repeats)
     by_d: dict = {"order": [1, 2, 3, 4, 5, 6] if not args.quick else [1, 2]}
     for backend in ("taylor", "reverse") if args.quick else ("taylor", "reverse", "forward"):
-        top_diag, top_full = {"taylor": (6, 2), "reverse": (5, 4), "forward": (4, 2)}[backend]
+        top_diag, top_full = {"taylor": (6, 4), "reverse": (5, 4), "forward": (4, 2)}[backend]
         diag, full = [], []
         for d in by_d["order"]:
             if d > top_diag:
@@ -378,6 +378,7 @@ def memory(args, gn_path) -> dict:
             ("hos.taylor", "summarize-chunk1"),
             ("hos.forward", "summarize"),
             ("hos.reverse", "D3"),
+            ("hos.taylor", "D3"),
             ("hos.taylor", "diag5"),
         ]
     if gn_path and not args.quick:
