@@ -12,14 +12,16 @@ compositions of automatic differentiation; each is checked against
 :mod:`hos.reference` in the tests.
 
 ``taylor`` (the fastest; what ``"auto"`` picks)
-    ``reverse`` for ḡ, H̄ and the full tensors; every *diagonal* (diag D³ in
-    :func:`summarize`, :func:`summary_diagonal` at any order) by univariate
-    Taylor mode: the forward pass carries, for each group s, the Taylor
-    coefficients of every activation along :math:`t \mapsto \theta + t u_s`,
-    so :math:`d^k/dt^k L` needs no backward pass at all (see :mod:`hos._jet`).
-    ``chunk`` bounds how many groups one forward pass carries. An operation
-    Taylor mode cannot follow (an in-place write into a moving tensor, no
-    forward-mode derivative) sends those groups back to ``reverse``.
+    Taylor mode, i.e. forward passes that carry Taylor coefficients next to every
+    activation (see :mod:`hos._jet`, :mod:`hos._poly`). Every *diagonal* (diag D³ in
+    :func:`summarize`, :func:`summary_diagonal` at any order) from the univariate
+    coefficients along :math:`t \mapsto \theta + t u_s`, all groups in one pass, with no
+    backward pass; for S <= 12 also the mixed coefficients of every pair (ḡ, H̄ and diag D³
+    of :func:`summarize` from one pass) and, for :func:`summary_tensor` of order >= 3, every
+    monomial up to degree d. Past those sizes H̄ and full tensors come from ``reverse``.
+    ``chunk`` bounds how many groups one pass carries. An operation Taylor mode cannot
+    follow (an in-place write into a moving tensor, no forward-mode derivative) sends that
+    summary back to ``reverse``, exactly.
 ``reverse``
     torch.autograd, nested reverse mode on φ itself with S scalar leaves η_s,
     one shared graph; input layers factored as f(x, θ_W) + η_W f(x, u_W), so the
