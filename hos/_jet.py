@@ -781,14 +781,7 @@ class JetTracker:
 
     def _with_bias(self, func, leaves, spec, jets, outs):
         """The product without its bias (multilinear), then the bias's own jet added."""
-        args, kwargs = tree_unflatten(list(leaves), spec)
-        args, kwargs = list(args), dict(kwargs)
-        bias = None
-        if "bias" in kwargs:
-            bias, kwargs["bias"] = kwargs["bias"], None
-        elif len(args) > 2:
-            bias, args[2] = args[2], None
-        leaves2, spec2 = tree_flatten((tuple(args), kwargs))
+        bias, leaves2, spec2 = split_bias(leaves, spec)
         jets2 = {i: j for i, leaf in enumerate(leaves2) if (j := self.jet(leaf)) is not None}
         if len(jets2) > 2:
             raise JetFailure("more than two moving factors in one layer")
@@ -799,11 +792,7 @@ class JetTracker:
         bias_jet = self.jet(bias)
         if bias_jet is None:
             return product
-        shape = [1] * out.dim()
-        if func is F.linear:
-            shape[-1] = -1
-        else:  # convolutions: channels just before the spatial dims (batched or not)
-            shape[out.dim() - len(_spatial(out, func)) - 1] = -1
+        shape = bias_shape(func, out)
 
         def placed(c):
             return None if c is None else c.reshape([c.shape[0]] + shape).expand(
@@ -948,18 +937,7 @@ class JetTracker:
     def _affine(self, func, leaves, spec, jets, outs):
         """y_k = f(x_k) with the constant operands set to zero."""
         union = _union(j.dirs for j in jets.values())
-        positional = len(tree_flatten(tree_unflatten(list(leaves), spec)[0])[0])
-        keep_ints = func in (torch.cat, torch.concat, torch.stack)
-        zeroed = dict(enumerate(leaves))
-        for i, leaf in enumerate(leaves):
-            if i in jets:
-                continue
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                zeroed[i] = torch.zeros_like(leaf)
-            elif i < positional and isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-                if isinstance(leaf, float) or not keep_ints:
-                    zeroed[i] = 0.0 if isinstance(leaf, float) else 0
-        base = [zeroed[i] for i in range(len(leaves))]
+        base = zeroed_constants(func, leaves, spec, jets)
         coeffs: Coeffs = []
         for k in range(self.K):
             if all(j.coeffs[k] is None for j in jets.values()):
@@ -979,17 +957,7 @@ class JetTracker:
     def _elementwise(self, func, leaves, spec, jet, out):
         """Faà di Bruno: y_k = Σ_j f^(j)(x_0)/j! [δ^j]_k."""
         K = self.K
-        args, kwargs = tree_unflatten(list(leaves), spec)
-        derivs = _closed_form(func, args, kwargs, out.detach(), K)
-        if derivs is None:
-
-            def f(z):
-                new = list(leaves)
-                new[0] = z
-                a, kw = tree_unflatten(new, spec)
-                return func(*a, **kw)
-
-            derivs = _divided(_nested_derivatives(f, leaves[0].detach(), K)[1:])
+        derivs = scaled_derivatives(func, leaves, spec, out, K)
         x = jet.coeffs
         power = list(x)  # [δ^1]_k, k = 1..K (index k-1)
         # every y_k and [δ^j]_k below is a fresh tensor, so sums accumulate in place
@@ -1303,6 +1271,61 @@ def _sum_on(union: tuple[int, ...], parts: list) -> torch.Tensor | None:
         index = torch.tensor([union.index(s) for s in dirs], device=v.device)
         total.index_add_(0, index, v)
     return total
+
+
+def split_bias(leaves, spec):
+    """(bias, leaves, spec) of a layer call with its ``bias`` argument set to None."""
+    args, kwargs = tree_unflatten(list(leaves), spec)
+    args, kwargs = list(args), dict(kwargs)
+    bias = None
+    if "bias" in kwargs:
+        bias, kwargs["bias"] = kwargs["bias"], None
+    elif len(args) > 2:
+        bias, args[2] = args[2], None
+    leaves2, spec2 = tree_flatten((tuple(args), kwargs))
+    return bias, leaves2, spec2
+
+
+def bias_shape(func, out: torch.Tensor) -> list[int]:
+    """The shape that broadcasts a layer's bias over its output ``out``."""
+    shape = [1] * out.dim()
+    if func is F.linear:
+        shape[-1] = -1
+    else:  # convolutions: channels just before the spatial dims (batched or not)
+        shape[out.dim() - len(_spatial(out, func)) - 1] = -1
+    return shape
+
+
+def zeroed_constants(func, leaves, spec, moving) -> list:
+    """The leaves of an affine call with every constant operand (tensor or number) at 0."""
+    positional = len(tree_flatten(tree_unflatten(list(leaves), spec)[0])[0])
+    keep_ints = func in (torch.cat, torch.concat, torch.stack)  # there an int is a dim
+    base = list(leaves)
+    for i, leaf in enumerate(leaves):
+        if i in moving:
+            continue
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            base[i] = torch.zeros_like(leaf)
+        elif i < positional and isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            if isinstance(leaf, float) or not keep_ints:
+                base[i] = 0.0 if isinstance(leaf, float) else 0
+    return base
+
+
+def scaled_derivatives(func, leaves, spec, out: torch.Tensor, K: int) -> list:
+    """f^(j)(x_0)/j!, j = 1..K, of an elementwise call: closed form, else nested jvp."""
+    args, kwargs = tree_unflatten(list(leaves), spec)
+    derivs = _closed_form(func, args, kwargs, out.detach(), K)
+    if derivs is not None:
+        return derivs
+
+    def f(z):
+        new = list(leaves)
+        new[0] = z
+        a, kw = tree_unflatten(new, spec)
+        return func(*a, **kw)
+
+    return _divided(_nested_derivatives(f, leaves[0].detach(), K)[1:])
 
 
 def kwargs_of(leaves, spec) -> dict:

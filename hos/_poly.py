@@ -25,7 +25,6 @@ from collections import Counter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from hos import _jet
@@ -242,14 +241,7 @@ class PolyTracker:
         return [_collect(p) for p in parts]
 
     def _with_bias(self, func, leaves, spec, polys, outs):
-        args, kwargs = tree_unflatten(list(leaves), spec)
-        args, kwargs = list(args), dict(kwargs)
-        bias = None
-        if "bias" in kwargs:
-            bias, kwargs["bias"] = kwargs["bias"], None
-        elif len(args) > 2:
-            bias, args[2] = args[2], None
-        leaves2, spec2 = tree_flatten((tuple(args), kwargs))
+        bias, leaves2, spec2 = _jet.split_bias(leaves, spec)
         polys2 = {i: p for i, leaf in enumerate(leaves2) if (p := self.poly(leaf)) is not None}
         if len(polys2) > 2:
             raise PolyFailure("more than two moving factors in one layer")
@@ -261,11 +253,7 @@ class PolyTracker:
         bias_poly = self.poly(bias)
         if bias_poly is not None:
             out = outs[0]
-            shape = [1] * out.dim()
-            if func is F.linear:
-                shape[-1] = -1
-            else:
-                shape[out.dim() - len(_jet._spatial(out, func)) - 1] = -1
+            shape = _jet.bias_shape(func, out)
             n = len(bias_poly.monos)
             placed = bias_poly.values.reshape([n] + shape).expand([n] + list(out.shape))
             parts.append((bias_poly.monos, placed))
@@ -273,17 +261,7 @@ class PolyTracker:
 
     def _affine(self, func, leaves, spec, polys):
         """f(x_γ) with the constant operands zeroed, every monomial at once."""
-        positional = len(tree_flatten(tree_unflatten(list(leaves), spec)[0])[0])
-        keep_ints = func in (torch.cat, torch.concat, torch.stack)
-        base = list(leaves)
-        for i, leaf in enumerate(leaves):
-            if i in polys:
-                continue
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                base[i] = torch.zeros_like(leaf)
-            elif i < positional and isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-                if isinstance(leaf, float) or not keep_ints:
-                    base[i] = 0.0 if isinstance(leaf, float) else 0
+        base = _jet.zeroed_constants(func, leaves, spec, polys)
         order: dict[Mono, int] = {}
         for p in polys.values():
             for m in p.monos:
@@ -305,17 +283,7 @@ class PolyTracker:
 
     def _elementwise(self, func, leaves, spec, x: Poly, out):
         """Σ_j f^(j)(x_0)/j! δ^j, δ = x − x_0, the powers by truncated products."""
-        args, kwargs = tree_unflatten(list(leaves), spec)
-        derivs = _jet._closed_form(func, args, kwargs, out.detach(), self.d)
-        if derivs is None:
-
-            def f(z):
-                new = list(leaves)
-                new[0] = z
-                a, kw = tree_unflatten(new, spec)
-                return func(*a, **kw)
-
-            derivs = _jet._divided(_jet._nested_derivatives(f, leaves[0].detach(), self.d)[1:])
+        derivs = _jet.scaled_derivatives(func, leaves, spec, out, self.d)
         parts = []
         power = x
         for j in range(1, self.d + 1):
