@@ -977,10 +977,12 @@ class JetTracker:
             scale = derivs[j - 1]
             for k in range(j, K + 1):
                 if power[k - 1] is not None:
-                    if y[k - 1] is None:
-                        y[k - 1] = scale * power[k - 1]
-                    else:
+                    if y[k - 1] is not None:
                         y[k - 1].addcmul_(scale, power[k - 1])
+                    elif j == K:  # the last power is not needed again: scale it in place
+                        y[k - 1] = power[k - 1].mul_(scale)
+                    else:
+                        y[k - 1] = scale * power[k - 1]
         result = Jet(jet.dirs, y)
         if self.pairs:  # ∂²f(x)/∂η_i∂η_j = f'(x) x_ij + f''(x) x_i x_j
             mixed = []
