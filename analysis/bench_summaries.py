@@ -298,7 +298,7 @@ def scaling(args, gn) -> dict:
             by_s["GroupedNewton"].append(best_time(fn, args.repeats) / t_grad)
         _log(f"depth {depth}: S={len(part)} " + str({k: v[-1] for k, v in by_s.items() if v}))
     model, loss, params, u, part = build_problem("mlp", args.batch)
-    t_grad = best_time(gradient_fn(loss, params), 3 * args.repeats)
+    t_grad = best_time(gradient_fn(loss, params), 5 * args.repeats)
     by_d: dict = {"order": [1, 2, 3, 4, 5, 6] if not args.quick else [1, 2]}
     for backend in ("taylor", "reverse") if args.quick else ("taylor", "reverse", "forward"):
         top_diag, top_full = {"taylor": (6, 4), "reverse": (5, 4), "forward": (4, 2)}[backend]
@@ -317,7 +317,7 @@ def scaling(args, gn) -> dict:
                 full.append(
                     best_time(
                         lambda d=d: hos.summary_tensor(loss, params, u, part, d, backend=backend),
-                        1,
+                        args.repeats if d <= 3 else 2,
                     )
                     / t_grad
                 )
