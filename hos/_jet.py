@@ -475,6 +475,19 @@ def _is_inplace(func, kwargs) -> bool:
     return bool(kwargs.get("inplace")) or kwargs.get("out") is not None
 
 
+def outputs_to_follow(func, kwargs, out, failure: type[Exception]) -> list | None:
+    """The flat outputs of a call on moving tensors that get coefficients, or None when
+    none does (a cut like ``detach``, no floating output); ``failure`` for an in-place write."""
+    if _is_inplace(func, kwargs):
+        raise failure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+    if func in _CUT:
+        return None
+    outs, _ = tree_flatten(out)
+    if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
+        return None
+    return outs
+
+
 def _nested_derivatives(fn: Callable, t: torch.Tensor, K: int) -> list:
     """[fn(t), fn'(t), ..., fn^(K)(t)] by K nested forward-mode passes."""
 
@@ -635,12 +648,8 @@ class JetTracker:
         if not jets:
             return
         try:
-            if _is_inplace(func, kwargs):
-                raise JetFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
-            if func in _CUT:
-                return
-            outs, _ = tree_flatten(out)
-            if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
+            outs = outputs_to_follow(func, kwargs, out, JetFailure)
+            if outs is None:
                 return
             self._depth += 1
             try:
@@ -1349,12 +1358,22 @@ def _is_power(func, leaves, jets) -> bool:
     return func in _POWER and 0 in jets and len(leaves) > 1 and isinstance(leaves[1], (int, float))
 
 
-class JetMode(TorchFunctionMode):
-    """Propagates a :class:`JetTracker` through every call of a forward pass."""
+class TrackerMode(TorchFunctionMode):
+    """Runs each call of a forward pass, then lets ``tracker`` give its outputs their jets."""
 
-    def __init__(self, tracker: JetTracker):
+    def __init__(self, tracker):
         super().__init__()
         self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.tracker.propagate(func, args, kwargs, out)
+        return out
+
+
+class JetMode(TrackerMode):
+    """Propagates a :class:`JetTracker` through every call of a forward pass."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -1365,6 +1384,4 @@ class JetMode(TorchFunctionMode):
                 out, index = _MAX_POOL[func](*args, **rest)
                 self.tracker.pooled(func, args, kwargs, out, jet, index)
                 return out
-        out = func(*args, **kwargs)
-        self.tracker.propagate(func, args, kwargs, out)
-        return out
+        return super().__torch_function__(func, types, args, kwargs)

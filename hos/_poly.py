@@ -25,7 +25,6 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from hos import _jet
 from hos._jet import tree_flatten, tree_unflatten
@@ -143,12 +142,8 @@ class PolyTracker:
             return
         if self._depth == 0 and not torch.is_grad_enabled():
             return  # the model's own no_grad block: a constant
-        if _jet._is_inplace(func, kwargs):
-            raise PolyFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
-        if func in _jet._CUT:
-            return
-        outs, _ = tree_flatten(out)
-        if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
+        outs = _jet.outputs_to_follow(func, kwargs, out, PolyFailure)
+        if outs is None:
             return
         self._depth += 1
         try:
@@ -334,15 +329,5 @@ _SERIES = {
 }
 
 
-class PolyMode(TorchFunctionMode):
+class PolyMode(_jet.TrackerMode):
     """Propagates a :class:`PolyTracker` through every call of a forward pass."""
-
-    def __init__(self, tracker: PolyTracker):
-        super().__init__()
-        self.tracker = tracker
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.tracker.propagate(func, args, kwargs, out)
-        return out
