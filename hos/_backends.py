@@ -327,13 +327,8 @@ def reverse_diagonal(
 JET_MAX_BYTES = 2**30
 
 
-def _jet_pass(prob: Problem, order: int, groups: Sequence[int]) -> tuple[dict | None, JetTracker]:
-    """One forward carrying jets of order ``order`` along the groups ``groups``.
-
-    Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, tracker),
-    or (None, tracker) when the tracker failed (``tracker.failure`` says why).
-    """
-    tracker = JetTracker(order, JET_MAX_BYTES)
+def _seeded(prob: Problem, tracker, groups: Sequence[int]) -> dict[str, torch.Tensor]:
+    """θ as fresh tensors (one per name), those of ``groups`` seeded on their lines."""
     wanted = set(groups)
     moved: dict[str, torch.Tensor] = {}
     for s, names in enumerate(prob.groups):
@@ -341,6 +336,17 @@ def _jet_pass(prob: Problem, order: int, groups: Sequence[int]) -> tuple[dict | 
             moved[n] = prob.theta[n].detach()
             if s in wanted:
                 tracker.seed(moved[n], s, prob.u[n])
+    return moved
+
+
+def _jet_pass(prob: Problem, order: int, groups: Sequence[int]) -> tuple[dict | None, JetTracker]:
+    """One forward carrying jets of order ``order`` along the groups ``groups``.
+
+    Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, tracker),
+    or (None, tracker) when the tracker failed (``tracker.failure`` says why).
+    """
+    tracker = JetTracker(order, JET_MAX_BYTES)
+    moved = _seeded(prob, tracker, groups)
     with JetMode(tracker), ExactOps():
         value = prob.loss(moved)
     return _read_jets(tracker, value, groups), tracker
@@ -410,11 +416,7 @@ def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:
     group's line (orders 1-3) and the mixed ones of every pair; None if it gave up."""
     S = prob.S
     tracker = JetTracker(3, JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
-    moved: dict[str, torch.Tensor] = {}
-    for s, names in enumerate(prob.groups):
-        for n in names:
-            moved[n] = prob.theta[n].detach()
-            tracker.seed(moved[n], s, prob.u[n])
+    moved = _seeded(prob, tracker, range(prob.S))
     with JetMode(tracker), ExactOps():
         value = prob.loss(moved)
     if tracker.failure is not None:
@@ -436,11 +438,7 @@ POLY_MAX_MONOMIALS = 1200
 def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
     """D^(order) from one forward pass carrying every Taylor coefficient up to that degree."""
     tracker = PolyTracker(order, POLY_MAX_MONOMIALS)
-    moved: dict[str, torch.Tensor] = {}
-    for s, names in enumerate(prob.groups):
-        for n in names:
-            moved[n] = prob.theta[n].detach()
-            tracker.seed(moved[n], s, prob.u[n])
+    moved = _seeded(prob, tracker, range(prob.S))
     try:
         with PolyMode(tracker), ExactOps():
             value = prob.loss(moved)
