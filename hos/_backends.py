@@ -182,16 +182,17 @@ class _PathMode(TorchFunctionMode):
                 along = func(
                     x, u, *rest, **{**kwargs, **({"bias": None} if "bias" in kwargs else {})}
                 )
-                out = _Shift.apply(eta, base, along)
+                # a fresh tensor, not the view _Shift returns: the model may write into it
+                # (conv -> ReLU(inplace=True))
+                out = _Shift.apply(eta, base, along).clone()
                 if self.tracker is not None and self.tracker.jet(args[1]) is not None:
                     self.tracker.factored(func, out, entry[3], along, bias)
                 elif self.tracker is not None:
                     self.tracker.propagate(func, args, kwargs, out)
                 return out
-        out = func(*args, **kwargs)
         if self.tracker is not None:
-            self.tracker.propagate(func, args, kwargs, out)
-        return out
+            return self.tracker.run(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 class _PathGraph:

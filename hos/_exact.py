@@ -15,9 +15,10 @@ of one summary sees the same deterministic function.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -186,6 +187,129 @@ def _identity_dropout(input, *args, **kwargs):
     return input
 
 
+def weight_norm(v, g, dim=0):
+    """``torch._weight_norm``: v·g/‖v‖ with the norm over every dim but ``dim`` (all if -1).
+
+    PyTorch's double backward of the fused kernel is wrong (uᵀHu of a weight-normed layer
+    off by 9× in float64) and it has no forward-mode derivative.
+    """
+    if dim == -1:
+        norm = v.square().sum().sqrt()
+    else:
+        dim = dim % v.dim()
+        others = tuple(d for d in range(v.dim()) if d != dim)
+        norm = v.square().sum(others, keepdim=True).sqrt() if others else v.abs()
+    return v * (g / norm)
+
+
+def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
+    """‖x1_i − x2_j‖_p over the last dim, from the differences themselves.
+
+    ``_cdist_backward`` has no derivative, so the fused kernel has no second order.
+    """
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    return _p_norm(diff, p)
+
+
+def pdist(input, p=2.0):
+    """‖x_i − x_j‖_p for i < j (rows of a 2-D input), as ``F.pdist``."""
+    i, j = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    return _p_norm(input[i] - input[j], p)
+
+
+def _p_norm(diff, p):
+    if p == 0:
+        return (diff != 0).sum(-1).to(diff.dtype)
+    if p == math.inf:
+        return diff.abs().amax(-1)
+    if p == 1:
+        return diff.abs().sum(-1)
+    if p == 2:
+        return diff.square().sum(-1).sqrt()
+    return diff.abs().pow(p).sum(-1).pow(1.0 / p)
+
+
+def multi_margin_loss(
+    input, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None, reduction="mean"
+):
+    """Σ_{j≠y} max(0, margin − x_y + x_j)^p · w_y / C, as PyTorch's kernel computes it.
+
+    The fused kernel's backward has no derivative (no second order on any backend).
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if p not in (1, 2):
+        raise ValueError(f"multi_margin_loss: p must be 1 or 2, got {p!r}.")
+    x = input if input.dim() == 2 else input.unsqueeze(0)
+    t = target.reshape(-1, 1)
+    z = torch.relu(margin - x.gather(1, t) + x)
+    if p == 2:
+        z = z * z
+    if weight is not None:
+        z = z * weight[t]
+    others = torch.ones_like(x).scatter(1, t, 0.0)
+    loss = (z * others).sum(1) / x.shape[1]
+    if input.dim() != 2:
+        loss = loss.squeeze(0)
+    return _reduce(loss, reduction)
+
+
+def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """log(1 + exp(−y·x)); the fused backward has no forward-mode derivative."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    loss = F.softplus(-target * input)
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+def glu(input, dim=-1):
+    """a·σ(b) for the two halves of ``input`` along ``dim``; ``glu_jvp`` has no derivative."""
+    a, b = input.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+              scale_grad_by_freq=False, sparse=False):  # fmt: skip
+    """A row lookup of ``weight``. ``padding_idx`` only withholds PyTorch's gradient from
+    that row; hos differentiates the function itself, so the row counts like any other
+    (give u zeros there to match training, where that row never moves)."""
+    if max_norm is not None:
+        raise ValueError(
+            "hos: nn.Embedding(max_norm=...) renormalises its weight in place at every call, "
+            "so the loss is not a function of the parameters; set max_norm=None while "
+            "computing summaries."
+        )
+    return F.embedding(input, weight)
+
+
+def _skip_buffer_write(func):
+    """``F.normalize(..., out=buffer)`` under no_grad (spectral norm's power iteration):
+    a summary never writes buffers, so the iteration is held at its current vectors."""
+
+    def normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
+        if out is not None and not torch.is_grad_enabled():
+            return out
+        return func(input, p, dim, eps, out)
+
+    return normalize
+
+
+def _rnn_without_dropout(func):
+    """``_VF.lstm``/``gru``/``rnn_*`` with the ``train`` flag off: the dropout between
+    layers would draw a new mask at every evaluation (F.dropout is the identity too)."""
+
+    def call(*args, **kwargs):
+        args = list(args)
+        train = 6 if isinstance(args[3], bool) else 7  # (input, hx, params, ...) or packed
+        if len(args) > train:
+            args[train] = False
+        return func(*args, **kwargs)
+
+    return call
+
+
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
@@ -231,7 +355,17 @@ DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.dropout3d: _identity_dropout,
     F.alpha_dropout: _identity_dropout,
     F.feature_alpha_dropout: _identity_dropout,
+    torch._weight_norm: weight_norm,
+    torch.cdist: cdist,
+    F.pdist: pdist,
+    F.multi_margin_loss: multi_margin_loss,
+    F.soft_margin_loss: soft_margin_loss,
+    F.glu: glu,
+    F.embedding: embedding,
+    F.normalize: _skip_buffer_write(F.normalize),
 }
+for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+    DECOMPOSITIONS[getattr(torch._VF, _name)] = _rnn_without_dropout(getattr(torch._VF, _name))
 DECOMPOSITIONS[F.multi_head_attention_forward] = _multi_head_attention_forward
 for _name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
     if hasattr(torch, _name):
@@ -257,3 +391,31 @@ class ExactOps(TorchFunctionMode):
 def exact_ops() -> ExactOps:
     """Return a context manager under which higher derivatives are exact."""
     return ExactOps()
+
+
+@contextlib.contextmanager
+def inline_checkpoints() -> Iterator[None]:
+    """``torch.utils.checkpoint`` with ``use_reentrant=True`` runs its function directly.
+
+    The reentrant variant is a custom autograd.Function that hides its forward from the
+    graph and refuses ``torch.autograd.grad``; recomputation saves memory only in
+    training, so a summary evaluates the checkpointed function as it is. (The
+    non-reentrant variant needs nothing: it records a normal graph.) Not thread-safe:
+    the class attribute is swapped for the duration of the call.
+    """
+    from torch.utils import checkpoint
+
+    target = checkpoint.CheckpointFunction
+    own = target.__dict__.get("apply")  # usually inherited from autograd.Function
+
+    def apply(cls, run_function, preserve_rng_state, *args):
+        return run_function(*args)
+
+    target.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        if own is None:
+            del target.apply
+        else:
+            target.apply = own

@@ -32,7 +32,10 @@ fall back to nested reverse mode, which is exact too.
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vmap
 from torch.overrides import TorchFunctionMode
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["Jet", "JetMode", "JetTracker"]
 
@@ -141,6 +145,7 @@ _AFFINE = {
     torch.add, _T.add, _T.__add__, _T.__radd__, torch.sub, _T.sub, _T.__sub__, _T.__rsub__,
     torch.subtract, torch.cat, torch.concat, torch.stack, torch.where, _T.masked_fill,
 }  # fmt: skip
+#: (``_assigned``, the out-of-place ``__setitem__``, joins once it is defined below.)
 
 #: Division: linear in the numerator.
 _DIVIDE = {torch.div, _T.div, _T.__truediv__, torch.true_divide}
@@ -316,6 +321,44 @@ _SOFTMAX_FAMILY = _LOG_SOFTMAX | _SOFTMAX | _LOGSUMEXP
 #: Outputs that carry no jet.
 _CUT = {_T.detach, torch.detach} | _getters("data")
 
+#: Calls whose tensor arguments other than ``self`` are read for their shape, dtype or
+#: device only: those never pass coefficients on (``buffer.type_as(h)`` is a constant).
+_SELF_ONLY = {_T.type_as, _T.to, _T.expand_as, _T.view_as, _T.reshape_as}
+
+#: Calls whose result never depends on the values of their tensor arguments.
+_CONSTANT_RESULT = {
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+    torch.randn_like, torch.randint_like, _T.new_zeros, _T.new_ones, _T.new_empty,
+    _T.new_full, _T.new_tensor, _T.new_empty_strided,
+}  # fmt: skip
+
+#: Methods whose name ends in "_" without writing to the tensor's values.
+_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}
+
+def _inplace_positions() -> dict:
+    """torch.nn.functional calls with an ``inplace`` flag: its positional index."""
+    found = {}
+    for name in dir(F):
+        fn = getattr(F, name)
+        if not callable(fn) or name.startswith("__"):
+            continue
+        try:
+            parameters = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "inplace" in parameters:
+            found[fn] = parameters.index("inplace")
+    return found
+
+
+#: ``F.relu(x, inplace=True)``, ``F.hardtanh(x, -1, 1, True)``: where the flag sits.
+_INPLACE_ARG = _inplace_positions()
+
+def strict() -> bool:
+    """HOS_STRICT=1 (the test suite sets it): an unexpected exception inside a rule is
+    raised instead of becoming a fallback, so that a bug in a rule fails loudly."""
+    return os.environ.get("HOS_STRICT", "") not in ("", "0")
+
 
 def _poly_derivative(c: list[float]) -> list[float]:
     return [i * c[i] for i in range(1, len(c))] or [0.0]
@@ -466,26 +509,105 @@ def _raw_derivatives(func, args, kwargs, x, y, K: int) -> list | None:
     return None
 
 
-def _is_inplace(func, kwargs) -> bool:
+def _is_inplace(func, kwargs, args=()) -> bool:
+    """Whether ``func(*args, **kwargs)`` writes into one of its arguments."""
     name = getattr(func, "__name__", "")
     if name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__"):
         return True
-    if name.endswith("_") and not name.endswith("__"):
+    if name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES:
+        return True
+    position = _INPLACE_ARG.get(func)
+    if position is not None and len(args) > position and args[position] is True:
         return True
     return bool(kwargs.get("inplace")) or kwargs.get("out") is not None
 
 
-def outputs_to_follow(func, kwargs, out, failure: type[Exception]) -> list | None:
+def _assigned(target, index, value):
+    """``target[index] = value`` out of place (the rule of ``__setitem__``)."""
+    out = target.clone()
+    out[index] = value
+    return out
+
+
+_AFFINE.add(_assigned)
+
+_INPLACE_NAMES = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__",
+                  "__itruediv__": "__truediv__", "__ipow__": "__pow__"}  # fmt: skip
+
+
+def out_of_place(func, args, kwargs):
+    """(func, args, kwargs) computing what the in-place call writes, without writing;
+    None for writes with no out-of-place twin (``out=``, ``copy_``, ``zero_``, ...)."""
+    if kwargs.get("out") is not None or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__" and len(args) == 3:
+        target, index, value = args
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value, dtype=target.dtype, device=target.device)
+        return _assigned, (target, index, value), {}
+    if func in _INPLACE_ARG:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound.arguments["inplace"] = False
+        return func, bound.args, bound.kwargs
+    if "inplace" in kwargs:
+        return func, args, {**kwargs, "inplace": False}
+    twin = None
+    if name in _INPLACE_NAMES:
+        twin = getattr(_T, _INPLACE_NAMES[name])
+    elif name.endswith("_"):
+        for home in (_T, torch):
+            if getattr(home, name, None) is func:
+                twin = getattr(home, name[:-1], None)
+                break
+        else:
+            twin = getattr(_T, name[:-1], None)
+            if getattr(_T, name, None) is None or not callable(twin):
+                twin = None
+    if twin is None or not callable(twin):
+        return None
+    return twin, args, kwargs
+
+
+def custom_function_running() -> str | None:
+    """The name of the ``torch.autograd.Function`` whose forward is running, if any.
+
+    Its forward runs with gradients off, which Taylor mode would otherwise take for the
+    model's own ``no_grad`` block (a constant).
+    """
+    apply_code = torch.autograd.Function.apply.__func__.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is apply_code:
+            cls = frame.f_locals.get("cls")
+            return getattr(cls, "__name__", "a custom autograd.Function")
+        frame = frame.f_back
+    return None
+
+
+def outputs_to_follow(func, kwargs, out, failure: type[Exception], args=()) -> list | None:
     """The flat outputs of a call on moving tensors that get coefficients, or None when
-    none does (a cut like ``detach``, no floating output); ``failure`` for an in-place write."""
-    if _is_inplace(func, kwargs):
-        raise failure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+    none does (a cut like ``detach``, no floating output).
+
+    Raises ``failure`` where coefficients cannot be carried exactly: an in-place write, a
+    complex output (no real Taylor coefficients), a tensor subclass.
+    """
+    name = getattr(func, "__name__", func)
+    if _is_inplace(func, kwargs, args):
+        raise failure(f"in-place {name} on a moving tensor")
     if func in _CUT:
         return None
     outs, _ = tree_flatten(out)
-    if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs):
-        return None
-    return outs
+    followed = False
+    for o in outs:
+        if not isinstance(o, torch.Tensor):
+            continue
+        if o.is_complex():
+            raise failure(f"{name} of a moving tensor has a complex output")
+        if type(o) is not torch.Tensor and not isinstance(o, torch.nn.Parameter):
+            raise failure(f"{name} of a moving tensor returns a {type(o).__name__}")
+        followed = followed or o.is_floating_point()
+    return outs if followed else None
 
 
 def _nested_derivatives(fn: Callable, t: torch.Tensor, K: int) -> list:
@@ -527,6 +649,8 @@ class JetTracker:
         self._primal_numel = 0
         self._mixed_numel = 0
         self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
+        self.moving_storages: dict[int, StorageWeakRef] = {}  # written in place with moving values
+        self.ops: list = []  # the calls followed, in order (the pass's op sequence)
 
     # ------------------------------------------------------------------ bookkeeping
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
@@ -543,7 +667,17 @@ class JetTracker:
         if self.failure is not None or not isinstance(tensor, torch.Tensor):
             return None
         entry = self.table.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else None
+        if entry is None or entry[0]() is not tensor:
+            if self.moving_storages:
+                ref = self.moving_storages.get(_storage(tensor))
+                if ref is not None and not ref.expired():
+                    self.fail("a tensor aliasing one that an in-place write made move is read")
+            return None
+        if tensor._version != entry[3]:  # written in place since its jet was computed (also
+            # catches a write that no rule saw: the op's inputs are read after it ran)
+            self.fail("a moving tensor was written in place through another view of it")
+            return None
+        return entry[1]
 
     def coefficients(self, tensor: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
         """(K, len(groups)) tensor: the k-th coefficient of scalar ``tensor`` per group."""
@@ -597,7 +731,10 @@ class JetTracker:
                 "use a smaller jet chunk"
             )
         key = id(tensor)
-        self.table[key] = (weakref.ref(tensor, lambda _, key=key: self._forget(key)), jet, nbytes)
+        self.table[key] = (
+            weakref.ref(tensor, lambda _, key=key: self._forget(key)), jet, nbytes,
+            tensor._version,
+        )  # fmt: skip
 
     def _forget(self, key: int) -> None:
         entry = self.table.pop(key, None)
@@ -641,14 +778,25 @@ class JetTracker:
         """Give the outputs ``out`` of ``func(*args, **kwargs)`` their jets."""
         if self.failure is not None:
             return
-        if self._depth == 0 and not torch.is_grad_enabled():
-            return  # the model's own no_grad block: a constant, as for reverse mode
-        leaves, spec = tree_flatten((args, kwargs))
-        jets = {i: j for i, leaf in enumerate(leaves) if (j := self.jet(leaf)) is not None}
-        if not jets:
+        if func in _CONSTANT_RESULT:
             return
+        leaves, spec = tree_flatten((args, kwargs))
+        if func in _SELF_ONLY:  # the other tensors give their shape, dtype or device only
+            jets = {0: j} if leaves and (j := self.jet(leaves[0])) is not None else {}
+        else:
+            jets = {i: j for i, leaf in enumerate(leaves) if (j := self.jet(leaf)) is not None}
+        if not jets or self.failure is not None:
+            return
+        if self._depth == 0 and not torch.is_grad_enabled():
+            running = custom_function_running()
+            if running is not None:
+                self.fail(f"custom autograd.Function {running}: its backward defines the "
+                          "derivative, so reverse mode follows it")  # fmt: skip
+            return  # the model's own no_grad block: a constant, as for reverse mode
+        self.ops.append(func)
+        name = getattr(func, "__name__", func)
         try:
-            outs = outputs_to_follow(func, kwargs, out, JetFailure)
+            outs = outputs_to_follow(func, kwargs, out, JetFailure, args)
             if outs is None:
                 return
             self._depth += 1
@@ -662,8 +810,51 @@ class JetTracker:
                     self._store(o, jet)
         except JetFailure as exc:
             self.fail(str(exc))
-        except Exception as exc:  # an op the tracker cannot follow: reverse mode takes over
-            self.fail(f"{getattr(func, '__name__', func)}: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if strict():
+                raise RuntimeError(f"hos: bug in the Taylor-mode rule for {name}") from exc
+            self.fail(f"{name}: {type(exc).__name__}: {exc}")
+
+    def run(self, func, args, kwargs):
+        """``func(*args, **kwargs)`` with its outputs' jets; an in-place write on moving
+        tensors is computed out of place (from the values before the write), copied into
+        its target, and the target takes the result's jet."""
+        if (
+            self.failure is None
+            and self.table
+            and (self._depth > 0 or torch.is_grad_enabled())
+            and _is_inplace(func, kwargs, args)
+        ):
+            leaves, _ = tree_flatten((args, kwargs))
+            if any(self.jet(leaf) is not None for leaf in leaves):
+                return self._write(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.propagate(func, args, kwargs, out)
+        return out
+
+    def _write(self, func, args, kwargs):
+        twin = out_of_place(func, args, kwargs)
+        if twin is None:
+            out = func(*args, **kwargs)
+            self.fail(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+            return out
+        target = args[0]
+        func2, args2, kwargs2 = twin
+        value = func2(*args2, **kwargs2)
+        self.propagate(func2, args2, kwargs2, value)
+        jet = self.jet(value)
+        with torch._C.DisableTorchFunction():
+            target.copy_(value)
+        self._forget(id(value))
+        self._forget(id(target))
+        storage = target.untyped_storage()
+        self.moving_storages[storage._cdata] = StorageWeakRef(storage)
+        if jet is not None and self.failure is None:
+            try:
+                self._store(target, jet)
+            except JetFailure as exc:
+                self.fail(str(exc))
+        return None if getattr(func, "__name__", "") == "__setitem__" else target
 
     def _rule(self, func, leaves, spec, jets, outs):
         if func in _DECOMPOSE and not (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):
@@ -945,6 +1136,8 @@ class JetTracker:
 
     def _affine(self, func, leaves, spec, jets, outs):
         """y_k = f(x_k) with the constant operands set to zero."""
+        if func is _assigned and 0 not in jets:  # written into a constant: batch it too
+            jets = {0: Jet((), [None] * self.K), **jets}
         union = _union(j.dirs for j in jets.values())
         base = zeroed_constants(func, leaves, spec, jets)
         coeffs: Coeffs = []
@@ -1175,6 +1368,11 @@ def _native(func, leaves, spec, batched: set[int]):
 
 
 # --------------------------------------------------------------------------- helpers
+def _storage(tensor: torch.Tensor) -> int:
+    """An identity of the memory behind ``tensor``, unique while a weak reference lives."""
+    return tensor.untyped_storage()._cdata
+
+
 def _union(dir_sets) -> tuple[int, ...]:
     seen: dict[int, None] = {}
     for dirs in dir_sets:
@@ -1310,7 +1508,7 @@ def bias_shape(func, out: torch.Tensor) -> list[int]:
 def zeroed_constants(func, leaves, spec, moving) -> list:
     """The leaves of an affine call with every constant operand (tensor or number) at 0."""
     positional = len(tree_flatten(tree_unflatten(list(leaves), spec)[0])[0])
-    keep_ints = func in (torch.cat, torch.concat, torch.stack)  # there an int is a dim
+    keep_ints = func in (torch.cat, torch.concat, torch.stack, _assigned)  # a dim or an index
     base = list(leaves)
     for i, leaf in enumerate(leaves):
         if i in moving:
@@ -1366,10 +1564,7 @@ class TrackerMode(TorchFunctionMode):
         self.tracker = tracker
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        self.tracker.propagate(func, args, kwargs, out)
-        return out
+        return self.tracker.run(func, args, kwargs or {})
 
 
 class JetMode(TrackerMode):

@@ -103,14 +103,34 @@ class PolyTracker:
         if not isinstance(tensor, torch.Tensor):
             return None
         entry = self.table.get(id(tensor))
-        return entry[1] if entry is not None and entry[0] is tensor else None
+        if entry is None or entry[0] is not tensor:
+            return None
+        if tensor._version != entry[2]:
+            raise PolyFailure("a moving tensor was written in place through another view of it")
+        return entry[1]
 
     def _store(self, tensor: torch.Tensor, poly: Poly | None) -> None:
         if poly is None:
             return
         if len(poly.monos) > self.max_monomials:
             raise PolyFailure(f"{len(poly.monos)} monomials on one tensor")
-        self.table[id(tensor)] = (tensor, poly)  # strong: the pass is short and bounded
+        # strong references: the pass is short and bounded
+        self.table[id(tensor)] = (tensor, poly, tensor._version)
+
+    def run(self, func, args, kwargs):
+        """``func(*args, **kwargs)`` with its outputs' coefficients; an in-place write that
+        involves a moving tensor is not followed (the caller falls back to reverse mode)."""
+        if (
+            self.table
+            and (self._depth > 0 or torch.is_grad_enabled())
+            and _jet._is_inplace(func, kwargs, args)
+        ):
+            leaves, _ = tree_flatten((args, kwargs))
+            if any(self.poly(leaf) is not None for leaf in leaves):
+                raise PolyFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+        out = func(*args, **kwargs)
+        self.propagate(func, args, kwargs, out)
+        return out
 
     def tensor_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
         """D^(d) of the scalar ``value``: γ!·x_γ at every monomial of degree d, symmetrised."""
@@ -136,13 +156,22 @@ class PolyTracker:
 
     # ------------------------------------------------------------------ propagation
     def propagate(self, func, args, kwargs, out) -> None:
+        if func in _jet._CONSTANT_RESULT:
+            return
         leaves, spec = tree_flatten((args, kwargs))
-        polys = {i: p for i, leaf in enumerate(leaves) if (p := self.poly(leaf)) is not None}
+        if func in _jet._SELF_ONLY:  # the other tensors give their shape, dtype or device only
+            polys = {0: p} if leaves and (p := self.poly(leaves[0])) is not None else {}
+        else:
+            polys = {i: p for i, leaf in enumerate(leaves) if (p := self.poly(leaf)) is not None}
         if not polys:
             return
         if self._depth == 0 and not torch.is_grad_enabled():
+            running = _jet.custom_function_running()
+            if running is not None:
+                raise PolyFailure(f"custom autograd.Function {running}")
             return  # the model's own no_grad block: a constant
-        outs = _jet.outputs_to_follow(func, kwargs, out, PolyFailure)
+        name = getattr(func, "__name__", func)
+        outs = _jet.outputs_to_follow(func, kwargs, out, PolyFailure, args)
         if outs is None:
             return
         self._depth += 1
@@ -151,8 +180,9 @@ class PolyTracker:
                 results = self._rule(func, leaves, spec, polys, outs)
         except PolyFailure:
             raise
-        except Exception as exc:  # an op the tracker cannot follow: reverse mode takes over
-            name = getattr(func, "__name__", func)
+        except Exception as exc:
+            if _jet.strict():
+                raise RuntimeError(f"hos: bug in the multivariate rule for {name}") from exc
             raise PolyFailure(f"{name}: {type(exc).__name__}: {exc}") from exc
         finally:
             self._depth -= 1

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from hos import _backends
-from hos._exact import ExactOps
+from hos._exact import ExactOps, inline_checkpoints
 from hos._partition import Partition
 from hos._validate import (
     all_zero,
@@ -142,7 +142,7 @@ def _prepare(loss, params, direction, partition, order: int, what: str) -> _back
 
 def _checked_run(prob: _backends.Problem, params, compute):
     """Run ``compute()`` read-only (see :mod:`hos._validate`) and check what it returns."""
-    with guarded(prob.device), upcast_errors(params, prob.dtype), ExactOps():
+    with guarded(prob.device), upcast_errors(params, prob.dtype), inline_checkpoints(), ExactOps():
         results = compute()
         tensors = results if isinstance(results, tuple) else (results,)
         if all_zero(*tensors[:3]):

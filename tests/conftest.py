@@ -1,7 +1,12 @@
 """Fixtures: the cases of tests/cases.py crossed with every non-reference backend."""
 
+import os
+
 import pytest
 import torch
+
+# A bug inside a Taylor-mode rule raises instead of becoming a silent fallback.
+os.environ.setdefault("HOS_STRICT", "1")
 
 from hos._summary import BACKENDS, Backend
 from tests.cases import CASES, build

@@ -173,6 +173,38 @@ INPUTS = {
         ((3 * x4, _r(4, 3, 5, 2, seed=28)), {"reduction": "none", "delta": 2.0}),
         ((3 * x4, _r(4, 3, 5, 2, seed=28)), {"weight": _r(4, 3, 5, 2, seed=29, positive=True)}),
     ],
+    torch._weight_norm: [
+        ((_r(4, 3, 2, seed=40), _r(4, 1, 1, seed=41, positive=True), 0), {}),
+        ((_r(4, 3, 2, seed=40), _r(1, 3, 1, seed=42, positive=True), 1), {}),
+        ((_r(4, 3, seed=40), _r(seed=43, positive=True).reshape(()), -1), {}),
+    ],
+    torch.cdist: [
+        ((_r(5, 3, seed=44), _r(4, 3, seed=45)), {}),
+        ((_r(2, 5, 3, seed=44), _r(2, 4, 3, seed=45)), {"p": 1.0}),
+        ((_r(5, 3, seed=44), _r(4, 3, seed=45)), {"p": 3.0}),
+        ((_r(5, 3, seed=44), _r(4, 3, seed=45)), {"p": float("inf")}),
+        ((_r(5, 3, seed=44), _r(4, 3, seed=45)), {"p": 0.0}),
+    ],
+    F.pdist: [((_r(5, 3, seed=46),), {}), ((_r(5, 3, seed=46),), {"p": 1.5})],
+    F.multi_margin_loss: [
+        ((_r(6, 4, seed=47), torch.tensor([0, 3, 1, 2, 2, 0])), {}),
+        ((_r(6, 4, seed=47), torch.tensor([0, 3, 1, 2, 2, 0])), {"p": 2, "margin": 0.7}),
+        (
+            (_r(6, 4, seed=47), torch.tensor([0, 3, 1, 2, 2, 0])),
+            {"weight": _r(4, seed=48, positive=True), "reduction": "none"},
+        ),
+        ((_r(4, seed=47), torch.tensor(2)), {"reduction": "sum"}),
+    ],
+    F.soft_margin_loss: [
+        ((_r(6, 4, seed=49), torch.sign(_r(6, 4, seed=50))), {}),
+        ((_r(6, 4, seed=49), torch.sign(_r(6, 4, seed=50))), {"reduction": "none"}),
+    ],
+    F.glu: [((_r(4, 6, seed=51),), {}), ((_r(4, 6, 2, seed=51),), {"dim": 1})],
+    F.embedding: [
+        ((torch.tensor([[0, 2], [3, 0]]), _r(4, 3, seed=52)), {"padding_idx": 0}),
+        ((torch.tensor([1, 2]), _r(4, 3, seed=52)), {}),
+    ],
+    F.normalize: [((_r(4, 3, seed=53),), {}), ((_r(4, 3, seed=53),), {"dim": 0, "p": 1.0})],
 }
 # Dropout of every kind: the identity, i.e. the op in eval mode (training=False).
 for _f, _shape in [
@@ -208,8 +240,12 @@ def _as_list(out):
     return list(out) if isinstance(out, tuple) else [out]
 
 
+#: The recurrent kernels are checked through their modules (test_recurrent_dropout_...).
+RECURRENT = {getattr(torch._VF, name) for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
+
+
 def test_every_decomposition_has_inputs():
-    covered = set(INPUTS) | FAST_PATHS | {F.multi_head_attention_forward}
+    covered = set(INPUTS) | FAST_PATHS | RECURRENT | {F.multi_head_attention_forward}
     missing = [_key(f) for f in DECOMPOSITIONS if f not in covered]
     assert not missing, f"add inputs to tests/test_exact.py::INPUTS for {missing}"
 
@@ -315,3 +351,52 @@ def test_batch_norm_decomposition_refuses_a_single_value_per_channel():
         F.batch_norm(x, None, None, training=True)
     with ExactOps(), pytest.raises(ValueError, match="more than 1 value per channel"):
         F.batch_norm(x, None, None, training=True)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh", "RNN-relu"])
+def test_recurrent_dropout_is_off_during_summaries(kind):
+    """Dropout between recurrent layers draws a new mask at every call in train mode;
+    under ExactOps the train-mode module gives the eval-mode values, every time."""
+    torch.manual_seed(0)
+    cls = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(kind, nn.RNN)
+    extra = {"nonlinearity": kind.split("-")[1]} if kind.startswith("RNN") else {}
+    rnn = cls(3, 4, num_layers=3, dropout=0.5, **extra).to(DTYPE)
+    x = _r(5, 2, 3, seed=54)
+    rnn.eval()
+    expected = rnn(x)[0]
+    rnn.train()
+    with ExactOps():
+        first, second = rnn(x)[0], rnn(x)[0]
+    assert rnn.training
+    assert_matches(first, expected, f"{kind} train-mode under ExactOps", rtol=1e-12, atol=1e-12)
+    assert torch.equal(first, second)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    rnn.eval()
+    expected = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0])[0]
+    rnn.train()
+    with ExactOps():
+        got = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0])[0]
+    assert_matches(got, expected, f"packed {kind} under ExactOps", rtol=1e-12, atol=1e-12)
+
+
+def test_spectral_norm_power_iteration_is_held_during_summaries():
+    """Under ExactOps a train-mode spectral-norm layer uses its current vectors (as in
+    eval mode) and never writes its buffers."""
+    torch.manual_seed(0)
+    layer = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)).to(DTYPE)
+    x = _r(5, 4, seed=55)
+    layer.eval()
+    expected = layer(x)
+    layer.train()
+    before = {k: b.clone() for k, b in layer.named_buffers()}
+    with ExactOps():
+        got = layer(x)
+    assert_matches(got, expected, "spectral_norm train mode under ExactOps", rtol=1e-12, atol=1e-12)
+    for k, b in layer.named_buffers():
+        assert torch.equal(b, before[k]), f"buffer {k} written"
+
+
+def test_embedding_max_norm_is_refused():
+    emb = nn.Embedding(4, 3, max_norm=1.0).to(DTYPE)
+    with ExactOps(), pytest.raises(ValueError, match="max_norm"):
+        emb(torch.tensor([1, 2]))
