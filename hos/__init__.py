@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from hos._certificate import Fallback, TaylorModeWarning, last_fallback
 from hos._data import (
     Reduction,
     summarize_loader,
@@ -32,6 +33,9 @@ __all__ = [
     "summary_diagonal",
     "summary_tensor",
     # reliability
+    "Fallback",
+    "TaylorModeWarning",
+    "last_fallback",
     "NonFiniteWarning",
     "SummaryMemoryError",
     # whole data sets and torch.distributed

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch.func import grad, jvp
 from torch.overrides import TorchFunctionMode
 
+from hos import _certificate
 from hos._exact import ExactOps
-from hos._jet import JetMode, JetTracker
+from hos._jet import JetMode, JetTracker, tree_flatten
 from hos._partition import Partition
 from hos._poly import PolyFailure, PolyMode, PolyTracker
 
@@ -71,8 +72,16 @@ LossFn = Callable[[Params], torch.Tensor]
 class Problem:
     """The validated inputs of one summary: loss, θ, u per group, groups."""
 
-    def __init__(self, loss: LossFn, params: Params, direction: Params, partition: Partition):
+    def __init__(
+        self,
+        loss: LossFn,
+        params: Params,
+        direction: Params,
+        partition: Partition,
+        verify: bool = True,
+    ):
         self.loss = loss
+        self.verify = verify  # run the Taylor-mode certificate (hos._certificate)
         self.theta = dict(params)
         self.u = dict(direction)
         self.groups = partition.groups
@@ -340,6 +349,10 @@ def _seeded(prob: Problem, tracker, groups: Sequence[int]) -> dict[str, torch.Te
     return moved
 
 
+def _names(prob: Problem, groups) -> list[str]:
+    return [prob.names[s] for s in groups]
+
+
 def _jet_pass(prob: Problem, order: int, groups: Sequence[int]) -> tuple[dict | None, JetTracker]:
     """One forward carrying jets of order ``order`` along the groups ``groups``.
 
@@ -366,28 +379,136 @@ def _read_jets(tracker: JetTracker, value: torch.Tensor, groups: Sequence[int]) 
 
 def jet_diagonals(
     prob: Problem, order: int, groups: Sequence[int], chunk: int | None
-) -> tuple[dict[int, torch.Tensor], list[int]]:
+) -> tuple[dict[int, torch.Tensor], list[int], dict[int, tuple]]:
     """Derivatives 1..order along each group's line by Taylor mode, ``chunk`` groups a pass.
 
-    Returns (derivatives per group, the groups Taylor mode could not follow). A pass
-    whose coefficients outgrow :data:`JET_MAX_BYTES` is retried with half the chunk.
+    Returns (derivatives per group, the groups Taylor mode could not follow, the op
+    sequence of each group's pass). A pass whose coefficients outgrow
+    :data:`JET_MAX_BYTES` is retried with half the chunk.
     """
     pending = list(groups)
     size = len(pending) if chunk is None else chunk
     done: dict[int, torch.Tensor] = {}
+    signatures: dict[int, tuple] = {}
     while pending:
         part = pending[:size]
         result, tracker = _jet_pass(prob, order, part)
         if result is not None:
             done.update(result)
+            signatures.update(dict.fromkeys(part, tuple(tracker.ops)))
             pending = pending[len(part) :]
         elif tracker.out_of_memory and size > 1:
             size = max(1, size // 2)
-            _LOG.debug("hos: Taylor chunk halved to %d groups (%s)", size, tracker.failure)
+            _LOG.info("hos: Taylor chunk halved to %d groups (%s)", size, tracker.failure)
         else:
-            _LOG.debug("hos: Taylor mode falls back to reverse mode: %s", tracker.failure)
-            return done, pending
-    return done, []
+            _certificate.note(_names(prob, pending), tracker.failure or "unknown")
+            return done, pending, signatures
+    return done, [], signatures
+
+
+# --------------------------------------------------------------------------- certificate
+def _locate(prob: Problem, group: int) -> str | None:
+    """The first op whose first Taylor coefficient along ``group`` differs from forward-mode
+    AD (dual numbers through the same pass), or None when no op can be singled out."""
+    import torch.autograd.forward_ad as fwAD
+
+    found: list[str] = []
+    tolerance = _certificate.tolerance(prob.dtype)
+
+    class Witness(JetTracker):
+        def propagate(self, func, args, kwargs, out) -> None:
+            super().propagate(func, args, kwargs, out)
+            if found or self.failure is not None or self._depth > 0:
+                return
+            if not torch.is_grad_enabled():
+                return  # a no_grad block: forward AD goes through it, Taylor mode does not
+            outs, _ = tree_flatten(out)
+            for o in outs:
+                if not isinstance(o, torch.Tensor) or not o.is_floating_point():
+                    continue
+                tangent = fwAD.unpack_dual(o).tangent
+                jet = self.jet(o)
+                coeff = None if jet is None or jet.coeffs[0] is None else jet.coeffs[0][0]
+                if tangent is None and coeff is None:
+                    continue
+                t = torch.zeros_like(o) if tangent is None else tangent.detach()
+                c = torch.zeros_like(o) if coeff is None else fwAD.unpack_dual(coeff).primal
+                scale = max(t.abs().max().item(), c.abs().max().item(), 1e-300)
+                if (t - c).abs().max().item() > tolerance * scale:
+                    name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+                    kind = "taken as constant" if coeff is None else "coefficient wrong"
+                    found.append(f"first at {name}: {kind}")
+                    return
+
+    tracker = Witness(1, JET_MAX_BYTES)
+    try:
+        with fwAD.dual_level():
+            moved: dict[str, torch.Tensor] = {}
+            for s, names in enumerate(prob.groups):
+                for n in names:
+                    base = prob.theta[n].detach()
+                    if s == group:
+                        base = fwAD.make_dual(base, prob.u[n])
+                        tracker.seed(base, s, prob.u[n])
+                    moved[n] = base
+            with JetMode(tracker), ExactOps():
+                prob.loss(moved)
+    except Exception as exc:  # the diagnostic itself: forward AD may lack a rule
+        _LOG.info("hos: could not locate the Taylor-mode mismatch: %s", exc)
+        return None
+    return found[0] if found else None
+
+
+def _reject(prob: Problem, signature, what: str, groups: Sequence[int]) -> None:
+    _certificate.remember(signature, False)
+    culprit = _locate(prob, groups[0]) if groups else None
+    _certificate.warn_mismatch(signature, what, _names(prob, groups), culprit)
+
+
+def _certify_first_coefficients(
+    prob: Problem, done: dict[int, torch.Tensor], signatures: dict[int, tuple]
+) -> list[int]:
+    """The groups of ``done`` whose ḡ (first coefficient) the certificate rejects.
+
+    An op sequence seen before is trusted or rejected as cached; a new one costs one
+    gradient (reverse mode), compared with every group's first coefficient.
+    """
+    if not prob.verify or not done:
+        return []
+    groups = sorted(done)
+    rejected = [s for s in groups if _certificate.verdict(signatures[s]) is False]
+    for s in rejected:
+        _certificate.note([prob.names[s]], "certificate: op sequence rejected before", True)
+    unknown = {signatures[s] for s in groups if _certificate.verdict(signatures[s]) is None}
+    if not unknown:
+        return rejected
+    exact = reverse_diagonal(prob, 1)
+    taylor = torch.stack([done[s][0] for s in groups])
+    wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact[groups])]
+    for signature in unknown:
+        members = [s for s in wrong if signatures[s] == signature]
+        if members:
+            _reject(prob, signature, "ḡ", members)
+        else:
+            _certificate.remember(signature, True)
+    return sorted(set(rejected) | set(wrong))
+
+
+def _certify_pass(prob: Problem, signature, g: torch.Tensor) -> bool:
+    """Whether a one-pass result with first coefficients ``g`` can be trusted."""
+    if not prob.verify:
+        return True
+    known = _certificate.verdict(signature)
+    if known is not None:
+        if not known:
+            _certificate.note(prob.names, "certificate: op sequence rejected before", True)
+        return known
+    wrong = _certificate.disagreeing(g, reverse_diagonal(prob, 1))
+    if wrong:
+        _reject(prob, signature, "ḡ", wrong)
+        return False
+    _certificate.remember(signature, True)
+    return True
 
 
 def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torch.Tensor:
@@ -398,11 +519,13 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
     if order == 1:
         return reverse_diagonal(prob, 1)
     out = prob.zeros(prob.S)
-    done, failed = jet_diagonals(prob, order, range(prob.S), chunk)
+    done, failed, signatures = jet_diagonals(prob, order, range(prob.S), chunk)
+    rejected = _certify_first_coefficients(prob, done, signatures)
     for s, derivs in done.items():
         out[s] = derivs[order - 1]
-    if failed:
-        out[failed] = reverse_diagonal(prob, order, failed)[failed]
+    redo = sorted(set(failed) | set(rejected))
+    if redo:
+        out[redo] = reverse_diagonal(prob, order, redo)[redo]
     return out
 
 
@@ -412,22 +535,28 @@ PAIR_MAX_GROUPS = 12
 PAIR_BUDGET = 32.0
 
 
-def _pair_pass(prob: Problem) -> tuple[torch.Tensor, ...] | None:
-    """(ḡ, H̄, diag D³, L) from one forward pass: the Taylor coefficients along every
-    group's line (orders 1-3) and the mixed ones of every pair; None if it gave up."""
+def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
+    """((ḡ, H̄, diag D³, L) from one forward pass, True): the Taylor coefficients along
+    every group's line (orders 1-3) and the mixed ones of every pair.
+
+    (None, True) when the tracker gave up (reverse rows take over); (None, False) when
+    the certificate rejected the pass (reverse mode for everything).
+    """
     S = prob.S
     tracker = JetTracker(3, JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
     moved = _seeded(prob, tracker, range(prob.S))
     with JetMode(tracker), ExactOps():
         value = prob.loss(moved)
     if tracker.failure is not None:
-        _LOG.debug("hos: the one-pass summary falls back to reverse rows: %s", tracker.failure)
-        return None
+        _LOG.info("hos: the one-pass summary gives way to reverse rows: %s", tracker.failure)
+        return None, True
     coeffs = tracker.coefficients(value, range(S))
     H = tracker.mixed_coefficients(value, S)
     H.diagonal().copy_(2 * coeffs[1])
     tracker.clear()
-    return coeffs[0], H, 6 * coeffs[2], value.detach()
+    if not _certify_pass(prob, tuple(tracker.ops), coeffs[0]):
+        return None, False
+    return (coeffs[0], H, 6 * coeffs[2], value.detach()), True
 
 
 #: summary_tensor of order >= 3 by multivariate Taylor mode for S at most this, while no
@@ -444,7 +573,9 @@ def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
         with PolyMode(tracker), ExactOps():
             value = prob.loss(moved)
     except PolyFailure as exc:
-        _LOG.debug("hos: multivariate Taylor mode falls back to reverse mode: %s", exc)
+        _certificate.note(prob.names, f"multivariate Taylor mode: {exc}")
+        return None
+    if not _certify_pass(prob, tuple(tracker.ops), tracker.gradient_of(value, prob.S)):
         return None
     return tracker.tensor_of(value, prob.S)
 
@@ -453,7 +584,7 @@ def taylor_tensor(prob: Problem, order: int) -> torch.Tensor:
     """D^(d) by Taylor mode for small S: H̄ from the pair pass, d >= 3 from the multivariate
     pass; reverse mode otherwise (and for d = 1, a gradient)."""
     if order == 2 and prob.S <= PAIR_MAX_GROUPS:
-        result = _pair_pass(prob)
+        result, _ = _pair_pass(prob)
         if result is not None:
             return result[1]
     if order >= 3 and prob.S <= POLY_MAX_GROUPS:
@@ -472,32 +603,45 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
     diag D³ by univariate Taylor mode: the first chunk of groups rides on the forward
     pass that builds the graph (a factored input layer hands over its f(x, u_W)),
     further chunks take a forward pass each. Groups Taylor mode cannot follow get d3
-    from a third backward pass.
+    from a third backward pass; the certificate compares every group's first two
+    Taylor coefficients with the exact ḡ_s and H̄_ss of the rows.
     """
     S = prob.S
     if chunk is None and S <= PAIR_MAX_GROUPS:
-        result = _pair_pass(prob)
+        result, trusted = _pair_pass(prob)
         if result is not None:
             return result
+        if not trusted:
+            return reverse_summarize(prob)
     first = list(range(S if chunk is None else min(chunk, S)))
     tracker = JetTracker(3, JET_MAX_BYTES)
     path = _PathGraph(prob, tracker, first)
     d3 = prob.zeros(S)
     shared = _read_jets(tracker, path.value, first)
     if shared is not None:
-        done, failed = jet_diagonals(prob, 3, [s for s in range(S) if s not in shared], chunk)
+        rest = [s for s in range(S) if s not in shared]
+        done, failed, _ = jet_diagonals(prob, 3, rest, chunk)
         done.update(shared)
     elif tracker.out_of_memory:
         tracker.clear()
-        done, failed = jet_diagonals(prob, 3, range(S), max(1, len(first) // 2))
+        done, failed, _ = jet_diagonals(prob, 3, range(S), max(1, len(first) // 2))
     else:
-        _LOG.debug("hos: Taylor mode falls back to reverse mode: %s", tracker.failure)
+        _certificate.note(prob.names, tracker.failure or "unknown")
         done, failed = {}, list(range(S))
-    for s, derivs in done.items():
-        d3[s] = derivs[2]
-    backward = set(failed)
-    H = prob.zeros(S, S)
     g = path.derivative(path.value, range(S), keep=True)
+    g_exact = torch.stack([x.detach() for x in g])
+    backward = set(failed)
+    if prob.verify and done:  # the certificate, on every call: ḡ against the exact rows
+        groups = sorted(done)
+        taylor = torch.stack([done[s][0] for s in groups])
+        wrong = [groups[i] for i in _certificate.disagreeing(taylor, g_exact[groups])]
+        if wrong:
+            _reject(prob, tuple(tracker.ops), "ḡ", wrong)
+            backward.update(wrong)
+    for s, derivs in done.items():
+        if s not in backward:
+            d3[s] = derivs[2]
+    H = prob.zeros(S, S)
     for i in path.order:
         later = path.later(i)
         row = path.derivative(g[i], later, keep=i in backward)
@@ -506,7 +650,16 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
         H[later, i] = values
         if i in backward:
             d3[i] = path.derivative(row[0], [i], keep=False)[0].detach()
-    return torch.stack([x.detach() for x in g]), H, d3, path.value.detach()
+    if prob.verify and done:  # ... and H̄_ss against twice the second coefficient
+        groups = [s for s in sorted(done) if s not in backward]
+        if groups:
+            taylor = torch.stack([done[s][1] for s in groups])
+            exact = H.diagonal()[groups]
+            wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact)]
+            if wrong:
+                _reject(prob, tuple(tracker.ops), "H̄ diagonal", wrong)
+                d3[wrong] = reverse_diagonal(prob, 3, wrong)[wrong]
+    return g_exact, H, d3, path.value.detach()
 
 
 # =========================================================================== forward

@@ -650,7 +650,7 @@ class JetTracker:
         self._mixed_numel = 0
         self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
         self.moving_storages: dict[int, StorageWeakRef] = {}  # written in place with moving values
-        self.ops: list = []  # the calls followed, in order (the pass's op sequence)
+        self.ops: list = []  # (call, moving arguments) in order: the pass's op sequence
 
     # ------------------------------------------------------------------ bookkeeping
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
@@ -793,7 +793,7 @@ class JetTracker:
                 self.fail(f"custom autograd.Function {running}: its backward defines the "
                           "derivative, so reverse mode follows it")  # fmt: skip
             return  # the model's own no_grad block: a constant, as for reverse mode
-        self.ops.append(func)
+        self.ops.append((func, tuple(jets)))
         name = getattr(func, "__name__", func)
         try:
             outs = outputs_to_follow(func, kwargs, out, JetFailure, args)

@@ -95,6 +95,7 @@ class PolyTracker:
         self.max_monomials = max_monomials
         self.table: dict[int, tuple[Any, Poly]] = {}
         self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
+        self.ops: list = []  # (call, moving arguments) in order: the pass's op sequence
 
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
         self._store(tensor, Poly(((group,),), direction.detach().unsqueeze(0)))
@@ -130,6 +131,16 @@ class PolyTracker:
                 raise PolyFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
         out = func(*args, **kwargs)
         self.propagate(func, args, kwargs, out)
+        return out
+
+    def gradient_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
+        """ḡ of the scalar ``value``: its coefficients at the degree-1 monomials."""
+        out = value.new_zeros(S)
+        poly = self.poly(value)
+        if poly is not None:
+            for n, mono in enumerate(poly.monos):
+                if len(mono) == 1:
+                    out[mono[0]] = poly.values[n].reshape(())
         return out
 
     def tensor_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
@@ -171,6 +182,7 @@ class PolyTracker:
                 raise PolyFailure(f"custom autograd.Function {running}")
             return  # the model's own no_grad block: a constant
         name = getattr(func, "__name__", func)
+        self.ops.append((func, tuple(polys)))
         outs = _jet.outputs_to_follow(func, kwargs, out, PolyFailure, args)
         if outs is None:
             return

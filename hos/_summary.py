@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hos import _backends
+from hos import _backends, _certificate
 from hos._exact import ExactOps, inline_checkpoints
 from hos._partition import Partition
 from hos._validate import (
@@ -133,11 +133,19 @@ def _effective(choice: Backend) -> Backend:
     return _FASTEST if choice is Backend.AUTO else choice
 
 
-def _prepare(loss, params, direction, partition, order: int, what: str) -> _backends.Problem:
+def _prepare(
+    loss, params, direction, partition, order: int, what: str, verify: bool
+) -> _backends.Problem:
+    if not isinstance(verify, bool):
+        raise TypeError(
+            f"verify must be True or False, got {verify!r}; True (the default) checks Taylor "
+            "mode against one gradient per new op sequence, False skips that check."
+        )
     loss, params, direction, partition = check_summary_args(
         loss, params, direction, partition, order=order, what=what, stacklevel=4
     )
-    return _backends.Problem(loss, params, direction, partition)
+    _certificate.start_call()
+    return _backends.Problem(loss, params, direction, partition, verify=verify)
 
 
 def _checked_run(prob: _backends.Problem, params, compute):
@@ -158,6 +166,7 @@ def summary_tensor(
     order: int,
     *,
     backend: Backend | str = Backend.AUTO,
+    verify: bool = True,
 ) -> torch.Tensor:
     r"""The full symmetric order-d summary tensor :math:`D^{(d)}`, shape ``(S,)*order``.
 
@@ -168,6 +177,8 @@ def summary_tensor(
         partition: the S groups (a :class:`hos.Partition` covering ``params``).
         order: d >= 1.
         backend: one of :class:`Backend`; ``"auto"`` is exact and fastest.
+        verify: check Taylor mode's first coefficients against reverse mode (one gradient
+            the first time an op sequence is seen; see :func:`hos.last_fallback`).
 
     On the quadratic :math:`L(\theta) = \tfrac12 (a\cdot w)^2` with one group,
     :math:`D^{(2)} = (a\cdot u)^2`:
@@ -182,7 +193,7 @@ def summary_tensor(
     """
     order = check_order(order)
     choice = _resolve(backend)
-    prob = _prepare(loss, params, direction, partition, order, "summary_tensor")
+    prob = _prepare(loss, params, direction, partition, order, "summary_tensor", verify)
     numel = sum(v.numel() for v in prob.theta.values())
     check_output_size(
         prob.S,
@@ -214,6 +225,7 @@ def summary_diagonal(
     *,
     backend: Backend | str = Backend.AUTO,
     chunk: int | None = None,
+    verify: bool = True,
 ) -> torch.Tensor:
     r"""The diagonal of :math:`D^{(d)}`, shape ``(S,)``, without the full tensor.
 
@@ -222,7 +234,10 @@ def summary_diagonal(
     With the ``taylor`` backend (``"auto"``) this is one forward pass carrying
     d Taylor coefficients per group; ``chunk`` (groups per pass, default all,
     halved automatically when the coefficients outgrow 2 GiB) trades passes for
-    memory. Other backends take no ``chunk``.
+    memory. Other backends take no ``chunk``. ``verify`` (default True): Taylor mode's
+    first coefficients are checked against one gradient the first time an op sequence is
+    seen; a mismatch recomputes with reverse mode, warns and is recorded
+    (:func:`hos.last_fallback`).
 
     >>> import torch, hos
     >>> loss = lambda p: (p["x"] ** 4).sum() + p["y"].exp().sum()
@@ -234,7 +249,7 @@ def summary_diagonal(
     order = check_order(order)
     choice = _resolve(backend)
     chunk = check_chunk(chunk, _effective(choice))
-    prob = _prepare(loss, params, direction, partition, order, "summary_diagonal")
+    prob = _prepare(loss, params, direction, partition, order, "summary_diagonal", verify)
     if choice is Backend.REFERENCE:
         numel = sum(v.numel() for v in prob.theta.values())
         check_output_size(
@@ -261,11 +276,16 @@ def summarize(
     *,
     backend: Backend | str = Backend.AUTO,
     chunk: int | None = None,
+    verify: bool = True,
 ) -> Summary:
     r"""The GroupedNewton triple (ḡ, H̄, diag D^(3)) computed together.
 
     ``chunk``: groups per Taylor-mode forward pass for diag D³ (``taylor``/``"auto"``
     backend only; default all in the pass that also builds the graph for H̄).
+    ``verify`` (default True): Taylor mode's ḡ and H̄_ss are checked against reverse mode
+    (on every call where the rows are computed anyway, else one gradient per new op
+    sequence); a mismatch recomputes exactly, warns once and is recorded
+    (:func:`hos.last_fallback`).
 
     >>> import torch, hos
     >>> loss = lambda p: (p["x"] ** 3).sum() + (p["x"] * p["y"]).sum()
@@ -277,7 +297,7 @@ def summarize(
     """
     choice = _resolve(backend)
     chunk = check_chunk(chunk, _effective(choice))
-    prob = _prepare(loss, params, direction, partition, 3, "summarize")
+    prob = _prepare(loss, params, direction, partition, 3, "summarize", verify)
 
     def compute() -> tuple[torch.Tensor, ...]:
         if choice is Backend.REFERENCE:
