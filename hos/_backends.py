@@ -460,7 +460,6 @@ def _locate(prob: Problem, group: int) -> str | None:
 
 
 def _reject(prob: Problem, signature, what: str, groups: Sequence[int]) -> None:
-    _certificate.remember(signature, False)
     culprit = _locate(prob, groups[0]) if groups else None
     _certificate.warn_mismatch(signature, what, _names(prob, groups), culprit)
 
@@ -478,7 +477,7 @@ def _certify_first_coefficients(
     groups = sorted(done)
     rejected = [s for s in groups if _certificate.verdict(signatures[s]) is False]
     for s in rejected:
-        _certificate.note([prob.names[s]], "certificate: op sequence rejected before", True)
+        _certificate.note([prob.names[s]], _certificate.rejected_before(signatures[s]), True)
     unknown = {signatures[s] for s in groups if _certificate.verdict(signatures[s]) is None}
     if not unknown:
         return rejected
@@ -501,7 +500,7 @@ def _certify_pass(prob: Problem, signature, g: torch.Tensor) -> bool:
     known = _certificate.verdict(signature)
     if known is not None:
         if not known:
-            _certificate.note(prob.names, "certificate: op sequence rejected before", True)
+            _certificate.note(prob.names, _certificate.rejected_before(signature), True)
         return known
     wrong = _certificate.disagreeing(g, reverse_diagonal(prob, 1))
     if wrong:

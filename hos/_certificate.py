@@ -95,7 +95,7 @@ def last_fallback() -> Fallback | None:
 
 
 # --------------------------------------------------------------------------- verdicts
-_VERDICTS: OrderedDict[Hashable, bool] = OrderedDict()
+_VERDICTS: OrderedDict[Hashable, tuple[bool, str]] = OrderedDict()
 _MAX_VERDICTS = 1024
 _WARNED: set[Hashable] = set()
 
@@ -103,13 +103,21 @@ _WARNED: set[Hashable] = set()
 def verdict(signature: Hashable) -> bool | None:
     """The cached verdict for an op sequence: True (agreed), False (disagreed), None."""
     found = _VERDICTS.get(signature)
-    if found is not None:
-        _VERDICTS.move_to_end(signature)
-    return found
+    if found is None:
+        return None
+    _VERDICTS.move_to_end(signature)
+    return found[0]
 
 
-def remember(signature: Hashable, agreed: bool) -> None:
-    _VERDICTS[signature] = agreed
+def rejected_before(signature: Hashable) -> str:
+    """The reason recorded when an op sequence was rejected."""
+    found = _VERDICTS.get(signature)
+    reason = found[1] if found is not None else ""
+    return f"certificate: this op sequence was rejected before ({reason})"
+
+
+def remember(signature: Hashable, agreed: bool, reason: str = "") -> None:
+    _VERDICTS[signature] = (agreed, reason)
     _VERDICTS.move_to_end(signature)
     while len(_VERDICTS) > _MAX_VERDICTS:
         _VERDICTS.popitem(last=False)
@@ -142,6 +150,7 @@ def warn_mismatch(signature: Hashable, what: str, names: Sequence[str], culprit:
         names
     )
     reason += f" ({culprit})" if culprit else " (the op could not be located)"
+    remember(signature, False, reason)
     note(names, reason, certificate=True)
     if signature in _WARNED:
         return

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -339,6 +341,52 @@ def _refuse_fast_path(name: str) -> Callable[..., Any]:
     return refuse
 
 
+def module_path() -> str:
+    """Where the caller is in the model: the innermost module being run, by its name in the
+    outermost one (``layer1.0.conv2 (Conv2d)``), or "" outside any module."""
+    modules = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and (not modules or modules[-1] is not owner):
+            modules.append(owner)
+        frame = frame.f_back
+    if not modules:
+        return ""
+    inner, root = modules[0], modules[-1]
+    name = next((n for n, m in root.named_modules() if m is inner), "")
+    return f"{name or type(root).__name__} ({type(inner).__name__})"
+
+
+class RandomLossError(RuntimeError):
+    """The loss samples random numbers: it is not a function of the parameters."""
+
+
+def _refuse_random(name: str) -> Callable[..., Any]:
+    def refuse(*args, **kwargs):
+        where = module_path()
+        raise RandomLossError(
+            f"hos: the loss samples random numbers ({name}"
+            + (f" in {where}" if where else "")
+            + "), so it is not a function of the parameters and has no exact derivatives. "
+            "Dropout is made the identity during summaries; for other randomness put the "
+            "module in eval() mode, or draw the noise once outside the loss and pass it in."
+        )
+
+    return refuse
+
+
+#: Random sampling calls (refused while a summary is computed).
+RANDOM = [
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial, torch.normal,
+    torch.poisson, torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_,
+    torch.Tensor.exponential_, torch.Tensor.random_, torch.Tensor.geometric_,
+    torch.Tensor.cauchy_, torch.Tensor.log_normal_, torch.Tensor.bernoulli,
+    torch.Tensor.multinomial, torch.rrelu, torch.rrelu_,
+]  # fmt: skip
+
+
 #: Functions replaced while :class:`ExactOps` is active.
 DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: batch_norm,
@@ -364,6 +412,8 @@ DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.embedding: embedding,
     F.normalize: _skip_buffer_write(F.normalize),
 }
+for _random in RANDOM:
+    DECOMPOSITIONS[_random] = _refuse_random(getattr(_random, "__name__", repr(_random)))
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
     DECOMPOSITIONS[getattr(torch._VF, _name)] = _rnn_without_dropout(getattr(torch._VF, _name))
 DECOMPOSITIONS[F.multi_head_attention_forward] = _multi_head_attention_forward
@@ -395,27 +445,84 @@ def exact_ops() -> ExactOps:
 
 @contextlib.contextmanager
 def inline_checkpoints() -> Iterator[None]:
-    """``torch.utils.checkpoint`` with ``use_reentrant=True`` runs its function directly.
+    """``torch.utils.checkpoint`` runs its function directly while a summary is computed.
 
-    The reentrant variant is a custom autograd.Function that hides its forward from the
-    graph and refuses ``torch.autograd.grad``; recomputation saves memory only in
-    training, so a summary evaluates the checkpointed function as it is. (The
-    non-reentrant variant needs nothing: it records a normal graph.) Not thread-safe:
-    the class attribute is swapped for the duration of the call.
+    Recomputation saves memory only in training. The reentrant variant is a custom
+    autograd.Function that hides its forward from the graph and refuses
+    ``torch.autograd.grad``; the non-reentrant one uses saved-tensor hooks, which
+    ``torch.func`` refuses. Not thread-safe: two module attributes are swapped for the
+    duration of the call.
     """
     from torch.utils import checkpoint
 
     target = checkpoint.CheckpointFunction
     own = target.__dict__.get("apply")  # usually inherited from autograd.Function
+    generator = checkpoint._checkpoint_without_reentrant_generator
 
     def apply(cls, run_function, preserve_rng_state, *args):
         return run_function(*args)
 
+    def plain(*args, **kwargs):  # no hooks, no recomputation: the checkpoint's two steps
+        yield
+
     target.apply = classmethod(apply)
+    checkpoint._checkpoint_without_reentrant_generator = plain
     try:
         yield
     finally:
+        checkpoint._checkpoint_without_reentrant_generator = generator
         if own is None:
             del target.apply
         else:
             target.apply = own
+
+
+#: What PyTorch says when it has no derivative of an op (of the order asked for).
+_NO_DERIVATIVE = [
+    re.compile(r"derivative for '?(?:aten::)?([\w.]+)"),
+    re.compile(r"Trying to use forward AD with ([\w.]+) that does not support it"),
+    re.compile(r"vmap over ([\w.]+), but it does not have vmap support"),
+    re.compile(r"([\w.]+): (?:the )?derivative .*not implemented"),
+]
+
+
+def explain_missing_derivative(err: BaseException, backend: str) -> BaseException | None:
+    """A clear hos error for PyTorch's "no derivative" errors; None for any other error."""
+    if not isinstance(err, (RuntimeError, NotImplementedError)) or isinstance(
+        err, RandomLossError
+    ):
+        return None
+    text = str(err)
+    for pattern in _NO_DERIVATIVE:
+        found = pattern.search(text)
+        if found:
+            op = found.group(1)
+            break
+    else:
+        if "forward AD" not in text and "forward mode" not in text and "jvp" not in text:
+            return None
+        op = "an op of the loss"
+    custom = _custom_function_in(err.__traceback__)
+    if custom is not None:
+        op = f"the custom autograd.Function {custom}"
+    advice = (
+        "backend='reverse' or 'auto' needs only reverse-mode derivatives"
+        if backend in ("forward", "reference")
+        else "replace it by a differentiable op, or hold it constant with torch.no_grad()"
+    )
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return NotImplementedError(
+        f"hos: PyTorch cannot differentiate {op} to the order this summary needs with the "
+        f"{backend} backend ({first[:200]}); {advice}."
+    )
+
+
+def _custom_function_in(trace) -> str | None:
+    """The custom autograd.Function whose ``apply`` an error passed through, if any."""
+    apply_code = torch.autograd.Function.apply.__func__.__code__
+    while trace is not None:
+        if trace.tb_frame.f_code is apply_code:
+            cls = trace.tb_frame.f_locals.get("cls")
+            return getattr(cls, "__name__", None)
+        trace = trace.tb_next
+    return None

@@ -840,12 +840,12 @@ class JetTracker:
             return out
         target = args[0]
         func2, args2, kwargs2 = twin
-        value = func2(*args2, **kwargs2)
+        value = func2(*args2, **kwargs2)  # the coefficients, from the values before the write
         self.propagate(func2, args2, kwargs2, value)
         jet = self.jet(value)
-        with torch._C.DisableTorchFunction():
-            target.copy_(value)
         self._forget(id(value))
+        del value
+        out = func(*args, **kwargs)  # the write itself, recorded by autograd as usual
         self._forget(id(target))
         storage = target.untyped_storage()
         self.moving_storages[storage._cdata] = StorageWeakRef(storage)
@@ -854,7 +854,7 @@ class JetTracker:
                 self._store(target, jet)
             except JetFailure as exc:
                 self.fail(str(exc))
-        return None if getattr(func, "__name__", "") == "__setitem__" else target
+        return out
 
     def _rule(self, func, leaves, spec, jets, outs):
         if func in _DECOMPOSE and not (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):
@@ -1232,7 +1232,13 @@ class JetTracker:
                 for i in range(len(floating))
             )
 
-        results = vmap(along)(*stacks)  # each (m, K, *out.shape)
+        try:
+            results = vmap(along)(*stacks)  # each (m, K, *out.shape)
+        except (NotImplementedError, RuntimeError) as exc:
+            if not _no_forward_rule(exc):
+                raise
+            name = getattr(func, "__name__", func)
+            raise JetFailure(f"{name} has no forward-mode derivative in PyTorch") from exc
         jets_out: list[Jet | None] = [None] * len(outs)
         for i, r in zip(floating, results):
             jets_out[i] = Jet(union, [r[:, k] for k in range(K)])
@@ -1368,6 +1374,15 @@ def _native(func, leaves, spec, batched: set[int]):
 
 
 # --------------------------------------------------------------------------- helpers
+def _no_forward_rule(exc: BaseException) -> bool:
+    """Whether ``exc`` is PyTorch saying an op has no forward-mode (or vmap) rule."""
+    text = str(exc)
+    return any(
+        key in text
+        for key in ("forward AD", "forward mode", "jvp", "vmap", "not implemented", "batching rule")
+    )
+
+
 def _storage(tensor: torch.Tensor) -> int:
     """An identity of the memory behind ``tensor``, unique while a weak reference lives."""
     return tensor.untyped_storage()._cdata

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from hos import _backends, _certificate
-from hos._exact import ExactOps, inline_checkpoints
+from hos._exact import ExactOps, explain_missing_derivative, inline_checkpoints
 from hos._partition import Partition
 from hos._validate import (
     all_zero,
@@ -148,10 +148,16 @@ def _prepare(
     return _backends.Problem(loss, params, direction, partition, verify=verify)
 
 
-def _checked_run(prob: _backends.Problem, params, compute):
+def _checked_run(prob: _backends.Problem, params, compute, backend: Backend):
     """Run ``compute()`` read-only (see :mod:`hos._validate`) and check what it returns."""
     with guarded(prob.device), upcast_errors(params, prob.dtype), inline_checkpoints(), ExactOps():
-        results = compute()
+        try:
+            results = compute()
+        except (RuntimeError, NotImplementedError) as err:
+            clear = explain_missing_derivative(err, backend.value)
+            if clear is None:
+                raise
+            raise clear from err
         tensors = results if isinstance(results, tuple) else (results,)
         if all_zero(*tensors[:3]):
             check_depends(prob.loss, prob.theta)
@@ -211,7 +217,7 @@ def summary_tensor(
             return reference.summary_tensor(prob.loss, prob.theta, prob.u, partition, order)
         return _TENSOR[_effective(choice)](prob, order)
 
-    out = _checked_run(prob, params, compute)
+    out = _checked_run(prob, params, compute, _effective(choice))
     check_result("summary_tensor", prob.names, **{f"D^({order})": out})
     return out
 
@@ -263,7 +269,7 @@ def summary_diagonal(
             return reference.summary_diagonal(prob.loss, prob.theta, prob.u, partition, order)
         return _DIAGONAL[_effective(choice)](prob, order, chunk)
 
-    out = _checked_run(prob, params, compute)
+    out = _checked_run(prob, params, compute, _effective(choice))
     check_result("summary_diagonal", prob.names, **{f"diag D^({order})": out})
     return out
 
@@ -310,7 +316,7 @@ def summarize(
             return g, H, torch.einsum("iii->i", d3), prob.loss(prob.theta).detach()
         return _SUMMARIZE[_effective(choice)](prob, chunk)
 
-    g, H, d3, value = _checked_run(prob, params, compute)
+    g, H, d3, value = _checked_run(prob, params, compute, _effective(choice))
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
     return Summary(
         g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach()

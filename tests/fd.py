@@ -18,14 +18,15 @@ import torch
 
 import hos
 
-#: Central stencils (offsets in units of h, weights) for derivatives of order 1..3.
+#: Central stencils (offsets in units of h, weights) for derivatives of order 1..4.
 _STENCILS = {
     1: ((-1, 1), (-0.5, 0.5)),
     2: ((-1, 0, 1), (1.0, -2.0, 1.0)),
     3: ((-2, -1, 1, 2), (-0.5, 1.0, -1.0, 0.5)),
+    4: ((-2, -1, 0, 1, 2), (1.0, -4.0, 6.0, -4.0, 1.0)),
 }
 #: Default base steps per order (float64): truncation vs rounding balanced after extrapolation.
-STEPS = {1: 2e-3, 2: 2e-3, 3: 1e-2}
+STEPS = {1: 2e-3, 2: 2e-3, 3: 1e-2, 4: 2e-2}
 
 
 def _richardson(estimate: Callable[[float], float], h: float) -> float:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import hos
-from hos._exact import DECOMPOSITIONS, ExactOps
+from hos._exact import DECOMPOSITIONS, RANDOM, ExactOps, RandomLossError
 from tests.cases import DTYPE, assert_matches, build, oracle_diagonal, oracle_tensor, relative_error
 
 pytestmark = [
@@ -245,7 +245,7 @@ RECURRENT = {getattr(torch._VF, name) for name in ("lstm", "gru", "rnn_tanh", "r
 
 
 def test_every_decomposition_has_inputs():
-    covered = set(INPUTS) | FAST_PATHS | RECURRENT | {F.multi_head_attention_forward}
+    covered = set(INPUTS) | FAST_PATHS | RECURRENT | set(RANDOM) | {F.multi_head_attention_forward}
     missing = [_key(f) for f in DECOMPOSITIONS if f not in covered]
     assert not missing, f"add inputs to tests/test_exact.py::INPUTS for {missing}"
 
@@ -400,3 +400,25 @@ def test_embedding_max_norm_is_refused():
     emb = nn.Embedding(4, 3, max_norm=1.0).to(DTYPE)
     with ExactOps(), pytest.raises(ValueError, match="max_norm"):
         emb(torch.tensor([1, 2]))
+
+
+def _random_call(func):
+    t, p = torch.zeros(3, dtype=DTYPE), torch.full((3,), 0.5, dtype=DTYPE)
+    name = func.__name__
+    calls = {
+        "rand": lambda: func(3), "randn": lambda: func(3), "randint": lambda: func(0, 4, (3,)),
+        "randperm": lambda: func(3), "normal": lambda: func(t, p + 1),
+        "multinomial": lambda: func(p, 1), "bernoulli": lambda: func(p), "poisson": lambda: func(p),
+        "rrelu": lambda: func(t, training=True), "rrelu_": lambda: func(t.clone(), training=True),
+        "randint_like": lambda: func(t, 4), "geometric_": lambda: func(p.clone(), 0.5),
+    }
+    return calls.get(name, lambda: func(p.clone()))
+
+
+@pytest.mark.parametrize("func", RANDOM, ids=_key)
+def test_random_sampling_is_refused(func):
+    """Randomness in the loss has no derivatives: every sampler is refused under ExactOps."""
+    call = _random_call(func)
+    call()  # a valid call outside ExactOps
+    with ExactOps(), pytest.raises(RandomLossError, match="samples random numbers"):
+        call()

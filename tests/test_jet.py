@@ -142,7 +142,7 @@ def test_rule_matches_reference(rule):
         expected = reference.summary_diagonal(loss, params, u, part, order)
         _close(got[order - 1], expected, f"{rule} order {order}")
     # the one-pass summary: mixed second-order coefficients of every pair of groups
-    one_pass = _pair_pass(prob)
+    one_pass, _ = _pair_pass(prob)
     assert one_pass is not None, f"{rule}: the one-pass summary gave up"
     g, H, d3, _ = one_pass
     _close(g, reference.summary_tensor(loss, params, u, part, 1), f"{rule} one-pass g")
@@ -172,7 +172,7 @@ def test_taylor_mode_is_taken_and_exact_on_every_architecture(case_id, monkeypat
         got = torch.stack([result[s][order - 1] for s in range(prob.S)])
         _close(got, oracle_diagonal(case_id, order), f"{case_id} diag D^({order})")
     with hos.ExactOps():
-        one_pass = _pair_pass(prob)
+        one_pass, _ = _pair_pass(prob)
     assert one_pass is not None, f"{case_id}: the one-pass summary gave up"
     _close(one_pass[0], oracle_tensor(case_id, 1), f"{case_id} one-pass g")
     _close(one_pass[1], oracle_tensor(case_id, 2), f"{case_id} one-pass H")
@@ -258,16 +258,17 @@ def test_memory_cap_halves_the_chunk(monkeypatch, caplog):
     with caplog.at_level("DEBUG", logger="hos"):
         diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3)
     assert "chunk halved" in caplog.text
-    assert "falls back" not in caplog.text
+    assert hos.last_fallback() is None
     _close(diag, oracle_diagonal(b.id, 3), "capped diag")
 
 
-def test_memory_cap_below_one_group_falls_back(monkeypatch, caplog):
+def test_memory_cap_below_one_group_falls_back(monkeypatch):
     loss, b = _mlp_case()
     monkeypatch.setattr(_backends, "JET_MAX_BYTES", 1)
-    with caplog.at_level("DEBUG", logger="hos"):
-        s = hos.summarize(loss, b.params, b.direction, b.partition)
-    assert "falls back" in caplog.text
+    s = hos.summarize(loss, b.params, b.direction, b.partition)
+    record = hos.last_fallback()
+    assert record is not None and "exceed" in " ".join(record.reasons)
+    assert not record.certificate and set(record.groups) == set(b.partition.names)
     _close(s.d3, oracle_diagonal(b.id, 3), "fallback d3 under the cap")
 
 
@@ -295,9 +296,10 @@ def test_rows_path_for_large_S_is_exact(case_id, monkeypatch):
 def test_pair_budget_gives_up_and_rows_take_over(monkeypatch, caplog):
     monkeypatch.setattr(_backends, "PAIR_BUDGET", 1e-3)
     loss, b = _mlp_case()
-    with caplog.at_level("DEBUG", logger="hos"):
+    with caplog.at_level("INFO", logger="hos"):
         s = hos.summarize(loss, b.params, b.direction, b.partition)
-    assert "one-pass summary falls back" in caplog.text
+    assert "one-pass summary gives way to reverse rows" in caplog.text
+    assert hos.last_fallback() is None  # the rows path is still Taylor mode for d3
     _close(s.H, oracle_tensor(b.id, 2), "H after the pair budget")
     _close(s.d3, oracle_diagonal(b.id, 3), "d3 after the pair budget")
 
@@ -334,10 +336,10 @@ def test_multivariate_taylor_full_tensor_on_every_architecture(case_id, caplog):
     prob = Problem(loss, b.params, b.direction, b.partition)
     orders = (3, 4) if prob.S <= 4 else (3,)
     for order in orders:
-        with hos.ExactOps(), caplog.at_level("DEBUG", logger="hos"):
+        with hos.ExactOps(), caplog.at_level("INFO", logger="hos"):
             got = _backends._poly_pass(prob, order)
         if case_id in _NO_POLY:
-            assert got is None and "falls back" in caplog.text
+            assert got is None and "fall back to reverse mode" in caplog.text
             got = hos.summary_tensor(loss, b.params, b.direction, b.partition, order)
         else:
             assert got is not None, caplog.text

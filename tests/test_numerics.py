@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import hos
+from hos._exact import RandomLossError
 from hos import reference
 
 F64 = torch.float64
@@ -211,22 +212,29 @@ def _assert_same(before, after):
 
 
 class _Counting:
-    """A loss that draws from the RNG (as a user's loss may) and can interrupt its k-th call.
-
-    The reference backend evaluates the loss under vmap, where torch forbids random
-    operations, so there the loss draws nothing.
-    """
+    """A loss that can interrupt its k-th call. (A loss that draws random numbers is
+    refused: test_a_loss_that_draws_is_refused_and_the_rng_is_untouched.)"""
 
     def __init__(self, loss, backend, interrupt_at=None):
         self.loss, self.calls, self.interrupt_at = loss, 0, interrupt_at
-        self.draw = backend != "reference"
 
     def __call__(self, p):
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        value = self.loss(p)
-        return value + 0.0 * torch.rand(()) if self.draw else value
+        return self.loss(p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loss_that_draws_is_refused_and_the_rng_is_untouched(backend):
+    net, x, y = _stateful_model()
+    params = dict(net.named_parameters())
+    base = hos.model_loss(net, nn.CrossEntropyLoss(), x, y)
+    before = _snapshot(net)
+    with pytest.raises(RandomLossError, match="samples random numbers"):
+        hos.summarize(lambda p: base(p) + 0.0 * torch.rand(()), params, params,
+                      hos.Partition.per_layer(net), backend=backend)  # fmt: skip
+    _assert_same(before, _snapshot(net))
 
 
 class _Tripwire(torch.autograd.Function):

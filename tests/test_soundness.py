@@ -1,0 +1,379 @@
+"""The default backend is never silently wrong (issue 15).
+
+Every backend, on everyday model code (tests/constructs.py), against finite differences
+of φ(η) = L(θ + Σ η_s u_s) with Richardson extrapolation (tests/fd.py) — an oracle that
+only evaluates the loss, so no automatic differentiation can fool it — and against each
+other. Taylor mode must follow the constructs it claims to (no fallback), and record a
+fallback with its reason for the others. The certificate is tested by breaking a rule on
+purpose: the wrong coefficients must be caught, recomputed exactly, warned about and
+recorded. Bad cases (random sampling, an op without derivatives) get hos's own errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import hos
+from hos import _backends, _certificate, _jet
+from hos._exact import RandomLossError
+from tests import fd
+from tests.constructs import BY_ID, CONSTRUCTS, KINKED, DT, Base
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+#: Oracle accuracy (measured on closed forms below and on these models): relative to the
+#: largest entry, ḡ to 1e-8, H̄ to 1e-6, diag D³ to 1e-5, diag D⁴ to 1e-4.
+RTOL = {"g": 1e-8, "H": 1e-6, "d3": 1e-5, "d4": 1e-4}
+BACKENDS = ("taylor", "reverse", "forward", "reference")
+#: Backends against each other (the same exact numbers by other compositions of AD).
+AGREE = 1e-10
+
+
+# --------------------------------------------------------------------------- the oracle
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_finite_differences_on_a_closed_form(order):
+    """d^k/dt^k exp(sin(1.3 t + 0.4)) at 0 against its closed form."""
+    a, b = 1.3, 0.4
+    s, c = math.sin(b), math.cos(b)
+    e = math.exp(s)
+    exact = {
+        1: a * c * e,
+        2: a * a * e * (c * c - s),
+        3: a**3 * e * (c**3 - 3 * s * c - c),
+        4: a**4 * e * (c**4 - 6 * s * c * c - 4 * c * c + 3 * s * s + s),
+    }[order]
+    got = fd.line_derivative(lambda t: math.exp(math.sin(a * t + b)), order)
+    assert abs(got - exact) <= {1: 1e-11, 2: 1e-8, 3: 1e-7, 4: 1e-6}[order] * abs(exact)
+
+
+def test_mixed_finite_difference_on_a_closed_form():
+    """∂²/∂a∂b exp(a·b + 2a − b) at 0 = 1 + 2·(−1) = −1."""
+    got = fd.mixed_derivative(lambda a, b: math.exp(a * b + 2 * a - b))
+    assert abs(got + 1.0) <= 1e-8
+
+
+def test_finite_differences_on_a_polynomial_loss():
+    """φ of L = Σ w⁴/4 + (w·v)² with u = 1: exact derivatives in closed form."""
+    params = {"w": torch.tensor([0.3, -0.7], dtype=DT), "v": torch.tensor([1.1, 0.4], dtype=DT)}
+    u = {k: torch.ones(2, dtype=DT) for k in params}
+
+    def loss(p):
+        return (p["w"] ** 4).sum() / 4 + (p["w"] @ p["v"]) ** 2
+
+    path = fd.Path(loss, params, u, hos.Partition.per_tensor(params))
+    w, v = params["w"], params["v"]
+    wv = float(w @ v)
+    g = torch.tensor([float((w**3).sum()) + 2 * wv * float(v.sum()),
+                      2 * wv * float(w.sum())], dtype=DT)  # fmt: skip
+    fd.close(path.g(), g, 1e-10, "fd ḡ")
+    H01 = 2 * float(w.sum()) * float(v.sum()) + 2 * wv * 2
+    H = torch.tensor([[3 * float((w**2).sum()) + 2 * float(v.sum()) ** 2, H01],
+                      [H01, 2 * float(w.sum()) ** 2]], dtype=DT)  # fmt: skip
+    fd.close(path.H(), H, 1e-8, "fd H̄")
+    fd.close(path.diagonal(3), torch.tensor([6 * float(w.sum()), 0.0], dtype=DT), 1e-7, "fd d3")
+
+
+# --------------------------------------------------------------------------- the matrix
+def _setup(construct_id: str):
+    c = BY_ID[construct_id]
+    torch.manual_seed(0)
+    model = c.build().to(DT)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 6, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    criterion = c.criterion if c.criterion is not None else nn.CrossEntropyLoss()
+    loss = hos.model_loss(model, criterion, x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.randn(p.shape, generator=gen, dtype=DT) for k, p in params.items()}
+    return c, model, loss, params, u, hos.Partition.per_tensor(params)
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle(construct_id: str):
+    """(ḡ, H̄, diag D³, trusted-entry masks) by finite differences of the model's own loss.
+
+    For ``eval_oracle`` constructs the model is evaluated in eval mode: the meaning hos
+    gives dropout (off) and spectral norm's power iteration (held at its current vectors)
+    during summaries. For kinked ones, an entry counts only where steps h and h/2 agree.
+    """
+    c, model, loss, params, u, part = _setup(construct_id)
+    if c.eval_oracle:
+        model.eval()
+    path = fd.Path(loss, params, u, part)
+    out = {"g": path.g(), "H": path.H(), "d3": path.diagonal(3)}
+    masks = {}
+    for key in out:
+        tol = RTOL[key]
+        if construct_id in KINKED and key != "g":
+            half = {"H": lambda: path.H(fd.STEPS[2] / 2),
+                    "d3": lambda: path.diagonal(3, fd.STEPS[3] / 2)}[key]()  # fmt: skip
+            masks[key] = fd.agrees(out[key], half, tol)
+        else:
+            masks[key] = None
+    return out, masks
+
+
+@functools.lru_cache(maxsize=None)
+def _summary(construct_id: str, backend: str):
+    c, model, loss, params, u, part = _setup(construct_id)
+    _certificate.clear()
+    s = hos.summarize(loss, params, u, part, backend=backend)
+    return s, hos.last_fallback()
+
+
+#: (construct, backend) pairs with an answer: forward-mode backends refuse a custom
+#: Function without a jvp (tested in test_forward_mode_refusals_are_hos_errors).
+MATRIX = [
+    (c.id, b)
+    for c in CONSTRUCTS
+    for b in BACKENDS
+    if not (c.id == "custom_function" and b in ("forward", "reference"))
+]
+
+
+@pytest.mark.parametrize("construct_id, backend", MATRIX)
+def test_every_backend_matches_finite_differences(construct_id, backend):
+    s, _ = _summary(construct_id, backend)
+    expected, masks = _oracle(construct_id)
+    for key, actual in (("g", s.g), ("H", s.H), ("d3", s.d3)):
+        fd.close(actual, expected[key], RTOL[key], f"{construct_id} {backend} {key}", masks[key])
+
+
+@pytest.mark.parametrize("construct_id", [c.id for c in CONSTRUCTS])
+def test_backends_agree_with_each_other(construct_id):
+    base, _ = _summary(construct_id, "reverse")
+    for backend in ("taylor", "forward", "reference"):
+        if construct_id == "custom_function" and backend != "taylor":
+            continue
+        s, _ = _summary(construct_id, backend)
+        for key in ("g", "H", "d3"):
+            fd.close(getattr(s, key), getattr(base, key), AGREE, f"{construct_id} {backend} {key}")
+
+
+@pytest.mark.parametrize("construct_id", [c.id for c in CONSTRUCTS])
+def test_taylor_mode_follows_or_records_why_not(construct_id):
+    c = BY_ID[construct_id]
+    _, record = _summary(construct_id, "taylor")
+    if c.followed:
+        assert record is None, f"{construct_id}: Taylor mode fell back: {record}"
+    else:
+        assert record is not None and not record.certificate, construct_id
+        assert record.reasons and all(r for r in record.reasons)
+
+
+def test_fallback_reasons_name_the_construct():
+    reasons = {cid: " ".join(_summary(cid, "taylor")[1].reasons)
+               for cid in ("fft", "complex_view", "custom_function")}  # fmt: skip
+    assert "complex" in reasons["fft"] and "fft" in reasons["fft"]
+    assert "complex" in reasons["complex_view"]
+    assert "Cube" in reasons["custom_function"]
+
+
+@pytest.mark.parametrize("construct_id", [c.id for c in CONSTRUCTS])
+def test_model_state_untouched(construct_id):
+    c, model, loss, params, u, part = _setup(construct_id)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    hos.summarize(loss, params, u, part)
+    hos.summary_diagonal(loss, params, u, part, 4)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{construct_id}: {k} changed"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("construct_id", ["type_as", "setitem", "inplace_chain", "weight_norm"])
+def test_full_third_order_tensor_and_fourth_diagonal(construct_id):
+    """D³ by every path (multivariate Taylor mode, reverse) and diag D⁴ against the oracle."""
+    c, model, loss, params, u, part = _setup(construct_id)
+    D3 = hos.summary_tensor(loss, params, u, part, 3)
+    expected, _ = _oracle(construct_id)
+    fd.close(torch.einsum("iii->i", D3), expected["d3"], RTOL["d3"], f"{construct_id} D3")
+    reverse = hos.summary_tensor(loss, params, u, part, 3, backend="reverse")
+    fd.close(D3, reverse, AGREE, f"{construct_id} D3 taylor vs reverse")
+    d4 = hos.summary_diagonal(loss, params, u, part, 4)
+    fd.close(d4, fd.Path(loss, params, u, part).diagonal(4), RTOL["d4"], f"{construct_id} diag D4")
+    d4_reverse = hos.summary_diagonal(loss, params, u, part, 4, backend="reverse")
+    fd.close(d4, d4_reverse, AGREE, f"{construct_id} diag D4 taylor vs reverse")
+
+
+# --------------------------------------------------------------------------- refusals
+def test_forward_mode_refusals_are_hos_errors():
+    _, _, loss, params, u, part = _setup("custom_function")
+    for backend in ("forward", "reference"):
+        with pytest.raises(NotImplementedError, match=r"^hos: .*Cube.*backend='reverse'"):
+            hos.summarize(loss, params, u, part, backend=backend)
+
+
+def test_random_sampling_in_the_loss_is_refused_with_the_module_path():
+    class Noisy(Base):
+        def mid(self, h):
+            return h + 0.1 * torch.randn_like(h)
+
+    torch.manual_seed(0)
+    model = Noisy().to(DT)
+    x, y = torch.randn(4, 6, dtype=DT), torch.tensor([0, 1, 2, 0])
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    for backend in BACKENDS:
+        with pytest.raises(RandomLossError, match=r"randn_like in Noisy \(Noisy\)"):
+            hos.summarize(loss, params, params, hos.Partition.per_tensor(params), backend=backend)
+
+
+def test_random_sampling_in_a_submodule_names_its_path():
+    class Jitter(nn.Module):
+        def forward(self, h):
+            return h * torch.rand(h.shape, dtype=h.dtype)
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), Jitter()), nn.Linear(4, 2))
+    net = net.to(DT)
+    loss = hos.model_loss(net, nn.MSELoss(), torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT))
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    with pytest.raises(RandomLossError, match=r"torch.rand|rand in 1\.1 \(Jitter\)"):
+        hos.summarize(loss, params, params, hos.Partition.per_tensor(params))
+
+
+def test_an_op_without_derivative_gets_a_clear_error():
+    """torch.igamma has no derivative in its first argument, on any backend."""
+
+    def loss(p):
+        return torch.igamma(p["w"], torch.ones_like(p["w"])).sum() + (p["w"] ** 2).sum()
+
+    params = {"w": torch.rand(5, generator=torch.Generator().manual_seed(5), dtype=DT) + 1}
+    part = hos.Partition.per_tensor(params)
+    for backend in BACKENDS:
+        with pytest.raises(NotImplementedError, match=r"^hos: PyTorch cannot differentiate igamma"):
+            hos.summarize(loss, params, params, part, backend=backend)
+
+
+# --------------------------------------------------------------------------- certificate
+@pytest.fixture
+def broken_rule(monkeypatch):
+    """Re-create the first version's bug: ``buffer.type_as(h)`` passes h's coefficients on."""
+    _certificate.clear()
+    monkeypatch.setattr(_jet, "_SELF_ONLY", set())
+    monkeypatch.setattr("hos._poly._jet._SELF_ONLY", set(), raising=False)
+    yield
+    _certificate.clear()
+
+
+def _reference(construct_id):
+    _, _, loss, params, u, part = _setup(construct_id)
+    s = hos.summarize(loss, params, u, part, backend="reverse")
+    return s
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "summarize",  # the one-pass summary (S <= 12): one gradient on first sight
+        "summarize_rows",  # chunked: reverse rows, compared on every call
+        "diagonal",  # summary_diagonal(order 3): one gradient on first sight
+        "tensor",  # multivariate Taylor mode: one gradient on first sight
+    ],
+)
+def test_certificate_catches_a_broken_rule(broken_rule, call):
+    _, _, loss, params, u, part = _setup("type_as")
+    expected = _reference("type_as")
+    run = {
+        "summarize": lambda **kw: hos.summarize(loss, params, u, part, **kw),
+        "summarize_rows": lambda **kw: hos.summarize(loss, params, u, part, chunk=2, **kw),
+        "diagonal": lambda **kw: hos.summary_diagonal(loss, params, u, part, 3, **kw),
+        "tensor": lambda **kw: hos.summary_tensor(loss, params, u, part, 3, **kw),
+    }[call]
+
+    def d3_of(out):
+        if isinstance(out, hos.Summary):
+            return out.d3
+        return out if out.dim() == 1 else torch.einsum("iii->i", out)
+
+    unchecked = run(verify=False)  # the broken rule really is wrong ...
+    assert (d3_of(unchecked) - expected.d3).abs().max() > 1e-3 * expected.d3.abs().max()
+    with pytest.warns(hos.TaylorModeWarning, match=r"type_as"):
+        checked = run()  # ... and the certificate catches it
+    fd.close(d3_of(checked), expected.d3, AGREE, f"{call} d3 after the certificate")
+    if isinstance(checked, hos.Summary):
+        fd.close(checked.g, expected.g, AGREE, f"{call} g")
+        fd.close(checked.H, expected.H, AGREE, f"{call} H")
+    record = hos.last_fallback()
+    assert record is not None and record.certificate and "fc1.weight" in record.groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hos.TaylorModeWarning)  # warned once per op sequence
+        again = run()
+    fd.close(d3_of(again), expected.d3, AGREE, f"{call} d3, cached verdict")
+    assert hos.last_fallback().certificate
+
+
+def test_certificate_costs_one_gradient_on_first_sight_only(monkeypatch):
+    _certificate.clear()
+    _, _, loss, params, u, part = _setup("type_as")
+    calls = []
+    original = _backends.reverse_diagonal
+
+    def counting(prob, order, groups=None):
+        calls.append(order)
+        return original(prob, order, groups)
+
+    monkeypatch.setattr(_backends, "reverse_diagonal", counting)
+    first = hos.summarize(loss, params, u, part)
+    assert calls == [1]
+    second = hos.summarize(loss, params, u, part)
+    assert calls == [1], "the verdict for a seen op sequence is cached"
+    hos.summarize(loss, params, u, part, verify=False)
+    assert calls == [1]
+    assert torch.equal(first.H, second.H) and hos.last_fallback() is None
+
+
+def test_verify_must_be_a_bool():
+    _, _, loss, params, u, part = _setup("type_as")
+    with pytest.raises(TypeError, match=r"verify must be True or False, got 'yes'"):
+        hos.summarize(loss, params, u, part, verify="yes")
+
+
+# --------------------------------------------------------------------------- aliasing
+def test_a_stale_view_after_an_inplace_write_falls_back_exactly():
+    """A view taken before an in-place write sees the new values; its old coefficients
+    are stale, so Taylor mode must not use them (it falls back, exactly)."""
+
+    def loss(p):
+        h = torch.tanh(p["a"]) * 1.0
+        view = h[:, :2]  # a view with coefficients
+        h.mul_(p["b"])  # h written in place: view changes too
+        return (view * p["b"][:, :2]).sum() + (h**2).sum()
+
+    gen = torch.Generator().manual_seed(3)
+    params = {"a": torch.randn(3, 4, generator=gen, dtype=DT),
+              "b": torch.randn(3, 4, generator=gen, dtype=DT)}  # fmt: skip
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    s = hos.summarize(loss, params, u, part)
+    record = hos.last_fallback()
+    assert record is not None and "in place" in " ".join(record.reasons)
+    expected = fd.Path(loss, params, u, part)
+    fd.close(s.g, expected.g(), RTOL["g"], "g")
+    fd.close(s.d3, expected.diagonal(3), RTOL["d3"], "d3")
+
+
+def test_a_constant_alias_that_an_inplace_write_made_move_falls_back_exactly():
+    def loss(p):
+        buf = torch.zeros(3, 4, dtype=DT)
+        flat = buf.view(-1)  # a constant alias, taken before the write
+        buf[:, 1] = torch.tanh(p["a"][:, 0])
+        return (flat * flat).sum() + (p["a"] ** 3).sum()
+
+    params = {"a": torch.randn(3, 4, generator=torch.Generator().manual_seed(4), dtype=DT)}
+    u = {"a": torch.ones(3, 4, dtype=DT)}
+    part = hos.Partition.per_tensor(params)
+    s = hos.summarize(loss, params, u, part)
+    assert hos.last_fallback() is not None
+    expected = fd.Path(loss, params, u, part)
+    fd.close(s.g, expected.g(), RTOL["g"], "g")
+    fd.close(s.d3, expected.diagonal(3), RTOL["d3"], "d3")
