@@ -266,6 +266,12 @@ def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="m
     return _reduce(loss, reduction)
 
 
+def mish(input, inplace=False):
+    """x·tanh(softplus(x)); the fused ``mish_backward`` has no forward-mode derivative."""
+    out = input * torch.tanh(F.softplus(input))
+    return input.copy_(out) if inplace else out
+
+
 def glu(input, dim=-1):
     """a·σ(b) for the two halves of ``input`` along ``dim``; ``glu_jvp`` has no derivative."""
     a, b = input.chunk(2, dim)
@@ -409,6 +415,7 @@ DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.multi_margin_loss: multi_margin_loss,
     F.soft_margin_loss: soft_margin_loss,
     F.glu: glu,
+    F.mish: mish,
     F.embedding: embedding,
     F.normalize: _skip_buffer_write(F.normalize),
 }

@@ -140,6 +140,12 @@ _MULTILINEAR = {
     _T.to, _T.type_as, _T.float, _T.double, F.nll_loss,
 } | _getters("T", "mT")  # fmt: skip
 
+#: Multilinear only in their first argument (the others enter nonlinearly, e.g. the class
+#: weight of a mean-reduced nll_loss divides): another moving argument takes the generic rule.
+_LINEAR_IN_FIRST = {F.nll_loss, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pixel_shuffle,
+                    F.pixel_unshuffle, F.unfold, F.fold}  # fmt: skip
+
 #: Linear with an additive constant: the constant parts get coefficient zero.
 _AFFINE = {
     torch.add, _T.add, _T.__add__, _T.__radd__, torch.sub, _T.sub, _T.__sub__, _T.__rsub__,
@@ -879,6 +885,8 @@ class JetTracker:
             and not kwargs_of(leaves, spec).get("return_indices")
         ):
             return [self._max_pool(func, leaves, spec, jets[0], outs)]
+        if func in _LINEAR_IN_FIRST and set(jets) != {0}:  # e.g. a moving class weight
+            return self._generic(func, leaves, spec, jets, outs)
         if func in _WITH_BIAS:
             return self._with_bias(func, leaves, spec, jets, outs)
         if func in _MULTILINEAR or (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):
@@ -901,9 +909,6 @@ class JetTracker:
         if not batched:
             a, kw = tree_unflatten(new, spec)
             return func(*a, **kw)
-        result = _native(func, new, spec, batched)
-        if result is not None:
-            return result
         in_dims = tuple(0 if i in batched else None for i in order)
 
         def fn(*values):
@@ -913,7 +918,20 @@ class JetTracker:
             a, kw = tree_unflatten(inner, spec)
             return func(*a, **kw)
 
-        return vmap(fn, in_dims=in_dims)(*[replace[i] for i in order])
+        try:
+            result = _native(func, new, spec, batched)
+            if result is not None:
+                return result
+            return vmap(fn, in_dims=in_dims)(*[replace[i] for i in order])
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            # an argument pattern neither the op nor vmap batches (a 0-d operand, a tensor
+            # start of narrow, a memory format, ...): one call per direction, always valid
+            m = next(replace[i].shape[0] for i in order if i in batched)
+            parts = [fn(*[replace[i][j] if i in batched else replace[i] for i in order])
+                     for j in range(m)]  # fmt: skip
+            if isinstance(parts[0], (tuple, list)):
+                return type(parts[0])(torch.stack(p) for p in zip(*parts))
+            return torch.stack(parts)
 
     def _decomposed(self, rewrite, leaves, spec, outs):
         """Run ``rewrite`` (primitive ops) under this tracker; its outputs' jets are ours."""
@@ -1041,14 +1059,20 @@ class JetTracker:
     def _broadcast(self, leaves, jets, outs):
         """broadcast_tensors: each output is its own input expanded."""
         result: list[Jet | None] = [None] * len(outs)
+        def expanded(c, shape):  # (m, *x.shape) -> (m, *shape): align the trailing dims
+            if c is None:
+                return None
+            lead = (1,) * (len(shape) + 1 - c.dim())
+            return c.reshape((c.shape[0], *lead, *c.shape[1:])).expand((c.shape[0], *shape))
+
         for i, jet in jets.items():
             if i < len(outs):
                 shape = tuple(outs[i].shape)
                 result[i] = Jet(
                     jet.dirs,
-                    [None if c is None else c.expand((c.shape[0], *shape)) for c in jet.coeffs],
+                    [expanded(c, shape) for c in jet.coeffs],
                     jet.pairs,
-                    None if jet.mixed is None else jet.mixed.expand((len(jet.pairs), *shape)),
+                    expanded(jet.mixed, shape),
                 )
         return result
 
@@ -1056,6 +1080,8 @@ class JetTracker:
         """log_softmax, softmax and logsumexp from the series of exp and log (no nesting)."""
         args, kwargs = tree_unflatten(list(leaves), spec)
         x0 = args[0].detach()
+        if x0.dim() == 0:  # the generic rule takes a 0-d input
+            return None
         if func in _LOGSUMEXP:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
@@ -1349,6 +1375,8 @@ def _native(func, leaves, spec, batched: set[int]):
     x = args[0]
     if func is F.nll_loss:
         return _nll_batched(x, *args[1:], **kwargs)
+    if x.dim() == 1 and func not in _BROADCAST:  # a 0-d operand: dims would be shifted wrongly
+        return None
     if func in _REDUCE:
         rest = dict(kwargs)
         if len(args) > 1:
@@ -1549,7 +1577,13 @@ def scaled_derivatives(func, leaves, spec, out: torch.Tensor, K: int) -> list:
         a, kw = tree_unflatten(new, spec)
         return func(*a, **kw)
 
-    return _divided(_nested_derivatives(f, leaves[0].detach(), K)[1:])
+    try:
+        return _divided(_nested_derivatives(f, leaves[0].detach(), K)[1:])
+    except (NotImplementedError, RuntimeError) as exc:
+        if not _no_forward_rule(exc):
+            raise
+        name = getattr(func, "__name__", func)
+        raise JetFailure(f"{name} has no forward-mode derivative of order {K} in PyTorch") from exc
 
 
 def kwargs_of(leaves, spec) -> dict:

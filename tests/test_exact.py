@@ -200,6 +200,7 @@ INPUTS = {
         ((_r(6, 4, seed=49), torch.sign(_r(6, 4, seed=50))), {"reduction": "none"}),
     ],
     F.glu: [((_r(4, 6, seed=51),), {}), ((_r(4, 6, 2, seed=51),), {"dim": 1})],
+    F.mish: [((_r(4, 6, seed=56),), {})],
     F.embedding: [
         ((torch.tensor([[0, 2], [3, 0]]), _r(4, 3, seed=52)), {"padding_idx": 0}),
         ((torch.tensor([1, 2]), _r(4, 3, seed=52)), {}),
