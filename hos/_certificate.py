@@ -146,9 +146,7 @@ def disagreeing(taylor: torch.Tensor, exact: torch.Tensor) -> list[int]:
 
 def warn_mismatch(signature: Hashable, what: str, names: Sequence[str], culprit: str | None):
     """Warn once per op sequence that Taylor mode was wrong and reverse mode took over."""
-    reason = f"certificate: Taylor-mode {what} disagrees with reverse mode for " + ", ".join(
-        names
-    )
+    reason = f"certificate: Taylor-mode {what} disagrees with reverse mode for " + ", ".join(names)
     reason += f" ({culprit})" if culprit else " (the op could not be located)"
     remember(signature, False, reason)
     note(names, reason, certificate=True)

@@ -495,9 +495,7 @@ _NO_DERIVATIVE = [
 
 def explain_missing_derivative(err: BaseException, backend: str) -> BaseException | None:
     """A clear hos error for PyTorch's "no derivative" errors; None for any other error."""
-    if not isinstance(err, (RuntimeError, NotImplementedError)) or isinstance(
-        err, RandomLossError
-    ):
+    if not isinstance(err, (RuntimeError, NotImplementedError)) or isinstance(err, RandomLossError):
         return None
     text = str(err)
     for pattern in _NO_DERIVATIVE:

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import jvp, vmap
-from torch.overrides import TorchFunctionMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["Jet", "JetMode", "JetTracker"]
 
@@ -341,6 +341,7 @@ _CONSTANT_RESULT = {
 #: Methods whose name ends in "_" without writing to the tensor's values.
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"}
 
+
 def _inplace_positions() -> dict:
     """torch.nn.functional calls with an ``inplace`` flag: its positional index."""
     found = {}
@@ -359,6 +360,7 @@ def _inplace_positions() -> dict:
 
 #: ``F.relu(x, inplace=True)``, ``F.hardtanh(x, -1, 1, True)``: where the flag sits.
 _INPLACE_ARG = _inplace_positions()
+
 
 def strict() -> bool:
     """HOS_STRICT=1 (the test suite sets it): an unexpected exception inside a rule is
@@ -1059,6 +1061,7 @@ class JetTracker:
     def _broadcast(self, leaves, jets, outs):
         """broadcast_tensors: each output is its own input expanded."""
         result: list[Jet | None] = [None] * len(outs)
+
         def expanded(c, shape):  # (m, *x.shape) -> (m, *shape): align the trailing dims
             if c is None:
                 return None

@@ -64,7 +64,9 @@ def entries_for(key: str, entries) -> list:
             "__matmul__": "matmul", "__neg__": "neg", "__abs__": "abs", "__pow__": "pow",
             "multiply": "mul", "subtract": "sub", "concat": "cat", "true_divide": "true_divide",
             "mT": "mT", "float": "float", "double": "double"}.get(name, name)  # fmt: skip
-    order = (f"nn.functional.{name}", name) if key.startswith("F.") else (name, f"nn.functional.{name}")
+    order = (
+        (f"nn.functional.{name}", name) if key.startswith("F.") else (name, f"nn.functional.{name}")
+    )
     for candidate in (*order, f"special.{name}"):
         if candidate in entries:
             return entries[candidate]
@@ -107,7 +109,9 @@ def check_sample(func, sample, gen) -> str | None:
     if tracker.failure is not None:
         return f"fallback: {tracker.failure}"
     outs, _ = tree_flatten(out)
-    floating = [n for n, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    floating = [
+        n for n, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()
+    ]
     if not floating:
         return "skip"
 
@@ -130,6 +134,7 @@ def check_sample(func, sample, gen) -> str | None:
 def _compare(tracker, outs, floating, leaves, moving, jets, at) -> str | None:
     problems = []
     for line in (0, 1):
+
         def along(t, line=line):
             return at(lambda i: leaves[i] + sum(jets[i].coeffs[k][line] * t ** (k + 1)
                                                 for k in range(K)))  # fmt: skip
@@ -146,6 +151,7 @@ def _compare(tracker, outs, floating, leaves, moving, jets, at) -> str | None:
                 e = e / math.factorial(k + 1)
                 if not _close(got, e):
                     problems.append(f"order {k + 1} along line {line}: {_err(got, e)}")
+
     def mixed(a_, b_):
         return at(lambda i: leaves[i] + a_ * jets[i].coeffs[0][0] + b_ * jets[i].coeffs[0][1]
                   + (a_ * b_) * jets[i].mixed[0])  # fmt: skip
@@ -207,6 +213,8 @@ def survey(samples_per_op: int = SAMPLES_PER_OP):
                     continue
                 ran += 1
                 if verdict is not None and not verdict.startswith("fallback"):
-                    failures.append(f"{sample.summary() if hasattr(sample, 'summary') else ''} {verdict}")
+                    failures.append(
+                        f"{sample.summary() if hasattr(sample, 'summary') else ''} {verdict}"
+                    )
         results[key] = (ops[0].name, ran, failures)
     return results, missing

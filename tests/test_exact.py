@@ -407,11 +407,18 @@ def _random_call(func):
     t, p = torch.zeros(3, dtype=DTYPE), torch.full((3,), 0.5, dtype=DTYPE)
     name = func.__name__
     calls = {
-        "rand": lambda: func(3), "randn": lambda: func(3), "randint": lambda: func(0, 4, (3,)),
-        "randperm": lambda: func(3), "normal": lambda: func(t, p + 1),
-        "multinomial": lambda: func(p, 1), "bernoulli": lambda: func(p), "poisson": lambda: func(p),
-        "rrelu": lambda: func(t, training=True), "rrelu_": lambda: func(t.clone(), training=True),
-        "randint_like": lambda: func(t, 4), "geometric_": lambda: func(p.clone(), 0.5),
+        "rand": lambda: func(3),
+        "randn": lambda: func(3),
+        "randint": lambda: func(0, 4, (3,)),
+        "randperm": lambda: func(3),
+        "normal": lambda: func(t, p + 1),
+        "multinomial": lambda: func(p, 1),
+        "bernoulli": lambda: func(p),
+        "poisson": lambda: func(p),
+        "rrelu": lambda: func(t, training=True),
+        "rrelu_": lambda: func(t.clone(), training=True),
+        "randint_like": lambda: func(t, 4),
+        "geometric_": lambda: func(p.clone(), 0.5),
     }
     return calls.get(name, lambda: func(p.clone()))
 

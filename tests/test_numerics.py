@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import hos
-from hos._exact import RandomLossError
 from hos import reference
+from hos._exact import RandomLossError
 
 F64 = torch.float64
 BACKENDS = ("reverse", "forward", "reference")

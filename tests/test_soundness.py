@@ -23,7 +23,7 @@ import hos
 from hos import _backends, _certificate, _jet
 from hos._exact import RandomLossError
 from tests import fd
-from tests.constructs import BY_ID, CONSTRUCTS, KINKED, DT, Base
+from tests.constructs import BY_ID, CONSTRUCTS, DT, KINKED, Base
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -94,7 +94,7 @@ def _setup(construct_id: str):
     return c, model, loss, params, u, hos.Partition.per_tensor(params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(construct_id: str):
     """(ḡ, H̄, diag D³, trusted-entry masks) by finite differences of the model's own loss.
 
@@ -119,7 +119,7 @@ def _oracle(construct_id: str):
     return out, masks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _summary(construct_id: str, backend: str):
     c, model, loss, params, u, part = _setup(construct_id)
     _certificate.clear()
@@ -235,7 +235,9 @@ def test_random_sampling_in_a_submodule_names_its_path():
 
     net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), Jitter()), nn.Linear(4, 2))
     net = net.to(DT)
-    loss = hos.model_loss(net, nn.MSELoss(), torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT))
+    loss = hos.model_loss(
+        net, nn.MSELoss(), torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    )
     params = {k: p.detach() for k, p in net.named_parameters()}
     with pytest.raises(RandomLossError, match=r"torch.rand|rand in 1\.1 \(Jitter\)"):
         hos.summarize(loss, params, params, hos.Partition.per_tensor(params))
