@@ -271,6 +271,65 @@ def ratios_for(name, args, gn) -> dict:
     return out
 
 
+def certificate(args) -> dict:
+    """The cost of Taylor mode's certificate (hos._certificate), as ratios to a gradient.
+
+    ``repeated``: the op sequence was seen before, so its verdict is cached (the
+    optimizer's case: the same model summarised every few steps); ``first``: the verdict
+    cache is emptied before each call, so every call pays one gradient for the check;
+    ``verify=False``: no check at all. Interleaved with the gradient as in ratios_for.
+    """
+    from hos import _certificate
+
+    out: dict = {}
+    for name in ("mlp",) if args.quick else ("mlp", "lenet"):
+        model, loss, params, u, part = build_problem(name, args.batch)
+        grad_fn = gradient_fn(loss, params)
+
+        def first(fn):
+            def run():
+                _certificate.clear()
+                return fn()
+
+            return run
+
+        def summarize(**kw):
+            return hos.summarize(loss, params, u, part, **kw)
+
+        def diag4(**kw):
+            return hos.summary_diagonal(loss, params, u, part, 4, **kw)
+
+        variants = {
+            "summarize": {
+                "repeated": summarize,
+                "first": first(summarize),
+                "verify=False": lambda: summarize(verify=False),
+            },
+            "diag4": {
+                "repeated": diag4,
+                "first": first(diag4),
+                "verify=False": lambda: diag4(verify=False),
+            },
+        }
+        block: dict = {}
+        for op, fns in variants.items():
+            block[op] = {}
+            for label, fn in fns.items():
+                fn()
+                rounds = []
+                for _ in range(max(args.repeats, 1)):
+                    t_grad = best_time(grad_fn, 3)
+                    rounds.append((best_time(fn, 1), t_grad))
+                best = min(r[0] for r in rounds)
+                best_grad = min(r[1] for r in rounds)
+                median = sorted(r[0] / r[1] for r in rounds)[len(rounds) // 2]
+                block[op][label] = {"ratio": best / best_grad, "ratio_median": median}
+                _log(f"{name:6s} certificate {op:9s} {label:12s} {best / best_grad:7.2f}x "
+                     f"(median {median:.2f}x)")  # fmt: skip
+        out[name] = block
+    return out
+
+
 def _once(fn) -> float:
     gc.collect()
     start = time.perf_counter()
@@ -475,6 +534,7 @@ def run(args) -> dict:
     result["ratios"] = {
         name: ratios_for(name, args, gn) for name in (("mlp",) if args.quick else ("mlp", "lenet"))
     }
+    result["certificate"] = certificate(args)
     result["scaling"] = scaling(args, gn)
     result["memory"] = memory(args, gn_path)
     result["large"] = large(args)
@@ -607,6 +667,30 @@ def plot(args) -> None:
     fig.tight_layout()
     fig.savefig(figures / f"bench_memory{tag}.png", dpi=120)
     plt.close(fig)
+    # certificate
+    cert = res.get("certificate", {})
+    if cert:
+        fig, axes = plt.subplots(1, len(cert), figsize=(5.5 * len(cert), 3.6), squeeze=False)
+        shades = {"verify=False": "tab:gray", "repeated": "tab:purple", "first": "tab:red"}
+        for ax, (name, block) in zip(axes[0], cert.items()):
+            ops = list(block)
+            labels = list(next(iter(block.values())))
+            width = 0.8 / len(labels)
+            for j, label in enumerate(labels):
+                xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(ops))]
+                ys = [block[op][label]["ratio"] for op in ops]
+                ax.bar(xs, ys, width, label=label, color=shades.get(label))
+                for x, y in zip(xs, ys):
+                    ax.text(x, y, f"{y:.1f}", ha="center", va="bottom", fontsize=7)
+            ax.set_xticks(range(len(ops)), ops)
+            ax.set_ylabel("time / one gradient")
+            ax.set_title(f"{name}: Taylor mode with its certificate")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Certificate cost (first call: +1 gradient; repeated: cached); {note}",
+                     fontsize=9)  # fmt: skip
+        fig.tight_layout()
+        fig.savefig(figures / f"bench_certificate{tag}.png", dpi=120)
+        plt.close(fig)
     _log(f"wrote bench_ratios{tag}.png, bench_scaling{tag}.png, bench_memory{tag}.png in {figures}")
 
 
