@@ -10,7 +10,7 @@ from hos._data import (
     summary_tensor_loader,
 )
 from hos._elements import element_names, split_elements
-from hos._exact import ExactOps, exact_ops
+from hos._exact import ExactOps, RandomLossError, exact_ops
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
@@ -37,6 +37,7 @@ __all__ = [
     "TaylorModeWarning",
     "last_fallback",
     "NonFiniteWarning",
+    "RandomLossError",
     "SummaryMemoryError",
     # whole data sets and torch.distributed
     "Reduction",
