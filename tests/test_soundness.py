@@ -379,3 +379,32 @@ def test_a_constant_alias_that_an_inplace_write_made_move_falls_back_exactly():
     expected = fd.Path(loss, params, u, part)
     fd.close(s.g, expected.g(), RTOL["g"], "g")
     fd.close(s.d3, expected.diagonal(3), RTOL["d3"], "d3")
+
+
+def test_no_forward_mode_rule_is_refused_by_forward_backends_and_followed_by_reverse():
+    """grid_sample has no forward-mode derivative in PyTorch: the forward and reference
+    backends say so in hos's words; Taylor mode falls back for it and matches reverse."""
+    import torch.nn.functional as F
+
+    grid = torch.rand(1, 3, 3, 2, generator=torch.Generator().manual_seed(6), dtype=DT) - 0.5
+
+    def loss(p):
+        image = torch.tanh(p["w"]).reshape(1, 1, 4, 4)
+        return (F.grid_sample(image, grid, align_corners=False) ** 2).sum()
+
+    params = {"w": torch.randn(16, generator=torch.Generator().manual_seed(7), dtype=DT)}
+    u = {"w": torch.randn(16, generator=torch.Generator().manual_seed(8), dtype=DT)}
+    part = hos.Partition.per_tensor(params)
+    for backend in ("forward", "reference"):
+        with pytest.raises(NotImplementedError, match=r"^hos: .*grid_sampler_2d.*'reverse'"):
+            hos.summarize(loss, params, u, part, backend=backend)
+    s = hos.summarize(loss, params, u, part)
+    assert "grid_sample" in " ".join(hos.last_fallback().reasons)
+    r = hos.summarize(loss, params, u, part, backend="reverse")
+    fd.close(s.d3, r.d3, AGREE, "grid_sample d3")
+    fd.close(s.g, fd.Path(loss, params, u, part).g(), RTOL["g"], "grid_sample g")
+
+
+def test_public_names():
+    for name in ("Fallback", "TaylorModeWarning", "last_fallback", "RandomLossError"):
+        assert name in hos.__all__ and hasattr(hos, name)
