@@ -61,8 +61,11 @@ def main(argv=None) -> None:
         new = statistics.median(r[key] for r in runs["new"])
         report[key] = {"old": old, "new": new, "change": new / old - 1}
         print(f"{key:16s} old {old:6.2f}x  new {new:6.2f}x  {100 * (new / old - 1):+5.1f} %")
-    args.results.write_text(json.dumps({"rounds": runs, "report": report,
-                                        "old": str(args.old), "new": str(args.new)}, indent=1))
+    args.results.write_text(
+        json.dumps(
+            {"rounds": runs, "report": report, "old": str(args.old), "new": str(args.new)}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":
