@@ -57,10 +57,16 @@ def _fd(f, order: int, h: float) -> float:
 
 
 def _reverse(f, order: int) -> float:
+    """Nested autograd.grad; a value without a graph differentiates to 0, as autograd
+    means it (an op PyTorch declares non-differentiable shows up as 0 here)."""
     t = torch.zeros((), dtype=DT, requires_grad=True)
     value = f(t)
     for k in range(order):
-        (value,) = torch.autograd.grad(value, t, create_graph=k + 1 < order)
+        if not value.requires_grad:
+            return 0.0
+        (value,) = torch.autograd.grad(value, t, create_graph=k + 1 < order, allow_unused=True)
+        if value is None:
+            return 0.0
     return float(value)
 
 

@@ -272,6 +272,132 @@ def mish(input, inplace=False):
     return input.copy_(out) if inplace else out
 
 
+def hardsigmoid(input, inplace=False):
+    """clamp(x + 3, 0, 6)/6; the fused ``hardsigmoid_backward`` has no derivative (no third
+    order in reverse mode, no second in forward mode: MobileNetV3)."""
+    out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0
+    return input.copy_(out) if inplace else out
+
+
+def hardswish(input, inplace=False):
+    """x·clamp(x + 3, 0, 6)/6, in primitive ops (as :func:`hardsigmoid`)."""
+    out = input * (torch.clamp(input + 3.0, 0.0, 6.0) / 6.0)
+    return input.copy_(out) if inplace else out
+
+
+def binary_cross_entropy_with_logits(
+    input, target, weight=None, size_average=None, reduce=None, reduction="mean",
+    pos_weight=None,
+):  # fmt: skip
+    """(1 − y)·x + (1 + (p − 1)·y)·softplus(−x), weighted; the fused backward has no
+    forward-mode derivative ("ZeroTensors are immutable")."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    scale = 1.0 if pos_weight is None else 1.0 + (pos_weight - 1.0) * target
+    loss = (1.0 - target) * input + scale * F.softplus(-input)
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
+    """‖x‖_ord in primitive ops; the fused kernel's forward-mode derivative fails at order 3
+    ("ZeroTensors are immutable"). Used by ``Tensor.norm``, ``F.normalize``."""
+    if out is not None:
+        return torch.linalg.vector_norm(x, ord, dim, keepdim, dtype=dtype, out=out)
+    if dtype is not None:
+        x = x.to(dtype)
+    if dim is None:
+        dim = tuple(range(x.dim()))
+    if ord == 0:
+        return (x != 0).sum(dim, keepdim=keepdim).to(x.dtype)
+    if ord == math.inf:
+        return x.abs().amax(dim, keepdim=keepdim)
+    if ord == -math.inf:
+        return x.abs().amin(dim, keepdim=keepdim)
+    if ord == 2:
+        return x.square().sum(dim, keepdim=keepdim).sqrt()
+    if ord == 1:
+        return x.abs().sum(dim, keepdim=keepdim)
+    return x.abs().pow(ord).sum(dim, keepdim=keepdim).pow(1.0 / ord)
+
+
+def logaddexp(input, other, *, out=None):
+    """m + log(e^(a−m) + e^(b−m)) with m = max(a, b) held constant (the value does not
+    depend on m); forward-over-forward AD of the fused kernel is wrong (NaN)."""
+    if out is not None:
+        return torch.logaddexp(input, other, out=out)
+    m = torch.maximum(input, other).detach()
+    return m + torch.log(torch.exp(input - m) + torch.exp(other - m))
+
+
+class NoDerivativeError(NotImplementedError):
+    """PyTorch has no (or a wrong) derivative of an op that the loss differentiates through."""
+
+
+def _no_derivative(name: str, func, why: str) -> Callable[..., Any]:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+    def guarded_call(*args, **kwargs):
+        flat = [t for a in (*args, *kwargs.values())
+                for t in (a if isinstance(a, (list, tuple)) else (a,))]  # fmt: skip
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        if any(t.requires_grad for t in tensors):
+            raise NoDerivativeError(f"hos: {name} {why}")
+        if any(wrapped(t) for t in tensors):
+            raise NoDerivativeError(
+                f"hos: {name} has no derivative in PyTorch, and under torch.func (the forward "
+                "and reference backends) hos cannot tell whether its input moves; "
+                "backend='reverse' or 'auto' can."
+            )
+        return func(*args, **kwargs)
+
+    guarded_call.__name__ = name
+    return guarded_call
+
+
+#: Smooth functions PyTorch declares non-differentiable: autograd and forward mode both take
+#: them for constants, silently (found by analysis/fused_kernel_survey.py).
+NOT_DIFFERENTIABLE = [
+    getattr(torch.special, name)
+    for name in (
+        "airy_ai", "bessel_j0", "bessel_j1", "bessel_y0", "bessel_y1", "modified_bessel_i0",
+        "modified_bessel_i1", "modified_bessel_k0", "modified_bessel_k1",
+        "scaled_modified_bessel_k0", "scaled_modified_bessel_k1", "spherical_bessel_j0",
+        "chebyshev_polynomial_t", "chebyshev_polynomial_u", "chebyshev_polynomial_v",
+        "chebyshev_polynomial_w", "shifted_chebyshev_polynomial_t",
+        "shifted_chebyshev_polynomial_u", "shifted_chebyshev_polynomial_v",
+        "shifted_chebyshev_polynomial_w", "hermite_polynomial_h", "hermite_polynomial_he",
+        "laguerre_polynomial_l", "legendre_polynomial_p",
+    )
+    if hasattr(torch.special, name)
+]  # fmt: skip
+
+#: Functions whose forward-mode derivatives PyTorch gets wrong beyond the first order
+#: (nested jvp loses the higher terms: linalg.solve's second derivative is off by exactly
+#: 1/2, its third by 5/6; found by analysis/fused_kernel_survey.py). Reverse mode is right.
+FORWARD_UNSOUND = [
+    torch.linalg.solve, torch.linalg.solve_ex, torch.linalg.tensorsolve, torch.linalg.det,
+    torch.det, torch.linalg.slogdet, torch.slogdet, torch.logdet,
+    torch.linalg.householder_product, torch.Tensor.det, torch.Tensor.logdet,
+    torch.Tensor.slogdet,
+]  # fmt: skip
+
+
+def _refuse_under_torch_func(name: str, func, why: str) -> Callable[..., Any]:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+    def guarded_call(*args, **kwargs):
+        flat = [t for a in (*args, *kwargs.values())
+                for t in (a if isinstance(a, (list, tuple)) else (a,))]  # fmt: skip
+        if any(isinstance(t, torch.Tensor) and wrapped(t) for t in flat):
+            raise NoDerivativeError(f"hos: {name} {why}")
+        return func(*args, **kwargs)
+
+    guarded_call.__name__ = name
+    return guarded_call
+
+
 def glu(input, dim=-1):
     """a·σ(b) for the two halves of ``input`` along ``dim``; ``glu_jvp`` has no derivative."""
     a, b = input.chunk(2, dim)
@@ -416,9 +542,28 @@ DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.soft_margin_loss: soft_margin_loss,
     F.glu: glu,
     F.mish: mish,
+    F.hardsigmoid: hardsigmoid,
+    F.hardswish: hardswish,
+    F.binary_cross_entropy_with_logits: binary_cross_entropy_with_logits,
+    torch.linalg.vector_norm: vector_norm,
+    torch.logaddexp: logaddexp,
     F.embedding: embedding,
     F.normalize: _skip_buffer_write(F.normalize),
 }
+for _f in NOT_DIFFERENTIABLE:
+    DECOMPOSITIONS[_f] = _no_derivative(
+        f"torch.special.{_f.__name__.removeprefix('special_')}", _f,
+        "has no derivative in PyTorch (autograd and forward mode both take it for a constant, "
+        "silently) but its input moves: hold it constant with torch.no_grad() or .detach() if "
+        "that is what you mean, or write it in differentiable ops.",
+    )  # fmt: skip
+_FORWARD_REFUSAL = (
+    "has wrong forward-mode derivatives beyond the first order in PyTorch (nested jvp drops "
+    "the higher terms), so the forward and reference backends cannot use it; "
+    "backend='reverse' or 'auto' is exact."
+)
+for _f in FORWARD_UNSOUND:
+    DECOMPOSITIONS[_f] = _refuse_under_torch_func(_f.__name__, _f, _FORWARD_REFUSAL)
 for _random in RANDOM:
     DECOMPOSITIONS[_random] = _refuse_random(getattr(_random, "__name__", repr(_random)))
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
@@ -495,8 +640,8 @@ _NO_DERIVATIVE = [
 
 def explain_missing_derivative(err: BaseException, backend: str) -> BaseException | None:
     """A clear hos error for PyTorch's "no derivative" errors; None for any other error."""
-    if not isinstance(err, (RuntimeError, NotImplementedError)) or isinstance(err, RandomLossError):
-        return None
+    if not isinstance(err, (RuntimeError, NotImplementedError)) or str(err).startswith("hos:"):
+        return None  # not PyTorch's, or already hos's own message
     text = str(err)
     for pattern in _NO_DERIVATIVE:
         found = pattern.search(text)

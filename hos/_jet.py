@@ -146,6 +146,17 @@ _LINEAR_IN_FIRST = {F.nll_loss, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adap
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pixel_shuffle,
                     F.pixel_unshuffle, F.unfold, F.fold}  # fmt: skip
 
+
+def _exact_lists():
+    from hos import _exact  # (imports nothing from here)
+
+    return set(_exact.NOT_DIFFERENTIABLE), set(_exact.FORWARD_UNSOUND)
+
+
+#: Smooth ops PyTorch takes for constants (an error), and ops whose nested jvp is wrong
+#: beyond first order (reverse mode takes them); see hos._exact.
+_NOT_DIFFERENTIABLE, _FORWARD_UNSOUND = _exact_lists()
+
 #: Linear with an additive constant: the constant parts get coefficient zero.
 _AFFINE = {
     torch.add, _T.add, _T.__add__, _T.__radd__, torch.sub, _T.sub, _T.__sub__, _T.__rsub__,
@@ -795,6 +806,15 @@ class JetTracker:
             jets = {i: j for i, leaf in enumerate(leaves) if (j := self.jet(leaf)) is not None}
         if not jets or self.failure is not None:
             return
+        if func in _NOT_DIFFERENTIABLE:  # no backend can differentiate it: say so
+            from hos._exact import NoDerivativeError
+
+            raise NoDerivativeError(
+                f"hos: torch.special.{getattr(func, '__name__', '').removeprefix('special_')} "
+                "has no derivative in "
+                "PyTorch but its input moves; hold it constant (torch.no_grad(), .detach()) "
+                "or write it in differentiable ops."
+            )
         if self._depth == 0 and not torch.is_grad_enabled():
             running = custom_function_running()
             if running is not None:
@@ -887,6 +907,10 @@ class JetTracker:
             and not kwargs_of(leaves, spec).get("return_indices")
         ):
             return [self._max_pool(func, leaves, spec, jets[0], outs)]
+        if func in _FORWARD_UNSOUND:
+            name = getattr(func, "__name__", func)
+            raise JetFailure(f"{name}: PyTorch's forward-mode derivatives of it are wrong "
+                             "beyond the first order")  # fmt: skip
         if func in _LINEAR_IN_FIRST and set(jets) != {0}:  # e.g. a moving class weight
             return self._generic(func, leaves, spec, jets, outs)
         if func in _WITH_BIAS:
@@ -1410,7 +1434,15 @@ def _no_forward_rule(exc: BaseException) -> bool:
     text = str(exc)
     return any(
         key in text
-        for key in ("forward AD", "forward mode", "jvp", "vmap", "not implemented", "batching rule")
+        for key in (
+            "forward AD",
+            "forward mode",
+            "jvp",
+            "vmap",
+            "not implemented",
+            "batching rule",
+            "ZeroTensors are immutable",
+        )
     )
 
 

@@ -176,6 +176,8 @@ class PolyTracker:
             polys = {i: p for i, leaf in enumerate(leaves) if (p := self.poly(leaf)) is not None}
         if not polys:
             return
+        if func in _jet._NOT_DIFFERENTIABLE or func in _jet._FORWARD_UNSOUND:
+            raise PolyFailure(f"{getattr(func, '__name__', func)}: no exact multivariate rule")
         if self._depth == 0 and not torch.is_grad_enabled():
             running = _jet.custom_function_running()
             if running is not None:

@@ -213,6 +213,35 @@ class GLU(nn.Module):
         return self.fc2(F.glu(self.fc1(x)))
 
 
+class HardGates(nn.Module):
+    """MobileNetV3's activations: Hardswish, and a squeeze-excitation-style Hardsigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.act, self.sigmoid = nn.Hardswish(), nn.Hardsigmoid()
+
+    def forward(self, x):
+        h = self.act(self.fc1(x) * 2.0)
+        return self.fc2(h * self.sigmoid(self.gate(h)))
+
+
+class Normalize(Base):
+    def mid(self, h):
+        return F.normalize(h, dim=1) * 2.0 + 0.1 * h.norm(dim=0)
+
+
+class LogAddExp(Base):
+    def mid(self, h):
+        return torch.logaddexp(h, 0.5 * h + self.scale)
+
+
+class Solve(Base):
+    def mid(self, h):
+        a = torch.eye(5, dtype=h.dtype) * 3.0 + 0.1 * self.fc2.weight @ self.fc2.weight.T
+        return torch.linalg.solve(a, h.T).T
+
+
 @dataclass(frozen=True)
 class Construct:
     id: str
@@ -220,6 +249,7 @@ class Construct:
     criterion: object = None  # default nn.CrossEntropyLoss()
     followed: bool = True  # Taylor mode follows it (no fallback allowed)
     eval_oracle: bool = False  # the oracle evaluates the model in eval mode (see the test)
+    forward_modes: bool = True  # the forward and reference backends can differentiate it
 
 
 CONSTRUCTS = [
@@ -230,7 +260,7 @@ CONSTRUCTS = [
     Construct("like_and_new", LikeAndNew),
     Construct("fft", FFT, followed=False),
     Construct("complex_view", ComplexView, followed=False),
-    Construct("custom_function", CustomFunction, followed=False),
+    Construct("custom_function", CustomFunction, followed=False, forward_modes=False),
     Construct("silu_inplace_first", lambda: InplaceFirst(nn.SiLU(inplace=True))),
     Construct("hardtanh_inplace_first", lambda: InplaceFirst(nn.Hardtanh(inplace=True))),
     Construct("relu_inplace_first", lambda: InplaceFirst(nn.ReLU(inplace=True))),
@@ -247,8 +277,18 @@ CONSTRUCTS = [
     Construct("cdist", CDist),
     Construct("glu", GLU),
     Construct("multi_margin_loss", TypeAs, criterion=nn.MultiMarginLoss()),
+    Construct("hardswish_hardsigmoid", HardGates),
+    Construct(
+        "bce_with_logits",
+        TypeAs,
+        criterion=nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 2.0, 0.5], dtype=DT)),
+    ),  # fmt: skip
+    Construct("normalize", Normalize),
+    Construct("logaddexp", LogAddExp),
+    Construct("linalg_solve", Solve, followed=False, forward_modes=False),
 ]
 BY_ID = {c.id: c for c in CONSTRUCTS}
 
 #: Constructs with kinks: higher finite differences are trusted only where two steps agree.
-KINKED = {"hardtanh_inplace_first", "relu_inplace_first", "multi_margin_loss"}
+KINKED = {"hardtanh_inplace_first", "relu_inplace_first", "multi_margin_loss",
+          "hardswish_hardsigmoid"}  # fmt: skip

@@ -13,7 +13,15 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import hos
-from hos._exact import DECOMPOSITIONS, RANDOM, ExactOps, RandomLossError
+from hos._exact import (
+    DECOMPOSITIONS,
+    FORWARD_UNSOUND,
+    NOT_DIFFERENTIABLE,
+    RANDOM,
+    ExactOps,
+    NoDerivativeError,
+    RandomLossError,
+)
 from tests.cases import DTYPE, assert_matches, build, oracle_diagonal, oracle_tensor, relative_error
 
 pytestmark = [
@@ -201,6 +209,36 @@ INPUTS = {
     ],
     F.glu: [((_r(4, 6, seed=51),), {}), ((_r(4, 6, 2, seed=51),), {"dim": 1})],
     F.mish: [((_r(4, 6, seed=56),), {})],
+    F.hardsigmoid: [((4 * _r(4, 6, seed=57),), {})],
+    F.hardswish: [((4 * _r(4, 6, seed=58),), {})],
+    F.binary_cross_entropy_with_logits: [
+        (
+            (
+                _r(4, 3, seed=59),
+                torch.rand(4, 3, generator=torch.Generator().manual_seed(60), dtype=DTYPE),
+            ),
+            {},
+        ),  # fmt: skip
+        (
+            (
+                _r(4, 3, seed=59),
+                torch.rand(4, 3, generator=torch.Generator().manual_seed(60), dtype=DTYPE),
+            ),  # fmt: skip
+            {
+                "pos_weight": _r(3, seed=61, positive=True),
+                "weight": _r(3, seed=62),
+                "reduction": "sum",
+            },  # fmt: skip
+        ),
+    ],
+    torch.linalg.vector_norm: [
+        ((_r(4, 3, seed=63),), {}),
+        ((_r(4, 3, seed=63), 1), {"dim": 1, "keepdim": True}),
+        ((_r(4, 3, seed=63), float("inf")), {"dim": 0}),
+        ((_r(4, 3, seed=63), 3.5), {"dim": (0, 1)}),
+        ((_r(4, 3, seed=63), 0), {}),
+    ],
+    torch.logaddexp: [((_r(4, 3, seed=64), 30 * _r(4, 3, seed=65)), {})],
     F.embedding: [
         ((torch.tensor([[0, 2], [3, 0]]), _r(4, 3, seed=52)), {"padding_idx": 0}),
         ((torch.tensor([1, 2]), _r(4, 3, seed=52)), {}),
@@ -241,12 +279,16 @@ def _as_list(out):
     return list(out) if isinstance(out, tuple) else [out]
 
 
+#: Guarded, not replaced: refused when their input moves (test_guarded_ops_...).
+GUARDED = set(NOT_DIFFERENTIABLE) | set(FORWARD_UNSOUND)
+
 #: The recurrent kernels are checked through their modules (test_recurrent_dropout_...).
 RECURRENT = {getattr(torch._VF, name) for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
 
 
 def test_every_decomposition_has_inputs():
-    covered = set(INPUTS) | FAST_PATHS | RECURRENT | set(RANDOM) | {F.multi_head_attention_forward}
+    covered = set(INPUTS) | FAST_PATHS | RECURRENT | set(RANDOM) | GUARDED
+    covered |= {F.multi_head_attention_forward}
     missing = [_key(f) for f in DECOMPOSITIONS if f not in covered]
     assert not missing, f"add inputs to tests/test_exact.py::INPUTS for {missing}"
 
@@ -430,3 +472,34 @@ def test_random_sampling_is_refused(func):
     call()  # a valid call outside ExactOps
     with ExactOps(), pytest.raises(RandomLossError, match="samples random numbers"):
         call()
+
+
+@pytest.mark.parametrize("func", NOT_DIFFERENTIABLE, ids=_key)
+def test_guarded_ops_refuse_a_moving_input(func):
+    """Smooth ops PyTorch declares non-differentiable: values unchanged on constants, an
+    error when autograd would silently take a moving input for a constant."""
+    x = _r(5, seed=66, positive=True)
+    args = (x,) if "polynomial" not in func.__name__ else (x, 3)
+    expected = func(*args)
+    with ExactOps():
+        assert_matches(func(*args), expected, func.__name__, rtol=0, atol=0)
+        moving = (x.clone().requires_grad_(),) + args[1:]
+        with pytest.raises(NoDerivativeError, match="has no derivative in PyTorch"):
+            func(*moving)
+
+
+@pytest.mark.parametrize("func", FORWARD_UNSOUND, ids=_key)
+def test_forward_unsound_ops_are_refused_under_torch_func_only(func):
+    a = torch.eye(3, dtype=DTYPE) * 2 + 0.1 * _r(3, 3, seed=67)
+    args = {"solve": (a, _r(3, seed=68)), "solve_ex": (a, _r(3, seed=68)),
+            "tensorsolve": (a, _r(3, seed=68)),
+            "householder_product": (_r(3, 2, seed=69), _r(2, seed=70))}.get(
+        func.__name__.removeprefix("linalg_"), (a,))  # fmt: skip
+    expected = func(*args)
+    with ExactOps():
+        got = func(*args)  # plain inputs, and inputs that require grad: reverse mode is right
+        func(args[0].clone().requires_grad_(), *args[1:])
+        with pytest.raises(NoDerivativeError, match="wrong forward-mode derivatives"):
+            torch.func.jvp(lambda m: func(m, *args[1:]), (args[0],), (torch.ones_like(args[0]),))
+    for e, g in zip(_as_list(expected), _as_list(got)):
+        assert_matches(g, e, func.__name__, rtol=0, atol=0)

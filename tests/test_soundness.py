@@ -88,6 +88,8 @@ def _setup(construct_id: str):
     x = torch.randn(7, 6, generator=gen, dtype=DT)
     y = torch.randint(0, 3, (7,), generator=gen)
     criterion = c.criterion if c.criterion is not None else nn.CrossEntropyLoss()
+    if isinstance(criterion, nn.BCEWithLogitsLoss):  # multi-label targets in [0, 1]
+        y = torch.rand(7, 3, generator=gen, dtype=DT)
     loss = hos.model_loss(model, criterion, x, y)
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     u = {k: torch.randn(p.shape, generator=gen, dtype=DT) for k, p in params.items()}
@@ -128,12 +130,12 @@ def _summary(construct_id: str, backend: str):
 
 
 #: (construct, backend) pairs with an answer: forward-mode backends refuse a custom
-#: Function without a jvp (tested in test_forward_mode_refusals_are_hos_errors).
+#: Function without a jvp and linalg.solve (tested in test_forward_mode_refusals_are_hos_errors).
 MATRIX = [
     (c.id, b)
     for c in CONSTRUCTS
     for b in BACKENDS
-    if not (c.id == "custom_function" and b in ("forward", "reference"))
+    if c.forward_modes or b not in ("forward", "reference")
 ]
 
 
@@ -149,7 +151,7 @@ def test_every_backend_matches_finite_differences(construct_id, backend):
 def test_backends_agree_with_each_other(construct_id):
     base, _ = _summary(construct_id, "reverse")
     for backend in ("taylor", "forward", "reference"):
-        if construct_id == "custom_function" and backend != "taylor":
+        if not BY_ID[construct_id].forward_modes and backend != "taylor":
             continue
         s, _ = _summary(construct_id, backend)
         for key in ("g", "H", "d3"):
@@ -169,7 +171,8 @@ def test_taylor_mode_follows_or_records_why_not(construct_id):
 
 def test_fallback_reasons_name_the_construct():
     reasons = {cid: " ".join(_summary(cid, "taylor")[1].reasons)
-               for cid in ("fft", "complex_view", "custom_function")}  # fmt: skip
+               for cid in ("fft", "complex_view", "custom_function", "linalg_solve")}  # fmt: skip
+    assert "forward-mode derivatives" in reasons["linalg_solve"]
     assert "complex" in reasons["fft"] and "fft" in reasons["fft"]
     assert "complex" in reasons["complex_view"]
     assert "Cube" in reasons["custom_function"]
@@ -206,11 +209,37 @@ def test_full_third_order_tensor_and_fourth_diagonal(construct_id):
 
 
 # --------------------------------------------------------------------------- refusals
-def test_forward_mode_refusals_are_hos_errors():
-    _, _, loss, params, u, part = _setup("custom_function")
+@pytest.mark.parametrize("construct_id, what", [("custom_function", "Cube"),
+                                                 ("linalg_solve", "linalg_solve")])  # fmt: skip
+def test_forward_mode_refusals_are_hos_errors(construct_id, what):
+    _, _, loss, params, u, part = _setup(construct_id)
     for backend in ("forward", "reference"):
-        with pytest.raises(NotImplementedError, match=r"^hos: .*Cube.*backend='reverse'"):
+        with pytest.raises(NotImplementedError, match=rf"^hos: .*{what}.*backend='reverse'"):
             hos.summarize(loss, params, u, part, backend=backend)
+
+
+def test_smooth_ops_pytorch_cannot_differentiate_are_refused():
+    """torch.special.bessel_j0 is smooth, but PyTorch declares it non-differentiable: every
+    AD mode would take it for a constant, silently. On a moving input hos refuses; on a
+    constant one it is fine."""
+
+    def moving(p):
+        return torch.special.bessel_j0(torch.tanh(p["w"])).sum() + (p["w"] ** 2).sum()
+
+    def constant(p):
+        return (torch.special.bessel_j0(torch.linspace(0, 1, 5, dtype=DT)) * p["w"] ** 3).sum()
+
+    params = {"w": torch.rand(5, generator=torch.Generator().manual_seed(9), dtype=DT)}
+    part = hos.Partition.per_tensor(params)
+    for backend in BACKENDS:
+        with pytest.raises(NotImplementedError, match=r"^hos: torch.special.bessel_j0 has no"):
+            hos.summarize(moving, params, params, part, backend=backend)
+    for backend in ("taylor", "reverse"):
+        s = hos.summarize(constant, params, params, part, backend=backend)
+        fd.close(s.d3, fd.Path(constant, params, params, part).diagonal(3), RTOL["d3"], backend)
+    for backend in ("forward", "reference"):  # torch.func cannot tell a constant input
+        with pytest.raises(NotImplementedError, match=r"backend='reverse' or 'auto' can"):
+            hos.summarize(constant, params, params, part, backend=backend)
 
 
 def test_random_sampling_in_the_loss_is_refused_with_the_module_path():
