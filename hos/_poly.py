@@ -143,6 +143,18 @@ class PolyTracker:
                     out[mono[0]] = poly.values[n].reshape(())
         return out
 
+    def hessian_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
+        """H̄ of the scalar ``value`` from its degree-2 coefficients (γ!·x_γ, symmetric)."""
+        out = value.new_zeros(S, S)
+        poly = self.poly(value)
+        if poly is not None:
+            for n, mono in enumerate(poly.monos):
+                if len(mono) == 2:
+                    i, j = mono
+                    entry = poly.values[n].reshape(()) * (2.0 if i == j else 1.0)
+                    out[i, j] = out[j, i] = entry
+        return out
+
     def tensor_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
         """D^(d) of the scalar ``value``: γ!·x_γ at every monomial of degree d, symmetrised."""
         from hos._backends import _symmetric_tensor

@@ -343,23 +343,26 @@ def test_certificate_catches_a_broken_rule(broken_rule, call):
     assert hos.last_fallback().certificate
 
 
-def test_certificate_costs_one_gradient_on_first_sight_only(monkeypatch):
+def test_certificate_costs_reverse_passes_on_first_sight_only(monkeypatch):
+    """First call of an op sequence: ḡ and H̄·1 by reverse mode (one graph, two backward
+    passes); later calls: a cached verdict, no reverse pass at all."""
     _certificate.clear()
     _, _, loss, params, u, part = _setup("type_as")
     calls = []
-    original = _backends.reverse_diagonal
+    for name in ("reverse_diagonal", "_exact_gradient_and_row_sums"):
+        original = getattr(_backends, name)
 
-    def counting(prob, order, groups=None):
-        calls.append(order)
-        return original(prob, order, groups)
+        def counting(*args, _name=name, _original=original):
+            calls.append(_name)
+            return _original(*args)
 
-    monkeypatch.setattr(_backends, "reverse_diagonal", counting)
+        monkeypatch.setattr(_backends, name, counting)
     first = hos.summarize(loss, params, u, part)
-    assert calls == [1]
+    assert calls == ["_exact_gradient_and_row_sums"]
     second = hos.summarize(loss, params, u, part)
-    assert calls == [1], "the verdict for a seen op sequence is cached"
+    assert len(calls) == 1, "the verdict for a seen op sequence is cached"
     hos.summarize(loss, params, u, part, verify=False)
-    assert calls == [1]
+    assert len(calls) == 1
     assert torch.equal(first.H, second.H) and hos.last_fallback() is None
 
 
@@ -437,3 +440,43 @@ def test_no_forward_mode_rule_is_refused_by_forward_backends_and_followed_by_rev
 def test_public_names():
     for name in ("Fallback", "TaylorModeWarning", "last_fallback", "RandomLossError"):
         assert name in hos.__all__ and hasattr(hos, name)
+
+
+@pytest.fixture
+def broken_second_order(monkeypatch):
+    """A wrong second derivative of tanh (first order right): only a second-order check sees it."""
+    _certificate.clear()
+    original = _jet._tanh_derivatives
+
+    def wrong(y, K):
+        out = original(y, K)
+        if K >= 2:
+            out[1] = out[1] * 1.5
+        return out
+
+    monkeypatch.setattr(_jet, "_tanh_derivatives", wrong)
+    yield
+    _certificate.clear()
+
+
+@pytest.mark.parametrize("call", ["summarize", "summarize_rows", "diagonal"])
+def test_certificate_catches_a_broken_second_order_rule(broken_second_order, call):
+    _, _, loss, params, u, part = _setup("type_as")
+    expected = _reference("type_as")
+    run = {
+        "summarize": lambda **kw: hos.summarize(loss, params, u, part, **kw),
+        "summarize_rows": lambda **kw: hos.summarize(loss, params, u, part, chunk=2, **kw),
+        "diagonal": lambda **kw: hos.summary_diagonal(loss, params, u, part, 3, **kw),
+    }[call]
+
+    def d3_of(out):
+        return out.d3 if isinstance(out, hos.Summary) else out
+
+    unchecked = run(verify=False)
+    assert (d3_of(unchecked) - expected.d3).abs().max() > 1e-3 * expected.d3.abs().max()
+    with pytest.warns(hos.TaylorModeWarning, match=r"H̄|second-order"):
+        checked = run()
+    fd.close(d3_of(checked), expected.d3, AGREE, f"{call} d3 after the certificate")
+    if isinstance(checked, hos.Summary):
+        fd.close(checked.H, expected.H, AGREE, f"{call} H")
+    assert hos.last_fallback().certificate
