@@ -1,0 +1,99 @@
+"""Issue 15 on model code hos did not write: torchvision's ResNet-18 and MobileNetV3-small.
+
+ResNet-18 writes in place everywhere (``ReLU(inplace=True)`` after BatchNorm and right after the
+residual ``out += identity``); MobileNetV3 has in-place Hardswish, Hardsigmoid gates
+(squeeze-excitation) and ReLU. ReLU is swapped for SiLU with the same ``inplace`` flag, so the
+same code paths run and finite differences of every order mean something; Hardswish and
+Hardsigmoid stay (their kinks at ±3 are trusted only where two step sizes agree). Float64,
+random weights, 32×32 inputs, a coarse partition (S = 4) so that the finite-difference oracle
+stays cheap. Taylor mode must follow the in-place writes (no fallback) and agree with reverse
+mode and with the oracle; the models' state must be untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import hos
+from tests import fd
+from tests.thirdparty import torchvision_models
+
+models = torchvision_models()
+pytestmark = [
+    pytest.mark.skipif(models is None, reason="torchvision is a test extra"),
+    pytest.mark.usefixtures("single_thread"),
+]
+DT = torch.float64
+
+
+def _smooth_relus(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(model, name, nn.SiLU(inplace=child.inplace))
+        else:
+            _smooth_relus(child)
+    return model
+
+
+GROUPS = {
+    "resnet18": {"stem": ["conv1.*", "bn1.*"], "layer1": ["layer1.*"],
+                 "layer2-3": ["layer2.*", "layer3.*"], "head": ["layer4.*", "fc.*"]},
+    "mobilenet_v3_small": {"stem": ["features.0.*"], "early": ["features.1.*", "features.2.*"],
+                           "late": ["features.[3-9].*", "features.1[0-9].*"],
+                           "head": ["classifier.*"]},
+}  # fmt: skip
+
+
+@functools.cache
+def _problem(name: str, train: bool):
+    torch.manual_seed(0)
+    model = _smooth_relus(getattr(models, name)(num_classes=5)).to(DT)
+    model.train(train)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=gen, dtype=DT)
+    y = torch.randint(0, 5, (4,), generator=gen)
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: 0.05 * torch.randn(p.shape, generator=gen, dtype=DT) for k, p in params.items()}
+    part = hos.Partition.from_groups(model, GROUPS[name])
+    return model, loss, params, u, part
+
+
+CASES = [("resnet18", True), ("resnet18", False), ("mobilenet_v3_small", True)]
+
+
+@pytest.mark.parametrize("name, train", CASES)
+def test_inplace_model_code_is_followed_and_exact(name, train):
+    model, loss, params, u, part = _problem(name, train)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    taylor = hos.summarize(loss, params, u, part)
+    assert hos.last_fallback() is None, hos.last_fallback()
+    reverse = hos.summarize(loss, params, u, part, backend="reverse")
+    for key in ("g", "H", "d3"):
+        fd.close(getattr(taylor, key), getattr(reverse, key), 1e-10, f"{name} {key} vs reverse")
+    path = fd.Path(loss, params, u, part)
+    fd.close(taylor.g, path.g(), 1e-8, f"{name} g vs finite differences")
+    kinked = name.startswith("mobilenet")
+    H, d3 = path.H(), path.diagonal(3)
+    mask_H = fd.agrees(H, path.H(fd.STEPS[2] / 2), 1e-6) if kinked else None
+    mask_d3 = fd.agrees(d3, path.diagonal(3, fd.STEPS[3] / 2), 1e-5) if kinked else None
+    fd.close(taylor.H, H, 1e-6, f"{name} H vs finite differences", mask_H)
+    fd.close(taylor.d3, d3, 1e-5, f"{name} d3 vs finite differences", mask_d3)
+    assert model.training == train
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{name}: {k} changed"
+
+
+def test_rows_path_with_inplace_writes_after_the_factored_first_layer():
+    """Per-tensor groups (S = 62 > 12): reverse rows on one graph with the factored first
+    convolution, jets riding along; torchvision writes in place into BN outputs throughout."""
+    model, loss, params, u, _ = _problem("resnet18", True)
+    part = hos.Partition.per_tensor(model)
+    s = hos.summarize(loss, params, u, part, chunk=16)
+    assert hos.last_fallback() is None, hos.last_fallback()
+    d3 = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
+    fd.close(s.d3, d3, 1e-10, "resnet18 per-tensor d3, taylor rows vs reverse")
