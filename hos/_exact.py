@@ -268,20 +268,22 @@ def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="m
 
 def mish(input, inplace=False):
     """x·tanh(softplus(x)); the fused ``mish_backward`` has no forward-mode derivative."""
-    out = input * torch.tanh(F.softplus(input))
+    x = input.clone() if inplace else input  # autograd keeps x, not the written input
+    out = x * torch.tanh(F.softplus(x))
     return input.copy_(out) if inplace else out
 
 
 def hardsigmoid(input, inplace=False):
     """clamp(x + 3, 0, 6)/6; the fused ``hardsigmoid_backward`` has no derivative (no third
     order in reverse mode, no second in forward mode: MobileNetV3)."""
-    out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0
+    out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0  # keeps input + 3, not input: safe to write
     return input.copy_(out) if inplace else out
 
 
 def hardswish(input, inplace=False):
     """x·clamp(x + 3, 0, 6)/6, in primitive ops (as :func:`hardsigmoid`)."""
-    out = input * (torch.clamp(input + 3.0, 0.0, 6.0) / 6.0)
+    x = input.clone() if inplace else input  # autograd keeps x, not the written input
+    out = x * (torch.clamp(x + 3.0, 0.0, 6.0) / 6.0)
     return input.copy_(out) if inplace else out
 
 

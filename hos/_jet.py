@@ -541,6 +541,12 @@ def _is_inplace(func, kwargs, args=()) -> bool:
     return bool(kwargs.get("inplace")) or kwargs.get("out") is not None
 
 
+def _copied(source, target):
+    """``target.copy_(source)`` out of place: source, broadcast and cast to target's layout
+    (target gives its shape and dtype only)."""
+    return source.to(target.dtype).expand(target.shape).clone()
+
+
 def _assigned(target, index, value):
     """``target[index] = value`` out of place (the rule of ``__setitem__``)."""
     out = target.clone()
@@ -549,6 +555,16 @@ def _assigned(target, index, value):
 
 
 _AFFINE.add(_assigned)
+_MULTILINEAR.add(_copied)
+_SELF_ONLY.add(_copied)
+
+
+def _filled(target, value=0.0):
+    """``target.zero_()`` / ``fill_(value)`` out of place: a constant."""
+    return torch.full_like(target, value.item() if isinstance(value, torch.Tensor) else value)
+
+
+_CONSTANT_RESULT.add(_filled)
 
 _INPLACE_NAMES = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__",
                   "__itruediv__": "__truediv__", "__ipow__": "__pow__"}  # fmt: skip
@@ -565,6 +581,10 @@ def out_of_place(func, args, kwargs):
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value, dtype=target.dtype, device=target.device)
         return _assigned, (target, index, value), {}
+    if name == "copy_" and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+        return _copied, (args[1], args[0]), {}
+    if name in ("zero_", "fill_"):  # the values no longer depend on anything
+        return _filled, args, kwargs
     if func in _INPLACE_ARG:
         bound = inspect.signature(func).bind(*args, **kwargs)
         bound.arguments["inplace"] = False

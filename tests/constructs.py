@@ -141,6 +141,15 @@ class SetItemIntoConstant(Base):
         return out[:, :-2] + out[:, 2:]
 
 
+class CopyAndFill(Base):
+    def mid(self, h):
+        buf = torch.empty(h.shape[1], dtype=h.dtype).expand_as(h).contiguous()
+        buf.copy_(torch.sin(h * 1.0))
+        z = torch.empty_like(h).fill_(0.3)
+        z.zero_().add_(0.2)
+        return buf + z * h
+
+
 class WeightNorm(nn.Module):
     def __init__(self):
         super().__init__()
@@ -268,6 +277,7 @@ CONSTRUCTS = [
     Construct("masked_fill_", MaskedFillInplace),
     Construct("setitem", SetItem),
     Construct("setitem_into_constant", SetItemIntoConstant),
+    Construct("copy_and_fill", CopyAndFill),
     Construct("weight_norm", WeightNorm),
     Construct("spectral_norm", SpectralNorm, eval_oracle=True),
     Construct("padding_idx", PaddedEmbedding),

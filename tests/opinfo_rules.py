@@ -36,7 +36,7 @@ def table_functions() -> dict[str, Callable]:
     for table in tables:
         for f in table:
             name = getattr(f, "__name__", None)
-            if name is None or name == "__get__" or f is _jet._assigned:
+            if name is None or name == "__get__" or f in (_jet._assigned, _jet._copied):
                 continue
             owner = "Tensor." if getattr(torch.Tensor, name, None) is f else ""
             if not owner and getattr(F, name, None) is f:

@@ -31,9 +31,13 @@ DT = torch.float64
 
 
 def _smooth_relus(model: nn.Module) -> nn.Module:
+    """ReLU → SiLU (same ``inplace`` flag) and max → average pooling (same geometry), so
+    that finite differences of every order mean something; the code paths stay the same."""
     for name, child in model.named_children():
         if isinstance(child, nn.ReLU):
             setattr(model, name, nn.SiLU(inplace=child.inplace))
+        elif isinstance(child, nn.MaxPool2d):
+            setattr(model, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
         else:
             _smooth_relus(child)
     return model
@@ -63,11 +67,19 @@ def _problem(name: str, train: bool):
     return model, loss, params, u, part
 
 
-CASES = [("resnet18", True), ("resnet18", False), ("mobilenet_v3_small", True)]
+#: (model, train mode, orders checked against finite differences). In eval mode BatchNorm
+#: uses its initial running statistics (no normalisation), the activations of ResNet-18 grow
+#: through its depth, and third differences of its loss no longer agree with themselves
+#: (25 % of entries at two step sizes): there the oracle is the other backends only.
+CASES = [
+    ("resnet18", True, ("g", "H", "d3")),
+    ("resnet18", False, ("g", "H")),
+    ("mobilenet_v3_small", True, ("g", "H", "d3")),
+]
 
 
-@pytest.mark.parametrize("name, train", CASES)
-def test_inplace_model_code_is_followed_and_exact(name, train):
+@pytest.mark.parametrize("name, train, fd_keys", CASES)
+def test_inplace_model_code_is_followed_and_exact(name, train, fd_keys):
     model, loss, params, u, part = _problem(name, train)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     taylor = hos.summarize(loss, params, u, part)
@@ -75,14 +87,25 @@ def test_inplace_model_code_is_followed_and_exact(name, train):
     reverse = hos.summarize(loss, params, u, part, backend="reverse")
     for key in ("g", "H", "d3"):
         fd.close(getattr(taylor, key), getattr(reverse, key), 1e-10, f"{name} {key} vs reverse")
+    # a third composition: nested forward mode (hos.reference), sharing no code with either
+    H_ref = hos.summary_tensor(loss, params, u, part, 2, backend="reference")
+    fd.close(taylor.H, H_ref, 1e-10, f"{name} H vs nested jacfwd")
+    # Hardswish and Hardsigmoid (MobileNet) are piecewise: an entry of the oracle counts
+    # where two step sizes agree (and most must)
     path = fd.Path(loss, params, u, part)
-    fd.close(taylor.g, path.g(), 1e-8, f"{name} g vs finite differences")
-    kinked = name.startswith("mobilenet")
-    H, d3 = path.H(), path.diagonal(3)
-    mask_H = fd.agrees(H, path.H(fd.STEPS[2] / 2), 1e-6) if kinked else None
-    mask_d3 = fd.agrees(d3, path.diagonal(3, fd.STEPS[3] / 2), 1e-5) if kinked else None
-    fd.close(taylor.H, H, 1e-6, f"{name} H vs finite differences", mask_H)
-    fd.close(taylor.d3, d3, 1e-5, f"{name} d3 vs finite differences", mask_d3)
+    # the float64 loss of a deep network is itself noisy at ~1e-13, which second and third
+    # differences amplify: the oracle is good to ~1e-5 (H) and ~1e-4 (diag D³) here
+    for key, tol, order in (("g", 1e-8, 1), ("H", 1e-4, 2), ("d3", 1e-3, 3)):
+        if key not in fd_keys:
+            continue
+        if key == "H":
+            a, b = path.H(), path.H(fd.STEPS[2] / 2)
+        else:
+            a, b = path.diagonal(order), path.diagonal(order, fd.STEPS[order] / 2)
+        trusted = fd.agrees(a, b, tol)
+        share = trusted.double().mean().item()
+        assert share >= 0.5, f"{name} {key}: the oracle agrees with itself on {share:.0%} only"
+        fd.close(getattr(taylor, key), a, tol, f"{name} {key} vs finite differences", trusted)
     assert model.training == train
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{name}: {k} changed"
