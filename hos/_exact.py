@@ -345,7 +345,8 @@ def _no_derivative(name: str, func, why: str) -> Callable[..., Any]:
                 for t in (a if isinstance(a, (list, tuple)) else (a,))]  # fmt: skip
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if any(t.requires_grad for t in tensors):
-            raise NoDerivativeError(f"hos: {name} {why}")
+            where = module_path()
+            raise NoDerivativeError(f"hos: {name}{f' in {where}' if where else ''} {why}")
         if any(wrapped(t) for t in tensors):
             raise NoDerivativeError(
                 f"hos: {name} has no derivative in PyTorch, and under torch.func (the forward "
@@ -393,7 +394,8 @@ def _refuse_under_torch_func(name: str, func, why: str) -> Callable[..., Any]:
         flat = [t for a in (*args, *kwargs.values())
                 for t in (a if isinstance(a, (list, tuple)) else (a,))]  # fmt: skip
         if any(isinstance(t, torch.Tensor) and wrapped(t) for t in flat):
-            raise NoDerivativeError(f"hos: {name} {why}")
+            where = module_path()
+            raise NoDerivativeError(f"hos: {name}{f' in {where}' if where else ''} {why}")
         return func(*args, **kwargs)
 
     guarded_call.__name__ = name

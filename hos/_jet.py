@@ -162,7 +162,6 @@ _AFFINE = {
     torch.add, _T.add, _T.__add__, _T.__radd__, torch.sub, _T.sub, _T.__sub__, _T.__rsub__,
     torch.subtract, torch.cat, torch.concat, torch.stack, torch.where, _T.masked_fill,
 }  # fmt: skip
-#: (``_assigned``, the out-of-place ``__setitem__``, joins once it is defined below.)
 
 #: Division: linear in the numerator.
 _DIVIDE = {torch.div, _T.div, _T.__truediv__, torch.true_divide}
@@ -560,8 +559,8 @@ _SELF_ONLY.add(_copied)
 
 
 def _filled(target, value=0.0):
-    """``target.zero_()`` / ``fill_(value)`` out of place: a constant."""
-    return torch.full_like(target, value.item() if isinstance(value, torch.Tensor) else value)
+    """``target.zero_()`` / ``fill_(number)`` out of place: a constant."""
+    return torch.full_like(target, value)
 
 
 _CONSTANT_RESULT.add(_filled)
@@ -572,7 +571,7 @@ _INPLACE_NAMES = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__m
 
 def out_of_place(func, args, kwargs):
     """(func, args, kwargs) computing what the in-place call writes, without writing;
-    None for writes with no out-of-place twin (``out=``, ``copy_``, ``zero_``, ...)."""
+    None for writes with no out-of-place twin (``out=``, an unknown ``*_`` method)."""
     if kwargs.get("out") is not None or not args or not isinstance(args[0], torch.Tensor):
         return None
     name = getattr(func, "__name__", "")
@@ -583,6 +582,8 @@ def out_of_place(func, args, kwargs):
         return _assigned, (target, index, value), {}
     if name == "copy_" and len(args) >= 2 and isinstance(args[1], torch.Tensor):
         return _copied, (args[1], args[0]), {}
+    if name == "fill_" and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+        return _copied, (args[1], args[0]), {}  # filled with a (possibly moving) 0-d tensor
     if name in ("zero_", "fill_"):  # the values no longer depend on anything
         return _filled, args, kwargs
     if func in _INPLACE_ARG:
@@ -827,11 +828,12 @@ class JetTracker:
         if not jets or self.failure is not None:
             return
         if func in _NOT_DIFFERENTIABLE:  # no backend can differentiate it: say so
-            from hos._exact import NoDerivativeError
+            from hos._exact import NoDerivativeError, module_path
 
+            where = module_path()
             raise NoDerivativeError(
-                f"hos: torch.special.{getattr(func, '__name__', '').removeprefix('special_')} "
-                "has no derivative in "
+                f"hos: torch.special.{getattr(func, '__name__', '').removeprefix('special_')}"
+                f"{f' in {where}' if where else ''} has no derivative in "
                 "PyTorch but its input moves; hold it constant (torch.no_grad(), .detach()) "
                 "or write it in differentiable ops."
             )

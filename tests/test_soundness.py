@@ -231,8 +231,22 @@ def test_smooth_ops_pytorch_cannot_differentiate_are_refused():
 
     params = {"w": torch.rand(5, generator=torch.Generator().manual_seed(9), dtype=DT)}
     part = hos.Partition.per_tensor(params)
+
+    class Bessel(nn.Module):
+        def forward(self, h):
+            return torch.special.bessel_j0(h)
+
+    net = nn.Sequential(nn.Linear(3, 4), Bessel(), nn.Linear(4, 2)).to(DT)
+    gen = torch.Generator().manual_seed(10)
+    net_loss = hos.model_loss(net, nn.MSELoss(), torch.randn(5, 3, generator=gen, dtype=DT),
+                              torch.randn(5, 2, generator=gen, dtype=DT))  # fmt: skip
+    net_params = {k: v.detach() for k, v in net.named_parameters()}
+    net_part = hos.Partition.per_tensor(net_params)
     for backend in BACKENDS:
         with pytest.raises(NotImplementedError, match=r"^hos: torch.special.bessel_j0 has no"):
+            hos.summarize(moving, params, params, part, backend=backend)
+        with pytest.raises(NotImplementedError, match=r"bessel_j0 in 1 \(Bessel\) has no"):
+            hos.summarize(net_loss, net_params, net_params, net_part, backend=backend)
             hos.summarize(moving, params, params, part, backend=backend)
     for backend in ("taylor", "reverse"):
         s = hos.summarize(constant, params, params, part, backend=backend)
