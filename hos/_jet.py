@@ -180,7 +180,11 @@ _ELEMENTWISE = {
     torch.relu, _T.relu, F.relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.softplus,
     F.leaky_relu, F.logsigmoid, torch.erf, _T.erf, torch.log1p, _T.log1p, torch.expm1,
     torch.abs, _T.abs, _T.__abs__, F.hardtanh, F.relu6, F.tanhshrink, F.softsign,
+    torch.clamp, _T.clamp, torch.clip, _T.clip, torch.clamp_min, _T.clamp_min,
+    torch.clamp_max, _T.clamp_max,
 }  # fmt: skip
+_CLAMP = {torch.clamp, _T.clamp, torch.clip, _T.clip, torch.clamp_min, _T.clamp_min,
+          torch.clamp_max, _T.clamp_max}  # fmt: skip
 
 _POWER = {torch.pow, _T.pow, _T.__pow__}
 
@@ -508,6 +512,22 @@ def _raw_derivatives(func, args, kwargs, x, y, K: int) -> list | None:
         return [cycle[(start + j) % 4] for j in range(K)]
     if func in (torch.relu, _T.relu, F.relu):
         return [(x > 0).to(x.dtype)] + [None] * (K - 1)
+    if func in _CLAMP:  # slope 1 between the bounds (inclusive, as autograd), 0 outside
+        name = getattr(func, "__name__", "")
+        low = high = None
+        if name == "clamp_min":
+            low = args[1] if len(args) > 1 else kwargs.get("min")
+        elif name == "clamp_max":
+            high = args[1] if len(args) > 1 else kwargs.get("max")
+        else:
+            low = args[1] if len(args) > 1 else kwargs.get("min")
+            high = args[2] if len(args) > 2 else kwargs.get("max")
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if low is not None:
+            inside = inside & (x >= low)
+        if high is not None:
+            inside = inside & (x <= high)
+        return [inside.to(x.dtype)] + [None] * (K - 1)
     if func is F.leaky_relu:
         slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
         return [torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope))] + [None] * (

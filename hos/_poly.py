@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from hos import _jet
 from hos._jet import tree_flatten, tree_unflatten
@@ -96,6 +97,7 @@ class PolyTracker:
         self.table: dict[int, tuple[Any, Poly]] = {}
         self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
         self.ops: list = []  # (call, moving arguments) in order: the pass's op sequence
+        self.moving_storages: dict[int, StorageWeakRef] = {}  # written with moving values
 
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
         self._store(tensor, Poly(((group,),), direction.detach().unsqueeze(0)))
@@ -105,6 +107,10 @@ class PolyTracker:
             return None
         entry = self.table.get(id(tensor))
         if entry is None or entry[0] is not tensor:
+            if self.moving_storages:
+                ref = self.moving_storages.get(_jet._storage(tensor))
+                if ref is not None and not ref.expired():
+                    raise PolyFailure("a tensor aliasing one that an in-place write made move")
             return None
         if tensor._version != entry[2]:
             raise PolyFailure("a moving tensor was written in place through another view of it")
@@ -120,7 +126,9 @@ class PolyTracker:
 
     def run(self, func, args, kwargs):
         """``func(*args, **kwargs)`` with its outputs' coefficients; an in-place write that
-        involves a moving tensor is not followed (the caller falls back to reverse mode)."""
+        involves a moving tensor is computed out of place (from the values before the write),
+        then the write runs and its target takes the result's coefficients (as in
+        :meth:`hos._jet.JetTracker.run`)."""
         if (
             self.table
             and (self._depth > 0 or torch.is_grad_enabled())
@@ -128,9 +136,27 @@ class PolyTracker:
         ):
             leaves, _ = tree_flatten((args, kwargs))
             if any(self.poly(leaf) is not None for leaf in leaves):
-                raise PolyFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+                return self._write(func, args, kwargs)
         out = func(*args, **kwargs)
         self.propagate(func, args, kwargs, out)
+        return out
+
+    def _write(self, func, args, kwargs):
+        twin = _jet.out_of_place(func, args, kwargs)
+        if twin is None:
+            raise PolyFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+        target = args[0]
+        func2, args2, kwargs2 = twin
+        value = func2(*args2, **kwargs2)
+        self.propagate(func2, args2, kwargs2, value)
+        poly = self.poly(value)
+        self.table.pop(id(value), None)
+        del value
+        out = func(*args, **kwargs)
+        self.table.pop(id(target), None)
+        storage = target.untyped_storage()
+        self.moving_storages[storage._cdata] = StorageWeakRef(storage)
+        self._store(target, poly)
         return out
 
     def gradient_of(self, value: torch.Tensor, S: int) -> torch.Tensor:

@@ -63,7 +63,7 @@ def entries_for(key: str, entries) -> list:
             "__sub__": "sub", "__rsub__": "__rsub__", "__truediv__": "true_divide",
             "__matmul__": "matmul", "__neg__": "neg", "__abs__": "abs", "__pow__": "pow",
             "multiply": "mul", "subtract": "sub", "concat": "cat", "true_divide": "true_divide",
-            "mT": "mT", "float": "float", "double": "double"}.get(name, name)  # fmt: skip
+            "mT": "mT", "float": "float", "double": "double", "clip": "clamp"}.get(name, name)  # fmt: skip
     order = (
         (f"nn.functional.{name}", name) if key.startswith("F.") else (name, f"nn.functional.{name}")
     )

@@ -123,6 +123,7 @@ def test_random_chains_match_the_oracle(chain):
     d4 = hos.summary_diagonal(loss, params, u, part, 4)
     assert hos.last_fallback() is None, (names, hos.last_fallback())
     D3 = hos.summary_tensor(loss, params, u, part, 3)
+    assert hos.last_fallback() is None, (names, hos.last_fallback())
     expected = [reference.summary_tensor(loss, params, u, part, k) for k in (1, 2, 3)]
     tol = 1e-10
     close(s.g, expected[0], tol, f"{names} g")

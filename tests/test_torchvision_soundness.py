@@ -120,3 +120,13 @@ def test_rows_path_with_inplace_writes_after_the_factored_first_layer():
     assert hos.last_fallback() is None, hos.last_fallback()
     d3 = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
     fd.close(s.d3, d3, 1e-10, "resnet18 per-tensor d3, taylor rows vs reverse")
+
+
+def test_full_third_order_tensor_follows_the_inplace_writes():
+    """Multivariate Taylor mode (every monomial up to degree 3) through MobileNetV3's in-place
+    Hardswish and SE gates: no fallback, and the same D³ as nested reverse mode."""
+    _, loss, params, u, part = _problem("mobilenet_v3_small", True)
+    D3 = hos.summary_tensor(loss, params, u, part, 3)
+    assert hos.last_fallback() is None, hos.last_fallback()
+    reverse = hos.summary_tensor(loss, params, u, part, 3, backend="reverse")
+    fd.close(D3, reverse, 1e-10, "mobilenet D3 taylor vs reverse")
