@@ -333,6 +333,16 @@ def logaddexp(input, other, *, out=None):
     return m + torch.log(torch.exp(input - m) + torch.exp(other - m))
 
 
+def _tensors_in(args, kwargs) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (one level of lists and tuples)."""
+    return [
+        t
+        for a in (*args, *kwargs.values())
+        for t in (a if isinstance(a, (list, tuple)) else (a,))
+        if isinstance(t, torch.Tensor)
+    ]
+
+
 class NoDerivativeError(NotImplementedError):
     """PyTorch has no (or a wrong) derivative of an op that the loss differentiates through."""
 
@@ -341,9 +351,7 @@ def _no_derivative(name: str, func, why: str) -> Callable[..., Any]:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
     def guarded_call(*args, **kwargs):
-        flat = [t for a in (*args, *kwargs.values())
-                for t in (a if isinstance(a, (list, tuple)) else (a,))]  # fmt: skip
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        tensors = _tensors_in(args, kwargs)
         if any(t.requires_grad for t in tensors):
             where = module_path()
             raise NoDerivativeError(f"hos: {name}{f' in {where}' if where else ''} {why}")
@@ -391,9 +399,7 @@ def _refuse_under_torch_func(name: str, func, why: str) -> Callable[..., Any]:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
     def guarded_call(*args, **kwargs):
-        flat = [t for a in (*args, *kwargs.values())
-                for t in (a if isinstance(a, (list, tuple)) else (a,))]  # fmt: skip
-        if any(isinstance(t, torch.Tensor) and wrapped(t) for t in flat):
+        if any(wrapped(t) for t in _tensors_in(args, kwargs)):
             where = module_path()
             raise NoDerivativeError(f"hos: {name}{f' in {where}' if where else ''} {why}")
         return func(*args, **kwargs)
