@@ -239,6 +239,7 @@ def summarize_loader(
     *,
     reduction: Reduction | str | None = None,
     backend: Backend | str = Backend.AUTO,
+    verify: bool = True,
     progress: bool | None = None,
     group: Any = None,
 ) -> Summary:
@@ -262,6 +263,8 @@ def summarize_loader(
         reduction: ``"mean"`` or ``"sum"`` (:class:`Reduction`); None reads
             ``criterion.reduction`` (torch losses) and otherwise means ``"mean"``.
         backend: the :class:`hos.Backend` of each batch's summary.
+        verify: Taylor mode's certificate (see :func:`hos.summarize`); its verdict is
+            cached after the first batch, so it costs nothing on the others.
         progress: a tqdm bar over the batches; None shows it when stderr is a terminal
             (on rank 0 only).
         group: the torch.distributed process group to reduce over (None: all ranks).
@@ -289,7 +292,7 @@ def summarize_loader(
     """
 
     def compute(loss, params, u, part):
-        s = summarize(loss, params, u, part, backend=backend)
+        s = summarize(loss, params, u, part, backend=backend, verify=verify)
         return s.g, s.H, s.d3, s.loss
 
     g, H, d3, value = _accumulate(
@@ -318,6 +321,7 @@ def summary_tensor_loader(
     *,
     reduction: Reduction | str | None = None,
     backend: Backend | str = Backend.AUTO,
+    verify: bool = True,
     progress: bool | None = None,
     group: Any = None,
 ) -> torch.Tensor:
@@ -350,7 +354,7 @@ def summary_tensor_loader(
         )
 
     def compute(loss, params, u, part):
-        return (summary_tensor(loss, params, u, part, order, backend=backend),)
+        return (summary_tensor(loss, params, u, part, order, backend=backend, verify=verify),)
 
     (out,) = _accumulate(
         "summary_tensor_loader",
@@ -378,6 +382,7 @@ def summary_diagonal_loader(
     *,
     reduction: Reduction | str | None = None,
     backend: Backend | str = Backend.AUTO,
+    verify: bool = True,
     progress: bool | None = None,
     group: Any = None,
 ) -> torch.Tensor:
@@ -390,7 +395,7 @@ def summary_diagonal_loader(
     order = check_order(order)
 
     def compute(loss, params, u, part):
-        return (summary_diagonal(loss, params, u, part, order, backend=backend),)
+        return (summary_diagonal(loss, params, u, part, order, backend=backend, verify=verify),)
 
     (out,) = _accumulate(
         "summary_diagonal_loader",

@@ -494,3 +494,18 @@ def test_certificate_catches_a_broken_second_order_rule(broken_second_order, cal
     if isinstance(checked, hos.Summary):
         fd.close(checked.H, expected.H, AGREE, f"{call} H")
     assert hos.last_fallback().certificate
+
+
+def test_loaders_pass_verify_through():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    c, model, _, params, u, part = _setup("type_as")
+    gen = torch.Generator().manual_seed(15)
+    data = TensorDataset(torch.randn(6, 6, generator=gen, dtype=DT), torch.tensor([0, 1, 2] * 2))
+    loader = DataLoader(data, batch_size=3)
+    crit = nn.CrossEntropyLoss()
+    checked = hos.summarize_loader(model, crit, loader, u, part, progress=False)
+    unchecked = hos.summarize_loader(model, crit, loader, u, part, progress=False, verify=False)
+    fd.close(unchecked.H, checked.H, AGREE, "loader H with and without the certificate")
+    with pytest.raises(TypeError, match="verify must be True or False"):
+        hos.summary_diagonal_loader(model, crit, loader, u, part, 3, progress=False, verify=1)
