@@ -160,11 +160,18 @@ def compute_summary(
         u = {k: torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in params.items()}
     start = time.perf_counter()
     s = hos.summarize(loss, params, u, part, backend=backend)
+    fallbacks = {"summarize": hos.last_fallback()}
     tensors = {1: s.g, 2: s.H}
     for d in range(3, order + 1):
         tensors[d] = hos.summary_tensor(loss, params, u, part, order=d, backend=backend)
+        fallbacks[f"D{d}"] = hos.last_fallback()
     seconds = time.perf_counter() - start
-    return part, tensors, s.d3, float(s.loss), seconds, g_seconds
+    handed = {  # what Taylor mode handed to reverse mode, and why (hos.last_fallback)
+        k: {"groups": list(f.groups), "reasons": list(f.reasons), "certificate": f.certificate}
+        for k, f in fallbacks.items()
+        if f is not None
+    }
+    return part, tensors, s.d3, float(s.loss), seconds, g_seconds, handed
 
 
 def _diagonal(t):
@@ -184,7 +191,7 @@ def cmd_summary(args) -> int:
     out = _out_dir(args.out)
     dataset = _load(args.data, args.data_root, args.seed)
     net = _build(args.model, dataset, args.seed, args.dtype)
-    part, tensors, _, loss, seconds, g_seconds = compute_summary(
+    part, tensors, _, loss, seconds, g_seconds, fallbacks = compute_summary(
         net,
         dataset,
         partition=args.partition,
@@ -215,6 +222,7 @@ def cmd_summary(args) -> int:
         "seconds": seconds,
         "gradient_seconds": g_seconds,
         "cost_in_gradients": seconds / g_seconds,
+        "fallbacks": fallbacks,
         "environment": environment(),
     }
     _write_json(out / "summary.json", meta)
@@ -311,7 +319,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     # 1. the summary of the paper's MLP at initialisation, float64, u = batch gradient
     net = _build(model, data, args.seed, "float64")
-    part, tensors, d3, loss, seconds, g_seconds = compute_summary(
+    part, tensors, d3, loss, seconds, g_seconds, _ = compute_summary(
         net, data, partition="per-layer", order=2, batch_size=100, direction="gradient"
     )
     H = tensors[2]

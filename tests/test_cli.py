@@ -33,6 +33,7 @@ def test_summary_writes_tensors_metadata_and_figures(tmp_path):
     saved = np.load(out / "summary.npz")
     S = len(meta["names"])
     assert S == 4 and saved["D3"].shape == (S, S, S)
+    assert meta["fallbacks"] == {}  # Taylor mode followed the whole model
     np.testing.assert_allclose(saved["D2"], saved["D2"].T, rtol=RTOL)
     np.testing.assert_allclose(saved["diag3"], np.einsum("iii->i", saved["D3"]), rtol=RTOL)
     # oracle: with u = the batch gradient, D1_s = ||grad of layer s||^2, computed here directly
