@@ -310,6 +310,16 @@ def broken_rule(monkeypatch):
     _certificate.clear()
 
 
+def _runner(call, loss, params, u, part):
+    """The public call that takes each Taylor-mode path (keywords passed through)."""
+    return {
+        "summarize": lambda **kw: hos.summarize(loss, params, u, part, **kw),
+        "summarize_rows": lambda **kw: hos.summarize(loss, params, u, part, chunk=2, **kw),
+        "diagonal": lambda **kw: hos.summary_diagonal(loss, params, u, part, 3, **kw),
+        "tensor": lambda **kw: hos.summary_tensor(loss, params, u, part, 3, **kw),
+    }[call]
+
+
 def _reference(construct_id):
     _, _, loss, params, u, part = _setup(construct_id)
     s = hos.summarize(loss, params, u, part, backend="reverse")
@@ -328,12 +338,7 @@ def _reference(construct_id):
 def test_certificate_catches_a_broken_rule(broken_rule, call):
     _, _, loss, params, u, part = _setup("type_as")
     expected = _reference("type_as")
-    run = {
-        "summarize": lambda **kw: hos.summarize(loss, params, u, part, **kw),
-        "summarize_rows": lambda **kw: hos.summarize(loss, params, u, part, chunk=2, **kw),
-        "diagonal": lambda **kw: hos.summary_diagonal(loss, params, u, part, 3, **kw),
-        "tensor": lambda **kw: hos.summary_tensor(loss, params, u, part, 3, **kw),
-    }[call]
+    run = _runner(call, loss, params, u, part)
 
     def d3_of(out):
         if isinstance(out, hos.Summary):
@@ -477,11 +482,7 @@ def broken_second_order(monkeypatch):
 def test_certificate_catches_a_broken_second_order_rule(broken_second_order, call):
     _, _, loss, params, u, part = _setup("type_as")
     expected = _reference("type_as")
-    run = {
-        "summarize": lambda **kw: hos.summarize(loss, params, u, part, **kw),
-        "summarize_rows": lambda **kw: hos.summarize(loss, params, u, part, chunk=2, **kw),
-        "diagonal": lambda **kw: hos.summary_diagonal(loss, params, u, part, 3, **kw),
-    }[call]
+    run = _runner(call, loss, params, u, part)
 
     def d3_of(out):
         return out.d3 if isinstance(out, hos.Summary) else out
