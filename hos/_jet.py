@@ -686,8 +686,53 @@ def _nested_derivatives(fn: Callable, t: torch.Tensor, K: int) -> list:
     return current(t)
 
 
+class FollowsWrites:
+    """How a tracker follows an in-place write on moving tensors (both algebras).
+
+    The coefficients come from the write's out-of-place twin (:func:`out_of_place`)
+    evaluated on the values before the write; then the write itself runs (autograd records
+    it as usual) and its target takes the twin's coefficients. A write without a twin is
+    refused (the caller falls back to reverse mode). Subclasses provide ``following()``,
+    ``coefficients_of(tensor)``, ``_drop(id)``, ``_keep(target, coefficients)``,
+    ``_refuse(reason)``, ``propagate`` and the ``moving_storages`` and ``_depth`` attributes.
+    """
+
+    def run(self, func, args, kwargs):
+        """``func(*args, **kwargs)`` with its outputs' coefficients."""
+        if (
+            self.following()
+            and (self._depth > 0 or torch.is_grad_enabled())
+            and _is_inplace(func, kwargs, args)
+        ):
+            leaves, _ = tree_flatten((args, kwargs))
+            if any(self.coefficients_of(leaf) is not None for leaf in leaves):
+                return self._write(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.propagate(func, args, kwargs, out)
+        return out
+
+    def _write(self, func, args, kwargs):
+        twin = out_of_place(func, args, kwargs)
+        if twin is None:
+            self._refuse(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+            return func(*args, **kwargs)
+        target = args[0]
+        func2, args2, kwargs2 = twin
+        value = func2(*args2, **kwargs2)  # the coefficients, from the values before the write
+        self.propagate(func2, args2, kwargs2, value)
+        coefficients = self.coefficients_of(value)
+        self._drop(id(value))
+        del value
+        out = func(*args, **kwargs)  # the write itself, recorded by autograd as usual
+        self._drop(id(target))
+        storage = target.untyped_storage()
+        self.moving_storages[storage._cdata] = StorageWeakRef(storage)
+        self._keep(target, coefficients)
+        return out
+
+
 # --------------------------------------------------------------------------- tracker
-class JetTracker:
+class JetTracker(FollowsWrites):
     """Taylor coefficients up to order ``order`` of every tensor that depends on the seeds.
 
     Args:
@@ -885,46 +930,25 @@ class JetTracker:
                 raise RuntimeError(f"hos: bug in the Taylor-mode rule for {name}") from exc
             self.fail(f"{name}: {type(exc).__name__}: {exc}")
 
-    def run(self, func, args, kwargs):
-        """``func(*args, **kwargs)`` with its outputs' jets; an in-place write on moving
-        tensors is computed out of place (from the values before the write), copied into
-        its target, and the target takes the result's jet."""
-        if (
-            self.failure is None
-            and self.table
-            and (self._depth > 0 or torch.is_grad_enabled())
-            and _is_inplace(func, kwargs, args)
-        ):
-            leaves, _ = tree_flatten((args, kwargs))
-            if any(self.jet(leaf) is not None for leaf in leaves):
-                return self._write(func, args, kwargs)
-        out = func(*args, **kwargs)
-        self.propagate(func, args, kwargs, out)
-        return out
+    # ------------------------------------------------------------------ FollowsWrites
+    def following(self) -> bool:
+        return self.failure is None and bool(self.table)
 
-    def _write(self, func, args, kwargs):
-        twin = out_of_place(func, args, kwargs)
-        if twin is None:
-            out = func(*args, **kwargs)
-            self.fail(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
-            return out
-        target = args[0]
-        func2, args2, kwargs2 = twin
-        value = func2(*args2, **kwargs2)  # the coefficients, from the values before the write
-        self.propagate(func2, args2, kwargs2, value)
-        jet = self.jet(value)
-        self._forget(id(value))
-        del value
-        out = func(*args, **kwargs)  # the write itself, recorded by autograd as usual
-        self._forget(id(target))
-        storage = target.untyped_storage()
-        self.moving_storages[storage._cdata] = StorageWeakRef(storage)
-        if jet is not None and self.failure is None:
-            try:
-                self._store(target, jet)
-            except JetFailure as exc:
-                self.fail(str(exc))
-        return out
+    coefficients_of = jet
+
+    def _drop(self, key: int) -> None:
+        self._forget(key)
+
+    def _keep(self, target: torch.Tensor, jet: Jet | None) -> None:
+        if jet is None or self.failure is not None:
+            return
+        try:
+            self._store(target, jet)
+        except JetFailure as exc:
+            self.fail(str(exc))
+
+    def _refuse(self, reason: str) -> None:
+        self.fail(reason)
 
     def _rule(self, func, leaves, spec, jets, outs):
         if func in _DECOMPOSE and not (func in _DIVIDE and not _divisor_moves(leaves, spec, jets)):

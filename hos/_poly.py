@@ -88,7 +88,7 @@ def _collect(parts: list[tuple[tuple[Mono, ...], torch.Tensor]]) -> Poly | None:
     return Poly(tuple(order), total)
 
 
-class PolyTracker:
+class PolyTracker(_jet.FollowsWrites):
     """All Taylor coefficients up to total degree ``degree`` of every tensor that moves."""
 
     def __init__(self, degree: int, max_monomials: int):
@@ -124,40 +124,21 @@ class PolyTracker:
         # strong references: the pass is short and bounded
         self.table[id(tensor)] = (tensor, poly, tensor._version)
 
-    def run(self, func, args, kwargs):
-        """``func(*args, **kwargs)`` with its outputs' coefficients; an in-place write that
-        involves a moving tensor is computed out of place (from the values before the write),
-        then the write runs and its target takes the result's coefficients (as in
-        :meth:`hos._jet.JetTracker.run`)."""
-        if (
-            self.table
-            and (self._depth > 0 or torch.is_grad_enabled())
-            and _jet._is_inplace(func, kwargs, args)
-        ):
-            leaves, _ = tree_flatten((args, kwargs))
-            if any(self.poly(leaf) is not None for leaf in leaves):
-                return self._write(func, args, kwargs)
-        out = func(*args, **kwargs)
-        self.propagate(func, args, kwargs, out)
-        return out
+    # ------------------------------------------------------------------ FollowsWrites
+    def following(self) -> bool:
+        return bool(self.table)
 
-    def _write(self, func, args, kwargs):
-        twin = _jet.out_of_place(func, args, kwargs)
-        if twin is None:
-            raise PolyFailure(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
-        target = args[0]
-        func2, args2, kwargs2 = twin
-        value = func2(*args2, **kwargs2)
-        self.propagate(func2, args2, kwargs2, value)
-        poly = self.poly(value)
-        self.table.pop(id(value), None)
-        del value
-        out = func(*args, **kwargs)
-        self.table.pop(id(target), None)
-        storage = target.untyped_storage()
-        self.moving_storages[storage._cdata] = StorageWeakRef(storage)
+    def coefficients_of(self, tensor: Any) -> Poly | None:
+        return self.poly(tensor)
+
+    def _drop(self, key: int) -> None:
+        self.table.pop(key, None)
+
+    def _keep(self, target: torch.Tensor, poly: Poly | None) -> None:
         self._store(target, poly)
-        return out
+
+    def _refuse(self, reason: str) -> None:
+        raise PolyFailure(reason)
 
     def gradient_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
         """ḡ of the scalar ``value``: its coefficients at the degree-1 monomials."""
