@@ -20,10 +20,8 @@ pass in gradient passes. 2 processes are gloo on 127.0.0.1, 1 torch thread each.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -38,23 +36,11 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 from hos.datasets import load_dataset
 from hos.models import build_model
+from hos.provenance import environment as _environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "analysis" / "results"
 FIGURES = ROOT / "figures"
-
-
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "hos": hos.__version__,
-        "python": platform.python_version(),
-        "threads_per_process": 1,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-    }
 
 
 def _slowest(seconds: float) -> float:
@@ -160,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
             k: _max_rel(row["summary"][k], one["summary"][k]) for k in ("g", "H", "d3")
         }
     return {
-        "environment": environment(),
+        "environment": _environment(threads_per_process=1),
         "config": {
             "data": "digits",
             "dtype": "float32",

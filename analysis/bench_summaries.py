@@ -12,7 +12,7 @@ and ``figures/bench_memory.png``.
 Compared, on the GroupedNewton paper's MLP (784-1024-200-100-10 tanh, S = 8) and
 LeNet-5 on 3×32×32 inputs (S = 10), per-tensor partition, batch 100, float32:
 
-* ``hos.reverse`` / ``hos.forward``: the backends of :mod:`hos._backends`,
+* ``hos.reverse`` / ``hos.forward``: the backends of :mod:`hos.backends`,
   called through the public functions (argument checks included);
 * ``torch.func``: the naive compositions on the path function φ(η):
   ``jacrev`` for ḡ, ``hessian`` (jacfwd∘jacrev) for H̄, jacfwd∘jacfwd∘jacrev for D³;
@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import gc
 import importlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -53,6 +51,7 @@ from torch import nn
 import hos
 import hos.reference
 from hos import models as hos_models
+from hos import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "analysis" / "results" / "bench_summaries.json"
@@ -504,23 +503,8 @@ def _log(text: str) -> None:
 
 
 def environment(gn) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln), cpu)
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dtype": "float32",
-        "grouped_newton_commit": gn.commit if gn is not None else None,
-    }
+    commit = gn.commit if gn is not None else None
+    return provenance.environment(dtype="float32", grouped_newton_commit=commit)
 
 
 def run(args) -> dict:

@@ -35,7 +35,7 @@ import torch
 from torch.func import jacfwd
 
 from hos._exact import DECOMPOSITIONS
-from hos.cli import environment
+from hos.provenance import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "analysis" / "results" / "fused_kernel_survey.json"

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 import hos
-from hos.cli import environment
 from hos.datasets import load_dataset
 from hos.models import build_model
+from hos.provenance import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "analysis" / "results"

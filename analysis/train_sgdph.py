@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hos.cli import environment
 from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.optim import SGDPH, CurvatureMode
+from hos.provenance import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "analysis" / "results"

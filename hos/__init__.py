@@ -10,9 +10,10 @@ from hos._data import (
     summary_tensor_loader,
 )
 from hos._elements import element_names, split_elements
-from hos._exact import ExactOps, RandomLossError, exact_ops
+from hos._exact import ExactOps, exact_ops
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
+from hos._refusals import RandomLossError
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import NonFiniteWarning, SummaryMemoryError
 

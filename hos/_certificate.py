@@ -1,8 +1,7 @@
 """What stands behind a Taylor-mode result: fallbacks on record, and a certificate.
 
-Taylor mode follows the model's torch calls with its own rules (:mod:`hos._jet`,
-:mod:`hos._poly`). Two things keep a wrong rule, or an op it misreads, from ever
-returning a wrong number silently:
+Taylor mode follows the model's torch calls with its own rules (:mod:`hos.taylor`). Two things keep a
+wrong rule, or an op it misreads, from ever returning a wrong number silently:
 
 * **Fallbacks on record.** Whatever the tracker cannot follow (an in-place write with
   no out-of-place twin, a complex output, a custom ``autograd.Function``, ...) sends

@@ -22,7 +22,6 @@ the function (it is a collective), also a rank whose shard is empty.
 from __future__ import annotations
 
 import enum
-import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hos._collective import all_reduce_sum
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
@@ -204,20 +204,9 @@ def _accumulate(
         finally:
             bar.close()
     if group is not None:
-        # gloo reduces CPU tensors; NCCL (and mixed backends) the tensors' own device.
-        where = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
-        flat = torch.cat(
-            [s.reshape(-1).to(where) for s in sums]
-            + [torch.tensor([samples, weight], dtype=ACCUMULATE_DTYPE, device=where)]
-        )
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat = flat.to(device)
-        sums, start = [], 0
-        for shape in shape_list:
-            size = math.prod(shape)
-            sums.append(flat[start : start + size].reshape(shape))
-            start += size
-        samples, weight = int(flat[-2].item()), float(flat[-1].item())
+        counts = torch.tensor([samples, weight], dtype=ACCUMULATE_DTYPE, device=device)
+        *sums, counts = all_reduce_sum([*sums, counts], group)
+        samples, weight = int(counts[0].item()), float(counts[1].item())
     if samples == 0:
         ranks = " on every rank" if group is not None else ""
         raise ValueError(

@@ -7,13 +7,13 @@ For the path function :math:`\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)`,
           = \sum_{p_1\in T_{i_1}}\cdots\sum_{p_d\in T_{i_d}} u_{p_1}\cdots u_{p_d}\,
             \partial^d L/\partial\theta_{p_1}\cdots\partial\theta_{p_d}.
 
-Backends (see :data:`BACKENDS`) compute the same numbers by different
+Backends (see :mod:`hos.backends`) compute the same numbers by different
 compositions of automatic differentiation; each is checked against
 :mod:`hos.reference` in the tests.
 
 ``taylor`` (the fastest; what ``"auto"`` picks)
     Taylor mode, i.e. forward passes that carry Taylor coefficients next to every
-    activation (see :mod:`hos._jet`, :mod:`hos._poly`). Every *diagonal* (diag D³ in
+    activation (see :mod:`hos.taylor`). Every *diagonal* (diag D³ in
     :func:`summarize`, :func:`summary_diagonal` at any order) from the univariate
     coefficients along :math:`t \mapsto \theta + t u_s`, all groups in one pass, with no
     backward pass; for S <= 12 also the mixed coefficients of every pair (ḡ, H̄ and diag D³
@@ -27,7 +27,7 @@ compositions of automatic differentiation; each is checked against
     one shared graph; input layers factored as f(x, θ_W) + η_W f(x, u_W), so the
     weight gradient of the first layer is never formed; row i of H̄ stops at
     group i (groups ordered by first use); d3_i is one more backward of H̄_ii
-    with respect to η_i. See :mod:`hos._backends`.
+    with respect to η_i. See :mod:`hos.backends.reverse`.
 ``forward``
     torch.func, pruned forward-over-reverse (nested ``jvp`` along single groups
     over a ``grad`` restricted to the later groups); diagonals by d nested
@@ -38,15 +38,16 @@ compositions of automatic differentiation; each is checked against
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from hos import _backends, _certificate
-from hos._exact import ExactOps, explain_missing_derivative, inline_checkpoints
+from hos import _certificate
+from hos._exact import ExactOps, inline_checkpoints
 from hos._partition import Partition
+from hos._problem import Problem
+from hos._refusals import explain_missing_derivative
 from hos._validate import (
     all_zero,
     check_chunk,
@@ -54,25 +55,15 @@ from hos._validate import (
     check_order,
     check_output_size,
     check_result,
-    check_summary_args,
     guarded,
     upcast_errors,
 )
+from hos.backends import Backend, SummaryBackend, resolve
 
 __all__ = ["Backend", "Summary", "summarize", "summary_diagonal", "summary_tensor"]
 
 Params = Mapping[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
-
-
-class Backend(str, enum.Enum):
-    """How summaries are differentiated. ``AUTO`` picks the fastest exact one."""
-
-    AUTO = "auto"
-    FORWARD = "forward"
-    REVERSE = "reverse"
-    TAYLOR = "taylor"
-    REFERENCE = "reference"
 
 
 @dataclass(frozen=True)
@@ -97,64 +88,22 @@ class Summary:
         return len(self.names)
 
 
-# --------------------------------------------------------------------------- registry
-_TENSOR = {
-    Backend.FORWARD: _backends.forward_tensor,
-    Backend.REVERSE: _backends.reverse_tensor,
-    Backend.TAYLOR: _backends.taylor_tensor,  # H̄ by pair coefficients, higher by reverse
-}
-_DIAGONAL = {
-    Backend.FORWARD: lambda prob, order, chunk: _backends.forward_diagonal(prob, order),
-    Backend.REVERSE: lambda prob, order, chunk: _backends.reverse_diagonal(prob, order),
-    Backend.TAYLOR: _backends.taylor_diagonal,
-}
-_SUMMARIZE = {
-    Backend.FORWARD: lambda prob, chunk: _backends.forward_summarize(prob),
-    Backend.REVERSE: lambda prob, chunk: _backends.reverse_summarize(prob),
-    Backend.TAYLOR: _backends.taylor_summarize,
-}
-#: What ``"auto"`` resolves to: the fastest exact backend (see analysis/bench_summaries.py).
-_FASTEST = Backend.TAYLOR
-
-
 # --------------------------------------------------------------------------- dispatch
-def _resolve(backend: Backend | str) -> Backend:
-    try:
-        choice = Backend(backend)
-    except ValueError:
-        raise ValueError(
-            f"backend must be one of {[b.value for b in Backend]}, got {backend!r}; pass one of "
-            "those (or a hos.Backend), e.g. backend='auto' for the fastest exact one."
-        ) from None
-    return choice
-
-
-def _effective(choice: Backend) -> Backend:
-    return _FASTEST if choice is Backend.AUTO else choice
-
-
-def _prepare(
-    loss, params, direction, partition, order: int, what: str, verify: bool
-) -> _backends.Problem:
-    if not isinstance(verify, bool):
-        raise TypeError(
-            f"verify must be True or False, got {verify!r}; True (the default) checks Taylor "
-            "mode against one gradient per new op sequence, False skips that check."
-        )
-    loss, params, direction, partition = check_summary_args(
-        loss, params, direction, partition, order=order, what=what, stacklevel=4
+def _prepare(loss, params, direction, partition, order: int, what: str, verify: bool) -> Problem:
+    prob = Problem.validated(
+        loss, params, direction, partition, order=order, what=what, verify=verify, stacklevel=4
     )
     _certificate.start_call()
-    return _backends.Problem(loss, params, direction, partition, verify=verify)
+    return prob
 
 
-def _checked_run(prob: _backends.Problem, params, compute, backend: Backend):
+def _checked_run(prob: Problem, params, compute, backend: SummaryBackend):
     """Run ``compute()`` read-only (see :mod:`hos._validate`) and check what it returns."""
     with guarded(prob.device), upcast_errors(params, prob.dtype), inline_checkpoints(), ExactOps():
         try:
             results = compute()
         except (RuntimeError, NotImplementedError) as err:
-            clear = explain_missing_derivative(err, backend.value)
+            clear = explain_missing_derivative(err, backend.name)
             if clear is None:
                 raise
             raise clear from err
@@ -198,26 +147,13 @@ def summary_tensor(
     tensor([[9.]], dtype=torch.float64)
     """
     order = check_order(order)
-    choice = _resolve(backend)
+    chosen = resolve(backend)
     prob = _prepare(loss, params, direction, partition, order, "summary_tensor", verify)
-    numel = sum(v.numel() for v in prob.theta.values())
     check_output_size(
-        prob.S,
-        order,
-        prob.dtype,
-        prob.device,
-        what="summary_tensor",
-        batched_params=numel if choice is Backend.REFERENCE else 0,
-    )
-
-    def compute() -> torch.Tensor:
-        if choice is Backend.REFERENCE:
-            from hos import reference
-
-            return reference.summary_tensor(prob.loss, prob.theta, prob.u, partition, order)
-        return _TENSOR[_effective(choice)](prob, order)
-
-    out = _checked_run(prob, params, compute, _effective(choice))
+        prob.S, order, prob.dtype, prob.device, what="summary_tensor",
+        batched_params=chosen.batched_params(prob),
+    )  # fmt: skip
+    out = _checked_run(prob, params, lambda: chosen.tensor(prob, order), chosen)
     check_result("summary_tensor", prob.names, **{f"D^({order})": out})
     return out
 
@@ -253,23 +189,15 @@ def summary_diagonal(
     tensor([24.,  1.], dtype=torch.float64)
     """
     order = check_order(order)
-    choice = _resolve(backend)
-    chunk = check_chunk(chunk, _effective(choice))
+    chosen = resolve(backend)
+    chunk = check_chunk(chunk, chosen)
     prob = _prepare(loss, params, direction, partition, order, "summary_diagonal", verify)
-    if choice is Backend.REFERENCE:
-        numel = sum(v.numel() for v in prob.theta.values())
+    if chosen.batched_params(prob):
         check_output_size(
-            prob.S, order, prob.dtype, prob.device, what="summary_diagonal", batched_params=numel
-        )
-
-    def compute() -> torch.Tensor:
-        if choice is Backend.REFERENCE:
-            from hos import reference
-
-            return reference.summary_diagonal(prob.loss, prob.theta, prob.u, partition, order)
-        return _DIAGONAL[_effective(choice)](prob, order, chunk)
-
-    out = _checked_run(prob, params, compute, _effective(choice))
+            prob.S, order, prob.dtype, prob.device, what="summary_diagonal",
+            batched_params=chosen.batched_params(prob),
+        )  # fmt: skip
+    out = _checked_run(prob, params, lambda: chosen.diagonal(prob, order, chunk), chosen)
     check_result("summary_diagonal", prob.names, **{f"diag D^({order})": out})
     return out
 
@@ -301,32 +229,11 @@ def summarize(
     >>> s.g.tolist(), s.H.tolist(), s.d3.tolist()
     ([4.0, 1.0], [[6.0, 1.0], [1.0, 0.0]], [6.0, 0.0])
     """
-    choice = _resolve(backend)
-    chunk = check_chunk(chunk, _effective(choice))
+    chosen = resolve(backend)
+    chunk = check_chunk(chunk, chosen)
     prob = _prepare(loss, params, direction, partition, 3, "summarize", verify)
-
-    def compute() -> tuple[torch.Tensor, ...]:
-        if choice is Backend.REFERENCE:
-            from hos import reference
-
-            g, H, d3 = (
-                reference.summary_tensor(prob.loss, prob.theta, prob.u, partition, k)
-                for k in (1, 2, 3)
-            )
-            return g, H, torch.einsum("iii->i", d3), prob.loss(prob.theta).detach()
-        return _SUMMARIZE[_effective(choice)](prob, chunk)
-
-    g, H, d3, value = _checked_run(prob, params, compute, _effective(choice))
+    g, H, d3, value = _checked_run(prob, params, lambda: chosen.summarize(prob, chunk), chosen)
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
     return Summary(
         g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach()
     )
-
-
-#: Every backend by name, for tests and benchmarks.
-BACKENDS: tuple[Backend, ...] = (
-    Backend.FORWARD,
-    Backend.REVERSE,
-    Backend.TAYLOR,
-    Backend.REFERENCE,
-)

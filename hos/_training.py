@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from hos._validate import check_int
 from hos.datasets import Dataset
 
 __all__ = [
@@ -179,9 +180,8 @@ def train(
 
     from tqdm.auto import tqdm
 
-    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    check_int("epochs", epochs, 0)
+    check_int("batch_size", batch_size, 1)
     criterion = criterion or nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     x, y = data.train.tensors

@@ -109,13 +109,13 @@ def check_order(order: object, argument: str = "order") -> int:
 
 
 def check_chunk(chunk: object, backend) -> int | None:
-    """None, or an int >= 1 for the Taylor-mode backend (groups per forward pass)."""
+    """None, or an int >= 1 for a backend that takes it (Taylor mode: groups per pass)."""
     if chunk is None:
         return None
-    if backend.value != "taylor":
+    if not backend.takes_chunk:
         raise ValueError(
             f"chunk={_short(chunk)} applies to Taylor mode only, but backend is "
-            f"{backend.value!r}; pass backend='taylor' (or 'auto'), or drop chunk."
+            f"{backend.name!r}; pass backend='taylor' (or 'auto'), or drop chunk."
         )
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(
@@ -500,7 +500,9 @@ def upcast_errors(params: Params, dtype: torch.dtype) -> Iterator[None]:
         ) from err
 
 
-def check_number(name: str, value, low: float, *, low_open: bool, high: float | None = None):
+def check_number(
+    name: str, value, low: float, *, low_open: bool, high: float | None = None, hint: str = ""
+):
     """A finite real in the stated range (bools refused); raises ValueError naming it."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -511,5 +513,17 @@ def check_number(name: str, value, low: float, *, low_open: bool, high: float | 
             f" and < {high}" if high is not None else ""
         )
         raise ValueError(
-            f"{name} must be a finite number {bound}, got {value!r}; pass a float in that range."
+            f"{name} must be a finite number {bound}, got {value!r}; pass a float in that range"
+            + (f": {hint}" if hint else ".")
         )
+    return value
+
+
+def check_int(name: str, value, low: int, hint: str = "") -> int:
+    """An int >= ``low`` (bools refused); raises ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(
+            f"{name} must be an int >= {low}, got {value!r}; pass an int"
+            + (f": {hint}" if hint else ".")
+        )
+    return value

@@ -20,13 +20,14 @@ Bad arguments and missing data end with a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
+
+from hos.backends import Backend
+from hos.provenance import environment
 
 __all__ = ["main"]
 
@@ -42,24 +43,6 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
-def environment() -> dict:
-    """Versions, threads and date, recorded with every result."""
-    import numpy
-    import torch
-
-    import hos
-
-    return {
-        "hos": hos.__version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
 
@@ -459,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--batch-size", type=_positive_int, default=100)
     summary.add_argument("--direction", choices=DIRECTIONS, default="gradient")
     summary.add_argument(
-        "--backend", choices=("auto", "taylor", "reverse", "forward"), default="auto"
+        "--backend",
+        choices=[b.value for b in Backend if b is not Backend.REFERENCE],
+        default="auto",
     )
     summary.add_argument("--dtype", choices=DTYPES, default="float64")
 

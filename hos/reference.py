@@ -14,14 +14,17 @@ from torch.func import jacfwd
 
 from hos._exact import ExactOps
 from hos._partition import Partition
-from hos._validate import (
-    check_depends,
-    check_order,
-    check_output_size,
-    check_summary_args,
-)
+from hos._problem import Problem
+from hos._validate import check_depends, check_order, check_output_size
 
-__all__ = ["path_function", "summary_tensor", "summary_diagonal"]
+__all__ = [
+    "diagonal_of",
+    "path_function",
+    "phi_of",
+    "summary_diagonal",
+    "summary_tensor",
+    "tensor_of",
+]
 
 Params = Mapping[str, torch.Tensor]
 
@@ -41,15 +44,35 @@ def path_function(
     >>> float(phi(torch.tensor([1.0], dtype=torch.float64)))
     6.5
     """
-    loss, params, direction, partition = check_summary_args(loss, params, direction, partition)
-    owner = {name: s for s, group in enumerate(partition.groups) for name in group}
+    return phi_of(Problem.validated(loss, params, direction, partition))
+
+
+def phi_of(prob: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    """φ of a validated problem (see :func:`path_function`)."""
+    owner = {name: s for s, group in enumerate(prob.groups) for name in group}
 
     def phi(eta: torch.Tensor) -> torch.Tensor:
-        moved = {name: params[name] + eta[owner[name]] * direction[name] for name in params}
+        moved = {n: prob.theta[n] + eta[owner[n]] * prob.u[n] for n in prob.theta}
         with ExactOps():
-            return loss(moved).reshape(())
+            return prob.loss(moved).reshape(())
 
     return phi
+
+
+def tensor_of(prob: Problem, order: int) -> torch.Tensor:
+    """D^(order) of a validated problem: ``order`` nested ``jacfwd`` of φ at η = 0."""
+    f = phi_of(prob)
+    for _ in range(order):
+        f = jacfwd(f)
+    eta = prob.zeros(prob.S)
+    check_depends(prob.loss, prob.theta)
+    return f(eta).detach()
+
+
+def diagonal_of(prob: Problem, order: int) -> torch.Tensor:
+    """The diagonal of :func:`tensor_of`."""
+    full = tensor_of(prob, order)
+    return torch.stack([full[(i,) * order] for i in range(prob.S)])
 
 
 def summary_tensor(
@@ -67,24 +90,12 @@ def summary_tensor(
             [1., 0.]], dtype=torch.float64)
     """
     order = check_order(order)
-    loss, params, direction, partition = check_summary_args(loss, params, direction, partition)
-    first = next(iter(params.values()))
-    numel = sum(v.numel() for v in params.values())
+    prob = Problem.validated(loss, params, direction, partition)
     check_output_size(
-        len(partition),
-        order,
-        first.dtype,
-        first.device,
-        what="reference.summary_tensor",
-        batched_params=numel,
-    )
-    phi = path_function(loss, params, direction, partition)
-    f = phi
-    for _ in range(order):
-        f = jacfwd(f)
-    eta = torch.zeros(len(partition), dtype=first.dtype, device=first.device)
-    check_depends(loss, params)
-    return f(eta).detach()
+        prob.S, order, prob.dtype, prob.device, what="reference.summary_tensor",
+        batched_params=prob.numel,
+    )  # fmt: skip
+    return tensor_of(prob, order)
 
 
 def summary_diagonal(
@@ -100,6 +111,10 @@ def summary_diagonal(
     >>> summary_diagonal(lambda p: p["x"].exp().sum(), params, u, hos.Partition.per_tensor(params), 3)
     tensor([8.], dtype=torch.float64)
     """
-    full = summary_tensor(loss, params, direction, partition, order)
-    S = len(partition)
-    return torch.stack([full[(i,) * order] for i in range(S)])
+    order = check_order(order)
+    prob = Problem.validated(loss, params, direction, partition)
+    check_output_size(
+        prob.S, order, prob.dtype, prob.device, what="reference.summary_diagonal",
+        batched_params=prob.numel,
+    )  # fmt: skip
+    return diagonal_of(prob, order)

@@ -5,7 +5,7 @@ primitive-op twin from :mod:`tests.twins` loaded with the *same* parameter
 dict, a criterion, a batch, a partition and a direction. Tests compute
 summaries of the ``torch.nn`` model with ``hos`` and compare them with
 :mod:`hos.reference` applied to the twin, which never touches a fused kernel.
-Tolerances live here, in :data:`TOL`, and nowhere else.
+Tolerances live in tests/tolerances.py, and nowhere else.
 """
 
 from __future__ import annotations
@@ -22,51 +22,7 @@ from torch.func import functional_call
 import hos
 from hos import reference
 from tests import twins
-
-DTYPE = torch.float64
-
-#: Relative tolerance against the largest oracle entry, and an absolute floor.
-TOL = {"rtol": 1e-9, "atol": 1e-11}
-#: Finite differences of the oracle (tests/test_reference.py): looser, step-limited.
-FD_TOL = {"rtol": 1e-5, "atol": 1e-8}
-
-
-# --------------------------------------------------------------------------- comparison
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    return (actual - expected).abs().max().item() / max(scale, 1e-300)
-
-
-def assert_matches(actual, expected, what: str = "", rtol=None, atol=None) -> None:
-    """|actual − expected| <= atol + rtol·max|expected| entrywise; explain the worst entries."""
-    rtol = TOL["rtol"] if rtol is None else rtol
-    atol = TOL["atol"] if atol is None else atol
-    actual = torch.as_tensor(actual, dtype=DTYPE)
-    expected = torch.as_tensor(expected, dtype=DTYPE)
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    )
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    bound = atol + rtol * scale
-    err = (actual - expected).abs()
-    if expected.numel() and not bool(torch.isfinite(actual).all()):
-        raise AssertionError(f"{what}: non-finite entries in {actual}")
-    if expected.numel() == 0 or err.max().item() <= bound:
-        return
-    flat = err.reshape(-1)
-    worst = torch.topk(flat, min(5, flat.numel())).indices
-    lines = []
-    for k in worst.tolist():
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(k), err.shape))
-        lines.append(
-            f"  at {idx}: got {actual[idx].item():.12g}, expected {expected[idx].item():.12g}, "
-            f"|diff| {err[idx].item():.3g}"
-        )
-    raise AssertionError(
-        f"{what}: max |diff| {err.max().item():.3g} > bound {bound:.3g} "
-        f"(rtol {rtol:g} x max|expected| {scale:.3g} + atol {atol:g}); "
-        f"{int((err > bound).sum())}/{err.numel()} entries off; worst:\n" + "\n".join(lines)
-    )
+from tests.tolerances import DT
 
 
 # --------------------------------------------------------------------------- a built case
@@ -116,13 +72,13 @@ class Case:
 
 
 def _finish(case_id, model, twin, criterion, inputs, targets, partition_kind, seed) -> Built:
-    model = model.to(DTYPE)
-    twin = twin.to(DTYPE)
+    model = model.to(DT)
+    twin = twin.to(DT)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     # strict: the twin must own exactly the parameter names of the nn model
     twin.load_state_dict(params, strict=True)
     gen = torch.Generator().manual_seed(seed + 1000)
-    direction = {k: torch.randn(v.shape, generator=gen, dtype=DTYPE) for k, v in params.items()}
+    direction = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
     partition = getattr(hos.Partition, partition_kind)(model)
     twin_criterion = (
         twins.cross_entropy if isinstance(criterion, nn.CrossEntropyLoss) else twins.mse
@@ -142,11 +98,11 @@ def _finish(case_id, model, twin, criterion, inputs, targets, partition_kind, se
 
 
 def _batch(gen, shape, loss, outputs, n=None):
-    x = torch.randn(shape, generator=gen, dtype=DTYPE)
+    x = torch.randn(shape, generator=gen, dtype=DT)
     n = shape[0] if n is None else n
     if loss == "ce":
         return x, nn.CrossEntropyLoss(), torch.randint(0, outputs, (n,), generator=gen)
-    return x, nn.MSELoss(), torch.randn(n, outputs, generator=gen, dtype=DTYPE)
+    return x, nn.MSELoss(), torch.randn(n, outputs, generator=gen, dtype=DT)
 
 
 # --------------------------------------------------------------------------- model pairs

@@ -8,7 +8,7 @@ import torch
 # A bug inside a Taylor-mode rule raises instead of becoming a silent fallback.
 os.environ.setdefault("HOS_STRICT", "1")
 
-from hos._summary import BACKENDS, Backend
+from hos.backends import BACKENDS, Backend
 from tests.cases import CASES, build
 
 #: Every backend under test: the registry minus the oracle itself, so a new

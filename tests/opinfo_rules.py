@@ -1,7 +1,8 @@
 """Taylor mode's op tables against PyTorch's own op catalogue (OpInfo), in float64.
 
-For every function in the tables of :mod:`hos._jet` that has an OpInfo entry, each
-sample input of that entry is run through :class:`hos._jet.JetTracker` with dense random
+For every function in the op table of :mod:`hos.taylor.ops` (and the rewrites of
+:mod:`hos.taylor.decompositions`) that has an OpInfo entry, each sample input of that
+entry is run through :class:`hos.taylor.UnivariateTracker` with dense random
 Taylor coefficients (orders 1-4 along two lines, and the mixed second-order block of the
 pair) on every floating tensor argument; the output coefficients are compared with
 nested ``torch.func.jacfwd`` of the op itself along the same polynomial paths. Shared by
@@ -17,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import jacfwd
 
-from hos import _jet
-from hos._jet import Jet, JetMode, JetTracker, tree_flatten, tree_unflatten
+from hos.taylor import OPS, Jet, UnivariateTracker
+from hos.taylor import jets as taylor_jets
+from hos.taylor.decompositions import REWRITES
+from hos.taylor.inplace import assigned, copied
+from hos.taylor.ops import RULE_KINDS
+from hos.taylor.trees import tree_flatten, tree_unflatten
 
 DT = torch.float64
 K = 4
@@ -28,15 +33,11 @@ SAMPLES_PER_OP = 6
 def table_functions() -> dict[str, Callable]:
     """Every function a Taylor-mode table names (rules, decompositions), by a readable key."""
     found: dict[str, Callable] = {}
-    tables = [
-        _jet._MULTILINEAR, _jet._AFFINE, _jet._DIVIDE, _jet._WITH_BIAS, _jet._ELEMENTWISE,
-        _jet._POWER, set(_jet._MAX_POOL), _jet._SOFTMAX_FAMILY, set(_jet._DECOMPOSE),
-        {torch.broadcast_tensors},
-    ]  # fmt: skip
+    tables = [{f for f, kind in OPS.items() if kind in RULE_KINDS}, set(REWRITES)]
     for table in tables:
         for f in table:
             name = getattr(f, "__name__", None)
-            if name is None or name == "__get__" or f in (_jet._assigned, _jet._copied):
+            if name is None or name == "__get__" or f in (assigned, copied):
                 continue
             owner = "Tensor." if getattr(torch.Tensor, name, None) is f else ""
             if not owner and getattr(F, name, None) is f:
@@ -100,14 +101,14 @@ def check_sample(func, sample, gen) -> str | None:
         return "skip"
     leaves = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in leaves]
     jets = {i: _random_jet(leaves[i], gen) for i in moving}
-    tracker = JetTracker(K, 2**34, pairs=True, pair_budget=float("inf"))
+    tracker = UnivariateTracker(K, 2**34, pairs=True, pair_budget=float("inf"))
     for i, jet in jets.items():
         tracker._store(leaves[i], jet)
     a, kw = tree_unflatten(leaves, spec)
-    with JetMode(tracker):
+    with tracker.mode():
         out = func(*a, **kw)
-    if tracker.failure is not None:
-        return f"fallback: {tracker.failure}"
+    if tracker.fallback is not None:
+        return f"fallback: {tracker.fallback.reason}"
     outs, _ = tree_flatten(out)
     floating = [
         n for n, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()
@@ -146,7 +147,7 @@ def _compare(tracker, outs, floating, leaves, moving, jets, at) -> str | None:
             expected = derivative(t0)
             for n, e in zip(floating, expected):
                 jet = tracker.jet(outs[n])
-                got = None if jet is None else _jet._aligned(jet, (0, 1), k, outs[n])[line]
+                got = None if jet is None else taylor_jets.aligned(jet, (0, 1), k, outs[n])[line]
                 got = torch.zeros_like(e) if got is None else got
                 e = e / math.factorial(k + 1)
                 if not _close(got, e):

@@ -16,64 +16,48 @@ from torch import nn
 
 import hos
 from hos import reference
-from hos._backends import Problem, _PathGraph
-from hos._summary import BACKENDS, Backend
+from hos._problem import Problem
+from hos.backends import BACKENDS, Backend
+from hos.backends.reverse import PathGraph
+from tests import twins
+from tests.tolerances import DT
+from tests.tolerances import assert_close as _close
 
-RTOL, ATOL = 1e-9, 1e-11
-DT = torch.float64
 TESTED = [b.value for b in BACKENDS if b is not Backend.REFERENCE]
 
 
-def _close(actual, expected, what):
-    scale = expected.abs().max().clamp_min(1.0)
-    err = (actual - expected).abs().max()
-    assert err <= ATOL + RTOL * scale, f"{what}: max abs error {float(err):.3e} (scale {scale:.3e})"
-
-
 class ConvBN(nn.Module):
+    """Conv → BatchNorm2d (train mode) → tanh → Linear; the twin's norm from tests/twins.py."""
+
     def __init__(self, twin: bool):
         super().__init__()
-        self.twin = twin
         self.conv = nn.Conv2d(1, 2, 3)
-        self.bn = nn.BatchNorm2d(2)
+        self.bn = twins.BatchNorm2d(2) if twin else nn.BatchNorm2d(2)
         self.fc = nn.Linear(2 * 3 * 3, 3)
 
     def forward(self, x):
-        z = self.conv(x)
-        if self.twin:
-            mean = z.mean(dim=(0, 2, 3), keepdim=True)
-            var = ((z - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-            z = (z - mean) / torch.sqrt(var + self.bn.eps)
-            z = z * self.bn.weight.view(1, -1, 1, 1) + self.bn.bias.view(1, -1, 1, 1)
-        else:
-            z = self.bn(z)
-        return self.fc(torch.tanh(z).flatten(1))
+        return self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1))
 
 
 class LayerNormMLP(nn.Module):
+    """Linear → LayerNorm → tanh → Linear; the twin's norm from tests/twins.py."""
+
     def __init__(self, twin: bool):
         super().__init__()
-        self.twin = twin
         self.inp = nn.Linear(4, 5)
-        self.norm = nn.LayerNorm(5)
+        self.norm = twins.LayerNorm(5) if twin else nn.LayerNorm(5)
         self.out = nn.Linear(5, 2)
 
     def forward(self, x):
-        z = self.inp(x)
-        if self.twin:
-            mean = z.mean(-1, keepdim=True)
-            var = ((z - mean) ** 2).mean(-1, keepdim=True)
-            z = (z - mean) / torch.sqrt(var + self.norm.eps) * self.norm.weight + self.norm.bias
-        else:
-            z = self.norm(z)
-        return self.out(torch.tanh(z))
+        return self.out(torch.tanh(self.norm(self.inp(x))))
 
 
 def _model_case(cls, criterion, x, y, seed, per_layer=False):
     torch.manual_seed(seed)
     model = cls(twin=False).to(DT).train()
     twin = cls(twin=True).to(DT)
-    twin.load_state_dict(model.state_dict())
+    missing, _ = twin.load_state_dict(model.state_dict(), strict=False)  # no norm buffers
+    assert not missing, missing
     params = {k: v.detach() for k, v in model.named_parameters()}
     gen = torch.Generator().manual_seed(seed + 7)
     u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
@@ -162,7 +146,7 @@ def test_reverse_orders_groups_by_first_use():
     loss, _, params, u, part = _reordered_case()
     # groups are ("head", "first"); "first" (a, c) is used before "head" (b)
     with hos.ExactOps():
-        path = _PathGraph(Problem(loss, params, u, part))
+        path = PathGraph(Problem(loss, params, u, part))
     assert [part.names[s] for s in path.order] == ["first", "head"]
 
 

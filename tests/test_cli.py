@@ -15,9 +15,10 @@ import hos  # noqa: E402
 from hos import cli  # noqa: E402
 from hos.datasets import load_dataset  # noqa: E402
 from hos.models import build_model  # noqa: E402
+from tests.tolerances import EXACT
 
 #: tolerance of float64 comparisons against the independent gradient oracle
-RTOL = 1e-10
+RTOL = EXACT["rtol"]
 
 TINY_TRAIN = ["--data", "digits", "--epochs", "2", "--max-steps", "2", "--batch-size", "32"]
 

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import hos
+from tests.tolerances import EXACT
 
-TOL = dict(rtol=1e-10, atol=1e-12)
+TOL = EXACT
 DT = torch.float64
 
 

@@ -13,16 +13,16 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import hos
-from hos._exact import (
-    DECOMPOSITIONS,
+from hos._exact import DECOMPOSITIONS, ExactOps
+from hos._refusals import (
     FORWARD_UNSOUND,
     NOT_DIFFERENTIABLE,
     RANDOM,
-    ExactOps,
     NoDerivativeError,
     RandomLossError,
 )
-from tests.cases import DTYPE, assert_matches, build, oracle_diagonal, oracle_tensor, relative_error
+from tests.cases import build, oracle_diagonal, oracle_tensor
+from tests.tolerances import DT, assert_close, relative_error
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -58,12 +58,12 @@ def _naive_diagonal3(case):
         value = loss
         for depth in range(3):
             if not value.requires_grad:  # disconnected: every further derivative is 0
-                value = torch.zeros((), dtype=DTYPE)
+                value = torch.zeros((), dtype=DT)
                 break
             grads = torch.autograd.grad(
                 value, leaves, create_graph=depth < 2, retain_graph=True, allow_unused=True
             )
-            value = torch.zeros((), dtype=DTYPE) + sum(
+            value = torch.zeros((), dtype=DT) + sum(
                 (g * case.direction[n]).sum() for n, g in zip(group, grads) if g is not None
             )
         out.append(value.detach())
@@ -78,7 +78,7 @@ def _naive_hessian(case):
         moved = {n: p + eta[owner[n]] * case.direction[n] for n, p in case.params.items()}
         return _naive_loss(case, moved)
 
-    return hessian(phi)(torch.zeros(case.S, dtype=DTYPE))
+    return hessian(phi)(torch.zeros(case.S, dtype=DT))
 
 
 @pytest.mark.parametrize("case_id", TRAP_CASES)
@@ -92,7 +92,7 @@ def test_naive_third_derivative_is_wrong_but_hos_is_right(case_id):
         "seems to have fixed higher-order derivatives of fused norms; update DESIGN.md §2."
     )
     got = hos.summary_diagonal(case.loss, case.params, case.direction, case.partition, 3)
-    assert_matches(got, expected, f"hos diag D^(3) through {case_id}")
+    assert_close(got, expected, f"hos diag D^(3) through {case_id}")
 
 
 @pytest.mark.parametrize("case_id", TRAP_CASES)
@@ -106,7 +106,7 @@ def test_torch_func_hessian_is_wrong_but_hos_is_right(case_id):
         "seems to have fixed higher-order derivatives of fused norms; update DESIGN.md §2."
     )
     got = hos.summary_tensor(case.loss, case.params, case.direction, case.partition, 2)
-    assert_matches(got, expected, f"hos H̄ through {case_id}")
+    assert_close(got, expected, f"hos H̄ through {case_id}")
 
 
 # --------------------------------------------------------------------------- decompositions
@@ -114,7 +114,7 @@ def test_torch_func_hessian_is_wrong_but_hos_is_right(case_id):
 
 def _r(*shape, seed=0, positive=False):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen, dtype=DTYPE)
+    x = torch.randn(shape, generator=gen, dtype=DT)
     return x.abs() + 0.5 if positive else x
 
 
@@ -215,14 +215,14 @@ INPUTS = {
         (
             (
                 _r(4, 3, seed=59),
-                torch.rand(4, 3, generator=torch.Generator().manual_seed(60), dtype=DTYPE),
+                torch.rand(4, 3, generator=torch.Generator().manual_seed(60), dtype=DT),
             ),
             {},
         ),  # fmt: skip
         (
             (
                 _r(4, 3, seed=59),
-                torch.rand(4, 3, generator=torch.Generator().manual_seed(60), dtype=DTYPE),
+                torch.rand(4, 3, generator=torch.Generator().manual_seed(60), dtype=DT),
             ),  # fmt: skip
             {
                 "pos_weight": _r(3, seed=61, positive=True),
@@ -311,7 +311,7 @@ def test_decomposition_matches_op(func, args, kwargs):
     with ExactOps():
         got = func(*fresh, **kwargs)
     for e, g in zip(_as_list(expected), _as_list(got)):
-        assert_matches(g, e, f"{_key(func)} {kwargs}", rtol=1e-12, atol=1e-12)
+        assert_close(g, e, f"{_key(func)} {kwargs}", rtol=1e-12, atol=1e-12)
     for before, after in zip(args, fresh):  # the decomposition writes to no input
         if torch.is_tensor(before):
             assert torch.equal(before, after), f"{_key(func)} modified an input in place"
@@ -337,7 +337,7 @@ def test_multi_head_attention_decomposition_matches_module(kwargs, call, batch_f
     With dropout > 0 the exact path is compared with the module in eval mode, since
     dropout is the identity during summaries."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(4, 2, batch_first=batch_first, **kwargs).to(DTYPE)
+    mha = nn.MultiheadAttention(4, 2, batch_first=batch_first, **kwargs).to(DT)
     call = dict(call)
     shape = (2, 5, 4) if batch_first else (5, 2, 4)
     x = _r(*shape, seed=31)
@@ -360,25 +360,25 @@ def test_multi_head_attention_decomposition_matches_module(kwargs, call, batch_f
     for e, g in zip(expected, got):
         assert (e is None) == (g is None)
         if e is not None:
-            assert_matches(g, e, f"MultiheadAttention {kwargs} {call}", rtol=1e-12, atol=1e-12)
+            assert_close(g, e, f"MultiheadAttention {kwargs} {call}", rtol=1e-12, atol=1e-12)
 
 
 def test_transformer_layer_in_eval_mode_skips_the_fast_path():
     """Under ExactOps the inference fast path is never taken; values match the fast path."""
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, batch_first=True).to(DTYPE)
+    layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, batch_first=True).to(DT)
     layer.eval()
     x = _r(2, 3, 4, seed=34)
     with torch.no_grad():
         expected = layer(x)
         with ExactOps():
             got = layer(x)
-    assert_matches(got, expected, "TransformerEncoderLayer eval", rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, "TransformerEncoderLayer eval", rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("func", sorted(FAST_PATHS, key=_key), ids=_key)
 def test_fast_path_kernels_are_refused(func):
-    t = torch.zeros(1, dtype=DTYPE)
+    t = torch.zeros(1, dtype=DT)
     if func.__name__ == "_native_multi_head_attention":
         args = (t, t, t, 4, 2, t, t, t, t)
     else:
@@ -403,7 +403,7 @@ def test_recurrent_dropout_is_off_during_summaries(kind):
     torch.manual_seed(0)
     cls = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(kind, nn.RNN)
     extra = {"nonlinearity": kind.split("-")[1]} if kind.startswith("RNN") else {}
-    rnn = cls(3, 4, num_layers=3, dropout=0.5, **extra).to(DTYPE)
+    rnn = cls(3, 4, num_layers=3, dropout=0.5, **extra).to(DT)
     x = _r(5, 2, 3, seed=54)
     rnn.eval()
     expected = rnn(x)[0]
@@ -411,7 +411,7 @@ def test_recurrent_dropout_is_off_during_summaries(kind):
     with ExactOps():
         first, second = rnn(x)[0], rnn(x)[0]
     assert rnn.training
-    assert_matches(first, expected, f"{kind} train-mode under ExactOps", rtol=1e-12, atol=1e-12)
+    assert_close(first, expected, f"{kind} train-mode under ExactOps", rtol=1e-12, atol=1e-12)
     assert torch.equal(first, second)
     packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
     rnn.eval()
@@ -419,14 +419,14 @@ def test_recurrent_dropout_is_off_during_summaries(kind):
     rnn.train()
     with ExactOps():
         got = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0])[0]
-    assert_matches(got, expected, f"packed {kind} under ExactOps", rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, f"packed {kind} under ExactOps", rtol=1e-12, atol=1e-12)
 
 
 def test_spectral_norm_power_iteration_is_held_during_summaries():
     """Under ExactOps a train-mode spectral-norm layer uses its current vectors (as in
     eval mode) and never writes its buffers."""
     torch.manual_seed(0)
-    layer = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)).to(DTYPE)
+    layer = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)).to(DT)
     x = _r(5, 4, seed=55)
     layer.eval()
     expected = layer(x)
@@ -434,19 +434,19 @@ def test_spectral_norm_power_iteration_is_held_during_summaries():
     before = {k: b.clone() for k, b in layer.named_buffers()}
     with ExactOps():
         got = layer(x)
-    assert_matches(got, expected, "spectral_norm train mode under ExactOps", rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, "spectral_norm train mode under ExactOps", rtol=1e-12, atol=1e-12)
     for k, b in layer.named_buffers():
         assert torch.equal(b, before[k]), f"buffer {k} written"
 
 
 def test_embedding_max_norm_is_refused():
-    emb = nn.Embedding(4, 3, max_norm=1.0).to(DTYPE)
+    emb = nn.Embedding(4, 3, max_norm=1.0).to(DT)
     with ExactOps(), pytest.raises(ValueError, match="max_norm"):
         emb(torch.tensor([1, 2]))
 
 
 def _random_call(func):
-    t, p = torch.zeros(3, dtype=DTYPE), torch.full((3,), 0.5, dtype=DTYPE)
+    t, p = torch.zeros(3, dtype=DT), torch.full((3,), 0.5, dtype=DT)
     name = func.__name__
     calls = {
         "rand": lambda: func(3),
@@ -482,7 +482,7 @@ def test_guarded_ops_refuse_a_moving_input(func):
     args = (x,) if "polynomial" not in func.__name__ else (x, 3)
     expected = func(*args)
     with ExactOps():
-        assert_matches(func(*args), expected, func.__name__, rtol=0, atol=0)
+        assert_close(func(*args), expected, func.__name__, rtol=0, atol=0)
         moving = (x.clone().requires_grad_(),) + args[1:]
         with pytest.raises(NoDerivativeError, match="has no derivative in PyTorch"):
             func(*moving)
@@ -490,7 +490,7 @@ def test_guarded_ops_refuse_a_moving_input(func):
 
 @pytest.mark.parametrize("func", FORWARD_UNSOUND, ids=_key)
 def test_forward_unsound_ops_are_refused_under_torch_func_only(func):
-    a = torch.eye(3, dtype=DTYPE) * 2 + 0.1 * _r(3, 3, seed=67)
+    a = torch.eye(3, dtype=DT) * 2 + 0.1 * _r(3, 3, seed=67)
     args = {"solve": (a, _r(3, seed=68)), "solve_ex": (a, _r(3, seed=68)),
             "tensorsolve": (a, _r(3, seed=68)),
             "householder_product": (_r(3, 2, seed=69), _r(2, seed=70))}.get(
@@ -502,4 +502,4 @@ def test_forward_unsound_ops_are_refused_under_torch_func_only(func):
         with pytest.raises(NoDerivativeError, match="wrong forward-mode derivatives"):
             torch.func.jvp(lambda m: func(m, *args[1:]), (args[0],), (torch.ones_like(args[0]),))
     for e, g in zip(_as_list(expected), _as_list(got)):
-        assert_matches(g, e, func.__name__, rtol=0, atol=0)
+        assert_close(g, e, func.__name__, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Taylor mode (hos._jet) against independent oracles, rule by rule, in float64.
+"""Taylor mode (hos.taylor) against independent oracles, rule by rule, in float64.
 
 Each rule of the tracker is checked on a small loss that applies a nonlinearity
 first (so every Taylor coefficient of the rule's inputs is dense), then the
@@ -16,23 +16,30 @@ import torch
 import torch.nn.functional as F
 
 import hos
-from hos import _backends, reference
-from hos._backends import Problem, _jet_pass, _pair_pass, _PathGraph
-from hos._jet import JetTracker
+from hos import reference
+from hos._problem import Problem
+from hos.backends import passes
+from hos.backends import taylor as taylor_backend
+from hos.backends.reverse import PathGraph
+from hos.backends.taylor import _pair_pass
+from hos.taylor import TaylorFallback, UnivariateTracker
 from tests.cases import CASES, build, oracle_diagonal, oracle_tensor
+from tests.tolerances import DT
+from tests.tolerances import assert_close as _close
 
-DT = torch.float64
 ORDERS = (1, 3, 5)  # first order, the GroupedNewton one, and a high one
-RTOL, ATOL = 1e-10, 1e-12
 
 
-def _close(actual, expected, what):
-    scale = expected.abs().max().clamp_min(1.0)
-    err = (actual - expected).abs().max()
-    assert err <= ATOL + RTOL * scale, (
-        f"{what}: max abs error {float(err):.3e} (scale {float(scale):.3e})\n"
-        f"actual   {actual.tolist()}\nexpected {expected.tolist()}"
-    )
+def _jet_pass(prob, order, groups):
+    """(derivatives per group or None, the tracker) of one univariate Taylor-mode pass."""
+    tracker = UnivariateTracker(order, passes.JET_MAX_BYTES)
+    moved = passes.seeded(prob, tracker, groups)
+    with tracker.mode(), hos.ExactOps():
+        value = prob.loss(moved)
+    try:
+        return passes.read_jets(tracker, value, groups), tracker
+    except TaylorFallback:
+        return None, tracker
 
 
 def _gen(seed=0):
@@ -136,7 +143,7 @@ def test_rule_matches_reference(rule):
     part = hos.Partition.per_tensor(params)
     prob = Problem(loss, params, u, part)
     result, tracker = _jet_pass(prob, max(ORDERS), range(prob.S))
-    assert result is not None, f"{rule}: Taylor mode fell back: {tracker.failure}"
+    assert result is not None, f"{rule}: Taylor mode fell back: {tracker.fallback}"
     got = torch.stack([result[s] for s in range(prob.S)], dim=1)  # (order, S)
     for order in ORDERS:
         expected = reference.summary_diagonal(loss, params, u, part, order)
@@ -149,7 +156,7 @@ def test_rule_matches_reference(rule):
     _close(H, reference.summary_tensor(loss, params, u, part, 2), f"{rule} one-pass H")
     _close(d3, got[2], f"{rule} one-pass d3")
     # the full D³ by multivariate Taylor mode (every mixed coefficient up to degree 3)
-    D3 = _backends._poly_pass(prob, 3)
+    D3 = taylor_backend._poly_pass(prob, 3)
     if rule in _POLY_GENERIC:
         assert D3 is None, f"{rule}: expected the multivariate tracker to fall back"
     else:
@@ -161,13 +168,13 @@ def test_rule_matches_reference(rule):
 def test_taylor_mode_is_taken_and_exact_on_every_architecture(case_id, monkeypatch):
     """No silent fallback on the 15 architecture cases: the jets themselves vs the oracle
     (the one-pass summary with an unlimited pair budget: its exactness, not its policy)."""
-    monkeypatch.setattr(_backends, "PAIR_BUDGET", float("inf"))
+    monkeypatch.setattr(taylor_backend, "PAIR_BUDGET", float("inf"))
     b = build(case_id)
     loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
     prob = Problem(loss, b.params, b.direction, b.partition)
     with hos.ExactOps():
         result, tracker = _jet_pass(prob, 4, range(prob.S))
-    assert result is not None, f"{case_id}: Taylor mode fell back: {tracker.failure}"
+    assert result is not None, f"{case_id}: Taylor mode fell back: {tracker.fallback}"
     for order in (3, 4):
         got = torch.stack([result[s][order - 1] for s in range(prob.S)])
         _close(got, oracle_diagonal(case_id, order), f"{case_id} diag D^({order})")
@@ -184,10 +191,10 @@ def test_shared_pass_reuses_factored_input_layer(case_id):
     b = build(case_id)
     loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
     prob = Problem(loss, b.params, b.direction, b.partition)
-    tracker = JetTracker(3, _backends.JET_MAX_BYTES)
+    tracker = UnivariateTracker(3, passes.JET_MAX_BYTES)
     with hos.ExactOps():
-        path = _PathGraph(prob, tracker, range(prob.S))
-    assert tracker.failure is None, tracker.failure
+        path = PathGraph(prob, tracker, range(prob.S))
+    assert tracker.fallback is None, tracker.fallback
     got = tracker.coefficients(path.value, list(range(prob.S)))[2] * 6
     _close(got, oracle_diagonal(case_id, 3), f"{case_id} shared-pass d3")
 
@@ -205,7 +212,7 @@ def test_inplace_writes_are_followed():
     u = {k: torch.randn(v.shape, generator=_gen(4), dtype=DT) for k, v in params.items()}
     part = hos.Partition.per_tensor(params)
     result, tracker = _jet_pass(Problem(_inplace_loss, params, u, part), 3, range(3))
-    assert result is not None, tracker.failure
+    assert result is not None, tracker.fallback
     oracle = reference.summary_tensor(_inplace_loss, params, u, part, 3)
     for s in range(3):
         _close(result[s][2], oracle[s, s, s], f"in-place d3[{s}]")
@@ -214,14 +221,12 @@ def test_inplace_writes_are_followed():
 def test_unfollowable_write_falls_back_to_reverse_exactly(monkeypatch):
     """A write Taylor mode has no out-of-place twin for (simulated: every in-place op has
     one today) sends the pass to reverse mode, exactly, with the reason recorded."""
-    from hos import _jet
-
-    monkeypatch.setattr(_jet, "out_of_place", lambda func, args, kwargs: None)
+    monkeypatch.setattr("hos.taylor.engine.out_of_place", lambda func, args, kwargs: None)
     params = _params(1)
     u = {k: torch.randn(v.shape, generator=_gen(4), dtype=DT) for k, v in params.items()}
     part = hos.Partition.per_tensor(params)
     result, tracker = _jet_pass(Problem(_inplace_loss, params, u, part), 3, range(3))
-    assert result is None and "in-place mul_" in tracker.failure
+    assert result is None and "in-place mul_" in tracker.fallback.reason
     s = hos.summarize(_inplace_loss, params, u, part, backend="taylor")
     assert "in-place mul_" in " ".join(hos.last_fallback().reasons)
     oracle = reference.summary_tensor(_inplace_loss, params, u, part, 3)
@@ -254,7 +259,7 @@ def test_memory_cap_halves_the_chunk(monkeypatch, caplog):
         _, tracker = _jet_pass(prob, 3, [0])
         one = tracker.peak_bytes
     assert 0 < one < full
-    monkeypatch.setattr(_backends, "JET_MAX_BYTES", (one + full) // 2)
+    monkeypatch.setattr(passes, "JET_MAX_BYTES", (one + full) // 2)
     with caplog.at_level("DEBUG", logger="hos"):
         diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3)
     assert "chunk halved" in caplog.text
@@ -264,7 +269,7 @@ def test_memory_cap_halves_the_chunk(monkeypatch, caplog):
 
 def test_memory_cap_below_one_group_falls_back(monkeypatch):
     loss, b = _mlp_case()
-    monkeypatch.setattr(_backends, "JET_MAX_BYTES", 1)
+    monkeypatch.setattr(passes, "JET_MAX_BYTES", 1)
     s = hos.summarize(loss, b.params, b.direction, b.partition)
     record = hos.last_fallback()
     assert record is not None and "exceed" in " ".join(record.reasons)
@@ -284,7 +289,7 @@ def test_jets_do_not_touch_the_models_state():
 @pytest.mark.parametrize("case_id", [c.id for c in CASES])
 def test_rows_path_for_large_S_is_exact(case_id, monkeypatch):
     """Past PAIR_MAX_GROUPS, summarize takes reverse rows + univariate jets: same numbers."""
-    monkeypatch.setattr(_backends, "PAIR_MAX_GROUPS", 0)
+    monkeypatch.setattr(taylor_backend, "PAIR_MAX_GROUPS", 0)
     b = build(case_id)
     loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
     s = hos.summarize(loss, b.params, b.direction, b.partition, backend="taylor")
@@ -294,7 +299,7 @@ def test_rows_path_for_large_S_is_exact(case_id, monkeypatch):
 
 
 def test_pair_budget_gives_up_and_rows_take_over(monkeypatch, caplog):
-    monkeypatch.setattr(_backends, "PAIR_BUDGET", 1e-3)
+    monkeypatch.setattr(taylor_backend, "PAIR_BUDGET", 1e-3)
     loss, b = _mlp_case()
     with caplog.at_level("INFO", logger="hos"):
         s = hos.summarize(loss, b.params, b.direction, b.partition)
@@ -337,7 +342,7 @@ def test_multivariate_taylor_full_tensor_on_every_architecture(case_id, caplog):
     orders = (3, 4) if prob.S <= 4 else (3,)
     for order in orders:
         with hos.ExactOps(), caplog.at_level("INFO", logger="hos"):
-            got = _backends._poly_pass(prob, order)
+            got = taylor_backend._poly_pass(prob, order)
         if case_id in _NO_POLY:
             assert got is None and "fall back to reverse mode" in caplog.text
             got = hos.summary_tensor(loss, b.params, b.direction, b.partition, order)
@@ -348,7 +353,7 @@ def test_multivariate_taylor_full_tensor_on_every_architecture(case_id, caplog):
 
 def test_multivariate_taylor_monomial_cap_falls_back(monkeypatch):
     loss, b = _mlp_case()
-    monkeypatch.setattr(_backends, "POLY_MAX_MONOMIALS", 3)
+    monkeypatch.setattr(taylor_backend, "POLY_MAX_MONOMIALS", 3)
     D3 = hos.summary_tensor(loss, b.params, b.direction, b.partition, 3, backend="taylor")
     _close(D3, oracle_tensor(b.id, 3), "capped multivariate D3")
 
@@ -358,6 +363,6 @@ def test_multivariate_taylor_follows_inplace_writes():
     u = {k: torch.randn(v.shape, generator=_gen(4), dtype=DT) for k, v in params.items()}
     part = hos.Partition.per_tensor(params)
     with hos.ExactOps():  # in-place writes are followed by the multivariate tracker too
-        D3 = _backends._poly_pass(Problem(_inplace_loss, params, u, part), 3)
+        D3 = taylor_backend._poly_pass(Problem(_inplace_loss, params, u, part), 3)
     assert D3 is not None
     _close(D3, reference.summary_tensor(_inplace_loss, params, u, part, 3), "in-place D3")

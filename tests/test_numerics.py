@@ -16,13 +16,14 @@ from torch import nn
 
 import hos
 from hos import reference
-from hos._exact import RandomLossError
+from hos._refusals import RandomLossError
+from tests.tolerances import EXACT, FLOAT32
 
 F64 = torch.float64
 BACKENDS = ("reverse", "forward", "reference")
 #: float32 against a float64 oracle at the same (rounded) point
-RTOL_F32 = 2e-4
-RTOL_F64 = 1e-10
+RTOL_F32 = FLOAT32["rtol"]
+RTOL_F64 = EXACT["rtol"]
 
 
 def _quartic(p):

@@ -1,6 +1,6 @@
 """Taylor mode's op tables against PyTorch's OpInfo database (issue 15, part 3).
 
-Every function in the tables of hos._jet that OpInfo knows is run on OpInfo's own sample
+Every function in the op table of hos.taylor that OpInfo knows is run on OpInfo's own sample
 inputs (float64) with dense random coefficients of orders 1-4 along two lines and the
 mixed block of the pair, and compared with nested ``torch.func.jacfwd`` of the op
 (tests/opinfo_rules.py). An op that fails must be fixed or taken out of the tables (so

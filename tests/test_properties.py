@@ -16,10 +16,9 @@ from torch import nn
 import hos
 from hos import reference
 from hos.optim import CubicStatus, cubic_model, grouped_newton_lrs, solve_cubic
+from tests.tolerances import DRAWN
 
 F64 = torch.float64
-RTOL = 1e-8
-ATOL = 1e-10
 #: the solver works in float64; its residuals are relative to the data's scale
 SOLVER_RTOL = 1e-7
 
@@ -55,7 +54,7 @@ def problems(draw):
 
 
 def _close(actual, expected, what=""):
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, **DRAWN, msg=lambda m: f"{what}: {m}")
 
 
 def _scaled(u, factors, partition):

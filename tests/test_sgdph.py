@@ -12,8 +12,9 @@ from torch import nn
 
 import hos
 from hos.optim import SGDPH, CurvatureMode, block_curvature
+from tests.tolerances import EXACT
 
-TOL = dict(rtol=1e-9, atol=1e-12)
+TOL = EXACT
 DT = torch.float64
 MODES = list(CurvatureMode)
 PH_DEFAULT = ["0.bias", "1.weight", "1.bias"]  # every 1-D tensor but the last (3.bias)

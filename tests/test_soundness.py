@@ -20,19 +20,21 @@ import torch
 from torch import nn
 
 import hos
-from hos import _backends, _certificate, _jet
-from hos._exact import RandomLossError
+from hos import _certificate
+from hos._refusals import RandomLossError
+from hos.backends import certify
 from tests import fd
 from tests.constructs import BY_ID, CONSTRUCTS, DT, KINKED, Base
+from tests.tolerances import EXACT, FD
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 #: Oracle accuracy (measured on closed forms below and on these models): relative to the
 #: largest entry, ḡ to 1e-8, H̄ to 1e-6, diag D³ to 1e-5, diag D⁴ to 1e-4.
-RTOL = {"g": 1e-8, "H": 1e-6, "d3": 1e-5, "d4": 1e-4}
+RTOL = FD
 BACKENDS = ("taylor", "reverse", "forward", "reference")
 #: Backends against each other (the same exact numbers by other compositions of AD).
-AGREE = 1e-10
+AGREE = EXACT["rtol"]
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -304,8 +306,7 @@ def test_an_op_without_derivative_gets_a_clear_error():
 def broken_rule(monkeypatch):
     """Re-create the first version's bug: ``buffer.type_as(h)`` passes h's coefficients on."""
     _certificate.clear()
-    monkeypatch.setattr(_jet, "_SELF_ONLY", set())
-    monkeypatch.setattr("hos._poly._jet._SELF_ONLY", set(), raising=False)
+    monkeypatch.setattr("hos.taylor.engine.SELF_ONLY", set())
     yield
     _certificate.clear()
 
@@ -369,13 +370,13 @@ def test_certificate_costs_reverse_passes_on_first_sight_only(monkeypatch):
     _, _, loss, params, u, part = _setup("type_as")
     calls = []
     for name in ("reverse_diagonal", "_exact_gradient_and_row_sums"):
-        original = getattr(_backends, name)
+        original = getattr(certify, name)
 
         def counting(*args, _name=name, _original=original):
             calls.append(_name)
             return _original(*args)
 
-        monkeypatch.setattr(_backends, name, counting)
+        monkeypatch.setattr(certify, name, counting)
     first = hos.summarize(loss, params, u, part)
     assert calls == ["_exact_gradient_and_row_sums"]
     second = hos.summarize(loss, params, u, part)
@@ -465,7 +466,9 @@ def test_public_names():
 def broken_second_order(monkeypatch):
     """A wrong second derivative of tanh (first order right): only a second-order check sees it."""
     _certificate.clear()
-    original = _jet._tanh_derivatives
+    from hos.taylor import series
+
+    original = series._tanh_derivatives
 
     def wrong(y, K):
         out = original(y, K)
@@ -473,7 +476,7 @@ def broken_second_order(monkeypatch):
             out[1] = out[1] * 1.5
         return out
 
-    monkeypatch.setattr(_jet, "_tanh_derivatives", wrong)
+    monkeypatch.setattr(series, "_tanh_derivatives", wrong)
     yield
     _certificate.clear()
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import hos
-from hos.optim import cubic_model, grouped_newton_lrs, grouped_newton_step
+from hos.optim import cubic_model, cubic_model_step, grouped_newton_lrs
 
 torch.manual_seed(0)
 f64 = torch.float64
@@ -39,7 +39,7 @@ grad0 = A @ theta0 - b
 u = {"a": grad0[:3], "b": grad0[3:]}
 part = hos.Partition.per_tensor(params)
 
-new, info = grouped_newton_step(quadratic, params, u, part, damping=1.0)
+new, info = cubic_model_step(quadratic, params, u, part, damping=1.0)
 
 Umat = torch.zeros(6, 2, dtype=f64)  # the columns are u_a and u_b, zero-padded
 Umat[:3, 0], Umat[3:, 1] = grad0[:3], grad0[3:]

@@ -12,6 +12,7 @@ from hos.optim._grouped_newton import (
     GroupedNewtonStep,
     RefreshPhase,
     RefreshRecord,
+    cubic_model_step,
     grouped_newton_step,
     plateau_scheduler,
 )
@@ -29,7 +30,8 @@ __all__ = [
     "GroupedNewtonStep",
     "RefreshPhase",
     "RefreshRecord",
-    "grouped_newton_step",
+    "cubic_model_step",
+    "grouped_newton_step",  # deprecated name of cubic_model_step
     "plateau_scheduler",
     # SGD with partial Hessian
     "SGDPH",

@@ -59,6 +59,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hos._validate import check_number
+
 __all__ = ["CubicSolution", "CubicStatus", "cubic_model", "grouped_newton_lrs", "solve_cubic"]
 
 #: relative accuracy of σ (hence of r = ‖Dη‖) at which the secular iteration stops
@@ -132,12 +134,13 @@ def _check(g, H, d3, damping):
             f"max |H - Hᵀ| = {float((H64 - H64.T).abs().max()):.3g}; pass s.H of a hos.Summary "
             "or symmetrise it with (H + H.T) / 2."
         )
-    ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
-    if not ok or not math.isfinite(damping) or damping <= 0:
-        raise ValueError(
-            f"damping must be a finite number > 0 (the internal damping λ_int), got {damping!r}; "
-            "the paper uses 1.0."
-        )
+    check_number(
+        "damping",
+        damping,
+        0.0,
+        low_open=True,
+        hint="the internal damping λ_int; the paper uses 1.0",
+    )
     return g64, 0.5 * (H64 + H64.T), d64, float(damping)
 
 

@@ -35,10 +35,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from hos._collective import all_reduce_sum, world_size
 from hos._partition import Partition
-from hos._summary import Backend, Summary, summarize
+from hos._summary import Summary, summarize
 from hos._validate import NonFiniteWarning
+from hos._validate import check_int as _check_int
 from hos._validate import check_number as _check_number
+from hos.backends import Backend, resolve
 from hos.optim._cubic import CubicSolution, solve_cubic
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "GroupedNewtonStep",
     "RefreshPhase",
     "RefreshRecord",
+    "cubic_model_step",
     "grouped_newton_step",
     "plateau_scheduler",
 ]
@@ -56,13 +60,13 @@ LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 # --------------------------------------------------------------------------- one call
 @dataclass(frozen=True)
 class GroupedNewtonStep:
-    """What :func:`grouped_newton_step` computed: the summary and the solver's answer."""
+    """What :func:`cubic_model_step` computed: the summary and the solver's answer."""
 
     summary: Summary
     solution: CubicSolution
 
 
-def grouped_newton_step(
+def cubic_model_step(
     loss: LossFn,
     params: Mapping[str, torch.Tensor],
     direction: Mapping[str, torch.Tensor],
@@ -72,10 +76,11 @@ def grouped_newton_step(
     *,
     backend: Backend | str = Backend.AUTO,
 ) -> tuple[dict[str, torch.Tensor], GroupedNewtonStep]:
-    r"""One exact GroupedNewton step: :math:`\theta - \mathrm{lr}\sum_s \eta^*_s u_s`.
+    r"""One step to the cubic model's minimiser: :math:`\theta - \mathrm{lr}\sum_s \eta^*_s u_s`.
 
     η* solves the cubic model of (ḡ, H̄, d3) = :func:`hos.summarize` at θ
-    along u (no relu, no averaging: the model's own minimiser). Returns the new
+    along u -- the model's own minimiser, *not* what :meth:`GroupedNewton.step` runs (that
+    averages summaries over refreshes, keeps only positive rates and adds momentum). Returns the new
     parameters (detached, in the dtype of ``params``) and a
     :class:`GroupedNewtonStep`.
 
@@ -84,7 +89,7 @@ def grouped_newton_step(
     >>> import torch, hos
     >>> loss = lambda p: 0.5 * (p["w"] ** 2).sum()
     >>> params = {"w": torch.tensor([3.0, -1.0], dtype=torch.float64)}
-    >>> new, info = grouped_newton_step(loss, params, params, hos.Partition.per_tensor(params))
+    >>> new, info = cubic_model_step(loss, params, params, hos.Partition.per_tensor(params))
     >>> bool(new["w"].abs().max() < 1e-12), info.solution.status.value
     (True, 'converged')
     """
@@ -98,6 +103,17 @@ def grouped_newton_step(
             step = (lr * solution.eta[s]).to(dtype=new[n].dtype, device=new[n].device)
             new[n] = new[n] - step * direction[n].detach()
     return new, GroupedNewtonStep(summary=summary, solution=solution)
+
+
+def grouped_newton_step(*args, **kwargs) -> tuple[dict[str, torch.Tensor], GroupedNewtonStep]:
+    """Deprecated name of :func:`cubic_model_step` (it is not what GroupedNewton.step runs)."""
+    warnings.warn(
+        "hos.optim.grouped_newton_step is deprecated and will be removed in 0.3; call "
+        "hos.optim.cubic_model_step (same arguments and result).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return cubic_model_step(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- records
@@ -135,12 +151,6 @@ class RefreshRecord:
 
 
 # --------------------------------------------------------------------------- checks
-def _check_int(name: str, value, low: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}; pass an int: {hint}")
-    return value
-
-
 def _named_parameters(params) -> dict[str, torch.Tensor]:
     if isinstance(params, nn.Module):
         return dict(params.named_parameters())
@@ -157,7 +167,8 @@ def _named_parameters(params) -> dict[str, torch.Tensor]:
     )
 
 
-def _stack(summaries: list[Summary]) -> Summary:
+def _mean_of(summaries: list[Summary]) -> Summary:
+    """The entrywise mean of several summaries (the refresh window)."""
     n = len(summaries)
     return Summary(
         g=sum(s.g for s in summaries) / n,
@@ -170,22 +181,11 @@ def _stack(summaries: list[Summary]) -> Summary:
 
 def _all_reduce(summary: Summary) -> Summary:
     """Average ḡ, H̄, d3 and the loss over torch.distributed ranks (no-op on one rank)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    ranks = world_size()
+    if ranks == 1:
         return summary
-    S = len(summary)
-    flat = torch.cat(
-        [summary.g, summary.H.reshape(-1), summary.d3, summary.loss.reshape(1)]
-    ).contiguous()
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat = flat / dist.get_world_size()
-    return Summary(
-        g=flat[:S],
-        H=flat[S : S + S * S].reshape(S, S),
-        d3=flat[S + S * S : 2 * S + S * S],
-        names=summary.names,
-        loss=flat[-1],
-    )
+    g, H, d3, loss = all_reduce_sum([summary.g, summary.H, summary.d3, summary.loss])
+    return Summary(g=g / ranks, H=H / ranks, d3=d3 / ranks, names=summary.names, loss=loss / ranks)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -264,13 +264,8 @@ class GroupedNewton(Optimizer):
         partition.check_covers(named, argument="params")
         self.partition = partition
         self.refresh_loss = refresh_loss
-        try:
-            self.backend = Backend(backend)
-        except ValueError:
-            raise ValueError(
-                f"backend must be one of {[b.value for b in Backend]}, got {backend!r}; pass "
-                "one of those, e.g. backend='auto'."
-            ) from None
+        resolve(backend)  # a clear error now, not at the first refresh
+        self.backend = Backend(backend)
         self.period, self.average, self.warmup = period, average, warmup
         self.damping = float(damping)
         self._names = {name: named[name] for name in partition.parameter_names}
@@ -313,7 +308,7 @@ class GroupedNewton(Optimizer):
         else:
             self._window = (self._window + [summary])[-self.average :]
             self._refreshes += 1
-            averaged = _stack(self._window)
+            averaged = _mean_of(self._window)
             if self._refreshes <= self.warmup:
                 phase, multipliers = RefreshPhase.WARMUP, [0.0] * len(summary)
             else:

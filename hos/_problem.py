@@ -1,0 +1,94 @@
+r"""One summary's inputs, validated once and shared by every backend and the oracle.
+
+A :class:`Problem` holds the loss L, the point θ, the direction u (both detached, finite,
+in the compute dtype) and the S groups; every backend computes the derivatives of
+:math:`\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)` from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from hos._partition import Partition
+from hos._validate import check_summary_args
+
+__all__ = ["Problem"]
+
+Params = Mapping[str, torch.Tensor]
+LossFn = Callable[[Params], torch.Tensor]
+
+
+class Problem:
+    """The inputs of one summary: loss, θ, u, the groups, and whether to run the
+    Taylor-mode certificate (:mod:`hos._certificate`).
+
+    Build it with :meth:`validated` from user input; the constructor trusts its arguments
+    (tests and internal line problems use it directly).
+    """
+
+    def __init__(
+        self,
+        loss: LossFn,
+        params: Params,
+        direction: Params,
+        partition: Partition,
+        verify: bool = True,
+    ):
+        self.loss = loss
+        self.verify = verify
+        self.partition = partition
+        self.theta = dict(params)
+        self.u = dict(direction)
+        self.groups = partition.groups
+        self.names = partition.names
+        self.S = len(partition)
+        first = next(iter(self.theta.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    @classmethod
+    def validated(
+        cls, loss, params, direction, partition, *, order: int | None = None, what: str = "",
+        verify: bool = True, stacklevel: int = 5,
+    ) -> Problem:  # fmt: skip
+        """Check the user's arguments (see :func:`hos._validate.check_summary_args`)."""
+        if not isinstance(verify, bool):
+            raise TypeError(
+                f"verify must be True or False, got {verify!r}; True (the default) checks "
+                "Taylor mode against one gradient per new op sequence, False skips that check."
+            )
+        loss, theta, u, partition = check_summary_args(
+            loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel
+        )
+        return cls(loss, theta, u, partition, verify=verify)
+
+    @property
+    def numel(self) -> int:
+        """The number of parameters."""
+        return sum(v.numel() for v in self.theta.values())
+
+    def names_of(self, groups: Sequence[int]) -> list[str]:
+        """The parameter names in ``groups``."""
+        return [n for k in groups for n in self.groups[k]]
+
+    def group_names(self, groups: Sequence[int]) -> list[str]:
+        """The names of the groups ``groups``."""
+        return [self.names[s] for s in groups]
+
+    def contract(self, grads: Params, groups: Sequence[int]) -> torch.Tensor:
+        """[Σ_{p∈T_k} u_p grads_p for k in groups] as a vector."""
+        return torch.stack(
+            [sum((grads[n] * self.u[n]).sum() for n in self.groups[k]) for k in groups]
+        )
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def along_line(self, weights: dict[int, float]) -> Problem:
+        """The same loss along one line: direction Σ_s w_s u_s, all parameters one group."""
+        u = {
+            n: self.u[n] * weights.get(s, 0.0) for s, names in enumerate(self.groups) for n in names
+        }
+        line = Partition(names=("line",), groups=(tuple(self.theta),))
+        return Problem(self.loss, self.theta, u, line, verify=False)

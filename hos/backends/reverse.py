@@ -1,0 +1,277 @@
+r"""The ``reverse`` backend: nested reverse mode on φ with S scalar leaves, one graph.
+
+Three things make it cheap:
+
+* *No P-sized work per direction.* Each parameter enters the graph as
+  :math:`\theta_p + \eta_s u_p` at :math:`\eta_s = 0` through :class:`_Shift`,
+  whose forward is free and whose backward is the contraction
+  :math:`\langle \partial L/\partial\theta_p, u_p\rangle`.
+* *Factored input layers.* A layer that is linear in its weight and whose
+  input does not depend on η (the first convolution or linear layer) is
+  evaluated as :math:`f(x, \theta_W) + \eta_W f(x, u_W)`: two forward products,
+  after which every derivative of every order with respect to
+  :math:`\eta_W` is elementwise. No weight gradient of that layer, usually
+  the most expensive one, is ever formed.
+* *Pruning.* Groups are ordered by first use in the forward pass. Row i of
+  :math:`\bar H` differentiates :math:`\bar g_i` with respect to the groups
+  used at or after group i only, so that backward pass stops at group i;
+  symmetry fills the rest. The full tensor is walked depth first over sorted
+  multi-indices, so at most d graphs are alive at once.
+
+:class:`PathGraph` can carry a univariate Taylor tracker on its forward pass, so that the
+Taylor backend's first chunk of diagonals rides on the pass that builds the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from hos._exact import ExactOps
+from hos._problem import Problem
+from hos._symmetric import symmetric_tensor
+from hos.backends.base import SummaryBackend, register
+from hos.taylor import UnivariateTracker
+
+__all__ = ["PathGraph", "hessian_rows", "reverse_diagonal", "reverse_summarize", "reverse_tensor"]
+
+
+# =========================================================================== reverse
+class _Shift(torch.autograd.Function):
+    r"""``base + η·direction`` evaluated at η = 0.
+
+    The forward does no arithmetic (it returns ``base``); the backward gives
+    :math:`\langle \bar y, \text{direction}\rangle` to η and :math:`\bar y` to
+    ``base``, in differentiable operations, so nested backward passes see the
+    dependence on η. The map is affine in η, so that is all of it.
+    """
+
+    @staticmethod
+    def forward(eta, base, direction):  # noqa: ARG004 - η enters only through the backward
+        return base.view_as(base)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (direction,) = ctx.saved_tensors
+        contraction = torch.dot(grad_output.reshape(-1), direction.reshape(-1))
+        return contraction, grad_output, None
+
+
+#: Functions linear in their weight (second positional argument), with ``bias`` third.
+_LINEAR_IN_WEIGHT = frozenset(
+    {
+        F.linear,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+    }
+)
+
+
+class _PathMode(TorchFunctionMode):
+    """Records the order in which groups are first used and factors input layers.
+
+    ``marked`` maps ``id`` of each shifted parameter to ``(θ_p, u_p, η_s, s)``.
+    A call ``f(x, W, b, ...)`` of a function in :data:`_LINEAR_IN_WEIGHT` whose
+    weight is marked and whose input does not depend on η becomes
+    ``f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)`` (at η = 0, by :class:`_Shift`).
+    """
+
+    def __init__(
+        self,
+        marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+        tracker: UnivariateTracker | None = None,
+    ):
+        super().__init__()
+        self.marked = marked
+        self.tracker = tracker
+        self.first_use: dict[int, None] = {}
+
+    def _note(self, values) -> None:
+        for value in values:
+            if isinstance(value, (list, tuple)):
+                self._note(value)
+            elif isinstance(value, torch.Tensor):
+                entry = self.marked.get(id(value))
+                if entry is not None:
+                    self.first_use.setdefault(entry[3])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._note(args)
+        self._note(kwargs.values())
+        if func in _LINEAR_IN_WEIGHT and len(args) >= 2 and isinstance(args[0], torch.Tensor):
+            entry = self.marked.get(id(args[1]))
+            if entry is not None and not args[0].requires_grad:
+                theta, u, eta, _ = entry
+                x, rest = args[0], list(args[2:])
+                base = func(x, theta, *rest, **kwargs)
+                if rest:
+                    rest[0] = None
+                bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
+                along = func(
+                    x, u, *rest, **{**kwargs, **({"bias": None} if "bias" in kwargs else {})}
+                )
+                # a fresh tensor, not the view _Shift returns: the model may write into it
+                # (conv -> ReLU(inplace=True))
+                out = _Shift.apply(eta, base, along).clone()
+                if self.tracker is not None and self.tracker.jet(args[1]) is not None:
+                    self.tracker.factored(func, out, entry[3], along, bias)
+                elif self.tracker is not None:
+                    self.tracker.propagate(func, args, kwargs, out)
+                return out
+        if self.tracker is not None:
+            return self.tracker.run(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class PathGraph:
+    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order.
+
+    With a ``tracker``, the same forward pass also carries the Taylor coefficients
+    along the lines of the groups ``jet_groups`` (see :mod:`hos._jet`).
+    """
+
+    def __init__(
+        self,
+        prob: Problem,
+        tracker: UnivariateTracker | None = None,
+        jet_groups: Sequence[int] = (),
+    ):
+        self.prob = prob
+        self.tracker = tracker
+        self.eta = [
+            torch.zeros((), dtype=prob.dtype, device=prob.device, requires_grad=True)
+            for _ in range(prob.S)
+        ]
+        marked, moved = {}, {}
+        for s, names in enumerate(prob.groups):
+            for n in names:
+                shifted = _Shift.apply(self.eta[s], prob.theta[n], prob.u[n])
+                moved[n] = shifted
+                marked[id(shifted)] = (prob.theta[n], prob.u[n], self.eta[s], s)
+                if tracker is not None and s in jet_groups:
+                    tracker.seed(shifted, s, prob.u[n])
+        mode = _PathMode(marked, tracker)
+        with torch.enable_grad(), mode, ExactOps():
+            self.value = prob.loss(moved)
+        used = list(mode.first_use)
+        self.order = used + [s for s in range(prob.S) if s not in mode.first_use]
+        self.rank = {s: r for r, s in enumerate(self.order)}
+
+    def later(self, group: int) -> list[int]:
+        """The groups used at or after ``group``, ``group`` first."""
+        return self.order[self.rank[group] :]
+
+    def derivative(self, value: torch.Tensor, groups: Sequence[int], keep: bool) -> list:
+        """[∂ value/∂η_k for k in groups]; ``keep`` builds a graph for one more order."""
+        if not value.requires_grad:
+            return [torch.zeros_like(value) for _ in groups]
+        with torch.enable_grad():
+            return list(
+                torch.autograd.grad(
+                    value,
+                    [self.eta[k] for k in groups],
+                    create_graph=keep,
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            )
+
+
+def hessian_rows(
+    path: PathGraph, g: Sequence[torch.Tensor], third: Sequence[int] | set[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H̄, d3): S pruned rows of H̄ (row i stops at group i), and for the groups ``third``
+    one more backward of H̄_ii, d3_i = ∂H̄_ii/∂η_i (zero for the others)."""
+    S = path.prob.S
+    H, d3 = path.prob.zeros(S, S), path.prob.zeros(S)
+    for i in path.order:
+        later = path.later(i)
+        row = path.derivative(g[i], later, keep=i in third)
+        values = torch.stack([r.detach() for r in row])
+        H[i, later] = values
+        H[later, i] = values
+        if i in third:
+            d3[i] = path.derivative(row[0], [i], keep=False)[0].detach()
+    return H, d3
+
+
+def reverse_summarize(prob: Problem) -> tuple[torch.Tensor, ...]:
+    """(ḡ, H̄, diag D³, L): one graph, S pruned rows, S one-group third derivatives."""
+    path = PathGraph(prob)
+    g = path.derivative(path.value, range(prob.S), keep=True)
+    H, d3 = hessian_rows(path, g, set(range(prob.S)))
+    return torch.stack([x.detach() for x in g]), H, d3, path.value.detach()
+
+
+def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
+    """D^(d) over sorted multi-indices (in first-use order), depth first."""
+    S = prob.S
+    path = PathGraph(prob)
+    if order == 1:
+        return torch.stack([x.detach() for x in path.derivative(path.value, range(S), False)])
+    first = path.derivative(path.value, range(S), keep=True)
+    indices: list[tuple[int, ...]] = []
+    values: list[torch.Tensor] = []
+
+    def walk(index: tuple[int, ...], entry: torch.Tensor) -> None:
+        later = path.later(index[-1])
+        row = path.derivative(entry, later, keep=len(index) + 1 < order)
+        for k, value in zip(later, row):
+            if len(index) + 1 == order:
+                indices.append(index + (k,))
+                values.append(value.detach())
+            else:
+                walk(index + (k,), value)
+
+    for i in path.order:
+        walk((i,), first[i])
+    return symmetric_tensor(prob.zeros(*([S] * order)), indices, values)
+
+
+def reverse_diagonal(
+    prob: Problem, order: int, groups: Sequence[int] | None = None
+) -> torch.Tensor:
+    """d^d/dt^d L(θ + t u_i) by d nested one-leaf backward passes per group (all or ``groups``)."""
+    out = prob.zeros(prob.S)
+    path = PathGraph(prob)
+    first = path.derivative(path.value, range(prob.S), keep=order > 1)
+    for i in range(prob.S) if groups is None else groups:
+        value = first[i]
+        for depth in range(2, order + 1):
+            value = path.derivative(value, [i], keep=depth < order)[0]
+        out[i] = value.detach()
+    return out
+
+
+# =========================================================================== taylor
+
+
+class ReverseBackend(SummaryBackend):
+    """Nested reverse mode on φ (torch.autograd), one shared graph."""
+
+    name = "reverse"
+
+    def tensor(self, prob: Problem, order: int) -> torch.Tensor:
+        return reverse_tensor(prob, order)
+
+    def diagonal(self, prob: Problem, order: int, chunk: int | None = None) -> torch.Tensor:
+        return reverse_diagonal(prob, order)
+
+    def summarize(self, prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+        return reverse_summarize(prob)
+
+
+register(ReverseBackend())

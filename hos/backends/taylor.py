@@ -1,0 +1,202 @@
+r"""The ``taylor`` backend: Taylor mode (:mod:`hos.taylor`), reverse mode where it cannot.
+
+Every *diagonal* (diag D³ in :func:`taylor_summarize`, :func:`taylor_diagonal` at any
+order) comes from the univariate coefficients along :math:`t \mapsto \theta + t u_s`, all
+groups in one pass, with no backward pass; for S <= :data:`PAIR_MAX_GROUPS` also the mixed
+coefficients of every pair (the whole triple from one pass) and, for
+:func:`taylor_tensor` of order >= 3 and S <= :data:`POLY_MAX_GROUPS`, every monomial up to
+degree d. Past those sizes H̄ and full tensors come from reverse mode. Every result is
+checked by the certificate (:mod:`hos.backends.certify`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hos import _certificate
+from hos._exact import ExactOps
+from hos._problem import Problem
+from hos.backends import passes
+from hos.backends.base import SummaryBackend, register
+from hos.backends.certify import certify_first_coefficients, certify_pass, reject
+from hos.backends.passes import jet_diagonals, read_jets, seeded
+from hos.backends.reverse import (
+    PathGraph,
+    hessian_rows,
+    reverse_diagonal,
+    reverse_summarize,
+    reverse_tensor,
+)
+from hos.taylor import MultivariateTracker, TaylorFallback, UnivariateTracker
+
+__all__ = ["taylor_diagonal", "taylor_summarize", "taylor_tensor"]
+
+_LOG = logging.getLogger("hos")
+
+
+def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torch.Tensor:
+    """d^d/dt^d L(θ + t u_s) for every s by univariate Taylor mode (reverse mode where it cannot).
+
+    Order 1 is ḡ: one backward pass is cheaper than a forward pass that carries S tangents.
+    """
+    if order == 1:
+        return reverse_diagonal(prob, 1)
+    out = prob.zeros(prob.S)
+    done, failed, signatures = jet_diagonals(prob, order, range(prob.S), chunk)
+    rejected = certify_first_coefficients(prob, done, signatures)
+    for s, derivs in done.items():
+        out[s] = derivs[order - 1]
+    redo = sorted(set(failed) | set(rejected))
+    if redo:
+        out[redo] = reverse_diagonal(prob, order, redo)[redo]
+    return out
+
+
+#: summarize tries one forward pass with the mixed coefficients of all pairs when S is at
+#: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
+PAIR_MAX_GROUPS = 12
+PAIR_BUDGET = 32.0
+
+
+def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
+    """((ḡ, H̄, diag D³, L) from one forward pass, True): the Taylor coefficients along
+    every group's line (orders 1-3) and the mixed ones of every pair.
+
+    (None, True) when the tracker gave up (reverse rows take over); (None, False) when
+    the certificate rejected the pass (reverse mode for everything).
+    """
+    S = prob.S
+    tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
+    moved = seeded(prob, tracker, range(prob.S))
+    with tracker.mode(), ExactOps():
+        value = prob.loss(moved)
+    if tracker.fallback is not None:
+        _LOG.info("hos: the one-pass summary gives way to reverse rows: %s", tracker.fallback)
+        return None, True
+    coeffs = tracker.coefficients(value, range(S))
+    H = tracker.mixed_coefficients(value, S)
+    H.diagonal().copy_(2 * coeffs[1])
+    tracker.clear()
+    if not certify_pass(prob, tuple(tracker.ops), coeffs[0], H):
+        return None, False
+    return (coeffs[0], H, 6 * coeffs[2], value.detach()), True
+
+
+#: summary_tensor of order >= 3 by multivariate Taylor mode for S at most this, while no
+#: tensor carries more than POLY_MAX_MONOMIALS coefficients.
+POLY_MAX_GROUPS = 12
+POLY_MAX_MONOMIALS = 1200
+
+
+def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
+    """D^(order) from one forward pass carrying every Taylor coefficient up to that degree."""
+    tracker = MultivariateTracker(order, POLY_MAX_MONOMIALS)
+    moved = seeded(prob, tracker, range(prob.S))
+    try:
+        with tracker.mode(), ExactOps():
+            value = prob.loss(moved)
+    except TaylorFallback as exc:
+        _certificate.note(prob.names, f"multivariate Taylor mode: {exc.reason}")
+        return None
+    g, H = tracker.gradient_of(value, prob.S), tracker.hessian_of(value, prob.S)
+    if not certify_pass(prob, tuple(tracker.ops), g, H):
+        return None
+    return tracker.tensor_of(value, prob.S)
+
+
+def taylor_tensor(prob: Problem, order: int) -> torch.Tensor:
+    """D^(d) by Taylor mode for small S: H̄ from the pair pass, d >= 3 from the multivariate
+    pass; reverse mode otherwise (and for d = 1, a gradient)."""
+    if order == 2 and prob.S <= PAIR_MAX_GROUPS:
+        result, _ = _pair_pass(prob)
+        if result is not None:
+            return result[1]
+    if order >= 3 and prob.S <= POLY_MAX_GROUPS:
+        result = _poly_pass(prob, order)
+        if result is not None:
+            return result
+    return reverse_tensor(prob, order)
+
+
+def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(ḡ, H̄, diag D³, L) by Taylor mode.
+
+    For S <= :data:`PAIR_MAX_GROUPS` (and no ``chunk``), first one forward pass with
+    the mixed second-order coefficients of every pair of groups: no backward pass at
+    all. Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
+    diag D³ by univariate Taylor mode: the first chunk of groups rides on the forward
+    pass that builds the graph (a factored input layer hands over its f(x, u_W)),
+    further chunks take a forward pass each. Groups Taylor mode cannot follow get d3
+    from a third backward pass; the certificate compares every group's first two
+    Taylor coefficients with the exact ḡ_s and H̄_ss of the rows.
+    """
+    S = prob.S
+    if chunk is None and S <= PAIR_MAX_GROUPS:
+        result, trusted = _pair_pass(prob)
+        if result is not None:
+            return result
+        if not trusted:
+            return reverse_summarize(prob)
+    first = list(range(S if chunk is None else min(chunk, S)))
+    tracker = UnivariateTracker(3, passes.JET_MAX_BYTES)
+    path = PathGraph(prob, tracker, first)
+    d3 = prob.zeros(S)
+    try:
+        shared = read_jets(tracker, path.value, first)
+    except TaylorFallback as exc:
+        tracker.clear()
+        if exc.out_of_memory:
+            done, failed, _ = jet_diagonals(prob, 3, range(S), max(1, len(first) // 2))
+        else:
+            _certificate.note(prob.names, exc.reason)
+            done, failed = {}, list(range(S))
+    else:
+        rest = [s for s in range(S) if s not in shared]
+        done, failed, _ = jet_diagonals(prob, 3, rest, chunk)
+        done.update(shared)
+    g = path.derivative(path.value, range(S), keep=True)
+    g_exact = torch.stack([x.detach() for x in g])
+    backward = set(failed)
+    if prob.verify and done:  # the certificate, on every call: ḡ against the exact rows
+        groups = sorted(done)
+        taylor = torch.stack([done[s][0] for s in groups])
+        wrong = [groups[i] for i in _certificate.disagreeing(taylor, g_exact[groups])]
+        if wrong:
+            reject(prob, tuple(tracker.ops), "ḡ", wrong)
+            backward.update(wrong)
+    for s, derivs in done.items():
+        if s not in backward:
+            d3[s] = derivs[2]
+    H, d3_backward = hessian_rows(path, g, backward)
+    d3[sorted(backward)] = d3_backward[sorted(backward)]
+    if prob.verify and done:  # ... and H̄_ss against twice the second coefficient
+        groups = [s for s in sorted(done) if s not in backward]
+        if groups:
+            taylor = torch.stack([done[s][1] for s in groups])
+            exact = H.diagonal()[groups]
+            wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact)]
+            if wrong:
+                reject(prob, tuple(tracker.ops), "H̄ diagonal", wrong)
+                d3[wrong] = reverse_diagonal(prob, 3, wrong)[wrong]
+    return g_exact, H, d3, path.value.detach()
+
+
+class TaylorBackend(SummaryBackend):
+    """Taylor mode where it applies, reverse mode elsewhere, every result certified."""
+
+    name = "taylor"
+    takes_chunk = True
+
+    def tensor(self, prob: Problem, order: int) -> torch.Tensor:
+        return taylor_tensor(prob, order)
+
+    def diagonal(self, prob: Problem, order: int, chunk: int | None = None) -> torch.Tensor:
+        return taylor_diagonal(prob, order, chunk)
+
+    def summarize(self, prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+        return taylor_summarize(prob, chunk)
+
+
+register(TaylorBackend())

@@ -1,0 +1,282 @@
+"""The engine both Taylor-mode algebras run on: one call at a time, the same steps.
+
+A torch-function mode (:class:`TrackerMode`) hands every call of the forward pass to
+:meth:`Tracker.run`, which
+
+1. *in-place*: routes a write on moving tensors through its out-of-place twin
+   (:mod:`hos.taylor.inplace`), then runs the write itself;
+2. *gate* (:meth:`Tracker.propagate`): skips calls whose result is a constant, finds the
+   moving arguments (honouring :data:`~hos.taylor.ops.SELF_ONLY`), refuses ops PyTorch
+   cannot differentiate, treats the model's own ``no_grad`` blocks as constants and
+   custom ``autograd.Function`` s as a fallback;
+3. *flatten*: the outputs that get coefficients (:func:`outputs_to_follow`);
+4. *rewrite*: a call with a rewrite (:mod:`hos.taylor.decompositions`) runs it under the
+   tracker;
+5. *rule lookup*: the algebra's rule for the call's :class:`~hos.taylor.ops.Kind`, else its
+   generic rule;
+6. *store*: the outputs' coefficients, in the algebra's own table.
+
+Subclasses (the algebras) provide the coefficient table (``coefficients_of``, ``_store``,
+``_drop``), ``RULES`` (kind -> method name) and ``generic``, and say how a
+:class:`~hos.taylor.fallback.TaylorFallback` ends the pass (``_fall_back``). An unexpected
+exception inside a rule is a bug: under :func:`~hos.taylor.fallback.strict` it is raised,
+otherwise it becomes a recorded fallback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+
+from hos._refusals import NoDerivativeError, module_path
+from hos.taylor.batching import divisor_moves
+from hos.taylor.decompositions import REWRITES, NotCovered
+from hos.taylor.fallback import TaylorFallback, strict
+from hos.taylor.inplace import is_inplace, out_of_place
+from hos.taylor.ops import OPS, SELF_ONLY, Kind
+from hos.taylor.trees import tree_flatten, tree_unflatten
+
+__all__ = ["Tracker", "TrackerMode", "custom_function_running", "outputs_to_follow"]
+
+
+def custom_function_running() -> str | None:
+    """The name of the ``torch.autograd.Function`` whose forward is running, if any.
+
+    Its forward runs with gradients off, which Taylor mode would otherwise take for the
+    model's own ``no_grad`` block (a constant).
+    """
+    apply_code = torch.autograd.Function.apply.__func__.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is apply_code:
+            cls = frame.f_locals.get("cls")
+            return getattr(cls, "__name__", "a custom autograd.Function")
+        frame = frame.f_back
+    return None
+
+
+def outputs_to_follow(func, kwargs, out, args=()) -> list | None:
+    """The flat outputs of a call on moving tensors that get coefficients, or None when
+    none does (a cut like ``detach``, no floating output).
+
+    Raises :class:`TaylorFallback` where coefficients cannot be carried exactly: an
+    in-place write, a complex output (no real Taylor coefficients), a tensor subclass.
+    """
+    name = getattr(func, "__name__", func)
+    if is_inplace(func, kwargs, args):
+        raise TaylorFallback(f"in-place {name} on a moving tensor")
+    if OPS.get(func) is Kind.CUT:
+        return None
+    outs, _ = tree_flatten(out)
+    followed = False
+    for o in outs:
+        if not isinstance(o, torch.Tensor):
+            continue
+        if o.is_complex():
+            raise TaylorFallback(f"{name} of a moving tensor has a complex output")
+        if type(o) is not torch.Tensor and not isinstance(o, torch.nn.Parameter):
+            raise TaylorFallback(f"{name} of a moving tensor returns a {type(o).__name__}")
+        followed = followed or o.is_floating_point()
+    return outs if followed else None
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """An identity of the memory behind ``tensor``, unique while a weak reference lives."""
+    return tensor.untyped_storage()._cdata
+
+
+class Tracker:
+    """The steps every Taylor-mode algebra takes for one call (see the module docstring).
+
+    ``coefficients_of(tensor)`` returns the algebra's coefficients of a tensor (None for a
+    constant); the rules receive ``moving``: {leaf position: coefficients}.
+    """
+
+    #: Kind -> name of the method that is the algebra's rule for it.
+    RULES: ClassVar[dict[Kind, str]] = {}
+    #: Kinds whose rule runs its own rewrite under the tracker (so torch functions must
+    #: reach it); the others run with torch-function handling off.
+    RULES_UNDER_TRACKER: ClassVar[frozenset[Kind]] = frozenset()
+    #: Named in messages: "univariate" or "multivariate".
+    ALGEBRA: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
+        self.moving_storages: dict[int, StorageWeakRef] = {}  # written with moving values
+        self.ops: list = []  # (call, moving arguments) in order: the pass's op sequence
+
+    # ------------------------------------------------------------------ to provide
+    def coefficients_of(self, tensor: Any) -> Any:
+        raise NotImplementedError
+
+    def following(self) -> bool:
+        """Whether any tensor carries coefficients (and the pass has not fallen back)."""
+        raise NotImplementedError
+
+    def _store(self, tensor: torch.Tensor, coefficients: Any) -> None:
+        raise NotImplementedError
+
+    def _drop(self, key: int) -> None:
+        raise NotImplementedError
+
+    def _fall_back(self, exc: TaylorFallback) -> None:
+        """End the pass's Taylor mode (record it, or raise it)."""
+        raise NotImplementedError
+
+    def mode(self) -> TrackerMode:
+        return TrackerMode(self)
+
+    def generic(self, func, leaves, spec, moving, outs) -> list:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step 1: in place
+    def run(self, func, args, kwargs):
+        """``func(*args, **kwargs)`` with its outputs' coefficients."""
+        if (
+            self.following()
+            and (self._depth > 0 or torch.is_grad_enabled())
+            and is_inplace(func, kwargs, args)
+        ):
+            leaves, _ = tree_flatten((args, kwargs))
+            if any(self.coefficients_of(leaf) is not None for leaf in leaves):
+                return self._write(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.propagate(func, args, kwargs, out)
+        return out
+
+    def _write(self, func, args, kwargs):
+        """The coefficients from the write's out-of-place twin evaluated on the values
+        before the write; then the write itself (autograd records it as usual)."""
+        twin = out_of_place(func, args, kwargs)
+        if twin is None:
+            self._fall_back(
+                TaylorFallback(f"in-place {getattr(func, '__name__', func)} on a moving tensor")
+            )
+            return func(*args, **kwargs)
+        target = args[0]
+        func2, args2, kwargs2 = twin
+        value = func2(*args2, **kwargs2)
+        self.propagate(func2, args2, kwargs2, value)
+        coefficients = self.coefficients_of(value)
+        self._drop(id(value))
+        del value
+        out = func(*args, **kwargs)
+        self._drop(id(target))
+        storage = target.untyped_storage()
+        self.moving_storages[storage._cdata] = StorageWeakRef(storage)
+        if coefficients is not None:
+            try:
+                self._store(target, coefficients)
+            except TaylorFallback as exc:
+                self._fall_back(exc)
+        return out
+
+    # ------------------------------------------------------------------ steps 2-6
+    def _moving(self, func, leaves) -> dict[int, Any]:
+        if func in SELF_ONLY:  # the other tensors give their shape, dtype or device only
+            if leaves and (c := self.coefficients_of(leaves[0])) is not None:
+                return {0: c}
+            return {}
+        return {
+            i: c for i, leaf in enumerate(leaves) if (c := self.coefficients_of(leaf)) is not None
+        }
+
+    def propagate(self, func, args, kwargs, out) -> None:
+        """Give the outputs ``out`` of ``func(*args, **kwargs)`` their coefficients."""
+        kind = OPS.get(func)
+        if kind is Kind.CONSTANT or not self.following():
+            return
+        leaves, spec = tree_flatten((args, kwargs))
+        try:
+            moving = self._moving(func, leaves)
+        except TaylorFallback as exc:
+            self._fall_back(exc)
+            return
+        if not moving or not self.following():
+            return
+        if kind is Kind.NO_DERIVATIVE:  # no backend can differentiate it: say so
+            where = module_path()
+            raise NoDerivativeError(
+                f"hos: torch.special.{getattr(func, '__name__', '').removeprefix('special_')}"
+                f"{f' in {where}' if where else ''} has no derivative in "
+                "PyTorch but its input moves; hold it constant (torch.no_grad(), .detach()) "
+                "or write it in differentiable ops."
+            )
+        if self._depth == 0 and not torch.is_grad_enabled():
+            running = custom_function_running()
+            if running is not None:
+                self._fall_back(TaylorFallback(
+                    f"custom autograd.Function {running}: its backward defines the "
+                    "derivative, so reverse mode follows it"))  # fmt: skip
+            return  # the model's own no_grad block: a constant, as for reverse mode
+        self.ops.append((func, tuple(moving)))
+        name = getattr(func, "__name__", func)
+        try:
+            outs = outputs_to_follow(func, kwargs, out, args)
+            if outs is None:
+                return
+            self._depth += 1
+            try:
+                with torch.no_grad():
+                    results = self.rule(func, kind, leaves, spec, moving, outs)
+            finally:
+                self._depth -= 1
+            for o, c in zip(outs, results):
+                if c is not None and isinstance(o, torch.Tensor) and o.is_floating_point():
+                    self._store(o, c)
+        except TaylorFallback as exc:
+            self._fall_back(exc)
+        except Exception as exc:
+            if strict():
+                raise RuntimeError(
+                    f"hos: bug in the {self.ALGEBRA} Taylor rule for {name}"
+                ) from exc
+            self._fall_back(TaylorFallback(f"{name}: {type(exc).__name__}: {exc}"))
+
+    def rule(self, func, kind: Kind | None, leaves, spec, moving, outs) -> list:
+        """The outputs' coefficients: a rewrite, else the rule of ``kind``, else generic."""
+        rewrite = REWRITES.get(func)
+        if rewrite is not None and not (
+            kind is Kind.DIVIDE and not divisor_moves(leaves, spec, moving)
+        ):
+            try:  # runs under this tracker, so torch functions must reach it
+                return self.decomposed(rewrite, leaves, spec, outs)
+            except NotCovered:
+                pass
+        if kind is Kind.FORWARD_UNSOUND:
+            raise TaylorFallback(f"{getattr(func, '__name__', func)}: PyTorch's forward-mode "
+                                 "derivatives of it are wrong beyond the first order")  # fmt: skip
+        method = getattr(self, self.RULES[kind]) if kind in self.RULES else self.generic
+        if kind in self.RULES_UNDER_TRACKER:
+            return method(func, leaves, spec, moving, outs)
+        # the rules' own arithmetic on plain tensors needs no mode (ExactOps is below us)
+        with torch._C.DisableTorchFunction():
+            return method(func, leaves, spec, moving, outs)
+
+    def decomposed(self, rewrite, leaves, spec, outs) -> list:
+        """Run ``rewrite`` (ops with rules) under this tracker; its outputs' coefficients
+        are the call's."""
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        with self.mode():
+            result = rewrite(*args, **kwargs)
+        self._raise_if_fallen_back()
+        flat, _ = tree_flatten(result)
+        return [self.coefficients_of(r) for r in flat] + [None] * (len(outs) - len(flat))
+
+    def _raise_if_fallen_back(self) -> None:
+        """Inside a rule: re-raise a fallback the rewrite's own calls recorded."""
+
+
+class TrackerMode(TorchFunctionMode):
+    """Runs each call of a forward pass, then lets ``tracker`` give its outputs coefficients."""
+
+    def __init__(self, tracker: Tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.tracker.run(func, args, kwargs or {})
