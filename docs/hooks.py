@@ -5,8 +5,9 @@
   failing assertion fails the build. Its page shows the script (split into
   text and code at ``# %%`` markers), what it printed, and every figure it left
   open.
-* **API reference.** One page per importable module of ``API_MODULES`` (in
-  ``docs/griffe_rst.py``), listing the module's ``__all__`` with mkdocstrings,
+* **API reference.** One page per importable module of ``API_MODULES``,
+  listing the module's ``__all__`` with mkdocstrings (Google-style docstrings
+  with Markdown, rendered as they are),
   so that a name added to ``__all__`` appears without editing the docs.
 * **Figures.** ``figures/*.png`` of the repository are copied to
   ``figures/`` of the site, for the benchmarks page.
@@ -42,11 +43,36 @@ EXAMPLES = DOCS / "examples"
 FIGURES = ROOT / "figures"
 
 
-def _load_api_modules():
-    spec = importlib.util.spec_from_file_location("_hos_griffe_rst", DOCS / "griffe_rst.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+#: The modules whose public names the API reference documents, with their page titles.
+API_MODULES: tuple[tuple[str, str], ...] = (
+    ("hos", "The core: partitions, losses, summaries, exactness"),
+    ("hos.optim", "Optimizers built on summaries"),
+    ("hos.reference", "The slow, obviously-right oracle"),
+    ("hos.plotting", "Figures"),
+    ("hos.models", "Models used in the papers and benchmarks"),
+    ("hos.datasets", "Offline data sets"),
+)
+
+
+def _available_modules() -> list[tuple[str, str]]:
+    """The entries of API_MODULES that can be imported now."""
+    found = []
+    for name, title in API_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        found.append((name, title))
+    return found
+
+
+def _public_names(module_name: str) -> list[str]:
+    """`__all__` of a module, or its public top-level names without one."""
+    module = importlib.import_module(module_name)
+    names = getattr(module, "__all__", None)
+    if names is None:
+        names = [n for n in vars(module) if not n.startswith("_")]
+    return list(names)
 
 
 # --------------------------------------------------------------------------- gallery
@@ -218,10 +244,9 @@ def _fill_nav(nav: list, title: str, entries: list) -> None:
 def on_config(config):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    api = _load_api_modules()
     _MODULES.clear()
-    for module_name, title in api.available_modules():
-        _MODULES.append((module_name, title, api.public_names(module_name)))
+    for module_name, title in _available_modules():
+        _MODULES.append((module_name, title, _public_names(module_name)))
     _EXAMPLES.clear()
     _EXAMPLES.extend(parse_example(p) for p in sorted(EXAMPLES.glob("*.py")))
     _fill_nav(

@@ -1,17 +1,17 @@
 """What stands behind a Taylor-mode result: fallbacks on record, and a certificate.
 
-Taylor mode follows the model's torch calls with its own rules (:mod:`hos.taylor`). Two things keep a
+Taylor mode follows the model's torch calls with its own rules (`hos.taylor`). Two things keep a
 wrong rule, or an op it misreads, from ever returning a wrong number silently:
 
 * **Fallbacks on record.** Whatever the tracker cannot follow (an in-place write with
-  no out-of-place twin, a complex output, a custom ``autograd.Function``, ...) sends
-  those groups to reverse mode, exactly; :func:`last_fallback` tells which and why.
+  no out-of-place twin, a complex output, a custom `autograd.Function`, ...) sends
+  those groups to reverse mode, exactly; [`last_fallback`][hos.last_fallback] tells which and why.
 * **A certificate.** The first Taylor coefficients are ḡ (and twice the second is
   H̄_ss). Where a call has exact reverse-mode ḡ and H̄ anyway (many groups), they are
   compared on every call. Elsewhere one gradient checks ḡ the first time an *op
   sequence* (the calls Taylor mode followed, with which arguments moved) is seen, and
   the verdict is cached for that sequence. A mismatch beyond rounding recomputes with
-  reverse mode, warns once (:class:`TaylorModeWarning`, naming the op where forward-mode
+  reverse mode, warns once ([`TaylorModeWarning`][hos.TaylorModeWarning], naming the op where forward-mode
   AD first disagrees with the coefficients), and is recorded.
 """
 
@@ -60,7 +60,7 @@ def start_call() -> None:
 
 
 def note(names: Sequence[str], reason: str, certificate: bool = False) -> None:
-    """Record that the groups ``names`` were computed by reverse mode, and why."""
+    """Record that the groups `names` were computed by reverse mode, and why."""
     records = getattr(_STATE, "records", None)
     if records is None:
         records = _STATE.records = []
@@ -73,14 +73,15 @@ def last_fallback() -> Fallback | None:
 
     None means Taylor mode computed everything it was asked for (or the backend
     was not Taylor mode). Results are exact either way; a record says where the
-    time went and, with ``certificate=True``, that hos found an op Taylor mode
+    time went and, with `certificate=True`, that hos found an op Taylor mode
     misread (please report it).
 
-    >>> import torch, hos
-    >>> p = {"w": torch.ones(2, dtype=torch.float64)}
-    >>> _ = hos.summarize(lambda q: (q["w"] ** 3).sum(), p, p, hos.Partition.per_tensor(p))
-    >>> hos.last_fallback() is None
-    True
+    Examples:
+        >>> import torch, hos
+        >>> p = {"w": torch.ones(2, dtype=torch.float64)}
+        >>> _ = hos.summarize(lambda q: (q["w"] ** 3).sum(), p, p, hos.Partition.per_tensor(p))
+        >>> hos.last_fallback() is None
+        True
     """
     records = getattr(_STATE, "records", None)
     if not records:
@@ -135,7 +136,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def disagreeing(taylor: torch.Tensor, exact: torch.Tensor) -> list[int]:
-    """Indices where ``taylor`` and ``exact`` differ beyond rounding (NaN counts as differing)."""
+    """Indices where `taylor` and `exact` differ beyond rounding (NaN counts as differing)."""
     taylor, exact = taylor.detach(), exact.detach()
     scale = exact.abs().max().item() if exact.numel() else 0.0
     bound = tolerance(exact.dtype) * max(scale, torch.finfo(exact.dtype).tiny)

@@ -12,14 +12,14 @@ __all__ = ["all_reduce_sum", "world_size"]
 
 
 def world_size(group=None) -> int:
-    """The number of ranks in ``group`` (1 without an initialised process group)."""
+    """The number of ranks in `group` (1 without an initialised process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
-    """Σ over the ranks of each tensor, by one ``all_reduce`` of their concatenation.
+    """Σ over the ranks of each tensor, by one `all_reduce` of their concatenation.
 
     gloo reduces CPU tensors; NCCL (and mixed backends) the tensors' own device. The
     results come back on the first tensor's device, with the input shapes.

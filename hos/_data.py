@@ -1,21 +1,23 @@
 r"""Summaries over a whole data loader, on one process or several (torch.distributed).
 
-For a loss that is a mean over samples, :math:`L = \frac1N \sum_{n=1}^N \ell_n`, every
-summary is linear in the loss, so with batches :math:`B_b` of :math:`n_b` samples and
-batch losses :math:`L_b = \frac1{n_b}\sum_{n\in B_b}\ell_n`,
+For a loss that is a mean over samples, $L = \frac1N \sum_{n=1}^N \ell_n$, every
+summary is linear in the loss, so with batches $B_b$ of $n_b$ samples and
+batch losses $L_b = \frac1{n_b}\sum_{n\in B_b}\ell_n$,
 
-.. math:: D^{(d)}[L] = \frac{\sum_b n_b\, D^{(d)}[L_b]}{\sum_b n_b},
+$$
+D^{(d)}[L] = \frac{\sum_b n_b\, D^{(d)}[L_b]}{\sum_b n_b},
+$$
 
 the full-data summary, whatever the batch sizes (an uneven last batch included).
-For a criterion with ``reduction="sum"`` the weights are 1 and the result is the
-summary of the summed loss, :math:`\sum_b D^{(d)}[L_b]`.
+For a criterion with `reduction="sum"` the weights are 1 and the result is the
+summary of the summed loss, $\sum_b D^{(d)}[L_b]$.
 
 Under torch.distributed (initialised, world size > 1) each rank summarises the
-batches of its own loader and one ``all_reduce(SUM)`` of the float64 weighted sums
-and total weight (for :func:`summarize_loader`: S + S² + S + 3 numbers) gives
+batches of its own loader and one `all_reduce(SUM)` of the float64 weighted sums
+and total weight (for [`summarize_loader`][hos.summarize_loader]: S + S² + S + 3 numbers) gives
 every rank the same result, equal to the single-process result on the union of
 the shards. Give each rank its shard, typically with
-:class:`torch.utils.data.distributed.DistributedSampler`; every rank must call
+`torch.utils.data.distributed.DistributedSampler`; every rank must call
 the function (it is a collective), also a rank whose shard is empty.
 """
 
@@ -57,7 +59,7 @@ class Reduction(str, enum.Enum):
 
 # --------------------------------------------------------------------------- checks
 def _reduction(reduction: Reduction | str | None, criterion: Callable[..., Any]) -> Reduction:
-    """``reduction``, or the criterion's own ``.reduction`` (torch losses), or MEAN."""
+    """`reduction`, or the criterion's own `.reduction` (torch losses), or MEAN."""
     own = getattr(criterion, "reduction", None)
     choices = [r.value for r in Reduction]
     if reduction is None:
@@ -117,7 +119,7 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 
 def _unpack(batch: object, index: int) -> tuple[Any, Any, int]:
-    """(inputs, targets, batch size) of one batch ``(inputs, targets)``."""
+    """(inputs, targets, batch size) of one batch `(inputs, targets)`."""
     if not isinstance(batch, Sequence) or isinstance(batch, str) or len(batch) != 2:
         raise TypeError(
             f"loader must yield (inputs, targets) pairs, but batch {index} is a "
@@ -170,7 +172,7 @@ def _accumulate(
     progress: bool | None,
     group: Any,
 ) -> list[torch.Tensor]:
-    """Weighted float64 sums of ``compute(batch loss, θ, u, partition)`` over the loader
+    """Weighted float64 sums of `compute(batch loss, θ, u, partition)` over the loader
     (and the ranks), divided by the total weight for a mean-reduced criterion."""
     params = _model_params(model)
     partition = check_partition(partition, params)
@@ -232,27 +234,27 @@ def summarize_loader(
     progress: bool | None = None,
     group: Any = None,
 ) -> Summary:
-    r"""The triple (ḡ, H̄, diag D^(3)) and the loss of the whole data, as a :class:`hos.Summary`.
+    r"""The triple (ḡ, H̄, diag D^(3)) and the loss of the whole data, as a [`hos.Summary`][hos.Summary].
 
-    ``Σ_b w_b summarize(L_b) / Σ_b w_b`` in float64 (w_b = n_b for a mean-reduced
+    `Σ_b w_b summarize(L_b) / Σ_b w_b` in float64 (w_b = n_b for a mean-reduced
     criterion), all-reduced over torch.distributed ranks (S + S² + S + 3 numbers).
 
     Args:
-        model: the network; its trainable parameters (``requires_grad``) are θ. Never
-            modified (see :func:`hos.model_loss`); for DDP pass ``ddp_model.module``.
-        criterion: ``criterion(outputs, targets) -> scalar``, the mean over the batch's
-            samples (``reduction="mean"``) or their sum (``reduction="sum"``).
-        loader: an iterable of ``(inputs, targets)`` batches (a ``DataLoader``), moved to
+        model: the network; its trainable parameters (`requires_grad`) are θ. Never
+            modified (see [`hos.model_loss`][hos.model_loss]); for DDP pass `ddp_model.module`.
+        criterion: `criterion(outputs, targets) -> scalar`, the mean over the batch's
+            samples (`reduction="mean"`) or their sum (`reduction="sum"`).
+        loader: an iterable of `(inputs, targets)` batches (a `DataLoader`), moved to
             the parameters' device. Under torch.distributed: this rank's shard, e.g.
-            ``DataLoader(data, batch_size=..., sampler=DistributedSampler(data, shuffle=False))``
-            (``drop_last=False`` pads the shards with repeated samples when the data does not
+            `DataLoader(data, batch_size=..., sampler=DistributedSampler(data, shuffle=False))`
+            (`drop_last=False` pads the shards with repeated samples when the data does not
             split evenly: those are then counted twice).
         direction: u, a dict with the keys and shapes of the trainable parameters.
         partition: the S groups, covering the trainable parameters.
-        reduction: ``"mean"`` or ``"sum"`` (:class:`Reduction`); None reads
-            ``criterion.reduction`` (torch losses) and otherwise means ``"mean"``.
-        backend: the :class:`hos.Backend` of each batch's summary.
-        verify: Taylor mode's certificate (see :func:`hos.summarize`); its verdict is
+        reduction: `"mean"` or `"sum"` ([`Reduction`][hos.Reduction]); None reads
+            `criterion.reduction` (torch losses) and otherwise means `"mean"`.
+        backend: the [`hos.Backend`][hos.Backend] of each batch's summary.
+        verify: Taylor mode's certificate (see [`hos.summarize`][hos.summarize]); its verdict is
             cached after the first batch, so it costs nothing on the others.
         progress: a tqdm bar over the batches; None shows it when stderr is a terminal
             (on rank 0 only).
@@ -261,23 +263,24 @@ def summarize_loader(
     The result is float64 whatever the model's dtype (each batch's summary is cast
     before it is accumulated). It equals the full-data summary when a sample's loss
     does not depend on the other samples of its batch; BatchNorm in training mode
-    breaks this (it gives the average of per-batch summaries): use ``model.eval()``
+    breaks this (it gives the average of per-batch summaries): use `model.eval()`
     for full-data summaries. Under torch.distributed every rank must call it (a
-    collective). A ``KeyboardInterrupt`` or any error in the loop propagates, with
+    collective). A `KeyboardInterrupt` or any error in the loop propagates, with
     the model untouched and nothing returned.
 
-    >>> import torch, torch.nn as nn, hos
-    >>> from torch.utils.data import DataLoader, TensorDataset
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
-    >>> part = hos.Partition.per_layer(net)
-    >>> u = {k: torch.randn_like(p) for k, p in net.named_parameters()}
-    >>> loader = DataLoader(TensorDataset(x, y), batch_size=4)  # batches of 4, 4 and 2
-    >>> s = hos.summarize_loader(net, nn.MSELoss(), loader, u, part, progress=False)
-    >>> full = hos.summarize(hos.model_loss(net, nn.MSELoss(), x, y), dict(net.named_parameters()), u, part)
-    >>> all(torch.allclose(a, b) for a, b in [(s.g, full.g), (s.H, full.H), (s.d3, full.d3)])
-    True
+    Examples:
+        >>> import torch, torch.nn as nn, hos
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+        >>> part = hos.Partition.per_layer(net)
+        >>> u = {k: torch.randn_like(p) for k, p in net.named_parameters()}
+        >>> loader = DataLoader(TensorDataset(x, y), batch_size=4)  # batches of 4, 4 and 2
+        >>> s = hos.summarize_loader(net, nn.MSELoss(), loader, u, part, progress=False)
+        >>> full = hos.summarize(hos.model_loss(net, nn.MSELoss(), x, y), dict(net.named_parameters()), u, part)
+        >>> all(torch.allclose(a, b) for a, b in [(s.g, full.g), (s.H, full.H), (s.d3, full.d3)])
+        True
     """
 
     def compute(loss, params, u, part):
@@ -314,24 +317,25 @@ def summary_tensor_loader(
     progress: bool | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    r"""The order-d summary tensor :math:`D^{(d)}` of the whole data, float64, ``(S,)*order``.
+    r"""The order-d summary tensor $D^{(d)}$ of the whole data, float64, `(S,)*order`.
 
-    ``Σ_b w_b summary_tensor(L_b, order) / Σ_b w_b``, all-reduced over ranks
-    (S**order + 2 numbers). ``order`` as in :func:`hos.summary_tensor`; every other
-    argument, the weights and the caveats as in :func:`summarize_loader`.
+    `Σ_b w_b summary_tensor(L_b, order) / Σ_b w_b`, all-reduced over ranks
+    (S**order + 2 numbers). `order` as in [`hos.summary_tensor`][hos.summary_tensor]; every other
+    argument, the weights and the caveats as in [`summarize_loader`][hos.summarize_loader].
 
-    For L = mean((w x - y)²) and u = 1, D^(2) = 2 mean(x²): 15 for x = 1, 2, 3, 4,
-    whatever the batches (here 3 + 1 samples):
+    Examples:
+        For L = mean((w x - y)²) and u = 1, D^(2) = 2 mean(x²): 15 for x = 1, 2, 3, 4,
+        whatever the batches (here 3 + 1 samples):
 
-    >>> import torch, torch.nn as nn, hos
-    >>> from torch.utils.data import DataLoader, TensorDataset
-    >>> net = nn.Linear(1, 1, bias=False).double()
-    >>> x = torch.arange(1.0, 5.0, dtype=torch.float64)[:, None]
-    >>> loader = DataLoader(TensorDataset(x, torch.zeros_like(x)), batch_size=3)
-    >>> u = {"weight": torch.ones(1, 1, dtype=torch.float64)}
-    >>> part = hos.Partition.whole(net)
-    >>> hos.summary_tensor_loader(net, nn.MSELoss(), loader, u, part, 2, progress=False)
-    tensor([[15.]], dtype=torch.float64)
+        >>> import torch, torch.nn as nn, hos
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> net = nn.Linear(1, 1, bias=False).double()
+        >>> x = torch.arange(1.0, 5.0, dtype=torch.float64)[:, None]
+        >>> loader = DataLoader(TensorDataset(x, torch.zeros_like(x)), batch_size=3)
+        >>> u = {"weight": torch.ones(1, 1, dtype=torch.float64)}
+        >>> part = hos.Partition.whole(net)
+        >>> hos.summary_tensor_loader(net, nn.MSELoss(), loader, u, part, 2, progress=False)
+        tensor([[15.]], dtype=torch.float64)
     """
     order = check_order(order)
     if isinstance(partition, Partition) and isinstance(model, nn.Module):
@@ -375,11 +379,11 @@ def summary_diagonal_loader(
     progress: bool | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    r"""The diagonal of :math:`D^{(d)}` of the whole data, float64, shape ``(S,)``.
+    r"""The diagonal of $D^{(d)}$ of the whole data, float64, shape `(S,)`.
 
-    ``Σ_b w_b summary_diagonal(L_b, order) / Σ_b w_b``, all-reduced over ranks
-    (S + 2 numbers). ``order`` as in :func:`hos.summary_diagonal`; every other
-    argument, the weights and the caveats as in :func:`summarize_loader`.
+    `Σ_b w_b summary_diagonal(L_b, order) / Σ_b w_b`, all-reduced over ranks
+    (S + 2 numbers). `order` as in [`hos.summary_diagonal`][hos.summary_diagonal]; every other
+    argument, the weights and the caveats as in [`summarize_loader`][hos.summarize_loader].
     """
     order = check_order(order)
 

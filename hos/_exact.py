@@ -1,10 +1,10 @@
 """Exact higher-order derivatives through fused kernels.
 
 Several fused PyTorch kernels have wrong or missing higher-order derivatives
-(measured in float64 on PyTorch 2.13): ``batch_norm`` and ``layer_norm`` are off
+(measured in float64 on PyTorch 2.13): `batch_norm` and `layer_norm` are off
 at order 3 under nested reverse mode and at order 2 under forward mode, and
-``scaled_dot_product_attention`` has no second derivative at all.  While a
-summary is computed, :class:`ExactOps` routes those calls to decompositions
+`scaled_dot_product_attention` has no second derivative at all.  While a
+summary is computed, [`ExactOps`][hos.ExactOps] routes those calls to decompositions
 into primitive operations, whose derivatives of every order are exact.
 
 The decompositions also make the computation read-only: BatchNorm uses the
@@ -64,7 +64,7 @@ def batch_norm(
 ):
     """y = (x − μ_B)/√(σ²_B + ε)·γ + β over all dims but the channel dim 1.
 
-    Uses batch statistics when ``training`` or when no running statistics are
+    Uses batch statistics when `training` or when no running statistics are
     given, the running statistics otherwise. Never writes to the buffers.
     """
     if training or running_mean is None or running_var is None:
@@ -101,7 +101,7 @@ def instance_norm(
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """y = (x − mean)/√(var + ε)·γ + β over the last ``len(normalized_shape)`` dims."""
+    """y = (x − mean)/√(var + ε)·γ + β over the last `len(normalized_shape)` dims."""
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     y = _normalize(input, dims, eps)
     if weight is not None:
@@ -112,7 +112,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    """Normalise each of ``num_groups`` channel groups per sample, then a per-channel affine."""
+    """Normalise each of `num_groups` channel groups per sample, then a per-channel affine."""
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, -1)
     y = _normalize(grouped, (2,), eps).reshape(input.shape)
@@ -120,7 +120,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """y = x/√(mean(x²) + ε)·γ over the last ``len(normalized_shape)`` dims."""
+    """y = x/√(mean(x²) + ε)·γ over the last `len(normalized_shape)` dims."""
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
@@ -164,7 +164,7 @@ def _reduce(loss, reduction):
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
     """Σ or mean of (x − y)², in primitive ops.
 
-    The fused ``mse_loss`` kernel's backward has no forward-mode derivative when
+    The fused `mse_loss` kernel's backward has no forward-mode derivative when
     the target carries no tangent ("ZeroTensors are immutable" under jvp of grad).
     """
     if weight is not None:  # PyTorch's weighted branch is already made of primitive ops
@@ -178,7 +178,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """½d² for |d| < δ, δ(|d| − ½δ) otherwise (d = x − y), in primitive ops.
 
-    The fused ``huber_loss_backward`` has no forward-mode derivative.
+    The fused `huber_loss_backward` has no forward-mode derivative.
     """
     diff = torch.sub(*torch.broadcast_tensors(input, target))
     size = diff.abs()
@@ -198,7 +198,7 @@ def _identity_dropout(input, *args, **kwargs):
 
 
 def weight_norm(v, g, dim=0):
-    """``torch._weight_norm``: v·g/‖v‖ with the norm over every dim but ``dim`` (all if -1).
+    """`torch._weight_norm`: v·g/‖v‖ with the norm over every dim but `dim` (all if -1).
 
     PyTorch's double backward of the fused kernel is wrong (uᵀHu of a weight-normed layer
     off by 9× in float64) and it has no forward-mode derivative.
@@ -215,14 +215,14 @@ def weight_norm(v, g, dim=0):
 def cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary"):
     """‖x1_i − x2_j‖_p over the last dim, from the differences themselves.
 
-    ``_cdist_backward`` has no derivative, so the fused kernel has no second order.
+    `_cdist_backward` has no derivative, so the fused kernel has no second order.
     """
     diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
     return _p_norm(diff, p)
 
 
 def pdist(input, p=2.0):
-    """‖x_i − x_j‖_p for i < j (rows of a 2-D input), as ``F.pdist``."""
+    """‖x_i − x_j‖_p for i < j (rows of a 2-D input), as `F.pdist`."""
     i, j = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
     return _p_norm(input[i] - input[j], p)
 
@@ -275,21 +275,21 @@ def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="m
 
 
 def mish(input, inplace=False):
-    """x·tanh(softplus(x)); the fused ``mish_backward`` has no forward-mode derivative."""
+    """x·tanh(softplus(x)); the fused `mish_backward` has no forward-mode derivative."""
     x = input.clone() if inplace else input  # autograd keeps x, not the written input
     out = x * torch.tanh(F.softplus(x))
     return input.copy_(out) if inplace else out
 
 
 def hardsigmoid(input, inplace=False):
-    """clamp(x + 3, 0, 6)/6; the fused ``hardsigmoid_backward`` has no derivative (no third
+    """clamp(x + 3, 0, 6)/6; the fused `hardsigmoid_backward` has no derivative (no third
     order in reverse mode, no second in forward mode: MobileNetV3)."""
     out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0  # keeps input + 3, not input: safe to write
     return input.copy_(out) if inplace else out
 
 
 def hardswish(input, inplace=False):
-    """x·clamp(x + 3, 0, 6)/6, in primitive ops (as :func:`hardsigmoid`)."""
+    """x·clamp(x + 3, 0, 6)/6, in primitive ops (as `hardsigmoid`)."""
     x = input.clone() if inplace else input  # autograd keeps x, not the written input
     out = x * (torch.clamp(x + 3.0, 0.0, 6.0) / 6.0)
     return input.copy_(out) if inplace else out
@@ -312,7 +312,7 @@ def binary_cross_entropy_with_logits(
 
 def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
     """‖x‖_ord in primitive ops; the fused kernel's forward-mode derivative fails at order 3
-    ("ZeroTensors are immutable"). Used by ``Tensor.norm``, ``F.normalize``."""
+    ("ZeroTensors are immutable"). Used by `Tensor.norm`, `F.normalize`."""
     if out is not None:
         return torch.linalg.vector_norm(x, ord, dim, keepdim, dtype=dtype, out=out)
     if dtype is not None:
@@ -342,14 +342,14 @@ def logaddexp(input, other, *, out=None):
 
 
 def glu(input, dim=-1):
-    """a·σ(b) for the two halves of ``input`` along ``dim``; ``glu_jvp`` has no derivative."""
+    """a·σ(b) for the two halves of `input` along `dim`; `glu_jvp` has no derivative."""
     a, b = input.chunk(2, dim)
     return a * torch.sigmoid(b)
 
 
 def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
               scale_grad_by_freq=False, sparse=False):  # fmt: skip
-    """A row lookup of ``weight``. ``padding_idx`` only withholds PyTorch's gradient from
+    """A row lookup of `weight`. `padding_idx` only withholds PyTorch's gradient from
     that row; hos differentiates the function itself, so the row counts like any other
     (give u zeros there to match training, where that row never moves)."""
     if max_norm is not None:
@@ -362,7 +362,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
 
 
 def _skip_buffer_write(func):
-    """``F.normalize(..., out=buffer)`` under no_grad (spectral norm's power iteration):
+    """`F.normalize(..., out=buffer)` under no_grad (spectral norm's power iteration):
     a summary never writes buffers, so the iteration is held at its current vectors."""
 
     def normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
@@ -374,8 +374,8 @@ def _skip_buffer_write(func):
 
 
 def _rnn_without_dropout(func):
-    """``_VF.lstm``/``gru``/``rnn_*`` with the ``train`` flag off: the dropout between
-    layers would draw a new mask at every evaluation (F.dropout is the identity too)."""
+    """`_VF.lstm`/`gru`/`rnn_*` with the `train` flag off: the dropout between
+    :   layers would draw a new mask at every evaluation (F.dropout is the identity too)."""
 
     def call(*args, **kwargs):
         args = list(args)
@@ -391,10 +391,10 @@ _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
 def _multi_head_attention_forward(*args, **kwargs):
-    """Route ``nn.MultiheadAttention`` through its explicit-softmax branch.
+    """Route `nn.MultiheadAttention` through its explicit-softmax branch.
 
-    That branch (``need_weights=True``) is made of ``bmm``/``softmax`` whose
-    derivatives are exact; ``training=False`` turns its internal dropout off.
+    That branch (`need_weights=True`) is made of `bmm`/`softmax` whose
+    derivatives are exact; `training=False` turns its internal dropout off.
     """
     bound = _MHA_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -405,7 +405,7 @@ def _multi_head_attention_forward(*args, **kwargs):
     return out, (weights if wanted_weights else None)
 
 
-#: Functions replaced while :class:`ExactOps` is active.
+#: Functions replaced while `ExactOps` is active.
 DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: batch_norm,
     F.instance_norm: instance_norm,
@@ -464,7 +464,7 @@ class ExactOps(TorchFunctionMode):
     """A torch-function mode that swaps fused kernels for exact decompositions.
 
     Use as a context manager around any evaluation whose higher derivatives
-    matter. All ``hos`` summary functions enter it themselves. While the
+    matter. All `hos` summary functions enter it themselves. While the
     handler runs, PyTorch pops the mode, so a replacement (made of primitive
     ops only) is never routed back here.
     """
@@ -483,12 +483,12 @@ def exact_ops() -> ExactOps:
 
 @contextlib.contextmanager
 def inline_checkpoints() -> Iterator[None]:
-    """``torch.utils.checkpoint`` runs its function directly while a summary is computed.
+    """`torch.utils.checkpoint` runs its function directly while a summary is computed.
 
     Recomputation saves memory only in training. The reentrant variant is a custom
     autograd.Function that hides its forward from the graph and refuses
-    ``torch.autograd.grad``; the non-reentrant one uses saved-tensor hooks, which
-    ``torch.func`` refuses. Not thread-safe: two module attributes are swapped for the
+    `torch.autograd.grad`; the non-reentrant one uses saved-tensor hooks, which
+    `torch.func` refuses. Not thread-safe: two module attributes are swapped for the
     duration of the call.
     """
     from torch.utils import checkpoint

@@ -17,8 +17,8 @@ LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 def _promote(x: Any, dtype: torch.dtype | None) -> Any:
-    """``x`` in ``dtype`` if it is a floating tensor of lower precision (e.g. bfloat16 inputs
-    of a model evaluated at float32 parameters), else ``x`` unchanged."""
+    """`x` in `dtype` if it is a floating tensor of lower precision (e.g. bfloat16 inputs
+    :   of a model evaluated at float32 parameters), else `x` unchanged."""
     if (
         dtype is None
         or not isinstance(x, torch.Tensor)
@@ -31,14 +31,14 @@ def _promote(x: Any, dtype: torch.dtype | None) -> Any:
 
 
 class ModelLoss:
-    """``L(θ) = criterion(model(inputs; θ), targets)`` as a pure function of θ.
+    """`L(θ) = criterion(model(inputs; θ), targets)` as a pure function of θ.
 
-    Calling it evaluates the model with :func:`torch.func.functional_call` at
+    Calling it evaluates the model with `torch.func.functional_call` at
     the given parameters (missing entries fall back to the model's own) and on
-    fresh copies of its buffers, under :class:`hos.ExactOps`. Hence:
+    fresh copies of its buffers, under [`hos.ExactOps`][hos.ExactOps]. Hence:
 
     * the model's parameters, buffers (BatchNorm running statistics,
-      ``num_batches_tracked``) and train/eval mode are never modified;
+      `num_batches_tracked`) and train/eval mode are never modified;
     * BatchNorm in training mode normalises with the batch statistics, in eval
       mode with the running statistics, exactly as the module itself does;
     * dropout is the identity: a summary is a derivative of one deterministic
@@ -46,7 +46,7 @@ class ModelLoss:
       in the mode you want the statistics of; dropout is off in both;
     * floating inputs and buffers of lower precision than the parameters are
       promoted to the parameters' dtype, so a bfloat16 model is evaluated in
-      float32 when the summaries upcast its parameters (see :mod:`hos._validate`).
+      float32 when the summaries upcast its parameters (see `hos._validate`).
     """
 
     def __init__(
@@ -96,15 +96,16 @@ class ModelLoss:
 def model_loss(
     model: nn.Module, criterion: Callable[..., torch.Tensor], inputs: Any, targets: Any
 ) -> ModelLoss:
-    """Return the pure loss ``params -> criterion(model(inputs; params), targets)``.
+    """Return the pure loss `params -> criterion(model(inputs; params), targets)`.
 
-    ``inputs`` may be a tensor or a tuple of positional inputs. See
-    :class:`ModelLoss` for what happens to BatchNorm and dropout.
+    `inputs` may be a tensor or a tuple of positional inputs. See
+    [`ModelLoss`][hos.ModelLoss] for what happens to BatchNorm and dropout.
 
-    >>> import torch, torch.nn as nn
-    >>> net = nn.Linear(2, 1, bias=False)
-    >>> loss = model_loss(net, nn.MSELoss(), torch.ones(1, 2), torch.zeros(1, 1))
-    >>> float(loss({"weight": torch.tensor([[1.0, 2.0]])}))
-    9.0
+    Examples:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Linear(2, 1, bias=False)
+        >>> loss = model_loss(net, nn.MSELoss(), torch.ones(1, 2), torch.zeros(1, 1))
+        >>> float(loss({"weight": torch.tensor([[1.0, 2.0]])}))
+        9.0
     """
     return ModelLoss(model, criterion, inputs, targets)

@@ -41,12 +41,13 @@ class Partition:
     """S named, disjoint, non-empty groups of parameter names covering all parameters.
 
     A value object: validated once at construction, immutable, hashable.
-    ``groups[s]`` lists the parameter names of group ``s`` whose name is
-    ``names[s]``; ``len(partition)`` is S.
+    `groups[s]` lists the parameter names of group `s` whose name is
+    `names[s]`; `len(partition)` is S.
 
-    >>> p = Partition(names=("a", "b"), groups=(("w1", "b1"), ("w2",)))
-    >>> len(p), p.group_of("w2")
-    (2, 1)
+    Examples:
+        >>> p = Partition(names=("a", "b"), groups=(("w1", "b1"), ("w2",)))
+        >>> len(p), p.group_of("w2")
+        (2, 1)
     """
 
     names: tuple[str, ...]
@@ -151,17 +152,18 @@ class Partition:
 
     @classmethod
     def from_groups(cls, model: ParamSource, groups: Mapping[str, Sequence[str]]) -> Partition:
-        """Groups given as ``{"group name": ["glob", ...]}`` over parameter names.
+        """Groups given as `{"group name": ["glob", ...]}` over parameter names.
 
         Each parameter must match the patterns of exactly one group. A pattern
-        matches a name equal to it or, as an ``fnmatch`` glob, names it matches (so
-        element names such as ``"bn.weight[3]"`` from :func:`hos.split_elements`
+        matches a name equal to it or, as an `fnmatch` glob, names it matches (so
+        element names such as `"bn.weight[3]"` from [`hos.split_elements`][hos.split_elements]
         can be given literally).
 
-        >>> import torch.nn as nn
-        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
-        >>> Partition.from_groups(net, {"hidden": ["0.*"], "out": ["2.*"]}).groups
-        (('0.weight', '0.bias'), ('2.weight', '2.bias'))
+        Examples:
+            >>> import torch.nn as nn
+            >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+            >>> Partition.from_groups(net, {"hidden": ["0.*"], "out": ["2.*"]}).groups
+            (('0.weight', '0.bias'), ('2.weight', '2.bias'))
         """
         if not isinstance(groups, Mapping) or not groups:
             raise TypeError(
@@ -212,7 +214,7 @@ class Partition:
         return tuple(p for g in self.groups for p in g)
 
     def group_of(self, parameter: str) -> int:
-        """Index of the group that holds ``parameter``."""
+        """Index of the group that holds `parameter`."""
         for index, group in enumerate(self.groups):
             if parameter in group:
                 return index
@@ -223,7 +225,7 @@ class Partition:
         )
 
     def check_covers(self, params: Mapping[str, torch.Tensor], argument: str = "params") -> None:
-        """Raise unless the partition covers exactly the keys of ``params``."""
+        """Raise unless the partition covers exactly the keys of `params`."""
         covered = set(self.parameter_names)
         keys = set(params)
         missing = [k for k in params if k not in covered]

@@ -1,8 +1,8 @@
 r"""One summary's inputs, validated once and shared by every backend and the oracle.
 
-A :class:`Problem` holds the loss L, the point θ, the direction u (both detached, finite,
+A `Problem` holds the loss L, the point θ, the direction u (both detached, finite,
 in the compute dtype) and the S groups; every backend computes the derivatives of
-:math:`\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)` from it.
+$\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)$ from it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ LossFn = Callable[[Params], torch.Tensor]
 
 class Problem:
     """The inputs of one summary: loss, θ, u, the groups, and whether to run the
-    Taylor-mode certificate (:mod:`hos._certificate`).
+    Taylor-mode certificate (`hos._certificate`).
 
-    Build it with :meth:`validated` from user input; the constructor trusts its arguments
+    Build it with `validated` from user input; the constructor trusts its arguments
     (tests and internal line problems use it directly).
     """
 
@@ -52,7 +52,7 @@ class Problem:
         cls, loss, params, direction, partition, *, order: int | None = None, what: str = "",
         verify: bool = True, stacklevel: int = 5,
     ) -> Problem:  # fmt: skip
-        """Check the user's arguments (see :func:`hos._validate.check_summary_args`)."""
+        """Check the user's arguments (see `hos._validate.check_summary_args`)."""
         if not isinstance(verify, bool):
             raise TypeError(
                 f"verify must be True or False, got {verify!r}; True (the default) checks "
@@ -69,11 +69,11 @@ class Problem:
         return sum(v.numel() for v in self.theta.values())
 
     def names_of(self, groups: Sequence[int]) -> list[str]:
-        """The parameter names in ``groups``."""
+        """The parameter names in `groups`."""
         return [n for k in groups for n in self.groups[k]]
 
     def group_names(self, groups: Sequence[int]) -> list[str]:
-        """The names of the groups ``groups``."""
+        """The names of the groups `groups`."""
         return [self.names[s] for s in groups]
 
     def contract(self, grads: Params, groups: Sequence[int]) -> torch.Tensor:

@@ -1,13 +1,13 @@
 """What no backend can differentiate exactly, refused with a message that says why.
 
-* smooth functions PyTorch declares non-differentiable (:data:`NOT_DIFFERENTIABLE`),
-* functions whose nested forward-mode derivatives PyTorch gets wrong (:data:`FORWARD_UNSOUND`,
+* smooth functions PyTorch declares non-differentiable (`NOT_DIFFERENTIABLE`),
+* functions whose nested forward-mode derivatives PyTorch gets wrong (`FORWARD_UNSOUND`,
   refused under torch.func only),
-* random sampling inside the loss (:data:`RANDOM`, :class:`RandomLossError`),
+* random sampling inside the loss (`RANDOM`, [`RandomLossError`][hos.RandomLossError]),
 * fused inference fast paths without higher derivatives,
-* and PyTorch's own "no derivative" errors, rewritten by :func:`explain_missing_derivative`.
+* and PyTorch's own "no derivative" errors, rewritten by `explain_missing_derivative`.
 
-:mod:`hos._exact` installs the guards in its table of decompositions.
+`hos._exact` installs the guards in its table of decompositions.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def refuse_fast_path(name: str) -> Callable[..., Any]:
 
 def module_path() -> str:
     """Where the caller is in the model: the innermost module being run, by its name in the
-    outermost one (``layer1.0.conv2 (Conv2d)``), or "" outside any module."""
+    outermost one (`layer1.0.conv2 (Conv2d)`), or "" outside any module."""
     modules = []
     frame = sys._getframe(1)
     while frame is not None:
@@ -197,7 +197,7 @@ def explain_missing_derivative(err: BaseException, backend: str) -> BaseExceptio
 
 
 def _custom_function_in(trace) -> str | None:
-    """The custom autograd.Function whose ``apply`` an error passed through, if any."""
+    """The custom autograd.Function whose `apply` an error passed through, if any."""
     apply_code = torch.autograd.Function.apply.__func__.__code__
     while trace is not None:
         if trace.tb_frame.f_code is apply_code:

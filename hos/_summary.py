@@ -1,39 +1,42 @@
 r"""Order-d summaries of a loss along a direction, per group of parameters.
 
-For the path function :math:`\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)`,
-:math:`\eta \in \mathbb{R}^S`, the order-d summary tensor is
+For the path function $\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)$,
+$\eta \in \mathbb{R}^S$, the order-d summary tensor is
 
-.. math:: D^{(d)}_{i_1\dots i_d} = \partial^d\varphi/\partial\eta_{i_1}\cdots\partial\eta_{i_d}(0)
-          = \sum_{p_1\in T_{i_1}}\cdots\sum_{p_d\in T_{i_d}} u_{p_1}\cdots u_{p_d}\,
-            \partial^d L/\partial\theta_{p_1}\cdots\partial\theta_{p_d}.
+$$
+D^{(d)}_{i_1\dots i_d} = \partial^d\varphi/\partial\eta_{i_1}\cdots\partial\eta_{i_d}(0) = \sum_{p_1\in T_{i_1}}\cdots\sum_{p_d\in T_{i_d}} u_{p_1}\cdots u_{p_d}\, \partial^d L/\partial\theta_{p_1}\cdots\partial\theta_{p_d}.
+$$
 
-Backends (see :mod:`hos.backends`) compute the same numbers by different
+Backends (see `hos.backends`) compute the same numbers by different
 compositions of automatic differentiation; each is checked against
-:mod:`hos.reference` in the tests.
+`hos.reference` in the tests.
 
-``taylor`` (the fastest; what ``"auto"`` picks)
-    Taylor mode, i.e. forward passes that carry Taylor coefficients next to every
-    activation (see :mod:`hos.taylor`). Every *diagonal* (diag D³ in
-    :func:`summarize`, :func:`summary_diagonal` at any order) from the univariate
-    coefficients along :math:`t \mapsto \theta + t u_s`, all groups in one pass, with no
+`taylor` (the fastest; what `"auto"` picks)
+:   Taylor mode, i.e. forward passes that carry Taylor coefficients next to every
+    activation (see `hos.taylor`). Every *diagonal* (diag D³ in
+    [`summarize`][hos.summarize], [`summary_diagonal`][hos.summary_diagonal] at any order) from the univariate
+    coefficients along $t \mapsto \theta + t u_s$, all groups in one pass, with no
     backward pass; for S <= 12 also the mixed coefficients of every pair (ḡ, H̄ and diag D³
-    of :func:`summarize` from one pass) and, for :func:`summary_tensor` of order >= 3, every
-    monomial up to degree d. Past those sizes H̄ and full tensors come from ``reverse``.
-    ``chunk`` bounds how many groups one pass carries. An operation Taylor mode cannot
+    of [`summarize`][hos.summarize] from one pass) and, for [`summary_tensor`][hos.summary_tensor] of order >= 3, every
+    monomial up to degree d. Past those sizes H̄ and full tensors come from `reverse`.
+    `chunk` bounds how many groups one pass carries. An operation Taylor mode cannot
     follow (an in-place write into a moving tensor, no forward-mode derivative) sends that
-    summary back to ``reverse``, exactly.
-``reverse``
-    torch.autograd, nested reverse mode on φ itself with S scalar leaves η_s,
+    summary back to `reverse`, exactly.
+
+`reverse`
+:   torch.autograd, nested reverse mode on φ itself with S scalar leaves η_s,
     one shared graph; input layers factored as f(x, θ_W) + η_W f(x, u_W), so the
     weight gradient of the first layer is never formed; row i of H̄ stops at
     group i (groups ordered by first use); d3_i is one more backward of H̄_ii
-    with respect to η_i. See :mod:`hos.backends.reverse`.
-``forward``
-    torch.func, pruned forward-over-reverse (nested ``jvp`` along single groups
-    over a ``grad`` restricted to the later groups); diagonals by d nested
-    ``jvp``. Slower, but an independent composition, kept as a cross-check.
-``reference``
-    :mod:`hos.reference`: nested ``jacfwd`` on φ. Slow, obviously right.
+    with respect to η_i. See `hos.backends.reverse`.
+
+`forward`
+:   torch.func, pruned forward-over-reverse (nested `jvp` along single groups
+    over a `grad` restricted to the later groups); diagonals by d nested
+    `jvp`. Slower, but an independent composition, kept as a cross-check.
+
+`reference`
+:   `hos.reference`: nested `jacfwd` on φ. Slow, obviously right.
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ class Summary:
     """The GroupedNewton triple at θ along u.
 
     Attributes:
-        g: ḡ = D^(1), shape (S,): ``g[s] = Σ_{p∈T_s} u_p ∂L/∂θ_p``.
+        g: ḡ = D^(1), shape (S,): `g[s] = Σ_{p∈T_s} u_p ∂L/∂θ_p`.
         H: H̄ = D^(2), shape (S, S), symmetric.
-        d3: diag D^(3), shape (S,): ``d3[s] = d³/dt³ L(θ + t u_s)`` at 0.
+        d3: diag D^(3), shape (S,): `d3[s] = d³/dt³ L(θ + t u_s)` at 0.
         names: the S group names.
         loss: L(θ), a 0-d tensor.
     """
@@ -98,7 +101,7 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
 
 
 def _checked_run(prob: Problem, params, compute, backend: SummaryBackend):
-    """Run ``compute()`` read-only (see :mod:`hos._validate`) and check what it returns."""
+    """Run `compute()` read-only (see `hos._validate`) and check what it returns."""
     with guarded(prob.device), upcast_errors(params, prob.dtype), inline_checkpoints(), ExactOps():
         try:
             results = compute()
@@ -123,28 +126,29 @@ def summary_tensor(
     backend: Backend | str = Backend.AUTO,
     verify: bool = True,
 ) -> torch.Tensor:
-    r"""The full symmetric order-d summary tensor :math:`D^{(d)}`, shape ``(S,)*order``.
+    r"""The full symmetric order-d summary tensor $D^{(d)}$, shape `(S,)*order`.
 
     Args:
-        loss: a pure function ``dict[str, Tensor] -> scalar`` (see :func:`hos.model_loss`).
+        loss: a pure function `dict[str, Tensor] -> scalar` (see [`hos.model_loss`][hos.model_loss]).
         params: θ, the point of expansion; a dict of tensors.
-        direction: u, same keys, shapes, dtypes and devices as ``params``.
-        partition: the S groups (a :class:`hos.Partition` covering ``params``).
+        direction: u, same keys, shapes, dtypes and devices as `params`.
+        partition: the S groups (a [`hos.Partition`][hos.Partition] covering `params`).
         order: d >= 1.
-        backend: one of :class:`Backend`; ``"auto"`` is exact and fastest.
+        backend: one of [`Backend`][hos.Backend]; `"auto"` is exact and fastest.
         verify: check Taylor mode's first coefficients against reverse mode (one gradient
-            the first time an op sequence is seen; see :func:`hos.last_fallback`).
+            the first time an op sequence is seen; see [`hos.last_fallback`][hos.last_fallback]).
 
-    On the quadratic :math:`L(\theta) = \tfrac12 (a\cdot w)^2` with one group,
-    :math:`D^{(2)} = (a\cdot u)^2`:
+    Examples:
+        On the quadratic $L(\theta) = \tfrac12 (a\cdot w)^2$ with one group,
+        $D^{(2)} = (a\cdot u)^2$:
 
-    >>> import torch, hos
-    >>> a = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    >>> loss = lambda p: 0.5 * (a @ p["w"]) ** 2
-    >>> params = {"w": torch.zeros(2, dtype=torch.float64)}
-    >>> u = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}
-    >>> hos.summary_tensor(loss, params, u, hos.Partition.per_tensor(params), order=2)
-    tensor([[9.]], dtype=torch.float64)
+        >>> import torch, hos
+        >>> a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> loss = lambda p: 0.5 * (a @ p["w"]) ** 2
+        >>> params = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> u = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+        >>> hos.summary_tensor(loss, params, u, hos.Partition.per_tensor(params), order=2)
+        tensor([[9.]], dtype=torch.float64)
     """
     order = check_order(order)
     chosen = resolve(backend)
@@ -169,24 +173,25 @@ def summary_diagonal(
     chunk: int | None = None,
     verify: bool = True,
 ) -> torch.Tensor:
-    r"""The diagonal of :math:`D^{(d)}`, shape ``(S,)``, without the full tensor.
+    r"""The diagonal of $D^{(d)}$, shape `(S,)`, without the full tensor.
 
-    ``out[s] = d^d/dt^d L(θ + t u_s)`` at t = 0 (u_s: u on group s, zero elsewhere).
+    `out[s] = d^d/dt^d L(θ + t u_s)` at t = 0 (u_s: u on group s, zero elsewhere).
 
-    With the ``taylor`` backend (``"auto"``) this is one forward pass carrying
-    d Taylor coefficients per group; ``chunk`` (groups per pass, default all,
+    With the `taylor` backend (`"auto"`) this is one forward pass carrying
+    d Taylor coefficients per group; `chunk` (groups per pass, default all,
     halved automatically when the coefficients outgrow 2 GiB) trades passes for
-    memory. Other backends take no ``chunk``. ``verify`` (default True): Taylor mode's
+    memory. Other backends take no `chunk`. `verify` (default True): Taylor mode's
     first coefficients are checked against one gradient the first time an op sequence is
     seen; a mismatch recomputes with reverse mode, warns and is recorded
-    (:func:`hos.last_fallback`).
+    ([`hos.last_fallback`][hos.last_fallback]).
 
-    >>> import torch, hos
-    >>> loss = lambda p: (p["x"] ** 4).sum() + p["y"].exp().sum()
-    >>> params = {"x": torch.ones(1, dtype=torch.float64), "y": torch.zeros(1, dtype=torch.float64)}
-    >>> u = {k: torch.ones(1, dtype=torch.float64) for k in params}
-    >>> hos.summary_diagonal(loss, params, u, hos.Partition.per_tensor(params), order=4)
-    tensor([24.,  1.], dtype=torch.float64)
+    Examples:
+        >>> import torch, hos
+        >>> loss = lambda p: (p["x"] ** 4).sum() + p["y"].exp().sum()
+        >>> params = {"x": torch.ones(1, dtype=torch.float64), "y": torch.zeros(1, dtype=torch.float64)}
+        >>> u = {k: torch.ones(1, dtype=torch.float64) for k in params}
+        >>> hos.summary_diagonal(loss, params, u, hos.Partition.per_tensor(params), order=4)
+        tensor([24.,  1.], dtype=torch.float64)
     """
     order = check_order(order)
     chosen = resolve(backend)
@@ -214,20 +219,21 @@ def summarize(
 ) -> Summary:
     r"""The GroupedNewton triple (ḡ, H̄, diag D^(3)) computed together.
 
-    ``chunk``: groups per Taylor-mode forward pass for diag D³ (``taylor``/``"auto"``
+    `chunk`: groups per Taylor-mode forward pass for diag D³ (`taylor`/`"auto"`
     backend only; default all in the pass that also builds the graph for H̄).
-    ``verify`` (default True): Taylor mode's ḡ and H̄_ss are checked against reverse mode
+    `verify` (default True): Taylor mode's ḡ and H̄_ss are checked against reverse mode
     (on every call where the rows are computed anyway, else one gradient per new op
     sequence); a mismatch recomputes exactly, warns once and is recorded
-    (:func:`hos.last_fallback`).
+    ([`hos.last_fallback`][hos.last_fallback]).
 
-    >>> import torch, hos
-    >>> loss = lambda p: (p["x"] ** 3).sum() + (p["x"] * p["y"]).sum()
-    >>> params = {"x": torch.ones(1, dtype=torch.float64), "y": torch.ones(1, dtype=torch.float64)}
-    >>> u = {k: torch.ones(1, dtype=torch.float64) for k in params}
-    >>> s = hos.summarize(loss, params, u, hos.Partition.per_tensor(params))
-    >>> s.g.tolist(), s.H.tolist(), s.d3.tolist()
-    ([4.0, 1.0], [[6.0, 1.0], [1.0, 0.0]], [6.0, 0.0])
+    Examples:
+        >>> import torch, hos
+        >>> loss = lambda p: (p["x"] ** 3).sum() + (p["x"] * p["y"]).sum()
+        >>> params = {"x": torch.ones(1, dtype=torch.float64), "y": torch.ones(1, dtype=torch.float64)}
+        >>> u = {k: torch.ones(1, dtype=torch.float64) for k in params}
+        >>> s = hos.summarize(loss, params, u, hos.Partition.per_tensor(params))
+        >>> s.g.tolist(), s.H.tolist(), s.d3.tolist()
+        ([4.0, 1.0], [[6.0, 1.0], [1.0, 0.0]], [6.0, 0.0])
     """
     chosen = resolve(backend)
     chunk = check_chunk(chunk, chosen)

@@ -1,9 +1,9 @@
-"""A small training and evaluation loop shared by the ``hos`` command and the analysis scripts.
+"""A small training and evaluation loop shared by the `hos` command and the analysis scripts.
 
-Not a framework: shuffled minibatches from a :class:`hos.datasets.Dataset`, one
-optimizer step per batch, and one :class:`EpochMetrics` row per epoch. The
-optimizers of :data:`OPTIMIZERS` are built by :func:`make_optimizer`; each is
-stepped through the contract it documents (plain ``backward`` + ``step()`` for
+Not a framework: shuffled minibatches from a [`hos.datasets.Dataset`][hos.datasets.Dataset], one
+optimizer step per batch, and one `EpochMetrics` row per epoch. The
+optimizers of `OPTIMIZERS` are built by `make_optimizer`; each is
+stepped through the contract it documents (plain `backward` + `step()` for
 torch optimizers, a graph-returning closure for SGD-PH).
 """
 
@@ -30,7 +30,7 @@ __all__ = [
     "train",
 ]
 
-#: optimizer names accepted by :func:`make_optimizer` (and ``hos train --optimizer``)
+#: optimizer names accepted by `make_optimizer` (and `hos train --optimizer`)
 OPTIMIZERS = ("grouped-newton", "sgdph", "adam", "sgd")
 #: default learning rates (GroupedNewton: λ_1 of the paper's MLP setting)
 DEFAULT_LR = {"grouped-newton": 0.03, "sgdph": 0.1, "adam": 1e-3, "sgd": 0.05}
@@ -63,11 +63,11 @@ def make_optimizer(
     criterion: Callable[..., torch.Tensor] | None = None,
     seed: int = 0,
 ) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` (one of :data:`OPTIMIZERS`) for ``model``.
+    """Build optimizer `name` (one of `OPTIMIZERS`) for `model`.
 
-    ``lr`` defaults to :data:`DEFAULT_LR`; SGD uses momentum 0.9. GroupedNewton
+    `lr` defaults to `DEFAULT_LR`; SGD uses momentum 0.9. GroupedNewton
     computes its summaries on a fixed batch of 100 training samples drawn from
-    ``data`` with ``seed`` (required for it).
+    `data` with `seed` (required for it).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
@@ -106,7 +106,7 @@ def _grouped_newton(model, lr, data, criterion, seed):
 
 def make_scheduler(optimizer: torch.optim.Optimizer):
     """The per-epoch scheduler of an optimizer: the paper's plateau rule on λ₁ for
-    GroupedNewton (stepped with the epoch's training loss), ``None`` otherwise."""
+    GroupedNewton (stepped with the epoch's training loss), `None` otherwise."""
     from hos.optim import GroupedNewton, plateau_scheduler
 
     return plateau_scheduler(optimizer) if isinstance(optimizer, GroupedNewton) else None
@@ -121,7 +121,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
 def evaluate(
     model: nn.Module, dataset, criterion: Callable[..., torch.Tensor] | None = None
 ) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` (in eval mode) on a TensorDataset."""
+    """Mean loss and accuracy of `model` (in eval mode) on a TensorDataset."""
     criterion = criterion or nn.CrossEntropyLoss()
     x, y = dataset.tensors
     was_training = model.training
@@ -162,17 +162,21 @@ def train(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     scheduler=None,
 ) -> list[EpochMetrics]:
-    """Train for ``epochs`` epochs; returns one :class:`EpochMetrics` per epoch.
+    """Train for `epochs` epochs; returns one `EpochMetrics` per epoch.
 
     Args:
         model: trained in place (train mode during steps, eval mode for metrics).
-        data: train split shuffled each epoch with a generator seeded by ``seed``.
-        optimizer: from :func:`make_optimizer` or any torch optimizer.
+        data: train split shuffled each epoch with a generator seeded by `seed`.
+        optimizer: from `make_optimizer` or any torch optimizer.
+        epochs: passes over the training split (0 evaluates only).
+        batch_size: samples per step.
+        seed: seeds the shuffling generator.
+        criterion: the loss (default `nn.CrossEntropyLoss()`).
         max_steps_per_epoch: cut epochs short (for quick runs).
         progress: a tqdm bar over steps; default: only when stderr is a terminal.
         on_epoch: called with each epoch's metrics as soon as they exist.
         scheduler: stepped once per epoch with the epoch's training loss when it
-            is a ``ReduceLROnPlateau`` (see :func:`make_scheduler`), else without one.
+            is a `ReduceLROnPlateau` (see `make_scheduler`), else without one.
     A non-finite training loss stops training early (the rows so far are returned
     and a warning is issued).
     """

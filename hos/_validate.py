@@ -1,33 +1,33 @@
 """Argument checks and guards shared by the public entry points.
 
 Every message names the argument, shows the offending value and says what to
-pass instead. Decisions documented here (and tested in ``tests/test_errors.py``
-and ``tests/test_numerics.py``):
+pass instead. Decisions documented here (and tested in `tests/test_errors.py`
+and `tests/test_numerics.py`):
 
-* **Non-finite inputs raise.** A NaN/Inf in ``params`` or ``direction`` makes
-  every summary meaningless, so :class:`ValueError` is raised before any work.
+* **Non-finite inputs raise.** A NaN/Inf in `params` or `direction` makes
+  every summary meaningless, so `ValueError` is raised before any work.
 * **Non-finite results warn.** Finite inputs can still give NaN/Inf (a loss
   that is NaN at θ, an overflow): the result is returned as computed and a
-  :class:`NonFiniteWarning` names the groups; callers that step on it (the
+  [`NonFiniteWarning`][hos.NonFiniteWarning] names the groups; callers that step on it (the
   optimizers) must skip such a refresh.
 * **Scales outside the dtype's range warn** before computing
-  (:class:`NonFiniteWarning` too): an order-d entry scales like ``|u_s|^d``,
-  so ``max|u_s|^d`` beyond the largest or below the smallest normal number of
+  ([`NonFiniteWarning`][hos.NonFiniteWarning] too): an order-d entry scales like `|u_s|^d`,
+  so `max|u_s|^d` beyond the largest or below the smallest normal number of
   the compute dtype would overflow to Inf or underflow to 0 silently.
-* **Half precision is computed in float32.** float16/bfloat16 ``params`` and
-  ``direction`` are upcast to float32 (so are the inputs and buffers a
-  :func:`hos.model_loss` sees); results are float32. A custom loss that cannot
-  take float32 parameters fails with a :class:`TypeError` saying so.
+* **Half precision is computed in float32.** float16/bfloat16 `params` and
+  `direction` are upcast to float32 (so are the inputs and buffers a
+  [`hos.model_loss`][hos.model_loss] sees); results are float32. A custom loss that cannot
+  take float32 parameters fails with a `TypeError` saying so.
 * **A loss that does not depend on the parameters raises.** Detected for free
   in the common case: only when every computed entry is exactly zero is the
   loss evaluated once more on parameters that require grad; an output without
-  autograd history (``torch.no_grad``, ``.detach()``, ``.item()`` inside the
-  loss, or a constant) is a :class:`ValueError` instead of a silent zero.
-* **Outputs too large for memory raise** :class:`SummaryMemoryError` (a
-  :class:`MemoryError`) with the estimate, before any work.
+  autograd history (`torch.no_grad`, `.detach()`, `.item()` inside the
+  loss, or a constant) is a `ValueError` instead of a silent zero.
+* **Outputs too large for memory raise** [`SummaryMemoryError`][hos.SummaryMemoryError] (a
+  `MemoryError`) with the estimate, before any work.
 * **Summaries only read.** Autograd is switched on (and inference mode off)
   for the computation whatever the caller's mode, and the caller's RNG state is
-  restored afterwards, also when the loss raises (e.g. ``KeyboardInterrupt``).
+  restored afterwards, also when the loss raises (e.g. `KeyboardInterrupt`).
 """
 
 from __future__ import annotations
@@ -133,9 +133,9 @@ def _count_bad(t: torch.Tensor) -> int:
 def _max_abs(tensors: list[torch.Tensor]) -> list[float]:
     """max|t| of each tensor with one device sync; NaN/Inf if the tensor holds any.
 
-    One ``aminmax`` pass per tensor (no temporary the size of the tensor, unlike
-    ``abs().amax()``); it propagates NaN and ±Inf and is several times cheaper than
-    ``isfinite``.
+    One `aminmax` pass per tensor (no temporary the size of the tensor, unlike
+    `abs().amax()`); it propagates NaN and ±Inf and is several times cheaper than
+    `isfinite`.
     """
     if not tensors:
         return []
@@ -169,7 +169,7 @@ def _check_finite(argument: str, tensors: Mapping[str, torch.Tensor], maxima=Non
 
 
 def check_params(params: object, *, finite: bool = True) -> dict[str, torch.Tensor]:
-    """A non-empty dict of floating-point tensors on one device (finite, unless ``finite=False``)."""
+    """A non-empty dict of floating-point tensors on one device (finite, unless `finite=False`)."""
     if not isinstance(params, Mapping) or not params:
         raise TypeError(
             f"params must be a non-empty dict[str, Tensor], got {_short(params)}; pass "
@@ -206,7 +206,7 @@ def check_params(params: object, *, finite: bool = True) -> dict[str, torch.Tens
 
 
 def compute_dtype(params: Params) -> torch.dtype:
-    """The widest floating dtype among ``params``, and at least float32."""
+    """The widest floating dtype among `params`, and at least float32."""
     widest = MIN_COMPUTE_DTYPE
     for value in params.values():
         widest = torch.promote_types(widest, value.dtype)
@@ -216,7 +216,7 @@ def compute_dtype(params: Params) -> torch.dtype:
 def check_direction(
     direction: object, params: Params, *, finite: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Same keys, shapes, dtypes and device as ``params``; finite unless ``finite=False``."""
+    """Same keys, shapes, dtypes and device as `params`; finite unless `finite=False`."""
     if not isinstance(direction, Mapping):
         raise TypeError(
             f"direction must be a dict with the keys and shapes of params, got {_short(direction)}; "
@@ -258,7 +258,7 @@ def check_direction(
 
 
 def check_partition(partition: object, params: Params) -> Partition:
-    """A :class:`Partition` whose groups cover exactly the keys of ``params``."""
+    """A [`Partition`][hos.Partition] whose groups cover exactly the keys of `params`."""
     if not isinstance(partition, Partition):
         raise TypeError(
             f"partition must be a hos.Partition, got {_short(partition)}; build one with "
@@ -278,7 +278,7 @@ def check_partition(partition: object, params: Params) -> Partition:
 
 
 def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Detached, in ``dtype``, and a normal tensor (inference tensors are copied)."""
+    """Detached, in `dtype`, and a normal tensor (inference tensors are copied)."""
     t = t.detach()
     if t.is_inference():
         with torch.inference_mode(False):
@@ -288,7 +288,7 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the loss
 def checked_loss(loss: object) -> Callable[[Params], torch.Tensor]:
-    """Wrap ``loss`` so that a non-tensor or non-scalar output fails with a clear message."""
+    """Wrap `loss` so that a non-tensor or non-scalar output fails with a clear message."""
     if not callable(loss):
         raise TypeError(
             f"loss must be a callable dict[str, Tensor] -> scalar Tensor, got {_short(loss)}; "
@@ -319,7 +319,7 @@ def checked_loss(loss: object) -> Callable[[Params], torch.Tensor]:
 
 
 def check_depends(loss: Callable[[Params], torch.Tensor], params: Params) -> None:
-    """Raise ValueError if ``loss`` has no autograd path to any parameter.
+    """Raise ValueError if `loss` has no autograd path to any parameter.
 
     One evaluation on leaves that require grad: the output must require grad.
     Called only when a computed summary is exactly zero, so it costs nothing
@@ -345,8 +345,8 @@ def check_summary_args(
 ):
     """Validate the four common arguments; return (loss, θ, u, partition) ready to use.
 
-    θ and u are detached, finite, on one device, and in :func:`compute_dtype`. With
-    ``order``, also warn (:func:`check_scale`) if ``max|u_s|**order`` leaves the dtype's
+    θ and u are detached, finite, on one device, and in `compute_dtype`. With
+    `order`, also warn (`check_scale`) if `max|u_s|**order` leaves the dtype's
     range. One device sync for all the finiteness and scale checks.
     """
     loss = loss if getattr(loss, "checked", False) else checked_loss(loss)
@@ -375,11 +375,11 @@ def check_output_size(
     what: str,
     batched_params: int = 0,
 ) -> None:
-    """Raise :class:`SummaryMemoryError` if ``S**order`` entries (and the work) cannot fit.
+    """Raise [`SummaryMemoryError`][hos.SummaryMemoryError] if `S**order` entries (and the work) cannot fit.
 
-    ``batched_params``: for the reference backend, which evaluates all
-    ``S**order`` derivatives at once, the number of parameter scalars copied per
-    entry (the work is at least ``S**order * batched_params`` numbers).
+    `batched_params`: for the reference backend, which evaluates all
+    `S**order` derivatives at once, the number of parameter scalars copied per
+    entry (the work is at least `S**order * batched_params` numbers).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     entries = S**order
@@ -417,9 +417,9 @@ def check_scale(
     dtype: torch.dtype,
     stacklevel: int = 2,
 ) -> None:
-    """Warn if ``max|u_s|**order`` is outside the normal range of ``dtype``.
+    """Warn if `max|u_s|**order` is outside the normal range of `dtype`.
 
-    ``u_max``: max|u_p| per parameter name.
+    `u_max`: max|u_p| per parameter name.
     """
     info = torch.finfo(dtype)
     high, low = math.log10(info.max), math.log10(info.tiny)
@@ -440,7 +440,7 @@ def check_scale(
 
 
 def check_result(what: str, names: tuple[str, ...], **results: torch.Tensor) -> None:
-    """One :class:`NonFiniteWarning` naming the results and groups that hold NaN/Inf."""
+    """One [`NonFiniteWarning`][hos.NonFiniteWarning] naming the results and groups that hold NaN/Inf."""
     parts = []
     for label, value in results.items():
         bad = ~torch.isfinite(value)
@@ -520,7 +520,7 @@ def check_number(
 
 
 def check_int(name: str, value, low: int, hint: str = "") -> int:
-    """An int >= ``low`` (bools refused); raises ValueError naming it."""
+    """An int >= `low` (bools refused); raises ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(
             f"{name} must be an int >= {low}, got {value!r}; pass an int"

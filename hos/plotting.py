@@ -1,18 +1,19 @@
 r"""Figures of summaries: interaction maps, D^(3) slices, diagonals, snapshots, Taylor validity.
 
-matplotlib is imported inside each function (``pip install 'hos[plot]'``), so
-``import hos.plotting`` costs nothing. Every plotting function takes an optional
-``ax`` (or ``axes``) to draw into and returns the :class:`matplotlib.figure.Figure`.
+matplotlib is imported inside each function (`pip install 'hos[plot]'`), so
+`import hos.plotting` costs nothing. Every plotting function takes an optional
+`ax` (or `axes`) to draw into and returns the `matplotlib.figure.Figure`.
 
-Tensors may be torch tensors or numpy arrays; ``names`` are the S group names
-(``partition.names`` / ``summary.names``).
+Tensors may be torch tensors or numpy arrays; `names` are the S group names
+(`partition.names` / `summary.names`).
 
-The Taylor models of :func:`taylor_models` follow the sign convention of the
-optimizers: a step is :math:`\theta(t) = \theta - t\sum_s \eta_s u_s`, i.e. the
-path function is evaluated at :math:`-t\eta`, so
+The Taylor models of [`taylor_models`][hos.plotting.taylor_models] follow the sign convention of the
+optimizers: a step is $\theta(t) = \theta - t\sum_s \eta_s u_s$, i.e. the
+path function is evaluated at $-t\eta$, so
 
-.. math:: L(\theta(t)) \approx L - t\,\bar g^\top\eta + \tfrac{t^2}{2}\,\eta^\top\bar H\eta
-          - \tfrac{t^3}{6}\,D^{(3)}[\eta,\eta,\eta] + \dots
+$$
+L(\theta(t)) \approx L - t\,\bar g^\top\eta + \tfrac{t^2}{2}\,\eta^\top\bar H\eta - \tfrac{t^3}{6}\,D^{(3)}[\eta,\eta,\eta] + \dots
+$$
 """
 
 from __future__ import annotations
@@ -67,13 +68,14 @@ def _figure_and_ax(ax, size=(6.0, 5.0)):
 
 
 def normalized_interactions(H) -> np.ndarray:
-    r""":math:`\bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}` (NaN where a diagonal entry is 0).
+    r"""$\bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$ (NaN where a diagonal entry is 0).
 
     For a positive semi-definite H̄ this is a correlation-like matrix in [-1, 1]
     with unit diagonal; for an indefinite H̄ entries can exceed 1 in magnitude.
 
-    >>> normalized_interactions([[4.0, 1.0], [1.0, 1.0]]).round(3).tolist()
-    [[1.0, 0.5], [0.5, 1.0]]
+    Examples:
+        >>> normalized_interactions([[4.0, 1.0], [1.0, 1.0]]).round(3).tolist()
+        [[1.0, 0.5], [0.5, 1.0]]
     """
     m = _np(H)
     d = np.sqrt(np.abs(np.diag(m)))
@@ -86,26 +88,28 @@ def normalized_interactions(H) -> np.ndarray:
 def module_boundaries(names: Sequence[str]) -> list[int]:
     """Indices i where group i starts a new module: its parent name differs from group i-1's.
 
-    The parent of ``"features.3.weight"`` is ``"features.3"``, so with a
+    The parent of `"features.3.weight"` is `"features.3"`, so with a
     per-tensor partition the boundaries separate layers; with a per-layer
-    partition (``"stages.0.conv1"``) they separate blocks.
+    partition (`"stages.0.conv1"`) they separate blocks.
 
-    >>> module_boundaries(["0.weight", "0.bias", "2.weight", "2.bias"])
-    [2]
+    Examples:
+        >>> module_boundaries(["0.weight", "0.bias", "2.weight", "2.bias"])
+        [2]
     """
     parents = [n.rpartition(".")[0] for n in names]
     return [i for i in range(1, len(names)) if parents[i] != parents[i - 1]]
 
 
 def group_labels(model, names: Sequence[str]) -> list[str]:
-    """Axis labels ``"name Type"`` for group names that are modules (or tensors) of ``model``.
+    """Axis labels `"name Type"` for group names that are modules (or tensors) of `model`.
 
-    ``"features.0"`` becomes ``"features.0 Conv2d"``, ``"1.weight"`` becomes
-    ``"1.weight Linear"``; other names are kept.
+    `"features.0"` becomes `"features.0 Conv2d"`, `"1.weight"` becomes
+    `"1.weight Linear"`; other names are kept.
 
-    >>> import torch.nn as nn
-    >>> group_labels(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), ["0", "0.bias", "x"])
-    ['0 Linear', '0.bias Linear', 'x']
+    Examples:
+        >>> import torch.nn as nn
+        >>> group_labels(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), ["0", "0.bias", "x"])
+        ['0 Linear', '0.bias Linear', 'x']
     """
     modules = dict(model.named_modules())
     labels = []
@@ -124,7 +128,7 @@ def group_labels(model, names: Sequence[str]) -> list[str]:
 
 def _short(names: Sequence[str], width: int = 24) -> list[str]:
     """Shorten long names: abbreviate dotted path parts to their first letter, from the
-    left, keeping indices and the last part (``encoder.layers.0.linear1`` → ``e.l.0.linear1``)."""
+    left, keeping indices and the last part (`encoder.layers.0.linear1` → `e.l.0.linear1`)."""
     out = []
     for name in names:
         path, space, suffix = name.partition(" ")
@@ -193,14 +197,16 @@ def interaction_heatmap(
     Args:
         H: H̄ = D^(2), shape (S, S).
         names: the S group names (axis labels).
-        normalize: plot :func:`normalized_interactions` with colours limited to
+        normalize: plot [`normalized_interactions`][hos.plotting.normalized_interactions] with colours limited to
             ±1 (entries beyond ±1, where a 2×2 block of H̄ is indefinite, get the
             end colours and an arrow on the colour bar; the cells show the values);
             otherwise H̄ itself on a symmetric-log scale (limits ±max|H̄|,
             linear within 10^-decades·max|H̄|). Both diverging and centred at 0.
         boundaries: indices where a new module starts (lines are drawn before
-            them); default :func:`module_boundaries` of ``names``.
+            them); default [`module_boundaries`][hos.plotting.module_boundaries] of `names`.
         annotate: write the values in the cells (when S <= 12).
+        decades: the linear range of the raw (`normalize=False`) scale, in decades below
+            max|H̄|.
         title: axes title.
         ax: matplotlib Axes to draw into (a new figure otherwise).
     """
@@ -237,10 +243,10 @@ def summary_slice(
 ):
     r"""A matrix view of the order-3 summary tensor D^(3) (S×S×S).
 
-    ``fixed=None`` shows :math:`M_{ij} = D^{(3)}_{iij}` (how the curvature of
-    group i changes when group j moves; row i, column j); ``fixed=k`` shows the
-    symmetric slice :math:`D^{(3)}_{ijk}` for that k. ``normalize`` divides
-    entry (i, j) by :math:`|D_{iii}|^{2/3}|D_{jjj}|^{1/3}` (scale-free under
+    `fixed=None` shows $M_{ij} = D^{(3)}_{iij}$ (how the curvature of
+    group i changes when group j moves; row i, column j); `fixed=k` shows the
+    symmetric slice $D^{(3)}_{ijk}$ for that k. `normalize` divides
+    entry (i, j) by $|D_{iii}|^{2/3}|D_{jjj}|^{1/3}$ (scale-free under
     u_s → c_s u_s). Diverging colormap on a symmetric-log scale centred at 0.
     """
     from matplotlib.colors import Normalize, SymLogNorm
@@ -283,13 +289,15 @@ def summary_slice(
 def diagonals(
     diags: Mapping[int, object], names: Sequence[str], *, title: str | None = None, ax=None
 ):
-    r"""The diagonals :math:`D^{(d)}_{i\dots i}` of several orders d, per group, log-abs with sign.
+    r"""The diagonals $D^{(d)}_{i\dots i}$ of several orders d, per group, log-abs with sign.
 
     Args:
-        diags: ``{order: values of shape (S,)}``, e.g. ``{1: s.g, 2: s.H.diag(), 3: s.d3, 4: d4}``.
+        diags: `{order: values of shape (S,)}`, e.g. `{1: s.g, 2: s.H.diag(), 3: s.d3, 4: d4}`.
         names: the S group names.
+        title: axes title.
+        ax: matplotlib Axes to draw into (a new figure otherwise).
 
-    Each order is a line of :math:`\log_{10}|D^{(d)}_{i\dots i}|`; filled
+    Each order is a line of $\log_{10}|D^{(d)}_{i\dots i}|$; filled
     markers are positive entries, open markers negative ones, and exact zeros
     are drawn at the bottom of the axis as crosses.
     """
@@ -340,11 +348,11 @@ def snapshots(
 
     Args:
         Hs: K matrices H̄ (S, S), one per snapshot; shown normalised
-            (:func:`normalized_interactions`), colours limited to ±1.
+            ([`normalized_interactions`][hos.plotting.normalized_interactions]), colours limited to ±1.
         names: the S group names.
         etas: optional K vectors η* (S,) drawn as bars under each map.
-        labels: K titles (e.g. ``"step 100"``).
-        axes: an array of Axes of shape (K,) or, with ``etas``, (2, K).
+        labels: K titles (e.g. `"step 100"`).
+        axes: an array of Axes of shape (K,) or, with `etas`, (2, K).
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
@@ -400,20 +408,23 @@ def snapshots(
 
 
 def taylor_models(t, eta, g, H, D3=None, loss=0.0) -> dict[int, np.ndarray]:
-    r"""Order-1, 2 (and 3) Taylor models of :math:`t \mapsto L(\theta - t\sum_s\eta_s u_s)`.
+    r"""Order-1, 2 (and 3) Taylor models of $t \mapsto L(\theta - t\sum_s\eta_s u_s)$.
 
     Args:
         t: step scales, shape (T,).
         eta: η, shape (S,).
-        g, H, D3: ḡ (S,), H̄ (S, S) and optionally D^(3) (S, S, S) at θ along u.
+        g: ḡ, shape (S,), at θ along u.
+        H: H̄, shape (S, S).
+        D3: optionally D^(3), shape (S, S, S).
         loss: L(θ).
 
-    Returns ``{1: ..., 2: ..., 3: ...}`` arrays of shape (T,):
-    :math:`L - t\,\bar g\cdot\eta`, then :math:`+\tfrac{t^2}{2}\eta^\top\bar H\eta`, then
-    :math:`-\tfrac{t^3}{6}D^{(3)}[\eta,\eta,\eta]` (only when ``D3`` is given).
+    Returns `{1: ..., 2: ..., 3: ...}` arrays of shape (T,):
+    $L - t\,\bar g\cdot\eta$, then $+\tfrac{t^2}{2}\eta^\top\bar H\eta$, then
+    $-\tfrac{t^3}{6}D^{(3)}[\eta,\eta,\eta]$ (only when `D3` is given).
 
-    >>> taylor_models([1.0], [1.0], [2.0], [[4.0]], [[[6.0]]], loss=1.0)[3].tolist()
-    [0.0]
+    Examples:
+        >>> taylor_models([1.0], [1.0], [2.0], [[4.0]], [[[6.0]]], loss=1.0)[3].tolist()
+        [0.0]
     """
     t = _np(t).reshape(-1)
     e, g, H = _np(eta).reshape(-1), _np(g).reshape(-1), _np(H)
@@ -439,10 +450,10 @@ def taylor_validity(
     title: str | None = None,
     ax=None,
 ):
-    r"""True loss along a step against its Taylor models (:func:`taylor_models`).
+    r"""True loss along a step against its Taylor models ([`taylor_models`][hos.plotting.taylor_models]).
 
-    Top: the loss change :math:`L(\theta(t)) - L(\theta)` and each model's
-    change against t (log-scaled x). With ``relative_to`` (usually L(θ)) the
+    Top: the loss change $L(\theta(t)) - L(\theta)$ and each model's
+    change against t (log-scaled x). With `relative_to` (usually L(θ)) the
     y-values are those changes; otherwise raw losses. A dotted line marks
     t = 1 (the step as proposed).
     """
@@ -478,11 +489,11 @@ def taylor_error(
     title: str | None = None,
     ax=None,
 ):
-    r"""Relative error of each Taylor model, :math:`|m_k(t) - L(\theta(t))| / |L(\theta(t)) - L(\theta)|`.
+    r"""Relative error of each Taylor model, $|m_k(t) - L(\theta(t))| / |L(\theta(t)) - L(\theta)|$.
 
     Log-log against t: in the valid range the order-k error grows like
-    :math:`t^{k}` (error :math:`O(t^{k+1})` over a change :math:`O(t)`); a
-    dashed line marks ``tolerance``.
+    $t^{k}$ (error $O(t^{k+1})$ over a change $O(t)$); a
+    dashed line marks `tolerance`.
     """
     fig, ax = _figure_and_ax(ax, size=(6.0, 4.2))
     t = _np(t).reshape(-1)
@@ -513,7 +524,7 @@ def training_curves(
     keys: Sequence[str] = ("train_loss", "test_loss", "test_accuracy"),
     axes=None,
 ):
-    """Per-epoch curves of several runs: ``{run name: [epoch metrics dict, ...]}``.
+    """Per-epoch curves of several runs: `{run name: [epoch metrics dict, ...]}`.
 
     One panel per key (x = epoch, starting at 1); losses on a log scale.
     """

@@ -1,6 +1,6 @@
 """Where a result came from: versions, machine and date, recorded with every result file.
 
-The CLI and the scripts in ``analysis/`` write :func:`environment` next to their numbers.
+The CLI and the scripts in `analysis/` write `environment` next to their numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _cpu_model() -> str:
 
 def environment(**extra: Any) -> dict[str, Any]:
     """Versions (hos, torch, numpy, python), threads, CPU, load, platform and UTC date,
-    plus the caller's ``extra`` entries (e.g. the dtype of a benchmark)."""
+    plus the caller's `extra` entries (e.g. the dtype of a benchmark)."""
     import numpy
     import torch
 

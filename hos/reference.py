@@ -1,7 +1,7 @@
-r"""The slow, obviously-right oracle: nested ``jacfwd`` on the path function.
+r"""The slow, obviously-right oracle: nested `jacfwd` on the path function.
 
-:math:`\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)` is an ordinary function of
-S scalars; its d-th derivative tensor at 0 is :math:`D^{(d)}` by definition.
+$\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)$ is an ordinary function of
+S scalars; its d-th derivative tensor at 0 is $D^{(d)}$ by definition.
 Cost grows like S^d forward passes: use it to check, not to compute.
 """
 
@@ -32,23 +32,24 @@ Params = Mapping[str, torch.Tensor]
 def path_function(
     loss: Callable[[Params], torch.Tensor], params: Params, direction: Params, partition: Partition
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return φ: R^S → R, ``φ(η) = loss({p: θ_p + η_{s(p)} u_p})``.
+    """Return φ: R^S → R, `φ(η) = loss({p: θ_p + η_{s(p)} u_p})`.
 
     With L = ½‖w‖², w = (1, 2) and u = (1, 1): φ(η) = ½((1 + η)² + (2 + η)²).
 
-    >>> import torch, hos
-    >>> params = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
-    >>> u = {"w": torch.ones(2, dtype=torch.float64)}
-    >>> phi = path_function(lambda p: 0.5 * (p["w"] ** 2).sum(), params, u,
-    ...                     hos.Partition.per_tensor(params))
-    >>> float(phi(torch.tensor([1.0], dtype=torch.float64)))
-    6.5
+    Examples:
+        >>> import torch, hos
+        >>> params = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+        >>> u = {"w": torch.ones(2, dtype=torch.float64)}
+        >>> phi = path_function(lambda p: 0.5 * (p["w"] ** 2).sum(), params, u,
+        ...                     hos.Partition.per_tensor(params))
+        >>> float(phi(torch.tensor([1.0], dtype=torch.float64)))
+        6.5
     """
     return phi_of(Problem.validated(loss, params, direction, partition))
 
 
 def phi_of(prob: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
-    """φ of a validated problem (see :func:`path_function`)."""
+    """φ of a validated problem (see [`path_function`][hos.reference.path_function])."""
     owner = {name: s for s, group in enumerate(prob.groups) for name in group}
 
     def phi(eta: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def phi_of(prob: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def tensor_of(prob: Problem, order: int) -> torch.Tensor:
-    """D^(order) of a validated problem: ``order`` nested ``jacfwd`` of φ at η = 0."""
+    """D^(order) of a validated problem: `order` nested `jacfwd` of φ at η = 0."""
     f = phi_of(prob)
     for _ in range(order):
         f = jacfwd(f)
@@ -70,7 +71,7 @@ def tensor_of(prob: Problem, order: int) -> torch.Tensor:
 
 
 def diagonal_of(prob: Problem, order: int) -> torch.Tensor:
-    """The diagonal of :func:`tensor_of`."""
+    """The diagonal of [`tensor_of`][hos.reference.tensor_of]."""
     full = tensor_of(prob, order)
     return torch.stack([full[(i,) * order] for i in range(prob.S)])
 
@@ -78,16 +79,17 @@ def diagonal_of(prob: Problem, order: int) -> torch.Tensor:
 def summary_tensor(
     loss, params: Params, direction: Params, partition: Partition, order: int
 ) -> torch.Tensor:
-    """D^(d) = the d-th derivative tensor of φ at η = 0 (d nested ``jacfwd``).
+    """D^(d) = the d-th derivative tensor of φ at η = 0 (d nested `jacfwd`).
 
-    For L = x·y, u = 1 and one group per scalar, D^(2) is the Hessian [[0, 1], [1, 0]]:
+    Examples:
+        For L = x·y, u = 1 and one group per scalar, D^(2) is the Hessian [[0, 1], [1, 0]]:
 
-    >>> import torch, hos
-    >>> params = {"x": torch.tensor(2.0, dtype=torch.float64), "y": torch.tensor(3.0, dtype=torch.float64)}
-    >>> u = {k: torch.tensor(1.0, dtype=torch.float64) for k in params}
-    >>> summary_tensor(lambda p: p["x"] * p["y"], params, u, hos.Partition.per_tensor(params), 2)
-    tensor([[0., 1.],
-            [1., 0.]], dtype=torch.float64)
+        >>> import torch, hos
+        >>> params = {"x": torch.tensor(2.0, dtype=torch.float64), "y": torch.tensor(3.0, dtype=torch.float64)}
+        >>> u = {k: torch.tensor(1.0, dtype=torch.float64) for k in params}
+        >>> summary_tensor(lambda p: p["x"] * p["y"], params, u, hos.Partition.per_tensor(params), 2)
+        tensor([[0., 1.],
+                [1., 0.]], dtype=torch.float64)
     """
     order = check_order(order)
     prob = Problem.validated(loss, params, direction, partition)
@@ -101,15 +103,16 @@ def summary_tensor(
 def summary_diagonal(
     loss, params: Params, direction: Params, partition: Partition, order: int
 ) -> torch.Tensor:
-    """The diagonal of :func:`summary_tensor`.
+    """The diagonal of [`summary_tensor`][hos.summary_tensor].
 
-    For L = exp(x), ``d^d/dt^d exp(x + t u) = u^d exp(x)``; at x = 0, u = 2, d = 3 that is 8:
+    Examples:
+        For L = exp(x), `d^d/dt^d exp(x + t u) = u^d exp(x)`; at x = 0, u = 2, d = 3 that is 8:
 
-    >>> import torch, hos
-    >>> params = {"x": torch.zeros(1, dtype=torch.float64)}
-    >>> u = {"x": torch.full((1,), 2.0, dtype=torch.float64)}
-    >>> summary_diagonal(lambda p: p["x"].exp().sum(), params, u, hos.Partition.per_tensor(params), 3)
-    tensor([8.], dtype=torch.float64)
+        >>> import torch, hos
+        >>> params = {"x": torch.zeros(1, dtype=torch.float64)}
+        >>> u = {"x": torch.full((1,), 2.0, dtype=torch.float64)}
+        >>> summary_diagonal(lambda p: p["x"].exp().sum(), params, u, hos.Partition.per_tensor(params), 3)
+        tensor([8.], dtype=torch.float64)
     """
     order = check_order(order)
     prob = Problem.validated(loss, params, direction, partition)

@@ -1,8 +1,8 @@
-"""The differentiation backends and their registry (see :mod:`hos.backends.base`).
+"""The differentiation backends and their registry (see `hos.backends.base`).
 
-``taylor`` (:mod:`~hos.backends.taylor`, what ``"auto"`` picks), ``reverse``
-(:mod:`~hos.backends.reverse`), ``forward`` (:mod:`~hos.backends.forward`) and
-``reference`` (:mod:`hos.reference`) compute the same numbers by different compositions of
+`taylor` (`taylor`, what `"auto"` picks), `reverse`
+(`reverse`), `forward` (`forward`) and
+`reference` (`hos.reference`) compute the same numbers by different compositions of
 automatic differentiation; the tests check each against the reference and finite
 differences.
 """
@@ -27,5 +27,5 @@ __all__ = [
     "resolve",
 ]
 
-#: Every registered backend (not ``auto``), for tests, benchmarks and the CLI.
+#: Every registered backend (not `auto`), for tests, benchmarks and the CLI.
 BACKENDS: tuple[Backend, ...] = tuple(Backend(name) for name in registered())

@@ -1,11 +1,11 @@
-"""The backend interface and the one registry every caller reads.
+r"""The backend interface and the one registry every caller reads.
 
-A backend computes, for a validated :class:`~hos._problem.Problem`, the numbers of
-:math:`D^{(d)} = \\nabla^d_\\eta \\varphi(0)` with :math:`\\varphi(\\eta) = L(\\theta + \\sum_s
-\\eta_s u_s)`: the full tensor, its diagonal, and the GroupedNewton triple. To add one:
-subclass :class:`SummaryBackend` in a module of this package, ``register`` an instance,
-import the module in ``hos/backends/__init__.py`` and add its name to :class:`Backend`
-(``tests/test_backends.py`` checks the two agree and runs it against the reference).
+A backend computes, for a validated `Problem`, the numbers of
+$D^{(d)} = \nabla^d_\eta \varphi(0)$ with $\varphi(\eta) = L(\theta + \sum_s
+\eta_s u_s)$: the full tensor, its diagonal, and the GroupedNewton triple. To add one:
+subclass `SummaryBackend` in a module of this package, `register` an instance,
+import the module in `hos/backends/__init__.py` and add its name to [`Backend`][hos.Backend]
+(`tests/test_backends.py` checks the two agree and runs it against the reference).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["AUTO_CHOICE", "Backend", "SummaryBackend", "register", "registered",
 
 
 class Backend(str, enum.Enum):
-    """How summaries are differentiated. ``AUTO`` picks the fastest exact one."""
+    """How summaries are differentiated. `AUTO` picks the fastest exact one."""
 
     AUTO = "auto"
     FORWARD = "forward"
@@ -31,16 +31,16 @@ class Backend(str, enum.Enum):
     REFERENCE = "reference"
 
 
-#: What ``"auto"`` resolves to: the fastest exact backend (see analysis/bench_summaries.py).
+#: What `"auto"` resolves to: the fastest exact backend (see analysis/bench_summaries.py).
 AUTO_CHOICE = Backend.TAYLOR
 
 
 class SummaryBackend(abc.ABC):
     """One way to compute summaries; every method takes a validated problem."""
 
-    #: The :class:`Backend` value this backend answers to.
+    #: The `Backend` value this backend answers to.
     name: ClassVar[str]
-    #: Whether ``chunk`` (groups per forward pass) means anything to it.
+    #: Whether `chunk` (groups per forward pass) means anything to it.
     takes_chunk: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -66,7 +66,7 @@ _REGISTRY: dict[str, SummaryBackend] = {}
 
 
 def register(backend: SummaryBackend) -> SummaryBackend:
-    """Make ``backend`` available under ``backend.name``."""
+    """Make `backend` available under `backend.name`."""
     _REGISTRY[backend.name] = backend
     return backend
 
@@ -77,7 +77,7 @@ def registered() -> dict[str, SummaryBackend]:
 
 
 def resolve(backend: Backend | str) -> SummaryBackend:
-    """The backend for a :class:`Backend` or its name (``"auto"``: the fastest exact one);
+    """The backend for a [`Backend`][hos.Backend] or its name (`"auto"`: the fastest exact one);
     a clear error for anything else."""
     try:
         choice = Backend(backend)

@@ -1,9 +1,9 @@
 """The Taylor backend's certificate: its first coefficients against reverse mode.
 
-On first sight of an op sequence (cached in :mod:`hos._certificate`), Taylor mode's ḡ
+On first sight of an op sequence (cached in `hos._certificate`), Taylor mode's ḡ
 (and H̄·1, or the second coefficient along a combined line) are compared with one
 gradient (and one Hessian-vector product) by reverse mode; a mismatch is warned about,
-located (:func:`locate`: the first op where forward-mode AD disagrees) and recorded.
+located (`locate`: the first op where forward-mode AD disagrees) and recorded.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _LOG = logging.getLogger("hos")
 
 
 def locate(prob: Problem, group: int) -> str | None:
-    """The first op whose first Taylor coefficient along ``group`` differs from forward-mode
+    """The first op whose first Taylor coefficient along `group` differs from forward-mode
     AD (dual numbers through the same pass), or None when no op can be singled out."""
     import torch.autograd.forward_ad as fwAD
 
@@ -87,7 +87,7 @@ def reject(prob: Problem, signature, what: str, groups: Sequence[int]) -> None:
 def certify_first_coefficients(
     prob: Problem, done: dict[int, torch.Tensor], signatures: dict[int, tuple]
 ) -> list[int]:
-    """The groups of ``done`` whose ḡ (first coefficient) the certificate rejects.
+    """The groups of `done` whose ḡ (first coefficient) the certificate rejects.
 
     An op sequence seen before is trusted or rejected as cached; a new one costs one
     gradient (reverse mode), compared with every group's first coefficient.
@@ -140,8 +140,8 @@ def _exact_gradient_and_row_sums(prob: Problem) -> tuple[torch.Tensor, torch.Ten
 
 
 def certify_pass(prob: Problem, signature, g: torch.Tensor, H: torch.Tensor | None) -> bool:
-    """Whether a one-pass result with first coefficients ``g`` (and second-order block
-    ``H``, when the pass has it) can be trusted: on first sight of its op sequence, ḡ and
+    """Whether a one-pass result with first coefficients `g` (and second-order block
+    `H`, when the pass has it) can be trusted: on first sight of its op sequence, ḡ and
     the row sums H̄·1 against reverse mode (a gradient and one Hessian-vector product)."""
     if not prob.verify:
         return True

@@ -1,7 +1,7 @@
-"""The ``forward`` backend: torch.func, pruned forward-over-reverse.
+"""The `forward` backend: torch.func, pruned forward-over-reverse.
 
-Nested ``jvp`` along single groups over a ``grad`` restricted to the later groups;
-diagonals by d nested ``jvp``. Slower than ``reverse``, but an independent composition
+Nested `jvp` along single groups over a `grad` restricted to the later groups;
+diagonals by d nested `jvp`. Slower than `reverse`, but an independent composition
 (functorch instead of autograd), kept as a cross-check.
 """
 
@@ -27,7 +27,7 @@ def _sub(params: Params, names: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def _contracted_grad(prob: Problem, groups: Sequence[int]) -> Callable[[Params], torch.Tensor]:
-    """p ↦ [u_k·∇_{θ_k} L(p) for k in groups]; backward stops at the earliest of ``groups``."""
+    """p ↦ [u_k·∇_{θ_k} L(p) for k in groups]; backward stops at the earliest of `groups`."""
     names = prob.names_of(groups)
 
     def fn(p: Params) -> torch.Tensor:

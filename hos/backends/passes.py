@@ -1,4 +1,4 @@
-"""Univariate Taylor-mode forward passes over a :class:`~hos._problem.Problem`.
+"""Univariate Taylor-mode forward passes over a `Problem`.
 
 Shared by the Taylor backend and its certificate.
 """
@@ -21,12 +21,12 @@ __all__ = ["JET_MAX_BYTES", "jet_diagonals", "jet_pass", "read_jets", "seeded"]
 _LOG = logging.getLogger("hos")
 
 #: The most memory the Taylor coefficients of one forward pass may hold; past it the
-#: groups are split into smaller chunks (see :func:`jet_diagonals`).
+#: groups are split into smaller chunks (see `jet_diagonals`).
 JET_MAX_BYTES = 2**30
 
 
 def seeded(prob: Problem, tracker: Tracker, groups: Sequence[int]) -> dict[str, torch.Tensor]:
-    """θ as fresh tensors (one per name), those of ``groups`` seeded on their lines."""
+    """θ as fresh tensors (one per name), those of `groups` seeded on their lines."""
     wanted = set(groups)
     moved: dict[str, torch.Tensor] = {}
     for s, names in enumerate(prob.groups):
@@ -40,10 +40,10 @@ def seeded(prob: Problem, tracker: Tracker, groups: Sequence[int]) -> dict[str, 
 def jet_pass(
     prob: Problem, order: int, groups: Sequence[int]
 ) -> tuple[dict[int, torch.Tensor], tuple]:
-    """One forward carrying jets of order ``order`` along the groups ``groups``.
+    """One forward carrying jets of order `order` along the groups `groups`.
 
     Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, the pass's op
-    sequence). Raises :class:`~hos.taylor.TaylorFallback` when Taylor mode cannot follow it.
+    sequence). Raises `TaylorFallback` when Taylor mode cannot follow it.
     """
     tracker = UnivariateTracker(order, JET_MAX_BYTES)
     moved = seeded(prob, tracker, groups)
@@ -55,7 +55,7 @@ def jet_pass(
 def read_jets(
     tracker: UnivariateTracker, value: torch.Tensor, groups: Sequence[int]
 ) -> dict[int, torch.Tensor]:
-    """{s: d^k/dt^k of ``value`` along group s's line, k = 1..order} (k! times the
+    """{s: d^k/dt^k of `value` along group s's line, k = 1..order} (k! times the
     coefficient); raises the tracker's fallback if it fell back. Frees the coefficients."""
     if tracker.fallback is not None:
         raise tracker.fallback
@@ -70,11 +70,11 @@ def read_jets(
 def jet_diagonals(
     prob: Problem, order: int, groups: Sequence[int], chunk: int | None
 ) -> tuple[dict[int, torch.Tensor], list[int], dict[int, tuple]]:
-    """Derivatives 1..order along each group's line by Taylor mode, ``chunk`` groups a pass.
+    """Derivatives 1..order along each group's line by Taylor mode, `chunk` groups a pass.
 
     Returns (derivatives per group, the groups Taylor mode could not follow, the op
     sequence of each group's pass). A pass whose coefficients outgrow
-    :data:`JET_MAX_BYTES` is retried with half the chunk.
+    `JET_MAX_BYTES` is retried with half the chunk.
     """
     pending = list(groups)
     size = len(pending) if chunk is None else chunk

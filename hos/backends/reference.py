@@ -1,4 +1,4 @@
-"""The ``reference`` backend: :mod:`hos.reference` (nested ``jacfwd`` on φ) on the same
+"""The `reference` backend: `hos.reference` (nested `jacfwd` on φ) on the same
 validated problem."""
 
 from __future__ import annotations

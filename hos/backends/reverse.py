@@ -1,24 +1,24 @@
-r"""The ``reverse`` backend: nested reverse mode on φ with S scalar leaves, one graph.
+r"""The `reverse` backend: nested reverse mode on φ with S scalar leaves, one graph.
 
 Three things make it cheap:
 
 * *No P-sized work per direction.* Each parameter enters the graph as
-  :math:`\theta_p + \eta_s u_p` at :math:`\eta_s = 0` through :class:`_Shift`,
+  $\theta_p + \eta_s u_p$ at $\eta_s = 0$ through `_Shift`,
   whose forward is free and whose backward is the contraction
-  :math:`\langle \partial L/\partial\theta_p, u_p\rangle`.
+  $\langle \partial L/\partial\theta_p, u_p\rangle$.
 * *Factored input layers.* A layer that is linear in its weight and whose
   input does not depend on η (the first convolution or linear layer) is
-  evaluated as :math:`f(x, \theta_W) + \eta_W f(x, u_W)`: two forward products,
+  evaluated as $f(x, \theta_W) + \eta_W f(x, u_W)$: two forward products,
   after which every derivative of every order with respect to
-  :math:`\eta_W` is elementwise. No weight gradient of that layer, usually
+  $\eta_W$ is elementwise. No weight gradient of that layer, usually
   the most expensive one, is ever formed.
 * *Pruning.* Groups are ordered by first use in the forward pass. Row i of
-  :math:`\bar H` differentiates :math:`\bar g_i` with respect to the groups
+  $\bar H$ differentiates $\bar g_i$ with respect to the groups
   used at or after group i only, so that backward pass stops at group i;
   symmetry fills the rest. The full tensor is walked depth first over sorted
   multi-indices, so at most d graphs are alive at once.
 
-:class:`PathGraph` can carry a univariate Taylor tracker on its forward pass, so that the
+`PathGraph` can carry a univariate Taylor tracker on its forward pass, so that the
 Taylor backend's first chunk of diagonals rides on the pass that builds the graph.
 """
 
@@ -41,11 +41,11 @@ __all__ = ["PathGraph", "hessian_rows", "reverse_diagonal", "reverse_summarize",
 
 # =========================================================================== reverse
 class _Shift(torch.autograd.Function):
-    r"""``base + η·direction`` evaluated at η = 0.
+    r"""`base + η·direction` evaluated at η = 0.
 
-    The forward does no arithmetic (it returns ``base``); the backward gives
-    :math:`\langle \bar y, \text{direction}\rangle` to η and :math:`\bar y` to
-    ``base``, in differentiable operations, so nested backward passes see the
+    The forward does no arithmetic (it returns `base`); the backward gives
+    $\langle \bar y, \text{direction}\rangle$ to η and $\bar y$ to
+    `base`, in differentiable operations, so nested backward passes see the
     dependence on η. The map is affine in η, so that is all of it.
     """
 
@@ -64,7 +64,7 @@ class _Shift(torch.autograd.Function):
         return contraction, grad_output, None
 
 
-#: Functions linear in their weight (second positional argument), with ``bias`` third.
+#: Functions linear in their weight (second positional argument), with `bias` third.
 _LINEAR_IN_WEIGHT = frozenset(
     {
         F.linear,
@@ -81,10 +81,10 @@ _LINEAR_IN_WEIGHT = frozenset(
 class _PathMode(TorchFunctionMode):
     """Records the order in which groups are first used and factors input layers.
 
-    ``marked`` maps ``id`` of each shifted parameter to ``(θ_p, u_p, η_s, s)``.
-    A call ``f(x, W, b, ...)`` of a function in :data:`_LINEAR_IN_WEIGHT` whose
+    `marked` maps `id` of each shifted parameter to `(θ_p, u_p, η_s, s)`.
+    A call `f(x, W, b, ...)` of a function in `_LINEAR_IN_WEIGHT` whose
     weight is marked and whose input does not depend on η becomes
-    ``f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)`` (at η = 0, by :class:`_Shift`).
+    `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`).
     """
 
     def __init__(
@@ -138,8 +138,8 @@ class _PathMode(TorchFunctionMode):
 class PathGraph:
     """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order.
 
-    With a ``tracker``, the same forward pass also carries the Taylor coefficients
-    along the lines of the groups ``jet_groups`` (see :mod:`hos._jet`).
+    With a `tracker`, the same forward pass also carries the Taylor coefficients
+    along the lines of the groups `jet_groups` (see `hos._jet`).
     """
 
     def __init__(
@@ -170,11 +170,11 @@ class PathGraph:
         self.rank = {s: r for r, s in enumerate(self.order)}
 
     def later(self, group: int) -> list[int]:
-        """The groups used at or after ``group``, ``group`` first."""
+        """The groups used at or after `group`, `group` first."""
         return self.order[self.rank[group] :]
 
     def derivative(self, value: torch.Tensor, groups: Sequence[int], keep: bool) -> list:
-        """[∂ value/∂η_k for k in groups]; ``keep`` builds a graph for one more order."""
+        """[∂ value/∂η_k for k in groups]; `keep` builds a graph for one more order."""
         if not value.requires_grad:
             return [torch.zeros_like(value) for _ in groups]
         with torch.enable_grad():
@@ -193,7 +193,7 @@ class PathGraph:
 def hessian_rows(
     path: PathGraph, g: Sequence[torch.Tensor], third: Sequence[int] | set[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H̄, d3): S pruned rows of H̄ (row i stops at group i), and for the groups ``third``
+    """(H̄, d3): S pruned rows of H̄ (row i stops at group i), and for the groups `third`
     one more backward of H̄_ii, d3_i = ∂H̄_ii/∂η_i (zero for the others)."""
     S = path.prob.S
     H, d3 = path.prob.zeros(S, S), path.prob.zeros(S)
@@ -244,7 +244,7 @@ def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
 def reverse_diagonal(
     prob: Problem, order: int, groups: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """d^d/dt^d L(θ + t u_i) by d nested one-leaf backward passes per group (all or ``groups``)."""
+    """d^d/dt^d L(θ + t u_i) by d nested one-leaf backward passes per group (all or `groups`)."""
     out = prob.zeros(prob.S)
     path = PathGraph(prob)
     first = path.derivative(path.value, range(prob.S), keep=order > 1)

@@ -1,12 +1,12 @@
-r"""The ``taylor`` backend: Taylor mode (:mod:`hos.taylor`), reverse mode where it cannot.
+r"""The `taylor` backend: Taylor mode (`hos.taylor`), reverse mode where it cannot.
 
-Every *diagonal* (diag D³ in :func:`taylor_summarize`, :func:`taylor_diagonal` at any
-order) comes from the univariate coefficients along :math:`t \mapsto \theta + t u_s`, all
-groups in one pass, with no backward pass; for S <= :data:`PAIR_MAX_GROUPS` also the mixed
+Every *diagonal* (diag D³ in `taylor_summarize`, `taylor_diagonal` at any
+order) comes from the univariate coefficients along $t \mapsto \theta + t u_s$, all
+groups in one pass, with no backward pass; for S <= `PAIR_MAX_GROUPS` also the mixed
 coefficients of every pair (the whole triple from one pass) and, for
-:func:`taylor_tensor` of order >= 3 and S <= :data:`POLY_MAX_GROUPS`, every monomial up to
+`taylor_tensor` of order >= 3 and S <= `POLY_MAX_GROUPS`, every monomial up to
 degree d. Past those sizes H̄ and full tensors come from reverse mode. Every result is
-checked by the certificate (:mod:`hos.backends.certify`).
+checked by the certificate (`hos.backends.certify`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def taylor_tensor(prob: Problem, order: int) -> torch.Tensor:
 def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
     """(ḡ, H̄, diag D³, L) by Taylor mode.
 
-    For S <= :data:`PAIR_MAX_GROUPS` (and no ``chunk``), first one forward pass with
+    For S <= `PAIR_MAX_GROUPS` (and no `chunk`), first one forward pass with
     the mixed second-order coefficients of every pair of groups: no backward pass at
     all. Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
     diag D³ by univariate Taylor mode: the first chunk of groups rides on the forward

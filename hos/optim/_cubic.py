@@ -1,52 +1,57 @@
 r"""The anisotropic cubic model of GroupedNewton and its global minimiser.
 
 Given ḡ (S,), H̄ (S, S) symmetric, d3 (S,) and the internal damping λ > 0,
-with :math:`D = \mathrm{Diag}(|d_3|^{1/3})`, the model of the loss change is
+with $D = \mathrm{Diag}(|d_3|^{1/3})$, the model of the loss change is
 
-.. math:: m(\eta) = -\bar g^\top\eta + \tfrac12\,\eta^\top\bar H\eta
-          + \tfrac{\lambda}{6}\,\|D\eta\|^3 .
+$$
+m(\eta) = -\bar g^\top\eta + \tfrac12\,\eta^\top\bar H\eta + \tfrac{\lambda}{6}\,\|D\eta\|^3 .
+$$
 
-Its stationary points satisfy :math:`\eta = (\bar H + \tfrac{\lambda}{2} r D^2)^{-1}\bar g`
-with :math:`r = \|D\eta\|`; the one of largest r with
-:math:`\bar H + \tfrac{\lambda}{2} r D^2 \succeq 0` is the global minimiser
+Its stationary points satisfy $\eta = (\bar H + \tfrac{\lambda}{2} r D^2)^{-1}\bar g$
+with $r = \|D\eta\|$; the one of largest r with
+$\bar H + \tfrac{\lambda}{2} r D^2 \succeq 0$ is the global minimiser
 (Nesterov & Polyak 2006, in the D-norm).
 
 Algorithm (float64 whatever the input dtype). With ξ = Dη the model becomes the
-isotropic cubic :math:`-b^\top\xi + \tfrac12\xi^\top A\xi + \tfrac{\lambda}{6}\|\xi\|^3`,
-:math:`A = D^{-1}\bar HD^{-1} = Q\Lambda Q^\top`, :math:`b = D^{-1}\bar g`, β = Qᵀb.
+isotropic cubic $-b^\top\xi + \tfrac12\xi^\top A\xi + \tfrac{\lambda}{6}\|\xi\|^3$,
+$A = D^{-1}\bar HD^{-1} = Q\Lambda Q^\top$, $b = D^{-1}\bar g$, β = Qᵀb.
 Writing σ = λr/2, the secular equation is
 
-.. math:: n(\sigma) := \Big(\sum_i \frac{\beta_i^2}{(\Lambda_i+\sigma)^2}\Big)^{1/2}
-          = \frac{2\sigma}{\lambda}, \qquad \sigma \ge \sigma_{\min} = \max(0, -\Lambda_1),
+$$
+n(\sigma) := \Big(\sum_i \frac{\beta_i^2}{(\Lambda_i+\sigma)^2}\Big)^{1/2} = \frac{2\sigma}{\lambda}, \qquad \sigma \ge \sigma_{\min} = \max(0, -\Lambda_1),
+$$
 
-solved for :math:`h(\sigma) = 1/n(\sigma) - \lambda/(2\sigma) = 0` (increasing in σ,
+solved for $h(\sigma) = 1/n(\sigma) - \lambda/(2\sigma) = 0$ (increasing in σ,
 nearly linear) by Newton's method safeguarded by bisection in a bracket
-:math:`[\sigma_{\min}, \tfrac12(-\Lambda_1 + \sqrt{\Lambda_1^2 + 2\lambda\|b\|})]`,
+$[\sigma_{\min}, \tfrac12(-\Lambda_1 + \sqrt{\Lambda_1^2 + 2\lambda\|b\|})]$,
 to a relative 1e-14 in σ − σ_min.
 
-Cases handled on purpose (:class:`CubicStatus`):
+Cases handled on purpose ([`CubicStatus`][hos.optim.CubicStatus]):
 
-``CONVERGED``
-    the secular equation has its root; the minimiser is unique.
-``ZERO_GRADIENT``
-    ḡ = 0 and A ⪰ 0: η = 0 is the global minimiser.
-``HARD_CASE``
-    A has a negative eigenvalue Λ_1 whose eigenvectors are orthogonal to b and
-    :math:`n(\sigma_{\min}) \le 2\sigma_{\min}/\lambda` (this includes ḡ = 0 with
+`CONVERGED`
+:   the secular equation has its root; the minimiser is unique.
+
+`ZERO_GRADIENT`
+:   ḡ = 0 and A ⪰ 0: η = 0 is the global minimiser.
+
+`HARD_CASE`
+:   A has a negative eigenvalue Λ_1 whose eigenvectors are orthogonal to b and
+    $n(\sigma_{\min}) \le 2\sigma_{\min}/\lambda$ (this includes ḡ = 0 with
     negative curvature): σ = −Λ_1 and ξ = (A + σI)^+ b + τ q_1 with ‖ξ‖ = 2σ/λ.
     ±τ give the same model value; the sign is chosen so that Σ_s η_s ≥ 0
     (more groups get a positive learning rate).
-``UNBOUNDED``
-    some d3_s = 0 (D singular) and H̄ restricted to those groups (the kernel K
+
+`UNBOUNDED`
+:   some d3_s = 0 (D singular) and H̄ restricted to those groups (the kernel K
     of D) is not positive definite: m has no cubic term along that subspace and
     is unbounded below (or, at a zero eigenvalue, has no unique minimiser).
     Documented choice: the kernel groups get η_s = 0 and the other groups get
-    the global minimiser of m on the subspace {η_K = 0}; ``kernel`` lists K.
+    the global minimiser of m on the subspace {η_K = 0}; `kernel` lists K.
 
 Groups with ḡ_s = 0, a zero row H̄_s· and d3_s = 0 (e.g. u_s = 0, a frozen
 tensor) do not enter m at all; they get η_s = 0 and the rest is solved alone.
 When D is singular and H̄_KK ≻ 0, the kernel groups are eliminated exactly
-(:math:`\eta_K = \bar H_{KK}^{-1}(\bar g_K - \bar H_{KR}\eta_R)`, a Schur
+($\eta_K = \bar H_{KK}^{-1}(\bar g_K - \bar H_{KR}\eta_R)$, a Schur
 complement on the rest), which gives the global minimiser of m; the status is
 that of the reduced problem. If every d3_s = 0 and H̄ ≻ 0, η = H̄⁻¹ḡ (Newton).
 """
@@ -73,7 +78,7 @@ MAX_ITERATIONS = 200
 
 
 class CubicStatus(str, enum.Enum):
-    """How :func:`solve_cubic` obtained η (see the module docstring)."""
+    """How [`solve_cubic`][hos.optim.solve_cubic] obtained η (see the module docstring)."""
 
     CONVERGED = "converged"
     ZERO_GRADIENT = "zero_gradient"
@@ -87,7 +92,7 @@ class CubicSolution:
 
     Attributes:
         eta: η*, float64, shape (S,), always finite.
-        status: a :class:`CubicStatus`.
+        status: a [`CubicStatus`][hos.optim.CubicStatus].
         r: ‖Dη*‖.
         iterations: secular-equation iterations (0 when none were needed).
         model_value: m(η*) (float64 scalar), ≤ 0 = m(0).
@@ -145,12 +150,13 @@ def _check(g, H, d3, damping):
 
 
 def cubic_model(eta, g, H, d3, damping: float) -> torch.Tensor:
-    r""":math:`m(\eta) = -\bar g^\top\eta + \tfrac12\eta^\top\bar H\eta + \tfrac{\lambda}{6}\|D\eta\|^3` in float64.
+    r"""$m(\eta) = -\bar g^\top\eta + \tfrac12\eta^\top\bar H\eta + \tfrac{\lambda}{6}\|D\eta\|^3$ in float64.
 
-    >>> import torch
-    >>> cubic_model(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([[0.0]]),
-    ...             torch.tensor([8.0]), damping=3.0)
-    tensor(3., dtype=torch.float64)
+    Examples:
+        >>> import torch
+        >>> cubic_model(torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([[0.0]]),
+        ...             torch.tensor([8.0]), damping=3.0)
+        tensor(3., dtype=torch.float64)
     """
     eta = torch.as_tensor(eta, dtype=torch.float64)
     g = torch.as_tensor(g, dtype=torch.float64)
@@ -301,14 +307,15 @@ def solve_cubic(g, H, d3, damping: float = 1.0) -> CubicSolution:
         damping: λ_int > 0.
 
     Returns:
-        a :class:`CubicSolution`; see the module docstring for each status.
+        a [`CubicSolution`][hos.optim.CubicSolution]; see the module docstring for each status.
 
-    One group, H̄ = 0, d3 = 8, λ = 3: m(η) = −η + |2η|³/2, minimised at η = 1/√12:
+    Examples:
+        One group, H̄ = 0, d3 = 8, λ = 3: m(η) = −η + |2η|³/2, minimised at η = 1/√12:
 
-    >>> import torch
-    >>> sol = solve_cubic(torch.tensor([1.0]), torch.tensor([[0.0]]), torch.tensor([8.0]), 3.0)
-    >>> round(float(sol.eta[0]) * 12 ** 0.5, 12), sol.status.value
-    (1.0, 'converged')
+        >>> import torch
+        >>> sol = solve_cubic(torch.tensor([1.0]), torch.tensor([[0.0]]), torch.tensor([8.0]), 3.0)
+        >>> round(float(sol.eta[0]) * 12 ** 0.5, 12), sol.status.value
+        (1.0, 'converged')
     """
     g, H, d3, damping = _check(g, H, d3, damping)
     S = g.numel()
@@ -331,15 +338,16 @@ def solve_cubic(g, H, d3, damping: float = 1.0) -> CubicSolution:
 def grouped_newton_lrs(g, H, d3, damping: float = 1.0) -> torch.Tensor:
     r"""η*, the per-group learning rates of GroupedNewton (float64, shape (S,)).
 
-    The global minimiser of :math:`m(\eta) = -\bar g^\top\eta + \tfrac12\eta^\top\bar H\eta
-    + \tfrac{\lambda}{6}\|D\eta\|^3`, i.e. the solution of largest ‖Dη‖ of
-    :math:`\eta = (\bar H + \tfrac{\lambda}{2}\|D\eta\|D^2)^{-1}\bar g`.
-    Use :func:`solve_cubic` for the status of the special cases.
+    The global minimiser of $m(\eta) = -\bar g^\top\eta + \tfrac12\eta^\top\bar H\eta
+    + \tfrac{\lambda}{6}\|D\eta\|^3$, i.e. the solution of largest ‖Dη‖ of
+    $\eta = (\bar H + \tfrac{\lambda}{2}\|D\eta\|D^2)^{-1}\bar g$.
+    Use [`solve_cubic`][hos.optim.solve_cubic] for the status of the special cases.
 
-    With one group and d3 = 0 it is Newton's step ḡ/H̄:
+    Examples:
+        With one group and d3 = 0 it is Newton's step ḡ/H̄:
 
-    >>> import torch
-    >>> grouped_newton_lrs(torch.tensor([2.0]), torch.tensor([[4.0]]), torch.tensor([0.0]))
-    tensor([0.5000], dtype=torch.float64)
+        >>> import torch
+        >>> grouped_newton_lrs(torch.tensor([2.0]), torch.tensor([[4.0]]), torch.tensor([0.0]))
+        tensor([0.5000], dtype=torch.float64)
     """
     return solve_cubic(g, H, d3, damping).eta

@@ -1,27 +1,27 @@
 r"""GroupedNewton (arXiv 2312.03885): per-group learning rates from a cubic model.
 
 One step along a direction u with per-group rates η is
-:math:`\theta \leftarrow \theta - \sum_s \eta_s u_s`. GroupedNewton takes η* =
+$\theta \leftarrow \theta - \sum_s \eta_s u_s$. GroupedNewton takes η* =
 the global minimiser of the cubic model built from the summaries
-(ḡ, H̄, d3) of the loss along u (:func:`hos.optim.solve_cubic`).
+(ḡ, H̄, d3) of the loss along u ([`hos.optim.solve_cubic`][hos.optim.solve_cubic]).
 
-The practical algorithm (:class:`GroupedNewton`), at step t = 0, 1, …:
+The practical algorithm ([`GroupedNewton`][hos.optim.GroupedNewton]), at step t = 0, 1, …:
 
-1. the minibatch gradient g_t (from ``p.grad``, after ``closure()`` or a
-   ``backward`` by the caller) enters the momentum buffer
-   :math:`u_t = \mu u_{t-1} + g_t` (u_0 = g_0, no dampening);
-2. if t is a multiple of ``period``: a *refresh* computes
-   :func:`hos.summarize` of ``refresh_loss`` at θ_t along u_t, averages it
-   uniformly with the previous ``average − 1`` refreshes, and, unless it is one
-   of the first ``warmup`` refreshes, solves for η*; the per-group multipliers
-   become :math:`\mathrm{relu}(\eta^*_s)`, held until the next refresh
+1. the minibatch gradient g_t (from `p.grad`, after `closure()` or a
+   `backward` by the caller) enters the momentum buffer
+   $u_t = \mu u_{t-1} + g_t$ (u_0 = g_0, no dampening);
+2. if t is a multiple of `period`: a *refresh* computes
+   [`hos.summarize`][hos.summarize] of `refresh_loss` at θ_t along u_t, averages it
+   uniformly with the previous `average − 1` refreshes, and, unless it is one
+   of the first `warmup` refreshes, solves for η*; the per-group multipliers
+   become $\mathrm{relu}(\eta^*_s)$, held until the next refresh
    (zero during warm-up, so θ does not move while statistics accumulate);
-3. :math:`\theta_s \leftarrow \theta_s - \lambda_1\,\mathrm{relu}(\eta^*_s)\,u_{t,s}`
-   with λ₁ = the group's ``lr``.
+3. $\theta_s \leftarrow \theta_s - \lambda_1\,\mathrm{relu}(\eta^*_s)\,u_{t,s}$
+   with λ₁ = the group's `lr`.
 
-λ₁ lives in each param group's ``lr``, so torch schedulers apply; the paper's
+λ₁ lives in each param group's `lr`, so torch schedulers apply; the paper's
 plateau rule (halve λ₁ when the epoch's training loss has not improved by a
-relative 1e-4 for more than 2 epochs) is :func:`plateau_scheduler`.
+relative 1e-4 for more than 2 epochs) is [`plateau_scheduler`][hos.optim.plateau_scheduler].
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 # --------------------------------------------------------------------------- one call
 @dataclass(frozen=True)
 class GroupedNewtonStep:
-    """What :func:`cubic_model_step` computed: the summary and the solver's answer."""
+    """What [`cubic_model_step`][hos.optim.cubic_model_step] computed: the summary and the solver's answer."""
 
     summary: Summary
     solution: CubicSolution
@@ -76,22 +76,23 @@ def cubic_model_step(
     *,
     backend: Backend | str = Backend.AUTO,
 ) -> tuple[dict[str, torch.Tensor], GroupedNewtonStep]:
-    r"""One step to the cubic model's minimiser: :math:`\theta - \mathrm{lr}\sum_s \eta^*_s u_s`.
+    r"""One step to the cubic model's minimiser: $\theta - \mathrm{lr}\sum_s \eta^*_s u_s$.
 
-    η* solves the cubic model of (ḡ, H̄, d3) = :func:`hos.summarize` at θ
-    along u -- the model's own minimiser, *not* what :meth:`GroupedNewton.step` runs (that
+    η* solves the cubic model of (ḡ, H̄, d3) = [`hos.summarize`][hos.summarize] at θ
+    along u -- the model's own minimiser, *not* what [`GroupedNewton.step`][hos.optim.GroupedNewton.step] runs (that
     averages summaries over refreshes, keeps only positive rates and adds momentum). Returns the new
-    parameters (detached, in the dtype of ``params``) and a
-    :class:`GroupedNewtonStep`.
+    parameters (detached, in the dtype of `params`) and a
+    [`GroupedNewtonStep`][hos.optim.GroupedNewtonStep].
 
-    On a quadratic with one group the step is Newton's along u:
+    Examples:
+        On a quadratic with one group the step is Newton's along u:
 
-    >>> import torch, hos
-    >>> loss = lambda p: 0.5 * (p["w"] ** 2).sum()
-    >>> params = {"w": torch.tensor([3.0, -1.0], dtype=torch.float64)}
-    >>> new, info = cubic_model_step(loss, params, params, hos.Partition.per_tensor(params))
-    >>> bool(new["w"].abs().max() < 1e-12), info.solution.status.value
-    (True, 'converged')
+        >>> import torch, hos
+        >>> loss = lambda p: 0.5 * (p["w"] ** 2).sum()
+        >>> params = {"w": torch.tensor([3.0, -1.0], dtype=torch.float64)}
+        >>> new, info = cubic_model_step(loss, params, params, hos.Partition.per_tensor(params))
+        >>> bool(new["w"].abs().max() < 1e-12), info.solution.status.value
+        (True, 'converged')
     """
     _check_number("damping", damping, 0.0, low_open=True)
     _check_number("lr", lr, 0.0, low_open=False)
@@ -106,7 +107,7 @@ def cubic_model_step(
 
 
 def grouped_newton_step(*args, **kwargs) -> tuple[dict[str, torch.Tensor], GroupedNewtonStep]:
-    """Deprecated name of :func:`cubic_model_step` (it is not what GroupedNewton.step runs)."""
+    """Deprecated name of [`cubic_model_step`][hos.optim.cubic_model_step] (it is not what GroupedNewton.step runs)."""
     warnings.warn(
         "hos.optim.grouped_newton_step is deprecated and will be removed in 0.3; call "
         "hos.optim.cubic_model_step (same arguments and result).",
@@ -120,7 +121,7 @@ def grouped_newton_step(*args, **kwargs) -> tuple[dict[str, torch.Tensor], Group
 class RefreshPhase(str, enum.Enum):
     """What a refresh did."""
 
-    #: one of the first ``warmup`` refreshes: statistics only, multipliers 0.
+    #: one of the first `warmup` refreshes: statistics only, multipliers 0.
     WARMUP = "warmup"
     #: η* solved from the average; multipliers relu(η*).
     UPDATE = "update"
@@ -130,15 +131,15 @@ class RefreshPhase(str, enum.Enum):
 
 @dataclass(frozen=True)
 class RefreshRecord:
-    """The last refresh of a :class:`GroupedNewton` (replaced, never appended).
+    """The last refresh of a [`GroupedNewton`][hos.optim.GroupedNewton] (replaced, never appended).
 
     Attributes:
         step: the step index t at which it happened.
-        phase: a :class:`RefreshPhase`.
+        phase: a [`RefreshPhase`][hos.optim.RefreshPhase].
         summary: the summary of this refresh (after the all-reduce under DDP).
         averaged: the uniform average of the window the solver saw
             (this refresh's summary when SKIPPED).
-        solution: the solver's answer, ``None`` unless ``phase`` is UPDATE.
+        solution: the solver's answer, `None` unless `phase` is UPDATE.
         multipliers: relu(η*) per group as used from now on (zeros unless UPDATE).
     """
 
@@ -193,24 +194,24 @@ class GroupedNewton(Optimizer):
     r"""GroupedNewton with the paper's practical algorithm (see the module docstring).
 
     Args:
-        params: an ``nn.Module`` or a ``dict[str, Tensor]`` of named parameters.
-        refresh_loss: a pure loss ``dict[str, Tensor] -> scalar`` evaluated at a
-            refresh, typically ``hos.model_loss(model, criterion, x_ref, y_ref)``
+        params: an `nn.Module` or a `dict[str, Tensor]` of named parameters.
+        refresh_loss: a pure loss `dict[str, Tensor] -> scalar` evaluated at a
+            refresh, typically `hos.model_loss(model, criterion, x_ref, y_ref)`
             on a separate batch. The optimizer never touches data; to use a new
-            batch at each refresh, assign ``opt.refresh_loss`` when
-            ``opt.refresh_due`` (see :attr:`refresh_due`).
+            batch at each refresh, assign `opt.refresh_loss` when
+            `opt.refresh_due` (see `refresh_due`).
         lr: λ₁ > 0, the global factor on relu(η*) (paper: 0.03 MLP, 0.3 CNNs).
         damping: λ_int > 0, the cubic regularisation (paper: 1).
         momentum: μ in [0, 1) of the direction u (0.9).
         period: steps between refreshes (10).
         average: number of most recent refreshes averaged uniformly (3).
         warmup: number of first refreshes that only collect statistics (3).
-        partition: the S groups (default ``Partition.per_tensor``); each becomes
-            one param group, named by ``group["name"]``.
-        backend: the :class:`hos.Backend` of :func:`hos.summarize`.
+        partition: the S groups (default `Partition.per_tensor`); each becomes
+            one param group, named by `group["name"]`.
+        backend: the [`hos.Backend`][hos.Backend] of [`hos.summarize`][hos.summarize].
 
-    Usage (``step`` takes an optional closure that calls ``backward``, as in
-    ``torch.optim.SGD``)::
+    Usage (`step` takes an optional closure that calls `backward`, as in
+    `torch.optim.SGD`)::
 
         opt = GroupedNewton(model, hos.model_loss(model, criterion, x_ref, y_ref), lr=0.03)
         for x, y in loader:
@@ -218,14 +219,14 @@ class GroupedNewton(Optimizer):
             criterion(model(x), y).backward()
             opt.step()
 
-    ``opt.last_refresh`` is a :class:`RefreshRecord`. Under torch.distributed
+    `opt.last_refresh` is a [`RefreshRecord`][hos.optim.RefreshRecord]. Under torch.distributed
     with several ranks, each refresh's (ḡ, H̄, d3) is averaged over ranks before
     the solve, so every rank applies the same η*.
 
-    ``state_dict()`` holds the momentum buffers, λ₁ and the multiplier of each
+    `state_dict()` holds the momentum buffers, λ₁ and the multiplier of each
     group, the step and refresh counts and the averaging window, so a resumed
-    run repeats the same trajectory; ``refresh_loss`` (a function) is not saved,
-    and ``last_refresh`` is ``None`` after loading until the next refresh.
+    run repeats the same trajectory; `refresh_loss` (a function) is not saved,
+    and `last_refresh` is `None` after loading until the next refresh.
     """
 
     def __init__(
@@ -328,7 +329,7 @@ class GroupedNewton(Optimizer):
 
     @property
     def refresh_due(self) -> bool:
-        """Whether the next :meth:`step` refreshes the summaries.
+        """Whether the next `step` refreshes the summaries.
 
         To refresh on a new batch each time, swap the loss just before::
 
@@ -340,9 +341,9 @@ class GroupedNewton(Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):  # type: ignore[override]
-        """Update the momentum, refresh if due, move θ. Returns ``closure()``'s loss or None.
+        """Update the momentum, refresh if due, move θ. Returns `closure()`'s loss or None.
 
-        A step whose gradients hold NaN/Inf is skipped with a :class:`hos.NonFiniteWarning`:
+        A step whose gradients hold NaN/Inf is skipped with a [`hos.NonFiniteWarning`][hos.NonFiniteWarning]:
         parameters, momentum buffers and counters stay as they were.
         """
         loss = None
@@ -419,10 +420,10 @@ class GroupedNewton(Optimizer):
 def plateau_scheduler(
     optimizer: Optimizer, factor: float = 0.5, patience: int = 2, threshold: float = 1e-4
 ) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """The paper's plateau rule on λ₁: call ``.step(epoch_train_loss)`` once per epoch.
+    """The paper's plateau rule on λ₁: call `.step(epoch_train_loss)` once per epoch.
 
-    Halves every group's ``lr`` when the loss has not improved by a relative
-    ``threshold`` for more than ``patience`` epochs.
+    Halves every group's `lr` when the loss has not improved by a relative
+    `threshold` for more than `patience` epochs.
     """
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer,

@@ -6,7 +6,9 @@ one, a Newton-like step with a diagonal curvature estimate.
 
 At step t, with gradient g_t of the closure's loss and momentum μ:
 
-.. math::
+$$
+
+$$
 
     m_t &= \mu\,m_{t-1} + g_t \quad (m_1 = g_1;\ \text{no dampening}) \\
     \text{ordinary}: \quad \theta &\leftarrow \theta - \mathrm{lr}\,(m_t + \mathrm{wd}\,\theta) \\
@@ -16,27 +18,27 @@ At step t, with gradient g_t of the closure's loss and momentum μ:
 
 Each step refreshes the curvature of ONE PH tensor, round-robin (the one with
 the fewest refreshes n_k so far, the earliest on ties):
-:math:`h_k \leftarrow \mu h_k + (1-\mu)\,c_k` with :math:`n_k \leftarrow n_k+1`,
-where c_k is (:class:`CurvatureMode`)
+$h_k \leftarrow \mu h_k + (1-\mu)\,c_k$ with $n_k \leftarrow n_k+1$,
+where c_k is ([`CurvatureMode`][hos.optim.CurvatureMode])
 
-* ``ROW_SUM`` (the paper's estimate): :math:`|H_{kk}\mathbf 1|`, one Hessian-vector
-  product with a ones vector on tensor k. Equal to :math:`|\mathrm{diag}\,H_{kk}|`
+* `ROW_SUM` (the paper's estimate): $|H_{kk}\mathbf 1|$, one Hessian-vector
+  product with a ones vector on tensor k. Equal to $|\mathrm{diag}\,H_{kk}|$
   only if the block is diagonal, which the paper claims and which does not hold
-  in general (see ``analysis/norm_hessian_block.py``).
-* ``EXACT_DIAGONAL``: :math:`|\mathrm{diag}\,H_{kk}|`, from all n_k rows of the
-  block in one batched double-backward (``is_grads_batched``): about n_k
+  in general (see `analysis/norm_hessian_block.py`).
+* `EXACT_DIAGONAL`: $|\mathrm{diag}\,H_{kk}|$, from all n_k rows of the
+  block in one batched double-backward (`is_grads_batched`): about n_k
   Hessian-vector products of work, vectorised.
 
-Cost per step, as a multiple of one gradient (``analysis/train_sgdph.py``,
-small BN ResNet on 8×8 digits, CPU): ``ROW_SUM`` 1.1–2.9 (mean 1.8 over a
-round-robin round; the gradient is built with ``create_graph=True``),
-``EXACT_DIAGONAL`` 2.5–21 (mean 12), highest for the early, wide-input tensors.
+Cost per step, as a multiple of one gradient (`analysis/train_sgdph.py`,
+small BN ResNet on 8×8 digits, CPU): `ROW_SUM` 1.1–2.9 (mean 1.8 over a
+round-robin round; the gradient is built with `create_graph=True`),
+`EXACT_DIAGONAL` 2.5–21 (mean 12), highest for the early, wide-input tensors.
 
 A PH tensor not yet refreshed (n_k = 0) takes the plain SGD-momentum step.
 
-Differences from the public reference implementation (a class ``sgdph`` with
-the same defaults, which needs ``loss.backward(create_graph=True)`` before
-``step``), on purpose: the round-robin
+Differences from the public reference implementation (a class `sgdph` with
+the same defaults, which needs `loss.backward(create_graph=True)` before
+`step`), on purpose: the round-robin
 runs over the PH tensors only (the reference cycles over all 1-D tensors and
 spends every M-th refresh on the last one, which it then updates by SGD);
 bias correction uses each tensor's own refresh count (the reference uses
@@ -62,7 +64,7 @@ __all__ = ["SGDPH", "CurvatureMode", "block_curvature", "sgdph_direction"]
 
 
 class CurvatureMode(str, enum.Enum):
-    """The per-tensor curvature estimate of :class:`SGDPH`."""
+    """The per-tensor curvature estimate of [`SGDPH`][hos.optim.SGDPH]."""
 
     #: |H_kk · 1|: one Hessian-vector product (the published estimate; a row sum).
     ROW_SUM = "row_sum"
@@ -83,19 +85,20 @@ def _mode(curvature: CurvatureMode | str) -> CurvatureMode:
 def block_curvature(
     grad: torch.Tensor, param: torch.Tensor, curvature: CurvatureMode | str
 ) -> torch.Tensor:
-    r"""The curvature c_k of one tensor, from its gradient built with ``create_graph=True``.
+    r"""The curvature c_k of one tensor, from its gradient built with `create_graph=True`.
 
-    ``ROW_SUM``: :math:`|H_{kk}\mathbf 1|`; ``EXACT_DIAGONAL``: :math:`|\mathrm{diag}\,H_{kk}|`,
-    where :math:`H_{kk} = \partial^2 L/\partial\theta_k^2` is the block of ``param``.
+    `ROW_SUM`: $|H_{kk}\mathbf 1|$; `EXACT_DIAGONAL`: $|\mathrm{diag}\,H_{kk}|$,
+    where $H_{kk} = \partial^2 L/\partial\theta_k^2$ is the block of `param`.
     Plain reverse-over-reverse, which is exact at order 2 also through PyTorch's
     fused BatchNorm kernel (checked against a primitive-op twin in the tests).
 
-    >>> import torch
-    >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    >>> loss = w[0] ** 2 * w[1] - w[1] ** 3      # H = [[2w1, 2w0], [2w0, -6w1]] = [[4, 2], [2, -12]]
-    >>> g, = torch.autograd.grad(loss, w, create_graph=True)
-    >>> block_curvature(g, w, "row_sum"), block_curvature(g, w, "exact_diagonal")
-    (tensor([ 6., 10.], dtype=torch.float64), tensor([ 4., 12.], dtype=torch.float64))
+    Examples:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> loss = w[0] ** 2 * w[1] - w[1] ** 3      # H = [[2w1, 2w0], [2w0, -6w1]] = [[4, 2], [2, -12]]
+        >>> g, = torch.autograd.grad(loss, w, create_graph=True)
+        >>> block_curvature(g, w, "row_sum"), block_curvature(g, w, "exact_diagonal")
+        (tensor([ 6., 10.], dtype=torch.float64), tensor([ 4., 12.], dtype=torch.float64))
     """
     mode = _mode(curvature)
     if not grad.requires_grad:  # the gradient does not depend on θ: L is linear here
@@ -124,7 +127,7 @@ def sgdph_direction(
     tau: float,
     eps: float,
 ) -> torch.Tensor:
-    r"""The PH step direction :math:`\tau\,m/(h/(1-\mu^{n}) + \epsilon)`; ``m`` itself if n = 0."""
+    r"""The PH step direction $\tau\,m/(h/(1-\mu^{n}) + \epsilon)$; `m` itself if n = 0."""
     if refreshes == 0:
         return momentum_buffer.clone()
     corrected = curvature / (1.0 - momentum**refreshes)
@@ -135,27 +138,27 @@ class SGDPH(Optimizer):
     r"""SGD with Partial Hessian; see the module docstring for the exact update.
 
     Args:
-        params: parameters or param groups. A group may set ``partial_hessian``:
-            ``True`` (every tensor of the group gets the PH step), ``False``
-            (none does) or ``None`` (default: its 1-D tensors do, except the last
+        params: parameters or param groups. A group may set `partial_hessian`:
+            `True` (every tensor of the group gets the PH step), `False`
+            (none does) or `None` (default: its 1-D tensors do, except the last
             1-D tensor over all groups, typically the classifier's bias).
         lr: learning rate (default 0.1).
         momentum: μ of the gradient momentum and of the curvature EMA, in [0, 1) (0.9).
         tau: τ, the scale of the PH step (1e-3).
         eps: ε > 0 added to the bias-corrected curvature (1e-4).
-        weight_decay: wd >= 0, added to every step as ``wd·θ`` (0).
-        curvature: a :class:`CurvatureMode` (``ROW_SUM``, the paper's, by default).
+        weight_decay: wd >= 0, added to every step as `wd·θ` (0).
+        curvature: a [`CurvatureMode`][hos.optim.CurvatureMode] (`ROW_SUM`, the paper's, by default).
 
-    ``step`` needs a closure that evaluates the loss on the current batch and
-    returns it *with its graph* (do not call ``backward``): SGD-PH differentiates
+    `step` needs a closure that evaluates the loss on the current batch and
+    returns it *with its graph* (do not call `backward`): SGD-PH differentiates
     it twice itself, so it never owns data::
 
         def closure():
             return criterion(model(x), y)
         loss = opt.step(closure)
 
-    After a step, ``p.grad`` holds the gradient that was used. A step whose loss, gradient
-    or fresh curvature holds NaN/Inf is skipped with a :class:`hos.NonFiniteWarning`
+    After a step, `p.grad` holds the gradient that was used. A step whose loss, gradient
+    or fresh curvature holds NaN/Inf is skipped with a [`hos.NonFiniteWarning`][hos.NonFiniteWarning]
     (parameters and state unchanged).
     """
 
@@ -204,7 +207,7 @@ class SGDPH(Optimizer):
 
     # ------------------------------------------------------------------ structure
     def partial_hessian_params(self) -> list[torch.Tensor]:
-        """The PH tensors in round-robin order (see ``partial_hessian`` in the class doc)."""
+        """The PH tensors in round-robin order (see `partial_hessian` in the class doc)."""
         trainable_1d = [
             p
             for group in self.param_groups
@@ -228,7 +231,7 @@ class SGDPH(Optimizer):
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Evaluate ``closure()``, differentiate it, refresh one curvature, update.
+        """Evaluate `closure()`, differentiate it, refresh one curvature, update.
 
         Returns the loss (detached).
         """

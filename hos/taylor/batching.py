@@ -1,8 +1,8 @@
 """Calls of an op on direction-batched operands, and the argument surgery the rules need.
 
 Every rule evaluates the op on stacks of coefficients with a leading dimension (one row
-per direction or monomial): :func:`call_batched` does that natively where the op batches
-by itself (broadcasting ops, linear, conv, reductions, nll_loss), else with ``vmap``, else
+per direction or monomial): `call_batched` does that natively where the op batches
+by itself (broadcasting ops, linear, conv, reductions, nll_loss), else with `vmap`, else
 one call per row.
 """
 
@@ -22,7 +22,7 @@ _T = torch.Tensor
 
 
 def call_batched(func, leaves, spec, replace: dict[int, torch.Tensor], batched: set[int]):
-    """func with some leaves replaced; the ``batched`` ones carry a leading direction dim."""
+    """func with some leaves replaced; the `batched` ones carry a leading direction dim."""
     order = sorted(replace)
     new = list(leaves)
     for i in order:
@@ -155,7 +155,7 @@ def native(func, leaves, spec, batched: set[int]):
 
 
 def split_bias(leaves, spec):
-    """(bias, leaves, spec) of a layer call with its ``bias`` argument set to None."""
+    """(bias, leaves, spec) of a layer call with its `bias` argument set to None."""
     args, kwargs = tree_unflatten(list(leaves), spec)
     args, kwargs = list(args), dict(kwargs)
     bias = None
@@ -168,7 +168,7 @@ def split_bias(leaves, spec):
 
 
 def bias_shape(func, out: torch.Tensor) -> list[int]:
-    """The shape that broadcasts a layer's bias over its output ``out``."""
+    """The shape that broadcasts a layer's bias over its output `out`."""
     shape = [1] * out.dim()
     if func is F.linear:
         shape[-1] = -1

@@ -2,15 +2,15 @@
 
 Three tables hold rewrites in hos; which one a new rewrite goes in:
 
-* :data:`hos._exact.DECOMPOSITIONS` when the fused kernel's own derivatives are wrong or
+* `hos._exact.DECOMPOSITIONS` when the fused kernel's own derivatives are wrong or
   missing, or the call must change meaning for a summary (dropout off, buffers not
-  written): every backend sees the rewrite (:class:`hos.ExactOps`).
-* :data:`REWRITES` (here) when the call is exact in every backend and only Taylor mode
+  written): every backend sees the rewrite ([`hos.ExactOps`][hos.ExactOps]).
+* `REWRITES` (here) when the call is exact in every backend and only Taylor mode
   lacks a direct rule for it: both algebras run the rewrite under their tracker.
-* :data:`MULTIVARIATE_REWRITES` (here) when the univariate algebra has a direct rule for
+* `MULTIVARIATE_REWRITES` (here) when the univariate algebra has a direct rule for
   the kind but the multivariate one takes it through simpler ops.
 
-A rewrite raises :class:`NotCovered` for a configuration it does not handle; the call then
+A rewrite raises `NotCovered` for a configuration it does not handle; the call then
 goes to the algebra's rule for its kind (or the generic one).
 """
 

@@ -1,25 +1,25 @@
 """The engine both Taylor-mode algebras run on: one call at a time, the same steps.
 
-A torch-function mode (:class:`TrackerMode`) hands every call of the forward pass to
-:meth:`Tracker.run`, which
+A torch-function mode (`TrackerMode`) hands every call of the forward pass to
+`Tracker.run`, which
 
 1. *in-place*: routes a write on moving tensors through its out-of-place twin
-   (:mod:`hos.taylor.inplace`), then runs the write itself;
-2. *gate* (:meth:`Tracker.propagate`): skips calls whose result is a constant, finds the
-   moving arguments (honouring :data:`~hos.taylor.ops.SELF_ONLY`), refuses ops PyTorch
-   cannot differentiate, treats the model's own ``no_grad`` blocks as constants and
-   custom ``autograd.Function`` s as a fallback;
-3. *flatten*: the outputs that get coefficients (:func:`outputs_to_follow`);
-4. *rewrite*: a call with a rewrite (:mod:`hos.taylor.decompositions`) runs it under the
+   (`hos.taylor.inplace`), then runs the write itself;
+2. *gate* (`Tracker.propagate`): skips calls whose result is a constant, finds the
+   moving arguments (honouring `SELF_ONLY`), refuses ops PyTorch
+   cannot differentiate, treats the model's own `no_grad` blocks as constants and
+   custom `autograd.Function` s as a fallback;
+3. *flatten*: the outputs that get coefficients (`outputs_to_follow`);
+4. *rewrite*: a call with a rewrite (`hos.taylor.decompositions`) runs it under the
    tracker;
-5. *rule lookup*: the algebra's rule for the call's :class:`~hos.taylor.ops.Kind`, else its
+5. *rule lookup*: the algebra's rule for the call's `Kind`, else its
    generic rule;
 6. *store*: the outputs' coefficients, in the algebra's own table.
 
-Subclasses (the algebras) provide the coefficient table (``coefficients_of``, ``_store``,
-``_drop``), ``RULES`` (kind -> method name) and ``generic``, and say how a
-:class:`~hos.taylor.fallback.TaylorFallback` ends the pass (``_fall_back``). An unexpected
-exception inside a rule is a bug: under :func:`~hos.taylor.fallback.strict` it is raised,
+Subclasses (the algebras) provide the coefficient table (`coefficients_of`, `_store`,
+`_drop`), `RULES` (kind -> method name) and `generic`, and say how a
+`TaylorFallback` ends the pass (`_fall_back`). An unexpected
+exception inside a rule is a bug: under `strict` it is raised,
 otherwise it becomes a recorded fallback.
 """
 
@@ -44,10 +44,10 @@ __all__ = ["Tracker", "TrackerMode", "custom_function_running", "outputs_to_foll
 
 
 def custom_function_running() -> str | None:
-    """The name of the ``torch.autograd.Function`` whose forward is running, if any.
+    """The name of the `torch.autograd.Function` whose forward is running, if any.
 
     Its forward runs with gradients off, which Taylor mode would otherwise take for the
-    model's own ``no_grad`` block (a constant).
+    model's own `no_grad` block (a constant).
     """
     apply_code = torch.autograd.Function.apply.__func__.__code__
     frame = sys._getframe(1)
@@ -61,9 +61,9 @@ def custom_function_running() -> str | None:
 
 def outputs_to_follow(func, kwargs, out, args=()) -> list | None:
     """The flat outputs of a call on moving tensors that get coefficients, or None when
-    none does (a cut like ``detach``, no floating output).
+    none does (a cut like `detach`, no floating output).
 
-    Raises :class:`TaylorFallback` where coefficients cannot be carried exactly: an
+    Raises `TaylorFallback` where coefficients cannot be carried exactly: an
     in-place write, a complex output (no real Taylor coefficients), a tensor subclass.
     """
     name = getattr(func, "__name__", func)
@@ -85,15 +85,15 @@ def outputs_to_follow(func, kwargs, out, args=()) -> list | None:
 
 
 def storage_key(tensor: torch.Tensor) -> int:
-    """An identity of the memory behind ``tensor``, unique while a weak reference lives."""
+    """An identity of the memory behind `tensor`, unique while a weak reference lives."""
     return tensor.untyped_storage()._cdata
 
 
 class Tracker:
     """The steps every Taylor-mode algebra takes for one call (see the module docstring).
 
-    ``coefficients_of(tensor)`` returns the algebra's coefficients of a tensor (None for a
-    constant); the rules receive ``moving``: {leaf position: coefficients}.
+    `coefficients_of(tensor)` returns the algebra's coefficients of a tensor (None for a
+    constant); the rules receive `moving`: {leaf position: coefficients}.
     """
 
     #: Kind -> name of the method that is the algebra's rule for it.
@@ -135,7 +135,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ step 1: in place
     def run(self, func, args, kwargs):
-        """``func(*args, **kwargs)`` with its outputs' coefficients."""
+        """`func(*args, **kwargs)` with its outputs' coefficients."""
         if (
             self.following()
             and (self._depth > 0 or torch.is_grad_enabled())
@@ -186,7 +186,7 @@ class Tracker:
         }
 
     def propagate(self, func, args, kwargs, out) -> None:
-        """Give the outputs ``out`` of ``func(*args, **kwargs)`` their coefficients."""
+        """Give the outputs `out` of `func(*args, **kwargs)` their coefficients."""
         kind = OPS.get(func)
         if kind is Kind.CONSTANT or not self.following():
             return
@@ -238,7 +238,7 @@ class Tracker:
             self._fall_back(TaylorFallback(f"{name}: {type(exc).__name__}: {exc}"))
 
     def rule(self, func, kind: Kind | None, leaves, spec, moving, outs) -> list:
-        """The outputs' coefficients: a rewrite, else the rule of ``kind``, else generic."""
+        """The outputs' coefficients: a rewrite, else the rule of `kind`, else generic."""
         rewrite = REWRITES.get(func)
         if rewrite is not None and not (
             kind is Kind.DIVIDE and not divisor_moves(leaves, spec, moving)
@@ -258,7 +258,7 @@ class Tracker:
             return method(func, leaves, spec, moving, outs)
 
     def decomposed(self, rewrite, leaves, spec, outs) -> list:
-        """Run ``rewrite`` (ops with rules) under this tracker; its outputs' coefficients
+        """Run `rewrite` (ops with rules) under this tracker; its outputs' coefficients
         are the call's."""
         args, kwargs = tree_unflatten(list(leaves), spec)
         with self.mode():
@@ -272,7 +272,7 @@ class Tracker:
 
 
 class TrackerMode(TorchFunctionMode):
-    """Runs each call of a forward pass, then lets ``tracker`` give its outputs coefficients."""
+    """Runs each call of a forward pass, then lets `tracker` give its outputs coefficients."""
 
     def __init__(self, tracker: Tracker):
         super().__init__()

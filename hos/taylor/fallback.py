@@ -1,4 +1,4 @@
-"""The one way Taylor mode says "reverse mode must take this": :class:`TaylorFallback`."""
+"""The one way Taylor mode says "reverse mode must take this": `TaylorFallback`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class TaylorFallback(Exception):
     """Taylor mode cannot follow an operation exactly; the caller uses reverse mode.
 
     Attributes:
-        reason: what could not be followed (recorded in :func:`hos.last_fallback`).
+        reason: what could not be followed (recorded in [`hos.last_fallback`][hos.last_fallback]).
         out_of_memory: the coefficients outgrew their memory cap (a smaller chunk of
             groups may pass where the whole did not).
     """

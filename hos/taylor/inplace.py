@@ -1,9 +1,9 @@
 """In-place writes on moving tensors: what a write computes, as an out-of-place call.
 
-Taylor mode follows ``x.add_(y)``, ``relu(x, inplace=True)``, ``h[idx] = v``, ``copy_``,
-``fill_`` and ``zero_`` through their out-of-place twins (:func:`out_of_place`): the twin's
+Taylor mode follows `x.add_(y)`, `relu(x, inplace=True)`, `h[idx] = v`, `copy_`,
+`fill_` and `zero_` through their out-of-place twins (`out_of_place`): the twin's
 rule gives the coefficients, then the write itself runs (see
-:meth:`hos.taylor.engine.Tracker.run`).
+`hos.taylor.engine.Tracker.run`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_", "record_stream"
 
 
 def _inplace_positions() -> dict:
-    """torch.nn.functional calls with an ``inplace`` flag: its positional index."""
+    """torch.nn.functional calls with an `inplace` flag: its positional index."""
     found = {}
     for name in dir(F):
         fn = getattr(F, name)
@@ -38,12 +38,12 @@ def _inplace_positions() -> dict:
     return found
 
 
-#: ``F.relu(x, inplace=True)``, ``F.hardtanh(x, -1, 1, True)``: where the flag sits.
+#: `F.relu(x, inplace=True)`, `F.hardtanh(x, -1, 1, True)`: where the flag sits.
 _INPLACE_ARG = _inplace_positions()
 
 
 def is_inplace(func, kwargs, args=()) -> bool:
-    """Whether ``func(*args, **kwargs)`` writes into one of its arguments."""
+    """Whether `func(*args, **kwargs)` writes into one of its arguments."""
     name = getattr(func, "__name__", "")
     if name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__"):
         return True
@@ -56,13 +56,13 @@ def is_inplace(func, kwargs, args=()) -> bool:
 
 
 def copied(source, target):
-    """``target.copy_(source)`` out of place: source, broadcast and cast to target's layout
-    (target gives its shape and dtype only)."""
+    """`target.copy_(source)` out of place: source, broadcast and cast to target's layout
+    :   (target gives its shape and dtype only)."""
     return source.to(target.dtype).expand(target.shape).clone()
 
 
 def assigned(target, index, value):
-    """``target[index] = value`` out of place (the rule of ``__setitem__``)."""
+    """`target[index] = value` out of place (the rule of `__setitem__`)."""
     out = target.clone()
     out[index] = value
     return out
@@ -74,7 +74,7 @@ SELF_ONLY.add(copied)
 
 
 def filled(target, value=0.0):
-    """``target.zero_()`` / ``fill_(number)`` out of place: a constant."""
+    """`target.zero_()` / `fill_(number)` out of place: a constant."""
     return torch.full_like(target, value)
 
 
@@ -86,7 +86,7 @@ _INPLACE_NAMES = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__m
 
 def out_of_place(func, args, kwargs):
     """(func, args, kwargs) computing what the in-place call writes, without writing;
-    None for writes with no out-of-place twin (``out=``, an unknown ``*_`` method)."""
+    None for writes with no out-of-place twin (`out=`, an unknown `*_` method)."""
     if kwargs.get("out") is not None or not args or not isinstance(args[0], torch.Tensor):
         return None
     name = getattr(func, "__name__", "")

@@ -14,12 +14,12 @@ Coeffs = list  # list[torch.Tensor | None], index k-1 for order k; shape (m, *x.
 
 
 class Jet:
-    r"""Taylor coefficients of one tensor along the lines of the groups ``groups``.
+    r"""Taylor coefficients of one tensor along the lines of the groups `groups`.
 
-    ``coeffs[k-1]``, shape (len(groups), *x.shape): x_k along each line (``None`` = 0).
-    ``pairs`` and ``mixed``, shape (len(pairs), *x.shape): the mixed coefficients
-    :math:`\partial^2 x/\partial\eta_i\partial\eta_j` for i < j, when the tracker
-    follows pairs (``None`` when it does not or they vanish).
+    `coeffs[k-1]`, shape (len(groups), *x.shape): x_k along each line (`None` = 0).
+    `pairs` and `mixed`, shape (len(pairs), *x.shape): the mixed coefficients
+    $\partial^2 x/\partial\eta_i\partial\eta_j$ for i < j, when the tracker
+    follows pairs (`None` when it does not or they vanish).
     """
 
     __slots__ = ("groups", "coeffs", "pairs", "mixed")
@@ -53,7 +53,7 @@ def restrict(jet: Jet, groups: tuple[int, ...]) -> Coeffs:
 
 
 def aligned(jet: Jet, union: tuple[int, ...], k: int, primal: torch.Tensor) -> torch.Tensor:
-    """Coefficient k of ``jet`` on the directions ``union`` (zeros where it does not move)."""
+    """Coefficient k of `jet` on the directions `union` (zeros where it does not move)."""
     c = jet.coeffs[k]
     if c is not None and jet.groups == union:
         return c
@@ -81,7 +81,7 @@ def rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
 
 
 def aligned_mixed(jet: Jet, labels: tuple, primal: torch.Tensor) -> torch.Tensor:
-    """The mixed block of ``jet`` on the pairs ``labels`` (zeros where it has none)."""
+    """The mixed block of `jet` on the pairs `labels` (zeros where it has none)."""
     if jet.mixed is not None and jet.pairs == labels:
         return jet.mixed
     full = primal.detach().new_zeros((len(labels),) + tuple(primal.shape))
@@ -110,7 +110,7 @@ def attach_mixed(jets: list, parts: list) -> None:
 
 
 def assemble(union, terms, n_out: int) -> list[Jet | None]:
-    """Sum per-order terms (groups, value) into jets on ``union``; value may be a tuple."""
+    """Sum per-order terms (groups, value) into jets on `union`; value may be a tuple."""
     K = len(terms)
     out: list[Coeffs] = [[None] * K for _ in range(n_out)]
     for k in range(K):
@@ -125,7 +125,7 @@ def assemble(union, terms, n_out: int) -> list[Jet | None]:
 
 
 def sum_on(union: tuple[int, ...], parts: list) -> torch.Tensor | None:
-    """Σ of (groups, value) parts, each placed on its directions within ``union``."""
+    """Σ of (groups, value) parts, each placed on its directions within `union`."""
     if not parts:
         return None
     whole = [v for groups, v in parts if groups == union]

@@ -1,19 +1,19 @@
 r"""Multivariate Taylor mode: the full order-d summary tensor from one forward pass.
 
-:mod:`hos.taylor.univariate` carries univariate coefficients along each group's line (and the mixed
-second-order ones of each pair). For the full tensor :math:`D^{(d)}` every mixed entry is
+`hos.taylor.univariate` carries univariate coefficients along each group's line (and the mixed
+second-order ones of each pair). For the full tensor $D^{(d)}$ every mixed entry is
 needed, so this tracker carries, next to every tensor x of the forward pass, *all* the
-Taylor coefficients of :math:`\eta \mapsto x(\theta + \sum_s \eta_s u_s)` up to total
-degree d that can be non-zero: one row per monomial :math:`\eta^\gamma` (a sorted tuple of
-group indices, :math:`x_\gamma = \partial^\gamma x / \gamma!`), in one batched tensor.
+Taylor coefficients of $\eta \mapsto x(\theta + \sum_s \eta_s u_s)$ up to total
+degree d that can be non-zero: one row per monomial $\eta^\gamma$ (a sorted tuple of
+group indices, $x_\gamma = \partial^\gamma x / \gamma!$), in one batched tensor.
 
 Every rule reduces to one truncated product: for a bilinear f,
-:math:`f(x, w)_\gamma = \sum_{\alpha + \beta = \gamma} f(x_\alpha, w_\beta)` with
-:math:`x_0, w_0` the primals, evaluated as three batched calls (moving x, moving w, both);
-an elementwise function is :math:`\sum_j f^{(j)}(x_0)/j!\;\delta^j` with the powers of
-:math:`\delta = x - x_0` by the same product. The number of monomials grows like
-:math:`\binom{m+d}{d}` with the m groups a tensor depends on, so this pays for small S
-(the callers bound it); anything the tracker does not cover raises :class:`~hos.taylor.fallback.TaylorFallback`
+$f(x, w)_\gamma = \sum_{\alpha + \beta = \gamma} f(x_\alpha, w_\beta)$ with
+$x_0, w_0$ the primals, evaluated as three batched calls (moving x, moving w, both);
+an elementwise function is $\sum_j f^{(j)}(x_0)/j!\;\delta^j$ with the powers of
+$\delta = x - x_0$ by the same product. The number of monomials grows like
+$\binom{m+d}{d}$ with the m groups a tensor depends on, so this pays for small S
+(the callers bound it); anything the tracker does not cover raises `TaylorFallback`
 and the caller uses nested reverse mode.
 """
 
@@ -48,7 +48,7 @@ Mono = tuple[int, ...]
 
 
 class Poly:
-    """The non-zero Taylor coefficients of one tensor: ``values[n]`` for ``monos[n]``."""
+    """The non-zero Taylor coefficients of one tensor: `values[n]` for `monos[n]`."""
 
     __slots__ = ("monos", "values")
 
@@ -59,7 +59,7 @@ class Poly:
 
 @functools.lru_cache(maxsize=4096)
 def _product_table(a: tuple[Mono, ...], b: tuple[Mono, ...], degree: int):
-    """(index in a, index in b, product monomial) for every pair of degree <= ``degree``."""
+    """(index in a, index in b, product monomial) for every pair of degree <= `degree`."""
     out = []
     for i, alpha in enumerate(a):
         for j, beta in enumerate(b):
@@ -97,9 +97,9 @@ def _collect(parts: list[tuple[tuple[Mono, ...], torch.Tensor]]) -> Poly | None:
 
 
 class MultivariateTracker(Tracker):
-    """All Taylor coefficients up to total degree ``order`` of every tensor that moves.
+    """All Taylor coefficients up to total degree `order` of every tensor that moves.
 
-    A :class:`~hos.taylor.fallback.TaylorFallback` ends the pass (it is raised out of the
+    A `TaylorFallback` ends the pass (it is raised out of the
     forward pass: nothing else rides on it).
     """
 
@@ -120,7 +120,7 @@ class MultivariateTracker(Tracker):
         self.table: dict[int, tuple[Any, Poly, int]] = {}
 
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
-        """``tensor`` moves as θ + η_group·direction."""
+        """`tensor` moves as θ + η_group·direction."""
         self._store(tensor, Poly(((group,),), direction.detach().unsqueeze(0)))
 
     def poly(self, tensor: Any) -> Poly | None:
@@ -162,7 +162,7 @@ class MultivariateTracker(Tracker):
 
     # ------------------------------------------------------------------ results
     def gradient_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
-        """ḡ of the scalar ``value``: its coefficients at the degree-1 monomials."""
+        """ḡ of the scalar `value`: its coefficients at the degree-1 monomials."""
         out = value.new_zeros(S)
         poly = self.poly(value)
         if poly is not None:
@@ -172,7 +172,7 @@ class MultivariateTracker(Tracker):
         return out
 
     def hessian_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
-        """H̄ of the scalar ``value`` from its degree-2 coefficients (γ!·x_γ, symmetric)."""
+        """H̄ of the scalar `value` from its degree-2 coefficients (γ!·x_γ, symmetric)."""
         out = value.new_zeros(S, S)
         poly = self.poly(value)
         if poly is not None:
@@ -184,7 +184,7 @@ class MultivariateTracker(Tracker):
         return out
 
     def tensor_of(self, value: torch.Tensor, S: int) -> torch.Tensor:
-        """D^(d) of the scalar ``value``: γ!·x_γ at every monomial of degree d, symmetrised."""
+        """D^(d) of the scalar `value`: γ!·x_γ at every monomial of degree d, symmetrised."""
         out_shape = [S] * self.order
         poly = self.poly(value)
         if poly is None:
@@ -232,7 +232,7 @@ class MultivariateTracker(Tracker):
         return [self._max_pool(func, args, kwargs, polys[0])]
 
     def softmax_rule(self, func, leaves, spec, polys, outs):
-        """From exp, sum and log (:data:`~hos.taylor.decompositions.MULTIVARIATE_REWRITES`)."""
+        """From exp, sum and log (`MULTIVARIATE_REWRITES`)."""
         if list(polys) == [0]:
             try:
                 return self.decomposed(MULTIVARIATE_REWRITES[func], leaves, spec, outs)

@@ -1,9 +1,9 @@
 r"""The generic univariate rule: nested forward mode along the polynomial path.
 
 For a call f without a rule of its own, the coefficients of y = f(x(t)) with
-:math:`x(t) = x_0 + \sum_k x_k t^k` are :math:`y_k = \tfrac{1}{k!} d^k y/dt^k` at 0: K nested
-``jvp`` in t, vmapped over the directions -- exact for every op that forward-mode AD
-supports. With pairs, :math:`\partial^2/\partial s\,\partial t\, f(x_0 + s x_i + t x_j + st x_{ij})`
+$x(t) = x_0 + \sum_k x_k t^k$ are $y_k = \tfrac{1}{k!} d^k y/dt^k$ at 0: K nested
+`jvp` in t, vmapped over the directions -- exact for every op that forward-mode AD
+supports. With pairs, $\partial^2/\partial s\,\partial t\, f(x_0 + s x_i + t x_j + st x_{ij})$
 gives the mixed coefficients.
 """
 

@@ -1,14 +1,14 @@
 """The op table: every torch callable Taylor mode has a rule for, and its kind.
 
 A kind says which mathematical rule gives the outputs' Taylor coefficients from the
-inputs'; both algebras (:mod:`~hos.taylor.univariate`, :mod:`~hos.taylor.multivariate`)
-implement one rule per kind (``tests/test_taylor_engine.py`` checks that they cover the
+inputs'; both algebras (`univariate`, `multivariate`)
+implement one rule per kind (`tests/test_taylor_engine.py` checks that they cover the
 same kinds). A callable missing from the table takes the univariate algebra's generic rule
-(nested ``jvp``) or is refused by the multivariate one. Argument roles that cut across kinds
-(:data:`SELF_ONLY`, :data:`LINEAR_IN_FIRST`) are separate sets.
+(nested `jvp`) or is refused by the multivariate one. Argument roles that cut across kinds
+(`SELF_ONLY`, `LINEAR_IN_FIRST`) are separate sets.
 
 To add an op: put it in the set of its kind below. If no kind fits, add the kind here and a
-rule for it in both algebras (or a rewrite in :mod:`~hos.taylor.decompositions`).
+rule for it in both algebras (or a rewrite in `decompositions`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Kind(enum.Enum):
 
     #: Linear in each moving tensor argument (constants multiply or select): Cauchy product.
     MULTILINEAR = "multilinear"
-    #: A product linear in (input, weight) plus a ``bias`` third argument (linear, conv).
+    #: A product linear in (input, weight) plus a `bias` third argument (linear, conv).
     WITH_BIAS = "with bias"
     #: Linear with an additive constant (add, cat, where): constants get coefficient zero.
     AFFINE = "affine"
@@ -43,19 +43,19 @@ class Kind(enum.Enum):
     DIVIDE = "divide"
     #: An elementwise function of one tensor (other arguments numbers or flags): Faà di Bruno.
     ELEMENTWISE = "elementwise"
-    #: ``x ** p``: elementwise when p is a number.
+    #: `x ** p`: elementwise when p is a number.
     POWER = "power"
     #: Max pooling: linear given the primal's argmax.
     MAX_POOL = "max pool"
     #: log_softmax, softmax, logsumexp: from the series of exp and log.
     SOFTMAX = "softmax"
-    #: ``torch.broadcast_tensors``: each output is its input expanded.
+    #: `torch.broadcast_tensors`: each output is its input expanded.
     BROADCAST = "broadcast"
 
     # kinds that need no rule: the engine decides before any rule runs
-    #: The output carries no coefficients (``detach``).
+    #: The output carries no coefficients (`detach`).
     CUT = "cut"
-    #: The result never depends on the values of the tensor arguments (``zeros_like``).
+    #: The result never depends on the values of the tensor arguments (`zeros_like`).
     CONSTANT = "constant"
     #: Smooth, but PyTorch has no derivative for it: an error when its input moves.
     NO_DERIVATIVE = "no derivative"
@@ -138,8 +138,8 @@ _CONSTANT = {
     _T.new_full, _T.new_tensor, _T.new_empty_strided,
 }  # fmt: skip
 
-#: Calls whose tensor arguments other than ``self`` are read for their shape, dtype or
-#: device only: those never pass coefficients on (``buffer.type_as(h)`` is a constant).
+#: Calls whose tensor arguments other than `self` are read for their shape, dtype or
+#: device only: those never pass coefficients on (`buffer.type_as(h)` is a constant).
 SELF_ONLY = {_T.type_as, _T.to, _T.expand_as, _T.view_as, _T.reshape_as}
 
 #: Multilinear only in their first argument (the others enter nonlinearly, e.g. the class
@@ -171,15 +171,15 @@ def _table() -> dict[Callable, Kind]:
     return table
 
 
-#: torch callable -> its :class:`Kind`.
+#: torch callable -> its `Kind`.
 OPS: dict[Callable, Kind] = _table()
 
 
 def kind_of(func: Callable) -> Kind | None:
-    """The kind of ``func``, or None for a callable outside the table (the generic rule)."""
+    """The kind of `func`, or None for a callable outside the table (the generic rule)."""
     return OPS.get(func)
 
 
 def register(func: Callable, kind: Kind) -> None:
-    """Add ``func`` to the table (the engine's own out-of-place twins use this)."""
+    """Add `func` to the table (the engine's own out-of-place twins use this)."""
     OPS[func] = kind

@@ -1,9 +1,9 @@
 r"""Derivatives of elementwise functions and the series Taylor mode composes with.
 
-* :func:`scaled_derivatives`: :math:`f^{(j)}(x_0)/j!`, j = 1..K, what Faà di Bruno
+* `scaled_derivatives`: $f^{(j)}(x_0)/j!$, j = 1..K, what Faà di Bruno
   multiplies by — closed forms (polynomials in tanh/σ, powers, log, sin/cos, GELU, SiLU,
   piecewise-linear slopes), else K nested forward-mode passes;
-* :func:`exp_series`, :func:`log_series`, :func:`lse_series`: the Taylor coefficients of
+* `exp_series`, `log_series`, `lse_series`: the Taylor coefficients of
   exp, log and logsumexp of a series (softmax without nesting).
 """
 
@@ -39,7 +39,7 @@ def softmax_dim(x, dim):
 def exp_series(delta: Coeffs) -> Coeffs:
     r"""Coefficients w_1..w_K of exp(δ(t)) for δ(0) = 0 (w_0 = 1).
 
-    From w' = δ'w: :math:`w_k = \tfrac1k \\sum_{j=1}^k j\,\delta_j w_{k-j}`.
+    From w' = δ'w: $w_k = \tfrac1k \\sum_{j=1}^k j\,\delta_j w_{k-j}$.
     """
     K = len(delta)
     w: Coeffs = [None] * K
@@ -72,7 +72,7 @@ def log_series(E: Coeffs) -> Coeffs:
 
 
 def lse_series(x0: torch.Tensor, delta: Coeffs, dim: int) -> tuple[torch.Tensor, Coeffs]:
-    """(softmax(x0), coefficients of logsumexp along ``dim`` of x0 + δ(t)), keepdim."""
+    """(softmax(x0), coefficients of logsumexp along `dim` of x0 + δ(t)), keepdim."""
     p = torch.softmax(x0, dim)
     batched_dim = dim + 1 if dim >= 0 else dim
     w = exp_series(delta)
@@ -176,7 +176,7 @@ def _divided(derivs: list) -> list:
 def _closed_form(func, args, kwargs, y: torch.Tensor, K: int) -> list | None:
     """f^(j)/j!, j = 1..K, at the primal input in closed form; None if the table has no entry.
 
-    ``None`` entries inside the list are derivatives that vanish identically.
+    `None` entries inside the list are derivatives that vanish identically.
     """
     x = args[0].detach()
     if func in (torch.tanh, _T.tanh, F.tanh):
@@ -286,7 +286,7 @@ def scaled_derivatives(func, leaves, spec, out: torch.Tensor, K: int) -> list:
 
 
 def no_forward_rule(exc: BaseException) -> bool:
-    """Whether ``exc`` is PyTorch saying an op has no forward-mode (or vmap) rule."""
+    """Whether `exc` is PyTorch saying an op has no forward-mode (or vmap) rule."""
     text = str(exc)
     return any(
         key in text

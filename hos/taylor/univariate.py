@@ -1,24 +1,24 @@
 r"""Univariate Taylor mode ("jets") carried alongside one forward pass.
 
 For each group s of a chunk, the diagonal entries
-:math:`D^{(k)}_{s\dots s} = d^k/dt^k\, L(\theta + t u_s)|_{t=0}`, k = 1..K, are the
-Taylor coefficients of the loss along the line :math:`t \mapsto \theta + t u_s`,
-times k!. :class:`UnivariateTracker` propagates, next to every tensor x of the forward
+$D^{(k)}_{s\dots s} = d^k/dt^k\, L(\theta + t u_s)|_{t=0}$, k = 1..K, are the
+Taylor coefficients of the loss along the line $t \mapsto \theta + t u_s$,
+times k!. `UnivariateTracker` propagates, next to every tensor x of the forward
 pass that depends on a group of the chunk, its coefficients
-:math:`x_k = \tfrac{1}{k!} d^k x/dt^k`, k = 1..K, for all those groups at once
+$x_k = \tfrac{1}{k!} d^k x/dt^k$, k = 1..K, for all those groups at once
 (a leading "direction" dimension, so each rule is one batched operation):
 
-* a parameter of group s starts as :math:`\theta_p + t\,u_p` (x_1 = u_p, higher
-  coefficients zero; zeros are kept as ``None`` and never computed with);
+* a parameter of group s starts as $\theta_p + t\,u_p$ (x_1 = u_p, higher
+  coefficients zero; zeros are kept as `None` and never computed with);
 * multilinear operations (products, convolutions, views, reductions, indexing)
-  take the Cauchy product :math:`y_k = \sum_{a+b=k} f(x_a, w_b)`;
-* affine ones (add, cat, where, ...) take :math:`y_k = f(x_k)` with constants zeroed;
+  take the Cauchy product $y_k = \sum_{a+b=k} f(x_a, w_b)$;
+* affine ones (add, cat, where, ...) take $y_k = f(x_k)$ with constants zeroed;
 * elementwise nonlinearities use Faà di Bruno,
-  :math:`y_k = \sum_j f^{(j)}(x_0)/j!\,[\delta^j]_k` with
-  :math:`\delta(t) = \sum_{k\ge1} x_k t^k`, the derivatives :math:`f^{(j)}` from
-  closed recurrences (tanh, sigmoid, exp) or nested ``jvp``;
-* any other operation falls back to nested ``torch.func.jvp`` in t along the
-  polynomial path, vectorised over the directions with ``vmap`` -- exact for every
+  $y_k = \sum_j f^{(j)}(x_0)/j!\,[\delta^j]_k$ with
+  $\delta(t) = \sum_{k\ge1} x_k t^k$, the derivatives $f^{(j)}$ from
+  closed recurrences (tanh, sigmoid, exp) or nested `jvp`;
+* any other operation falls back to nested `torch.func.jvp` in t along the
+  polynomial path, vectorised over the directions with `vmap` -- exact for every
   operation forward-mode AD supports.
 
 Cost: each coefficient costs about one forward of the layers *after* the
@@ -26,8 +26,8 @@ group's first use, and no backward pass; so the diagonal of order K costs about
 K forwards restricted to the later layers per group, instead of K nested
 backward passes. Anything the tracker cannot follow (an in-place write into a
 tensor that depends on t, an operation without forward-mode derivative, jets
-larger than the memory cap) keeps a :class:`~hos.taylor.fallback.TaylorFallback` in
-:attr:`UnivariateTracker.fallback`; the callers then
+larger than the memory cap) keeps a `TaylorFallback` in
+`UnivariateTracker.fallback`; the callers then
 fall back to nested reverse mode, which is exact too.
 """
 
@@ -74,17 +74,17 @@ __all__ = ["UnivariateMode", "UnivariateTracker"]
 
 
 class UnivariateTracker(Tracker):
-    """Taylor coefficients up to order ``order`` of every tensor that depends on the seeds.
+    """Taylor coefficients up to order `order` of every tensor that depends on the seeds.
 
     Args:
         order: K, the highest Taylor coefficient kept.
         max_bytes: a cap on the memory the coefficients may hold; past it the
-            tracker gives up (``fallback`` says so) instead of running out of memory.
+            tracker gives up (`fallback` says so) instead of running out of memory.
         pairs: also carry the mixed second-order coefficients of every pair of groups.
         pair_budget: give the pairs up once they outgrow this many times the activations.
 
-    A :class:`~hos.taylor.fallback.TaylorFallback` does not stop the forward pass (it may
-    also build the reverse-mode graph): it is kept in :attr:`fallback`, the coefficients
+    A `TaylorFallback` does not stop the forward pass (it may
+    also build the reverse-mode graph): it is kept in `fallback`, the coefficients
     are dropped and the tracker follows nothing more.
     """
 
@@ -112,7 +112,7 @@ class UnivariateTracker(Tracker):
 
     # ------------------------------------------------------------------ bookkeeping
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
-        """``tensor`` moves as θ + t·direction along the line of ``group``."""
+        """`tensor` moves as θ + t·direction along the line of `group`."""
         if self.fallback is not None:
             return
         line = Jet((group,), [direction.detach().unsqueeze(0)] + [None] * (self.order - 1))
@@ -144,7 +144,7 @@ class UnivariateTracker(Tracker):
         return entry[1]
 
     def coefficients(self, tensor: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
-        """(K, len(groups)) tensor: the k-th coefficient of scalar ``tensor`` per group."""
+        """(K, len(groups)) tensor: the k-th coefficient of scalar `tensor` per group."""
         out = torch.zeros((self.order, len(groups)), dtype=tensor.dtype, device=tensor.device)
         jet = self.jet(tensor)
         if jet is None:
@@ -159,7 +159,7 @@ class UnivariateTracker(Tracker):
         return out
 
     def mixed_coefficients(self, tensor: torch.Tensor, S: int) -> torch.Tensor:
-        """(S, S): ∂²/∂η_i∂η_j of scalar ``tensor`` for i ≠ j (zero diagonal)."""
+        """(S, S): ∂²/∂η_i∂η_j of scalar `tensor` for i ≠ j (zero diagonal)."""
         out = torch.zeros((S, S), dtype=tensor.dtype, device=tensor.device)
         jet = self.jet(tensor)
         if jet is None or jet.mixed is None:
@@ -395,7 +395,7 @@ class UnivariateTracker(Tracker):
         return result
 
     def pooled(self, func, args, kwargs, out, jet: Jet, index: torch.Tensor) -> None:
-        """The jet of max pooling whose argmax ``index`` came with the primal ``out``."""
+        """The jet of max pooling whose argmax `index` came with the primal `out`."""
         if self.fallback is not None or (self._depth == 0 and not torch.is_grad_enabled()):
             return
         leaves, spec = tree_flatten((args, kwargs))
@@ -591,12 +591,12 @@ class UnivariateTracker(Tracker):
         return result
 
     def generic(self, func, leaves, spec, jets, outs):
-        """Nested jvp along the polynomial path (:func:`hos.taylor.nested.generic_rule`)."""
+        """Nested jvp along the polynomial path (`hos.taylor.nested.generic_rule`)."""
         return generic_rule(self, func, leaves, spec, jets, outs)
 
 
 class UnivariateMode(TrackerMode):
-    """Runs a :class:`UnivariateTracker` through a forward pass; a max pooling on a moving
+    """Runs a `UnivariateTracker` through a forward pass; a max pooling on a moving
     tensor computes its value and the argmax the coefficients need in one call."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
