@@ -82,3 +82,25 @@ def test_univariate_fallback_keeps_the_pass_running_and_the_reason():
     assert y.item() == 6.0
     assert isinstance(tracker.fallback, TaylorFallback)
     assert "custom autograd.Function Twice" in tracker.fallback.reason
+
+
+def test_multivariate_softmax_after_an_inplace_write_is_followed_and_exact():
+    """Found by tests/test_chains.py: the softmax rewrite's own max shift (a detached view
+    of a tensor written in place) read as a stale alias and sent D³ to reverse mode."""
+    import hos
+    from hos import reference
+
+    gen = torch.Generator().manual_seed(3)
+    params = {k: torch.randn(4, generator=gen, dtype=torch.float64) for k in "ab"}
+    u = {k: torch.randn(4, generator=gen, dtype=torch.float64) for k in "ab"}
+    part = hos.Partition.per_tensor(params)
+
+    def loss(p):
+        h = torch.tanh(p["a"]) * p["b"]
+        h.mul_(1.5)
+        return (torch.softmax(h, dim=0) * torch.arange(4.0, dtype=torch.float64)).sum()
+
+    D3 = hos.summary_tensor(loss, params, u, part, 3)
+    assert hos.last_fallback() is None, hos.last_fallback()
+    expected = reference.summary_tensor(loss, params, u, part, 3)
+    torch.testing.assert_close(D3, expected, rtol=1e-9, atol=1e-11)

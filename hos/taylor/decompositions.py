@@ -116,11 +116,19 @@ REWRITES = {
 }  # fmt: skip
 
 
+def _constant_max(x: torch.Tensor, dim) -> torch.Tensor:
+    """max of x along ``dim`` as a plain constant, out of the tracker's sight: the shift
+    cancels in the result, and a detached view of a tensor written in place would otherwise
+    read as a stale alias."""
+    with torch._C.DisableTorchFunction():
+        return x.detach().amax(dim, keepdim=True)
+
+
 def _log_softmax_series(x, dim=None, _stacklevel=3, dtype=None):
     if dtype is not None:
         raise NotCovered
     dim = softmax_dim(x, dim)
-    shift = x.detach().amax(dim, keepdim=True)
+    shift = _constant_max(x, dim)
     return x - ((x - shift).exp().sum(dim, keepdim=True).log() + shift)
 
 
@@ -129,7 +137,7 @@ def _softmax_series(x, dim=None, _stacklevel=3, dtype=None):
 
 
 def _logsumexp_series(x, dim, keepdim=False):
-    shift = x.detach().amax(dim, keepdim=True)
+    shift = _constant_max(x, dim)
     out = (x - shift).exp().sum(dim, keepdim=True).log() + shift
     return out if keepdim else out.squeeze(dim)
 
