@@ -375,7 +375,7 @@ def _skip_buffer_write(func):
 
 def _rnn_without_dropout(func):
     """`_VF.lstm`/`gru`/`rnn_*` with the `train` flag off: the dropout between
-    :   layers would draw a new mask at every evaluation (F.dropout is the identity too)."""
+    layers would draw a new mask at every evaluation (F.dropout is the identity too)."""
 
     def call(*args, **kwargs):
         args = list(args)

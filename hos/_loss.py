@@ -18,7 +18,7 @@ LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 def _promote(x: Any, dtype: torch.dtype | None) -> Any:
     """`x` in `dtype` if it is a floating tensor of lower precision (e.g. bfloat16 inputs
-    :   of a model evaluated at float32 parameters), else `x` unchanged."""
+    of a model evaluated at float32 parameters), else `x` unchanged."""
     if (
         dtype is None
         or not isinstance(x, torch.Tensor)

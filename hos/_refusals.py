@@ -167,8 +167,14 @@ _NO_DERIVATIVE = [
 ]
 
 
-def explain_missing_derivative(err: BaseException, backend: str) -> BaseException | None:
-    """A clear hos error for PyTorch's "no derivative" errors; None for any other error."""
+def explain_missing_derivative(
+    err: BaseException, backend: str, forward_mode: bool = False
+) -> BaseException | None:
+    """A clear hos error for PyTorch's "no derivative" errors; None for any other error.
+
+    ``forward_mode``: the backend needs forward-mode derivatives (torch.func), so the
+    reverse-mode backends are the way out.
+    """
     if not isinstance(err, (RuntimeError, NotImplementedError)) or str(err).startswith("hos:"):
         return None  # not PyTorch's, or already hos's own message
     text = str(err)
@@ -186,7 +192,7 @@ def explain_missing_derivative(err: BaseException, backend: str) -> BaseExceptio
         op = f"the custom autograd.Function {custom}"
     advice = (
         "backend='reverse' or 'auto' needs only reverse-mode derivatives"
-        if backend in ("forward", "reference")
+        if forward_mode
         else "replace it by a differentiable op, or hold it constant with torch.no_grad()"
     )
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__

@@ -106,7 +106,7 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend):
         try:
             results = compute()
         except (RuntimeError, NotImplementedError) as err:
-            clear = explain_missing_derivative(err, backend.name)
+            clear = explain_missing_derivative(err, backend.name, backend.needs_forward_mode)
             if clear is None:
                 raise
             raise clear from err

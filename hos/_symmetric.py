@@ -14,7 +14,7 @@ def symmetric_tensor(
     out: torch.Tensor, indices: Sequence[tuple[int, ...]], values: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """`out` (zeros, shape (S,)*d) with `values[n]` at `indices[n]` and at every
-    :   permutation of it."""
+    permutation of it."""
     if not indices:
         return out
     where, which = [], []

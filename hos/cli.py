@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from hos.backends import Backend
+from hos.backends import registered
 from hos.provenance import environment
 
 __all__ = ["main"]
@@ -445,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--direction", choices=DIRECTIONS, default="gradient")
     summary.add_argument(
         "--backend",
-        choices=[b.value for b in Backend if b is not Backend.REFERENCE],
+        choices=["auto", *(name for name in registered() if name != "reference")],
         default="auto",
+        help="how to differentiate (auto: the fastest exact backend; the reference oracle "
+        "is left out, it costs S^d forward passes)",
     )
     summary.add_argument("--dtype", choices=DTYPES, default="float64")
 

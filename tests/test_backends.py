@@ -135,6 +135,23 @@ def test_tensor_and_diagonal_match_oracle(case, backend, order):
     _close(diag, expected, f"{name} diag D^({order}) [{backend}]")
 
 
+def test_the_registry_and_the_backend_names_agree():
+    """One registry: every Backend name but "auto" is registered, the CLI offers exactly the
+    registered ones (the oracle aside), and a new backend needs no edit of the callers."""
+    from hos import cli
+    from hos.backends import SummaryBackend, registered, resolve
+
+    assert set(registered()) == {b.value for b in Backend} - {"auto"}
+    assert all(isinstance(b, SummaryBackend) for b in registered().values())
+    assert resolve("auto") is registered()["taylor"]
+    summary = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.values()
+                   if any(x.dest == "backend" for x in a._actions))  # fmt: skip
+    offered = next(x for x in summary._actions if x.dest == "backend").choices
+    assert set(offered) == (set(registered()) - {"reference"}) | {"auto"}
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'fast'"):
+        resolve("fast")
+
+
 def test_auto_is_a_registered_exact_backend():
     assert Backend.AUTO not in BACKENDS and Backend.REFERENCE in BACKENDS
     loss, twin, params, u, part = CASES["layernorm-mlp"]()

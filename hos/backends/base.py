@@ -42,6 +42,8 @@ class SummaryBackend(abc.ABC):
     name: ClassVar[str]
     #: Whether `chunk` (groups per forward pass) means anything to it.
     takes_chunk: ClassVar[bool] = False
+    #: Whether it needs PyTorch's forward-mode derivatives (torch.func) of every op.
+    needs_forward_mode: ClassVar[bool] = False
 
     @abc.abstractmethod
     def tensor(self, prob: Problem, order: int) -> torch.Tensor:

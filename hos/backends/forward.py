@@ -106,6 +106,7 @@ class ForwardBackend(SummaryBackend):
     """Pruned forward-over-reverse with torch.func: an independent composition."""
 
     name = "forward"
+    needs_forward_mode = True
 
     def tensor(self, prob: Problem, order: int) -> torch.Tensor:
         return forward_tensor(prob, order)

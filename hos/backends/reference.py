@@ -16,6 +16,7 @@ class ReferenceBackend(SummaryBackend):
     """Slow, obviously right: S^d forward passes, all parameters batched per entry."""
 
     name = "reference"
+    needs_forward_mode = True
 
     def tensor(self, prob: Problem, order: int) -> torch.Tensor:
         return reference.tensor_of(prob, order)

@@ -57,7 +57,7 @@ def is_inplace(func, kwargs, args=()) -> bool:
 
 def copied(source, target):
     """`target.copy_(source)` out of place: source, broadcast and cast to target's layout
-    :   (target gives its shape and dtype only)."""
+    (target gives its shape and dtype only)."""
     return source.to(target.dtype).expand(target.shape).clone()
 
 
