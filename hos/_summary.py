@@ -51,6 +51,7 @@ from hos._exact import ExactOps, inline_checkpoints
 from hos._partition import Partition
 from hos._problem import Problem
 from hos._refusals import explain_missing_derivative
+from hos._stochastic import stochastic_depth_off
 from hos._validate import (
     all_zero,
     check_chunk,
@@ -102,7 +103,13 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
 
 def _checked_run(prob: Problem, params, compute, backend: SummaryBackend):
     """Run `compute()` read-only (see `hos._validate`) and check what it returns."""
-    with guarded(prob.device), upcast_errors(params, prob.dtype), inline_checkpoints(), ExactOps():
+    with (
+        guarded(prob.device),
+        upcast_errors(params, prob.dtype),
+        inline_checkpoints(),
+        stochastic_depth_off(),
+        ExactOps(),
+    ):
         try:
             results = compute()
         except (RuntimeError, NotImplementedError) as err:

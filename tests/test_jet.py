@@ -329,10 +329,6 @@ def test_no_grad_block_inside_the_loss_is_a_constant_as_in_reverse_mode():
     _close(taylor[1], d4, "no_grad block: d4")
 
 
-#: recurrent kernels have no multivariate rule: summary_tensor falls back to reverse mode
-_NO_POLY = {"gru-ce-per_tensor", "lstm-mse-per_layer"}
-
-
 @pytest.mark.parametrize("case_id", [c.id for c in CASES])
 def test_multivariate_taylor_full_tensor_on_every_architecture(case_id, caplog):
     """D³ (and D⁴ where cheap) from one forward pass with every mixed coefficient."""
@@ -343,11 +339,7 @@ def test_multivariate_taylor_full_tensor_on_every_architecture(case_id, caplog):
     for order in orders:
         with hos.ExactOps(), caplog.at_level("INFO", logger="hos"):
             got = taylor_backend._poly_pass(prob, order)
-        if case_id in _NO_POLY:
-            assert got is None and "fall back to reverse mode" in caplog.text
-            got = hos.summary_tensor(loss, b.params, b.direction, b.partition, order)
-        else:
-            assert got is not None, caplog.text
+        assert got is not None, caplog.text  # recurrent kernels too (unrolled into cells)
         _close(got, oracle_tensor(case_id, order), f"{case_id} multivariate D^({order})")
 
 

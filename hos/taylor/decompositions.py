@@ -107,12 +107,99 @@ def _attention(
     return out, (weights if batched else weights.squeeze(0))
 
 
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    """`beta·input + alpha·(mat1 @ mat2)` (Hugging Face's Conv1D, linear layers)."""
+    if out is not None or not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
+        raise NotCovered
+    product = torch.matmul(mat1, mat2)
+    if alpha != 1:
+        product = product * alpha
+    if beta == 0:
+        return product
+    return product + (input if beta == 1 else input * beta)
+
+
+def _cell(kind: str, x, state, w_ih, w_hh, b_ih, b_hh):
+    """One step of an RNN cell in primitive ops; `state` is h (or (h, c) for the LSTM)."""
+    if kind == "lstm":
+        h, c = state
+        gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, (h, c)
+    h = state
+    if kind == "gru":
+        xr, xz, xn = F.linear(x, w_ih, b_ih).chunk(3, -1)
+        hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        return h, h
+    pre = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    h = torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
+    return h, h
+
+
+def _recurrent(kind: str):
+    """`_VF.lstm/gru/rnn_*` on an unpacked batch, unrolled into cells (any number of layers,
+    bidirectional, batch_first); packed sequences, projections and dropout between layers
+    in training are not covered."""
+
+    def unrolled(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                 batch_first):  # fmt: skip
+        packed = not isinstance(params, (list, tuple)) or not isinstance(has_biases, bool)
+        if packed or (kind == "lstm") != isinstance(hx, (tuple, list)) or (train and dropout > 0):
+            raise NotCovered
+        directions = 2 if bidirectional else 1
+        stride = 4 if has_biases else 2
+        if len(params) != num_layers * directions * stride:
+            raise NotCovered  # projections (proj_size) add a weight per layer
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and batch_first:
+            x = x.transpose(0, 1)
+        states = list(hx) if kind == "lstm" else [hx]
+        if not batched:
+            states = [s.unsqueeze(1) for s in states]
+        finals: list[list] = [[] for _ in states]
+        for layer in range(num_layers):
+            outputs = []
+            for d in range(directions):
+                k = layer * directions + d
+                w = params[k * stride : (k + 1) * stride]
+                b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+                state = tuple(s[k] for s in states) if kind == "lstm" else states[0][k]
+                steps = x.unbind(0)
+                seq = []
+                for t in reversed(range(len(steps))) if d == 1 else range(len(steps)):
+                    out, state = _cell(kind, steps[t], state, w[0], w[1], b_ih, b_hh)
+                    seq.append(out)
+                if d == 1:
+                    seq.reverse()
+                outputs.append(torch.stack(seq))
+                for n, s in enumerate(state if kind == "lstm" else (state,)):
+                    finals[n].append(s)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+        if batched and batch_first:
+            x = x.transpose(0, 1)
+        finals = [torch.stack(f) for f in finals]
+        if not batched:
+            x, finals = x.squeeze(1), [f.squeeze(1) for f in finals]
+        return (x, *finals)
+
+    return unrolled
+
+
 #: Rewrites both algebras run (their outputs' coefficients become the call's).
 REWRITES = {
     F.multi_head_attention_forward: _attention,
     F.cross_entropy: _cross_entropy,
     torch.div: _quotient, _T.div: _quotient, _T.__truediv__: _quotient,
     torch.true_divide: _quotient,
+    torch.addmm: _addmm, _T.addmm: _addmm,
+    torch._VF.lstm: _recurrent("lstm"), torch._VF.gru: _recurrent("gru"),
+    torch._VF.rnn_tanh: _recurrent("rnn_tanh"), torch._VF.rnn_relu: _recurrent("rnn_relu"),
 }  # fmt: skip
 
 

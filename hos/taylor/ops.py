@@ -85,7 +85,7 @@ _MULTILINEAR = {
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.embedding,
-    _T.to, _T.type_as, _T.float, _T.double, F.nll_loss,
+    _T.to, _T.type_as, _T.type, _T.float, _T.double, F.nll_loss,
 } | _getters("T", "mT")  # fmt: skip
 
 _WITH_BIAS = {

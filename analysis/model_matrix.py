@@ -1,0 +1,273 @@
+"""hos on model code it did not write: exactness, Taylor-mode coverage and cost, per model.
+
+For every model of tests/realmodels.py (torchvision, timm, Hugging Face transformers,
+torch.nn; random weights, nothing downloaded):
+
+* **exactness** (float64, the coarse partition of the tests): the largest error of ḡ, H̄ and
+  diag D³ of `hos.summarize` against finite differences with Richardson extrapolation,
+  relative to the largest entry, over the entries where the oracle agrees with itself at two
+  step sizes; and whether Taylor mode fell back (with the reason);
+* **PyTorch's own nested AD** on the same function (a copy of the model with dropout and
+  stochastic depth at p = 0, evaluated without hos): the naive third backward (nested
+  `torch.autograd.grad`) for diag D³ and `torch.func.hessian` for H̄, against hos;
+* **cost** (float32, one tensor per group, S = the number of parameter tensors): `summarize`
+  and `summary_diagonal(order=3)` as multiples of one gradient timed in the same run
+  (best of 3 after a warm-up), and summarize per group, `ratio / S`.
+
+Writes analysis/results/model_matrix.json and docs/models.md (the table in the docs).
+
+    python analysis/model_matrix.py [--only NAME ...] [--skip-cost]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, hessian
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hos  # noqa: E402
+from hos import provenance  # noqa: E402
+from hos._loss import _adapted  # noqa: E402
+from tests import fd  # noqa: E402
+from tests import realmodels as R  # noqa: E402
+
+RESULTS = ROOT / "analysis" / "results" / "model_matrix.json"
+DOCS = ROOT / "docs" / "models.md"
+FD_TOL = {"g": 1e-7, "H": 1e-4, "d3": 1e-3}
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor, mask=None) -> float:
+    diff = (a - b).abs()
+    if mask is not None:
+        diff = diff[mask]
+    return float(diff.max() / b.abs().max().clamp_min(1e-300)) if diff.numel() else float("nan")
+
+
+# --------------------------------------------------------------------------- exactness
+def exactness(b: R.Built) -> dict:
+    s = hos.summarize(b.loss, b.params, b.direction, b.partition)
+    fallback = hos.last_fallback()
+    path = fd.Path(b.loss, b.params, b.direction, b.partition)
+    errors = {}
+    for key in b.fd_keys:
+        order = {"g": 1, "H": 2, "d3": 3}[key]
+        if key == "H":
+            a, c = path.H(), path.H(fd.STEPS[2] / 2)
+        else:
+            a, c = path.diagonal(order), path.diagonal(order, fd.STEPS[order] / 2)
+        trusted = fd.agrees(a, c, FD_TOL[key])
+        errors[key] = _rel(getattr(s, key), a, trusted)
+    return {
+        "S": len(b.partition),
+        "fd_error": errors,
+        "fallback": None if fallback is None else list(fallback.reasons),
+        "summary": s,
+    }
+
+
+def _deterministic_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with dropout and stochastic depth at p = 0: the function hos differentiates,
+    evaluated by PyTorch alone."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        for attr in ("p", "drop_prob"):
+            if isinstance(getattr(m, attr, None), float) and any(
+                word in type(m).__name__ for word in ("Dropout", "StochasticDepth", "DropPath")
+            ):
+                setattr(m, attr, 0.0)
+        if isinstance(m, torch.nn.RNNBase):
+            m.dropout = 0.0
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = 0.0
+    return twin
+
+
+def pytorch_nested(b: R.Built, exact) -> dict:
+    """Errors of PyTorch's own nested AD (no hos) against hos's exact numbers."""
+    twin = _deterministic_copy(b.model)
+    loss = b.loss
+    inputs = loss.inputs
+    names = list(b.params)
+    owner = {n: s for s, group in enumerate(b.partition.groups) for n in group}
+
+    def phi(eta):
+        moved = {n: b.params[n] + eta[owner[n]] * b.direction[n] for n in names}
+        if isinstance(inputs, dict):
+            out = functional_call(twin, moved, (), inputs)
+        else:
+            out = functional_call(twin, moved, inputs if isinstance(inputs, tuple) else (inputs,))
+        return loss.criterion(_adapted(out, loss.output), loss.targets)
+
+    S = len(b.partition)
+    out: dict = {}
+    try:
+        eta = torch.zeros(S, dtype=R.DT, requires_grad=True)
+        g = torch.autograd.grad(phi(eta), eta, create_graph=True)[0]
+        d3 = torch.zeros(S, dtype=R.DT)
+        for i in range(S):
+            hi = torch.autograd.grad(g[i], eta, create_graph=True)[0]
+            d3[i] = torch.autograd.grad(hi[i], eta, retain_graph=True)[0][i]
+        out["third_backward_d3"] = _rel(d3, exact.d3)
+    except Exception as exc:  # PyTorch raising is a finding too
+        out["third_backward_d3"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    try:
+        H = hessian(phi)(torch.zeros(S, dtype=R.DT))
+        out["func_hessian_H"] = _rel(H.detach(), exact.H)
+    except Exception as exc:
+        out["func_hessian_H"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return out
+
+
+# --------------------------------------------------------------------------- cost
+def _best(fn, repeats=3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cost(b: R.Built) -> dict:
+    model = copy.deepcopy(b.model).float()
+    loss = b.loss
+    inputs = loss.inputs
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        inputs = inputs.float()
+    f32 = hos.model_loss(model, loss.criterion, inputs, loss.targets, output=loss.output)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: v.float() for k, v in b.direction.items()}
+    part = hos.Partition.per_tensor(model)
+
+    def gradient():
+        p = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in params.items())}
+        torch.autograd.grad(f32(p), list(p.values()))
+
+    grad_s = _best(gradient)
+    summarize_s = _best(lambda: hos.summarize(f32, params, u, part), repeats=1)
+    fallback = hos.last_fallback()
+    diag_s = _best(lambda: hos.summary_diagonal(f32, params, u, part, 3), repeats=1)
+    S = len(part)
+    return {
+        "S": S,
+        "parameters": sum(v.numel() for v in params.values()),
+        "gradient_s": grad_s,
+        "summarize": summarize_s / grad_s,
+        "summarize_per_group": summarize_s / grad_s / S,
+        "diag3": diag_s / grad_s,
+        "fallback": None if fallback is None else list(fallback.reasons),
+    }
+
+
+# --------------------------------------------------------------------------- table
+def _fmt(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return "raises" if x.startswith("error") else x
+    return f"{x:.0e}" if x >= 1e-3 or x == 0 else f"{x:.0e}"
+
+
+def write_docs(results: dict) -> None:
+    lines = [
+        "# Models from torchvision, timm and Hugging Face",
+        "",
+        "hos on model code it did not write, built from configs with random weights (nothing",
+        "is downloaded). Generated by `python analysis/model_matrix.py` "
+        f"({results['environment']['date']}, torch {results['environment']['torch']}, "
+        f"{results['environment']['threads']} threads); the same models are tested in",
+        "`tests/test_real_models.py`.",
+        "",
+        "* **error vs oracle**: the largest error of ḡ / H̄ / diag D³ of `hos.summarize` against",
+        "  finite differences with Richardson extrapolation (float64, a coarse partition of",
+        "  S groups), relative to the largest entry; entries where the oracle disagrees with",
+        "  itself at two step sizes are left out. The oracle itself is good to about",
+        "  1e-8 / 1e-5 / 1e-4 on these deep float64 losses, so these numbers are its noise.",
+        "* **Taylor mode**: `followed` when no group fell back to reverse mode.",
+        "* **PyTorch alone**: the same function differentiated by PyTorch without hos (dropout",
+        "  and stochastic depth at p = 0): the naive third backward for diag D³ and",
+        "  `torch.func.hessian` for H̄, relative error against hos. Large values are",
+        "  PyTorch's fused kernels (batch/layer norm, attention) having wrong higher derivatives.",
+        "* **cost**: float32, one group per parameter tensor (S = tensors), `summarize` and",
+        "  `summary_diagonal(order=3)` as multiples of one gradient in the same run, and",
+        "  `summarize` per group.",
+        "",
+        "| model | S (oracle) | error vs oracle ḡ / H̄ / d³ | Taylor mode | PyTorch alone: 3rd backward d³ / func.hessian H̄ | S (cost) | summarize (gradients) | per group | diag D³ (gradients) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["models"].items():
+        if "error" in r:
+            lines.append(f"| {r.get('label', name)} | — | failed: {r['error']} | | | | | | |")
+            continue
+        e = r["fd_error"]
+        err = " / ".join(_fmt(e.get(k)) if k in e else "n/a" for k in ("g", "H", "d3"))
+        follow = "followed" if r["fallback"] is None else "fell back: " + "; ".join(r["fallback"])
+        n = r.get("pytorch", {})
+        naive = f"{_fmt(n.get('third_backward_d3'))} / {_fmt(n.get('func_hessian_H'))}"
+        c = r.get("cost")
+        if c:
+            cost_cells = (f"{c['S']} | {c['summarize']:.0f} | {c['summarize_per_group']:.2f} | "
+                          f"{c['diag3']:.0f}")  # fmt: skip
+        else:
+            cost_cells = "— | — | — | —"
+        lines.append(f"| {r['label']} | {r['S']} | {err} | {follow} | {naive} | {cost_cells} |")
+    notes = [f"* {r['label']}: {r['notes']}" for r in results["models"].values() if r.get("notes")]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    DOCS.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=None, help="model names (tests/realmodels.py)")
+    parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    results = {"environment": provenance.environment(), "models": dict(previous["models"])}
+    for entry in R.ENTRIES:
+        if args.only and entry.name not in args.only:
+            continue
+        if not R.available(entry.requires):
+            _log(f"{entry.name}: {entry.requires} not installed, skipped")
+            continue
+        t = time.perf_counter()
+        try:
+            b = entry.build()
+            row = exactness(b)
+            summary = row.pop("summary")
+            row["pytorch"] = pytorch_nested(b, summary)
+            row["cost"] = None if args.skip_cost else cost(b)
+        except Exception as exc:  # a model the matrix cannot run is a result to report
+            row = {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "S": None}
+            b = None
+        row["label"] = b.name if b is not None else entry.name
+        row["family"] = entry.family
+        row["notes"] = b.notes if b is not None else ""
+        results["models"][entry.name] = row
+        _log(f"{entry.name}: {time.perf_counter() - t:.0f} s {json.dumps(row)[:400]}")
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    order = [e.name for e in R.ENTRIES]
+    results["models"] = {k: results["models"][k] for k in order if k in results["models"]}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_docs(results)
+    _log(f"wrote {RESULTS} and {DOCS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Model code hos did not write: torchvision, timm, Hugging Face transformers and torch.nn.
+
+Each model of tests/realmodels.py (float64, random weights, a coarse partition) is checked
+
+* against finite differences of φ(η) with Richardson extrapolation, an oracle no automatic
+  differentiation can fool (ḡ, H̄ and diag D³ of `summarize`; an entry counts where two step
+  sizes agree, and most must);
+* across backends: Taylor mode against nested reverse mode (summarize, the full D³ by
+  multivariate Taylor mode, diag D⁴), all exact compositions, to 1e-10;
+* for state: parameters, buffers (BatchNorm statistics, `num_batches_tracked`), train/eval
+  mode, `.grad` and the global RNG are untouched;
+
+and Taylor mode must follow every one of them without falling back to reverse mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import hos
+from tests import fd
+from tests import realmodels as R
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+#: float64 losses of deep networks are themselves noisy at ~1e-13, which second and third
+#: differences amplify: the oracle is good to ~1e-8 (ḡ), ~1e-5 (H̄) and ~1e-4 (diag D³) here.
+FD_TOL = {"g": 1e-7, "H": 1e-4, "d3": 1e-3}
+AGREE = 1e-10
+
+#: the models whose finite-difference check takes more than a few seconds: -m slow
+HEAVY = {"resnet18-eval", "efficientnet_b0", "mobilenet_v3_small"}
+
+
+def _params(names):
+    return [
+        pytest.param(
+            n,
+            marks=[
+                pytest.mark.skipif(
+                    not R.available(R.BY_NAME[n].requires),
+                    reason=f"{R.BY_NAME[n].requires} is a test extra",
+                ),  # fmt: skip
+                *([pytest.mark.slow] if n in HEAVY else []),
+            ],
+        )
+        for n in names
+    ]
+
+
+ALL = _params([e.name for e in R.ENTRIES])
+
+
+@functools.cache
+def _built(name: str) -> R.Built:
+    return R.BY_NAME[name].build()
+
+
+@functools.cache
+def _taylor_summary(name: str):
+    b = _built(name)
+    s = hos.summarize(b.loss, b.params, b.direction, b.partition)
+    return s, hos.last_fallback()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_summary_matches_finite_differences(name):
+    b = _built(name)
+    s, fallback = _taylor_summary(name)
+    assert fallback is None, f"{name}: Taylor mode fell back: {fallback}"
+    path = fd.Path(b.loss, b.params, b.direction, b.partition)
+    for key in b.fd_keys:
+        order = {"g": 1, "H": 2, "d3": 3}[key]
+        if key == "H":
+            a, c = path.H(), path.H(fd.STEPS[2] / 2)
+        else:
+            a, c = path.diagonal(order), path.diagonal(order, fd.STEPS[order] / 2)
+        tol = FD_TOL[key]
+        trusted = fd.agrees(a, c, tol)
+        share = trusted.double().mean().item()
+        assert share >= 0.5, f"{name} {key}: the oracle agrees with itself on {share:.0%} only"
+        fd.close(getattr(s, key), a, tol, f"{name} {key} vs finite differences", trusted)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_backends_agree_and_taylor_mode_follows(name):
+    b = _built(name)
+    args = (b.loss, b.params, b.direction, b.partition)
+    s, _ = _taylor_summary(name)
+    r = hos.summarize(*args, backend="reverse")
+    for key in ("g", "H", "d3"):
+        fd.close(getattr(s, key), getattr(r, key), AGREE, f"{name} {key}: taylor vs reverse")
+    D3 = hos.summary_tensor(*args, 3)
+    assert hos.last_fallback() is None, f"{name}: multivariate Taylor mode fell back"
+    fd.close(D3, hos.summary_tensor(*args, 3, backend="reverse"), AGREE, f"{name} D3")
+    d4 = hos.summary_diagonal(*args, 4)
+    assert hos.last_fallback() is None, f"{name}: diag D4 fell back"
+    fd.close(d4, hos.summary_diagonal(*args, 4, backend="reverse"), AGREE, f"{name} diag D4")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_model_and_the_run_are_untouched(name):
+    b = _built(name)
+    model = b.model
+    mode = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = None
+    rng = torch.random.get_rng_state()
+    hos.summarize(b.loss, b.params, b.direction, b.partition)
+    hos.summary_diagonal(b.loss, b.params, b.direction, b.partition, 3)
+    assert torch.equal(torch.random.get_rng_state(), rng), f"{name}: the global RNG moved"
+    assert [m.training for m in model.modules()] == mode
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{name}: {k} changed"
+
+
+# --------------------------------------------------------------------------- specifics
+@pytest.mark.skipif(not R.available("torchvision"), reason="torchvision is a test extra")
+def test_stochastic_depth_is_the_identity_during_a_summary():
+    """EfficientNet in train mode: with stochastic depth on, the loss is random; during a
+    summary it keeps every branch unscaled, i.e. equals the same network with p = 0."""
+    from torchvision.ops import StochasticDepth
+
+    b = _built("efficientnet_b0")
+    depth = [m for m in b.model.modules() if isinstance(m, StochasticDepth)]
+    assert any(m.p > 0 for m in depth) and all(m.training for m in depth)
+    with torch.no_grad():
+        value = b.loss(b.params)
+        saved = [m.p for m in depth]
+        for m in depth:
+            m.p = 0.0
+        try:
+            expected = b.loss(b.params)
+        finally:
+            for m, p in zip(depth, saved):
+                m.p = p
+        raw = [torch.nn.functional.cross_entropy(b.model(b.loss.inputs), b.loss.targets)
+               for _ in range(3)]  # fmt: skip
+    assert float(value) == float(expected)
+    assert len({float(x) for x in raw}) > 1, "outside a summary stochastic depth is random"
+
+
+@pytest.mark.skipif(not R.available("transformers"), reason="transformers is a test extra")
+def test_hugging_face_outputs_need_an_adapter_and_say_so():
+    b = _built("gpt2-eager")
+    bare = hos.model_loss(b.model, R._lm_cross_entropy, b.loss.inputs, b.loss.targets)
+    with pytest.raises(TypeError, match=r"returned a CausalLMOutput.*output='logits'"):
+        bare(b.params)
+    wrong = hos.model_loss(b.model, R._lm_cross_entropy, b.loss.inputs, b.loss.targets,
+                           output="scores")  # fmt: skip
+    with pytest.raises(KeyError, match=r"output='scores'.*fields: .*'logits'"):
+        wrong(b.params)
+    as_callable = hos.model_loss(b.model, R._lm_cross_entropy, b.loss.inputs, b.loss.targets,
+                                 output=lambda out: out.logits)  # fmt: skip
+    assert float(as_callable(b.params)) == float(b.loss(b.params))
+    with pytest.raises(TypeError, match=r"output must be None, a field name or a callable"):
+        hos.model_loss(b.model, R._lm_cross_entropy, b.loss.inputs, b.loss.targets, output=3)
+
+
+def test_tied_weights_are_one_parameter_and_one_group():
+    b = _built("lstm-tied")
+    assert "decoder.weight" not in b.params and "embed.weight" in b.params
+    s, _ = _taylor_summary("lstm-tied")
+    assert s.names[0] == "embedding (tied)" and float(s.H[0, 0]) != 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not R.available("torchvision"), reason="torchvision is a test extra")
+def test_rows_path_per_tensor_on_resnet18():
+    """Per-tensor groups (S = 62 > 12): reverse rows on one graph with the factored first
+    convolution, jets riding along through torchvision's in-place ReLUs."""
+    b = _built("resnet18-train")
+    part = hos.Partition.per_tensor(b.model)
+    s = hos.summarize(b.loss, b.params, b.direction, part, chunk=16)
+    assert hos.last_fallback() is None, hos.last_fallback()
+    d3 = hos.summary_diagonal(b.loss, b.params, b.direction, part, 3, backend="reverse")
+    fd.close(s.d3, d3, AGREE, "resnet18 per-tensor d3, taylor rows vs reverse")
