@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -175,11 +176,22 @@ def cost(b: R.Built) -> dict:
 
 # --------------------------------------------------------------------------- table
 def _fmt(x) -> str:
+    """A relative error, or what PyTorch raised in a few words."""
     if x is None:
         return "—"
     if isinstance(x, str):
-        return "raises" if x.startswith("error") else x
-    return f"{x:.0e}" if x >= 1e-3 or x == 0 else f"{x:.0e}"
+        if not x.startswith("error"):
+            return x
+        found = re.search(r"derivative for (?:aten::)?(\w+)", x) or re.search(
+            r"forward AD with (?:aten::)?(\w+)", x
+        )
+        if "in-place operation" in x:
+            return "raises (in-place op under torch.func)"
+        if found:
+            kind = "forward AD" if "forward AD" in x else "derivative"
+            return f"raises (no {kind} of `{found.group(1)}`)"
+        return "raises"
+    return f"{x:.0e}"
 
 
 def write_docs(results: dict) -> None:

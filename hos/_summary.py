@@ -185,8 +185,8 @@ def summary_diagonal(
     `out[s] = d^d/dt^d L(θ + t u_s)` at t = 0 (u_s: u on group s, zero elsewhere).
 
     With the `taylor` backend (`"auto"`) this is one forward pass carrying
-    d Taylor coefficients per group; `chunk` (groups per pass, default all,
-    halved automatically when the coefficients outgrow 2 GiB) trades passes for
+    d Taylor coefficients per group; `chunk` (groups per pass, default 16,
+    halved automatically when the coefficients outgrow 1 GiB) trades passes for
     memory. Other backends take no `chunk`. `verify` (default True): Taylor mode's
     first coefficients are checked against one gradient the first time an op sequence is
     seen; a mismatch recomputes with reverse mode, warns and is recorded
@@ -227,7 +227,9 @@ def summarize(
     r"""The GroupedNewton triple (ḡ, H̄, diag D^(3)) computed together.
 
     `chunk`: groups per Taylor-mode forward pass for diag D³ (`taylor`/`"auto"`
-    backend only; default all in the pass that also builds the graph for H̄).
+    backend only). Default: for S <= 12 every group in one pass with the mixed coefficients
+    of every pair (no backward pass); past that, 16 groups per pass, the first 16 in the
+    pass that also builds the graph for H̄.
     `verify` (default True): Taylor mode's ḡ and H̄_ss are checked against reverse mode
     (on every call where the rows are computed anyway, else one gradient per new op
     sequence); a mismatch recomputes exactly, warns once and is recorded
