@@ -64,12 +64,7 @@ def exactness(b: R.Built) -> dict:
     path = fd.Path(b.loss, b.params, b.direction, b.partition)
     errors = {}
     for key in b.fd_keys:
-        order = {"g": 1, "H": 2, "d3": 3}[key]
-        if key == "H":
-            a, c = path.H(), path.H(fd.STEPS[2] / 2)
-        else:
-            a, c = path.diagonal(order), path.diagonal(order, fd.STEPS[order] / 2)
-        trusted = fd.agrees(a, c, FD_TOL[key])
+        a, trusted = fd.trusted_oracle(path, key, FD_TOL[key])
         errors[key] = _rel(getattr(s, key), a, trusted)
     return {
         "S": len(b.partition),

@@ -33,7 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 from hos._refusals import NoDerivativeError, module_path
-from hos.taylor.batching import divisor_moves
+from hos.taylor.batching import divisor_moves, is_power
 from hos.taylor.decompositions import REWRITES, NotCovered
 from hos.taylor.fallback import TaylorFallback, strict
 from hos.taylor.inplace import is_inplace, out_of_place
@@ -132,6 +132,27 @@ class Tracker:
 
     def generic(self, func, leaves, spec, moving, outs) -> list:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared rules
+    # the kinds whose rule is the same in both algebras, given `multilinear_rule` and
+    # `_elementwise(func, leaves, spec, x, out)` of the algebra
+    def divide_rule(self, func, leaves, spec, moving, outs) -> list:
+        """Linear in the numerator (a moving divisor went to the quotient's rewrite)."""
+        if divisor_moves(leaves, spec, moving):
+            return self.generic(func, leaves, spec, moving, outs)
+        return self.multilinear_rule(func, leaves, spec, moving, outs)
+
+    def elementwise_rule(self, func, leaves, spec, moving, outs) -> list:
+        """Faà di Bruno on the one moving argument (several moving: the generic rule)."""
+        if list(moving) != [0]:
+            return self.generic(func, leaves, spec, moving, outs)
+        return [self._elementwise(func, leaves, spec, moving[0], outs[0])]
+
+    def power_rule(self, func, leaves, spec, moving, outs) -> list:
+        """`x ** p` is elementwise for a number p (a moving exponent: the generic rule)."""
+        if not is_power(func, leaves, moving):
+            return self.generic(func, leaves, spec, moving, outs)
+        return self.elementwise_rule(func, leaves, spec, moving, outs)
 
     # ------------------------------------------------------------------ step 1: in place
     def run(self, func, args, kwargs):

@@ -30,8 +30,6 @@ from hos._symmetric import symmetric_tensor
 from hos.taylor.batching import (
     bias_shape,
     call_batched,
-    divisor_moves,
-    is_power,
     split_bias,
     zeroed_constants,
 )
@@ -203,27 +201,11 @@ class MultivariateTracker(Tracker):
             return self.generic(func, leaves, spec, polys, outs)
         return self._multilinear(func, leaves, spec, polys, len(outs))
 
-    def divide_rule(self, func, leaves, spec, polys, outs):
-        """Linear in the numerator (a moving divisor went to the quotient's rewrite)."""
-        if divisor_moves(leaves, spec, polys):
-            return self.generic(func, leaves, spec, polys, outs)
-        return self.multilinear_rule(func, leaves, spec, polys, outs)
-
     def with_bias_rule(self, func, leaves, spec, polys, outs):
         return [self._with_bias(func, leaves, spec, polys, outs)]
 
     def affine_rule(self, func, leaves, spec, polys, outs):
         return [self._affine(func, leaves, spec, polys)]
-
-    def elementwise_rule(self, func, leaves, spec, polys, outs):
-        if list(polys) != [0]:
-            return self.generic(func, leaves, spec, polys, outs)
-        return [self._elementwise(func, leaves, spec, polys[0], outs[0])]
-
-    def power_rule(self, func, leaves, spec, polys, outs):
-        if not is_power(func, leaves, polys):  # a moving exponent
-            return self.generic(func, leaves, spec, polys, outs)
-        return self.elementwise_rule(func, leaves, spec, polys, outs)
 
     def max_pool_rule(self, func, leaves, spec, polys, outs):
         args, kwargs = tree_unflatten(list(leaves), spec)

@@ -43,8 +43,6 @@ from hos.taylor import jets as J
 from hos.taylor.batching import (
     bias_shape,
     call_batched,
-    divisor_moves,
-    is_power,
     kwargs_of,
     split_bias,
     zeroed_constants,
@@ -265,27 +263,11 @@ class UnivariateTracker(Tracker):
             return self.generic(func, leaves, spec, jets, outs)
         return self._multilinear(func, leaves, spec, jets, outs)
 
-    def divide_rule(self, func, leaves, spec, jets, outs):
-        """Linear in the numerator (a moving divisor went to the quotient's rewrite)."""
-        if divisor_moves(leaves, spec, jets):
-            return self.generic(func, leaves, spec, jets, outs)
-        return self.multilinear_rule(func, leaves, spec, jets, outs)
-
     def with_bias_rule(self, func, leaves, spec, jets, outs):
         return self._with_bias(func, leaves, spec, jets, outs)
 
     def affine_rule(self, func, leaves, spec, jets, outs):
         return self._affine(func, leaves, spec, jets, outs)
-
-    def elementwise_rule(self, func, leaves, spec, jets, outs):
-        if list(jets) != [0]:
-            return self.generic(func, leaves, spec, jets, outs)
-        return [self._elementwise(func, leaves, spec, jets[0], outs[0])]
-
-    def power_rule(self, func, leaves, spec, jets, outs):
-        if not is_power(func, leaves, jets):  # a moving exponent
-            return self.generic(func, leaves, spec, jets, outs)
-        return self.elementwise_rule(func, leaves, spec, jets, outs)
 
     def max_pool_rule(self, func, leaves, spec, jets, outs):
         if list(jets) != [0] or kwargs_of(leaves, spec).get("return_indices"):
