@@ -49,6 +49,9 @@ API_MODULES: tuple[tuple[str, str], ...] = (
     ("hos.optim", "Optimizers built on summaries"),
     ("hos.reference", "The slow, obviously-right oracle"),
     ("hos.plotting", "Figures"),
+    ("hos.integrations", "Logging sinks: TensorBoard, Weights & Biases"),
+    ("hos.integrations.lightning", "PyTorch Lightning callback"),
+    ("hos.integrations.huggingface", "Hugging Face Trainer callback"),
     ("hos.models", "Models used in the papers and benchmarks"),
     ("hos.datasets", "Offline data sets"),
 )
@@ -134,6 +137,13 @@ def run_example(example: Example) -> None:
     import matplotlib.pyplot as plt
     import torch
 
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.thirdparty import torchvision_models
+
+    # the Lightning example imports torchmetrics -> torchvision: make that import work beside
+    # the CPU build of torch (see tests/thirdparty.py); a matching torchvision needs nothing
+    torchvision_models()
     plt.close("all")
     dtype = torch.get_default_dtype()
     buffer = io.StringIO()

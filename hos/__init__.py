@@ -11,7 +11,9 @@ from hos._data import (
 )
 from hos._elements import element_names, split_elements
 from hos._exact import ExactOps, exact_ops
+from hos._log import LogFormatError, SummaryLog, load_log
 from hos._loss import ModelLoss, model_loss
+from hos._monitor import Snapshot, SummaryMonitor
 from hos._partition import Partition
 from hos._refusals import RandomLossError
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
@@ -45,6 +47,12 @@ __all__ = [
     "summarize_loader",
     "summary_diagonal_loader",
     "summary_tensor_loader",
+    # watching a training run
+    "SummaryMonitor",
+    "Snapshot",
+    "SummaryLog",
+    "load_log",
+    "LogFormatError",
     # exactness
     "ExactOps",
     "exact_ops",

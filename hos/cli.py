@@ -1,4 +1,4 @@
-"""The `hos` command: `hos demo`, `hos summary`, `hos train`.
+"""The `hos` command: `hos demo`, `hos summary`, `hos train`, `hos plot`.
 
 `hos demo --out DIR`
 :   The main job, offline in about a minute of CPU time (2 cores): the per-layer
@@ -10,7 +10,14 @@
 :   ḡ, H̄, … D^(order) of a model at initialisation on one batch, per group:
     `summary.npz` (tensors `D1` … and diagonals `diag1` …),
     `summary.json` (metadata, timings), `interactions.png` (+ diagonals and
-    a D^(3) slice when order >= 3).
+    a D^(3) slice when order >= 3). Your own network: `--model path/to/file.py:factory`
+    (a callable returning the nn.Module) with `--data path/to/file.py:batch` (a callable
+    returning one `(inputs, targets)` batch) and `--loss cross-entropy|mse`.
+
+`hos plot LOG --out DIR`
+:   The figures of a [`hos.SummaryMonitor`][hos.SummaryMonitor] log: `heatmaps.png` (a strip
+    over training), `g.png`, `d3.png` (`d4.png`), `offdiagonal_share.png`, and
+    `heatmaps.html` (every snapshot with a step slider; opens from disk).
 
 `hos train --model NAME --data NAME --optimizer NAME --epochs N --out DIR`
 :   `metrics.json` (per epoch: train_loss, test_loss, test_accuracy, seconds)
@@ -22,12 +29,28 @@ Bad arguments and missing data end with a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
+from hos._cli_common import (
+    UsageError,
+    _build,
+    _done,
+    _load,
+    _out_dir,
+    _save_figure,
+    _use_agg,
+    _write_json,
+)
+from hos._cli_summary import (
+    CRITERIA,
+    _diagonal,
+    _first_batch,
+    cmd_plot,
+    cmd_summary,
+    compute_summary,
+)
 from hos.backends import registered
 from hos.provenance import environment
 
@@ -38,191 +61,6 @@ DIRECTIONS = ("gradient", "random")
 DTYPES = ("float32", "float64")
 
 log = logging.getLogger("hos")
-
-
-class UsageError(Exception):
-    """A user error reported as one line with exit code 2."""
-
-
-# --------------------------------------------------------------------------- helpers
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-
-
-def _out_dir(value: str) -> Path:
-    path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {value!r} exists and is not a folder; pass a folder path.")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _load(data: str, root: str | None, seed: int):
-    from hos.datasets import load_dataset
-
-    if data in ("mnist", "cifar10") and root is None:
-        raise UsageError(
-            f"--data {data} is read from a local folder (torchvision layout): pass --data-root "
-            "PATH; nothing is downloaded. Offline sets: mnist5k, digits, synthetic-cifar."
-        )
-    return load_dataset(data, root=root, seed=seed)
-
-
-def _build(model: str, dataset, seed: int, dtype: str):
-    import torch
-
-    from hos.models import build_model
-
-    net = build_model(model, dataset.input_shape, dataset.num_classes, seed=seed)
-    return net.to(getattr(torch, dtype))
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def _done(out: Path, message: str) -> None:
-    """The one line a successful command prints: what it did and where the files are."""
-    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
-    sys.stdout.write(f"hos: {message}; wrote {out}/{{{files}}}\n")
-
-
-def _use_agg() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-
-
-def grad_seconds(loss, params, repeats: int = 3) -> float:
-    """Min wall time over `repeats` of one gradient of `loss` at `params`."""
-    import torch
-
-    best = float("inf")
-    for _ in range(repeats):
-        p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        start = time.perf_counter()
-        torch.autograd.grad(loss(p), list(p.values()))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def compute_summary(
-    net,
-    dataset,
-    *,
-    partition: str = "per-layer",
-    order: int = 2,
-    batch_size: int = 100,
-    direction: str = "gradient",
-    seed: int = 0,
-    backend: str = "auto",
-):
-    """Summary tensors D^(1..order) of `net` on the first `batch_size` training samples.
-
-    Returns `(partition, tensors {d: D^(d)}, diag D^(3), loss value, seconds,
-    gradient seconds)`.
-    The direction u is the batch gradient or a standard Gaussian (seeded).
-    """
-    import torch
-
-    import hos
-
-    dtype = next(net.parameters()).dtype
-    x, y = dataset.train.tensors
-    x, y = x[:batch_size].to(dtype), y[:batch_size]
-    loss = hos.model_loss(net, torch.nn.CrossEntropyLoss(), x, y)
-    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
-    part = (hos.Partition.per_tensor if partition == "per-tensor" else hos.Partition.per_layer)(net)
-    g_seconds = grad_seconds(loss, params)
-    if direction == "gradient":
-        p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        u = dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        u = {k: torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in params.items()}
-    start = time.perf_counter()
-    s = hos.summarize(loss, params, u, part, backend=backend)
-    fallbacks = {"summarize": hos.last_fallback()}
-    tensors = {1: s.g, 2: s.H}
-    for d in range(3, order + 1):
-        tensors[d] = hos.summary_tensor(loss, params, u, part, order=d, backend=backend)
-        fallbacks[f"D{d}"] = hos.last_fallback()
-    seconds = time.perf_counter() - start
-    handed = {  # what Taylor mode handed to reverse mode, and why (hos.last_fallback)
-        k: {"groups": list(f.groups), "reasons": list(f.reasons), "certificate": f.certificate}
-        for k, f in fallbacks.items()
-        if f is not None
-    }
-    return part, tensors, s.d3, float(s.loss), seconds, g_seconds, handed
-
-
-def _diagonal(t):
-    import torch
-
-    idx = torch.arange(t.shape[0])
-    return t[(idx,) * t.dim()]
-
-
-# --------------------------------------------------------------------------- commands
-def cmd_summary(args) -> int:
-    import numpy as np
-
-    _use_agg()
-    from hos import plotting
-
-    out = _out_dir(args.out)
-    dataset = _load(args.data, args.data_root, args.seed)
-    net = _build(args.model, dataset, args.seed, args.dtype)
-    part, tensors, _, loss, seconds, g_seconds, fallbacks = compute_summary(
-        net,
-        dataset,
-        partition=args.partition,
-        order=args.order,
-        batch_size=args.batch_size,
-        direction=args.direction,
-        seed=args.seed,
-        backend=args.backend,
-    )
-    arrays = {f"D{d}": t.cpu().numpy() for d, t in tensors.items()}
-    arrays.update({f"diag{d}": _diagonal(t).cpu().numpy() for d, t in tensors.items()})
-    np.savez(out / "summary.npz", names=np.array(part.names), **arrays)
-    meta = {
-        "command": "summary",
-        "model": args.model,
-        "data": args.data,
-        "partition": args.partition,
-        "groups": {n: list(g) for n, g in part},
-        "names": list(part.names),
-        "order": args.order,
-        "batch_size": args.batch_size,
-        "direction": args.direction,
-        "seed": args.seed,
-        "backend": args.backend,
-        "dtype": args.dtype,
-        "loss": loss,
-        "parameters": sum(p.numel() for p in net.parameters()),
-        "seconds": seconds,
-        "gradient_seconds": g_seconds,
-        "cost_in_gradients": seconds / g_seconds,
-        "fallbacks": fallbacks,
-        "environment": environment(),
-    }
-    _write_json(out / "summary.json", meta)
-    title = f"{args.model} on {args.data}, {args.partition}, u = {args.direction}"
-    labels = plotting.group_labels(net, part.names)
-    _save_figure(
-        plotting.interaction_heatmap(tensors[2], labels, title=title), out / "interactions.png"
-    )
-    if args.order >= 3:
-        _save_figure(plotting.summary_slice(tensors[3], labels), out / "d3_slice.png")
-    diags = {d: _diagonal(t) for d, t in tensors.items()}
-    _save_figure(plotting.diagonals(diags, labels), out / "diagonals.png")
-    cost = f"{seconds:.1f} s = {seconds / g_seconds:.0f} gradients"
-    _done(out, f"summary of {len(part)} groups, orders 1-{args.order}, in {cost}")
-    return 0
 
 
 def run_training(
@@ -289,6 +127,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import torch
+
     _use_agg()
     from hos import _training, plotting
     from hos.datasets import load_dataset
@@ -304,8 +144,9 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     # 1. the summary of the paper's MLP at initialisation, float64, u = batch gradient
     net = _build(model, data, args.seed, "float64")
+    x, y = _first_batch(data, 100, torch.float64)
     part, tensors, d3, loss, seconds, g_seconds, _ = compute_summary(
-        net, data, partition="per-layer", order=2, batch_size=100, direction="gradient"
+        net, x, y, partition="per-layer", order=2, direction="gradient"
     )
     H = tensors[2]
     title = f"paper MLP on {data.name}: per-layer H̄ along the gradient"
@@ -408,6 +249,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _model_or_spec(names):
+    """An argparse type: a built-in name of `names`, or a `file.py:name` spec."""
+
+    def parse(text: str) -> str:
+        from hos._userspec import is_spec
+
+        if text in names or is_spec(text):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(names)}, or path/to/file.py:name)"
+        )
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hos import _training
     from hos.datasets import DATASETS
@@ -438,10 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     summary = sub.add_parser("summary", help="summary tensors of a model at initialisation")
-    common(summary)
+    common(summary, model=False)
+    summary.add_argument(
+        "--model", required=True, type=_model_or_spec(MODELS), metavar="MODEL",
+        help=f"one of {', '.join(MODELS)}, or your own: path/to/file.py:factory or "
+        "package.module:factory (a callable returning an nn.Module)",
+    )  # fmt: skip
+    summary.add_argument(
+        "--data", required=True, type=_model_or_spec(DATASETS), metavar="DATA",
+        help=f"one of {', '.join(DATASETS)}, or your own: path/to/file.py:batch (a callable "
+        "returning one (inputs, targets) batch)",
+    )  # fmt: skip
+    summary.add_argument("--data-root", default=None, help="local folder for --data mnist/cifar10")
+    summary.add_argument(
+        "--loss", choices=tuple(CRITERIA), default="cross-entropy", help="the criterion"
+    )
     summary.add_argument("--partition", choices=PARTITIONS, default="per-layer")
     summary.add_argument("--order", type=_positive_int, default=3, help="highest order (>= 2)")
-    summary.add_argument("--batch-size", type=_positive_int, default=100)
+    summary.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="samples of a built-in data set"
+    )
     summary.add_argument("--direction", choices=DIRECTIONS, default="gradient")
     summary.add_argument(
         "--backend",
@@ -451,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
         "is left out, it costs S^d forward passes)",
     )
     summary.add_argument("--dtype", choices=DTYPES, default="float64")
+
+    plot = sub.add_parser("plot", help="figures of a SummaryMonitor log")
+    plot.add_argument("log", help="the monitor's log_dir")
+    plot.add_argument("--out", required=True, help="output folder (created if needed)")
+    plot.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
     train = sub.add_parser("train", help="train a model and record per-epoch metrics")
     common(train)
@@ -464,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"demo": cmd_demo, "summary": cmd_summary, "train": cmd_train}
+COMMANDS = {"demo": cmd_demo, "summary": cmd_summary, "train": cmd_train, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

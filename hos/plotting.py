@@ -25,6 +25,10 @@ import numpy as np
 
 __all__ = [
     "diagonals",
+    "heatmap_page",
+    "log_heatmaps",
+    "log_offdiagonal_share",
+    "log_series",
     "group_labels",
     "interaction_heatmap",
     "module_boundaries",
@@ -37,199 +41,19 @@ __all__ = [
     "training_curves",
 ]
 
-#: diverging colormap for signed quantities (centred at 0 by symmetric limits)
-DIVERGING = "RdBu_r"
-#: annotate heatmap cells with their value when S is at most this
-ANNOTATE_MAX = 12
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().double().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def _check_square(name: str, m: np.ndarray, names: Sequence[str]) -> None:
-    if m.ndim != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"{name} must be a square (S, S) matrix, got shape {m.shape}.")
-    if len(names) != m.shape[0]:
-        raise ValueError(
-            f"names must have one entry per row of {name} ({m.shape[0]}), got {len(names)}."
-        )
-
-
-def _figure_and_ax(ax, size=(6.0, 5.0)):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=size, layout="constrained")
-        return fig, ax
-    return ax.figure, ax
-
-
-def normalized_interactions(H) -> np.ndarray:
-    r"""$\bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$ (NaN where a diagonal entry is 0).
-
-    For a positive semi-definite H̄ this is a correlation-like matrix in [-1, 1]
-    with unit diagonal; for an indefinite H̄ entries can exceed 1 in magnitude.
-
-    Examples:
-        >>> normalized_interactions([[4.0, 1.0], [1.0, 1.0]]).round(3).tolist()
-        [[1.0, 0.5], [0.5, 1.0]]
-    """
-    m = _np(H)
-    d = np.sqrt(np.abs(np.diag(m)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = m / np.outer(d, d)
-    out[~np.isfinite(out)] = np.nan
-    return out
-
-
-def module_boundaries(names: Sequence[str]) -> list[int]:
-    """Indices i where group i starts a new module: its parent name differs from group i-1's.
-
-    The parent of `"features.3.weight"` is `"features.3"`, so with a
-    per-tensor partition the boundaries separate layers; with a per-layer
-    partition (`"stages.0.conv1"`) they separate blocks.
-
-    Examples:
-        >>> module_boundaries(["0.weight", "0.bias", "2.weight", "2.bias"])
-        [2]
-    """
-    parents = [n.rpartition(".")[0] for n in names]
-    return [i for i in range(1, len(names)) if parents[i] != parents[i - 1]]
-
-
-def group_labels(model, names: Sequence[str]) -> list[str]:
-    """Axis labels `"name Type"` for group names that are modules (or tensors) of `model`.
-
-    `"features.0"` becomes `"features.0 Conv2d"`, `"1.weight"` becomes
-    `"1.weight Linear"`; other names are kept.
-
-    Examples:
-        >>> import torch.nn as nn
-        >>> group_labels(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), ["0", "0.bias", "x"])
-        ['0 Linear', '0.bias Linear', 'x']
-    """
-    modules = dict(model.named_modules())
-    labels = []
-    for name in names:
-        module = modules.get(name)
-        if module is None:
-            parent, _, leaf = name.rpartition(".")
-            owner = modules.get(parent)
-            if owner is not None and leaf in dict(owner.named_parameters(recurse=False)):
-                module = owner
-        kind = type(module).__name__
-        kind = "Linear" if kind.endswith("Linear") else kind  # NonDynamicallyQuantizableLinear
-        labels.append(f"{name} {kind}" if module is not None else name)
-    return labels
-
-
-def _short(names: Sequence[str], width: int = 24) -> list[str]:
-    """Shorten long names: abbreviate dotted path parts to their first letter, from the
-    left, keeping indices and the last part (`encoder.layers.0.linear1` → `e.l.0.linear1`)."""
-    out = []
-    for name in names:
-        path, space, suffix = name.partition(" ")
-        parts = path.split(".")
-        k = 0
-        while len(".".join(parts) + space + suffix) > width and k < len(parts) - 1:
-            if not parts[k].isdigit():
-                parts[k] = parts[k][0]
-            k += 1
-        short = ".".join(parts) + space + suffix
-        out.append(short if len(short) <= width else "…" + short[-(width - 1) :])
-    return out
-
-
-def _heatmap(ax, m, names, *, norm, cmap, label, boundaries, annotate, col_names=None):
-    from matplotlib.colors import SymLogNorm
-
-    image = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
-    finite = m[np.isfinite(m)]
-    slack = 1e-9 * max(abs(norm.vmin), abs(norm.vmax))  # a unit diagonal is not "beyond"
-    low = finite.size and finite.min() < norm.vmin - slack
-    high = finite.size and finite.max() > norm.vmax + slack
-    extend = {(1, 1): "both", (1, 0): "min", (0, 1): "max"}.get((bool(low), bool(high)), "neither")
-    rows = _short(names)
-    cols = _short(col_names if col_names is not None else names)
-    ax.set_xticks(range(m.shape[1]), cols, rotation=90, fontsize=8)
-    ax.set_yticks(range(m.shape[0]), rows, fontsize=8)
-    for b in boundaries:
-        ax.axhline(b - 0.5, color="k", lw=1.2)
-        ax.axvline(b - 0.5, color="k", lw=1.2)
-    if annotate and max(m.shape) <= ANNOTATE_MAX:
-        for (i, j), v in np.ndenumerate(m):
-            if np.isfinite(v):
-                dark = abs(float(np.clip(norm(v), 0, 1)) - 0.5) > 0.3
-                color = "w" if dark else "k"
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color=color)
-    bar = ax.figure.colorbar(image, ax=ax, label=label, shrink=0.85, extend=extend)
-    if isinstance(norm, SymLogNorm):  # decades outside the linear zone, and 0
-        lo = math.ceil(math.log10(norm.linthresh))
-        hi = math.floor(math.log10(norm.vmax))
-        powers = [10.0**k for k in range(lo, hi + 1)]
-        step = max(1, len(powers) // 4)
-        powers = powers[::-1][::step][::-1]
-        bar.set_ticks([-p for p in powers[::-1]] + [0.0] + powers)
-    return image
-
-
-def _symmetric_limit(m: np.ndarray) -> float:
-    finite = np.abs(m[np.isfinite(m)])
-    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-
-
-def interaction_heatmap(
-    H,
-    names: Sequence[str],
-    *,
-    normalize: bool = True,
-    boundaries: Sequence[int] | None = None,
-    annotate: bool = True,
-    decades: float = 3.0,
-    title: str | None = None,
-    ax=None,
-):
-    r"""Heatmap of the cross-group interactions H̄ (S×S).
-
-    Args:
-        H: H̄ = D^(2), shape (S, S).
-        names: the S group names (axis labels).
-        normalize: plot [`normalized_interactions`][hos.plotting.normalized_interactions] with colours limited to
-            ±1 (entries beyond ±1, where a 2×2 block of H̄ is indefinite, get the
-            end colours and an arrow on the colour bar; the cells show the values);
-            otherwise H̄ itself on a symmetric-log scale (limits ±max|H̄|,
-            linear within 10^-decades·max|H̄|). Both diverging and centred at 0.
-        boundaries: indices where a new module starts (lines are drawn before
-            them); default [`module_boundaries`][hos.plotting.module_boundaries] of `names`.
-        annotate: write the values in the cells (when S <= 12).
-        decades: the linear range of the raw (`normalize=False`) scale, in decades below
-            max|H̄|.
-        title: axes title.
-        ax: matplotlib Axes to draw into (a new figure otherwise).
-    """
-    from matplotlib.colors import Normalize, SymLogNorm
-
-    m = _np(H)
-    _check_square("H", m, names)
-    if boundaries is None:
-        boundaries = module_boundaries(names)
-    fig, ax = _figure_and_ax(ax)
-    if normalize:
-        m = normalized_interactions(m)
-        norm, label = Normalize(-1.0, 1.0), r"$\bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$"
-    else:
-        lim = _symmetric_limit(m)
-        norm = SymLogNorm(lim * 10.0**-decades, vmin=-lim, vmax=lim)
-        label = r"$\bar H_{ij}$ (symlog)"
-    _heatmap(
-        ax, m, names, norm=norm, cmap=DIVERGING, label=label, boundaries=boundaries,
-        annotate=annotate,
-    )  # fmt: skip
-    ax.set_title(title or ("normalised interactions" if normalize else r"$\bar H$"))
-    return fig
+from hos._figures import (
+    DIVERGING,
+    _check_square,
+    _figure_and_ax,
+    _heatmap,
+    _np,
+    _short,
+    _symmetric_limit,
+    group_labels,
+    interaction_heatmap,
+    module_boundaries,
+    normalized_interactions,
+)
 
 
 def summary_slice(
@@ -554,3 +378,12 @@ def training_curves(
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return fig
+
+
+# figures of a monitor log over training steps (hos.SummaryMonitor, hos.load_log)
+from hos._logplots import (  # noqa: E402
+    heatmap_page,
+    log_heatmaps,
+    log_offdiagonal_share,
+    log_series,
+)
