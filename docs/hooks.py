@@ -43,6 +43,19 @@ EXAMPLES = DOCS / "examples"
 FIGURES = ROOT / "figures"
 
 
+def _torchvision_beside_cpu_torch() -> None:
+    """Lightning imports torchmetrics, which imports torchvision: make that import work beside
+    the CPU build of torch (see tests/thirdparty.py); a matching torchvision needs nothing."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.thirdparty import torchvision_models
+
+    torchvision_models()
+
+
+_torchvision_beside_cpu_torch()
+
+
 #: The modules whose public names the API reference documents, with their page titles.
 API_MODULES: tuple[tuple[str, str], ...] = (
     ("hos", "The core: partitions, losses, summaries, exactness"),
@@ -137,13 +150,6 @@ def run_example(example: Example) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.thirdparty import torchvision_models
-
-    # the Lightning example imports torchmetrics -> torchvision: make that import work beside
-    # the CPU build of torch (see tests/thirdparty.py); a matching torchvision needs nothing
-    torchvision_models()
     plt.close("all")
     dtype = torch.get_default_dtype()
     buffer = io.StringIO()

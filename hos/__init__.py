@@ -9,12 +9,14 @@ from hos._data import (
     summary_diagonal_loader,
     summary_tensor_loader,
 )
+from hos._directions import gradient_direction, momentum_direction, random_direction
 from hos._elements import element_names, split_elements
 from hos._exact import ExactOps, exact_ops
 from hos._log import LogFormatError, SummaryLog, load_log
 from hos._loss import ModelLoss, model_loss
 from hos._monitor import Snapshot, SummaryMonitor
 from hos._partition import Partition
+from hos._progress import progress
 from hos._refusals import RandomLossError
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import NonFiniteWarning, SummaryMemoryError
@@ -29,6 +31,10 @@ __all__ = [
     "Partition",
     "ModelLoss",
     "model_loss",
+    # directions
+    "gradient_direction",
+    "momentum_direction",
+    "random_direction",
     # summaries
     "Backend",
     "Summary",
@@ -42,6 +48,8 @@ __all__ = [
     "NonFiniteWarning",
     "RandomLossError",
     "SummaryMemoryError",
+    # progress bars on long loops
+    "progress",
     # whole data sets and torch.distributed
     "Reduction",
     "summarize_loader",

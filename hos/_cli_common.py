@@ -21,7 +21,16 @@ def _out_dir(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {value!r} exists and is not a folder; pass a folder path.")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".hos-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"--out {value!r}: cannot write there ({err.strerror or err}); pass a folder you "
+            "can write to, e.g. --out ./out."
+        ) from None
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from hos._cli_common import (
@@ -15,11 +16,49 @@ from hos._cli_common import (
     _use_agg,
     _write_json,
 )
+from hos._progress import bar
+from hos.backends import resolve
 from hos.provenance import environment
 
-__all__ = ["cmd_plot", "cmd_summary", "compute_summary", "grad_seconds"]
+__all__ = ["cmd_plot", "cmd_summary", "compute_summary", "estimate_gradients", "grad_seconds"]
 
 log = logging.getLogger("hos")
+
+#: jobs estimated to take longer than this many seconds announce themselves without -v
+LONG_SECONDS = 30.0
+
+
+def estimate_gradients(S: int, order: int) -> float:
+    """A rough cost of `hos summary` in gradients, fitted to analysis/bench_summaries.py.
+
+    summarize: ~4 gradients for S <= 12 (one Taylor pass), ~1.5 S + 5 beyond (reverse rows);
+    the full D^(3): ~1.2 S + 2 for S <= 12 (multivariate Taylor mode); D^(d) for S <= 12:
+    ~0.1 per monomial of degree d; for S > 12, ~0.4 gradients per sorted multi-index of
+    length d - 1 (one pruned backward pass each). First calls cost up to ~3x more (one-time
+    checks of a new op sequence).
+    """
+    cost = 4.0 if S <= 12 else 1.5 * S + 5.0
+    for d in range(3, order + 1):
+        if S > 12:
+            cost += 0.4 * math.comb(S + d - 2, d - 1)
+        elif d == 3:
+            cost += 1.2 * S + 2.0
+        else:
+            cost += 0.1 * math.comb(S + d - 1, d)
+    return cost
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _why(asked: str, chosen) -> str:
+    if asked != "auto":
+        return "as asked (--backend)"
+    return (
+        "auto picks Taylor mode where it applies (forward passes carrying Taylor coefficients) "
+        "and reverse mode elsewhere, every result certified against reverse mode"
+    )
 
 
 def grad_seconds(loss, params, repeats: int = 3) -> float:
@@ -69,13 +108,36 @@ def compute_summary(
     else:
         gen = torch.Generator().manual_seed(seed)
         u = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
+    chosen = resolve(backend)
+    log.info(
+        "%s: %d parameters in S = %d groups (%s): %s", type(net).__name__,
+        sum(v.numel() for v in params.values()), len(part), partition, ", ".join(part.names[:8])
+        + (", ..." if len(part) > 8 else ""),
+    )  # fmt: skip
+    log.info("backend %s: %s", chosen.name, _why(backend, chosen))
+    log.info("one gradient of this batch: %.3g s", g_seconds)
+    estimate = estimate_gradients(len(part), order)
+    seconds_est = estimate * g_seconds
+    say = log.warning if seconds_est > LONG_SECONDS else log.info
+    say(
+        "S = %d, orders 1-%d: about %.0f gradients = %s (rough, from the benchmarks; a first "
+        "run can take ~3x longer; Ctrl-C stops)", len(part), order, estimate, _duration(seconds_est),
+    )  # fmt: skip
     start = time.perf_counter()
-    s = hos.summarize(loss, params, u, part, backend=backend)
-    fallbacks = {"summarize": hos.last_fallback()}
-    tensors = {1: s.g, 2: s.H}
-    for d in range(3, order + 1):
-        tensors[d] = hos.summary_tensor(loss, params, u, part, order=d, backend=backend)
-        fallbacks[f"D{d}"] = hos.last_fallback()
+    steps = [("ḡ, H̄, diag D³", None)] + [(f"D^({d})", d) for d in range(3, order + 1)]
+    tensors = {}
+    fallbacks = {}
+    for label, d in bar(steps, desc="orders", unit="order"):
+        tick = time.perf_counter()
+        if d is None:
+            s = hos.summarize(loss, params, u, part, backend=backend)
+            fallbacks["summarize"] = hos.last_fallback()
+            tensors[1], tensors[2] = s.g, s.H
+        else:
+            tensors[d] = hos.summary_tensor(loss, params, u, part, order=d, backend=backend)
+            fallbacks[f"D{d}"] = hos.last_fallback()
+        took = time.perf_counter() - tick
+        log.info("%s in %.3g s (%.0f gradients)", label, took, took / g_seconds)
     seconds = time.perf_counter() - start
     handed = {  # what Taylor mode handed to reverse mode, and why (hos.last_fallback)
         k: {"groups": list(f.groups), "reasons": list(f.reasons), "certificate": f.certificate}
@@ -201,14 +263,20 @@ def cmd_summary(args) -> int:
     model_name = type(net).__name__ if own_model else args.model
     data_name = args.data.rpartition(":")[2] if own_data else args.data
     title = f"{model_name} on {data_name}, {args.partition}, u = {args.direction}"
-    labels = plotting.group_labels(net, part.names)
+    labels = plotting.readable_labels(net, part.names)
     _save_figure(
         plotting.interaction_heatmap(tensors[2], labels, title=title), out / "interactions.png"
     )
     if args.order >= 3:
-        _save_figure(plotting.summary_slice(tensors[3], labels), out / "d3_slice.png")
+        _save_figure(
+            plotting.summary_slice(tensors[3], labels, title=f"{title}\n" + r"$D^{(3)}_{iij}$"),
+            out / "d3_slice.png",
+        )
     diags = {d: _diagonal(t) for d, t in tensors.items()}
-    _save_figure(plotting.diagonals(diags, labels), out / "diagonals.png")
+    _save_figure(
+        plotting.diagonals(diags, labels, title=f"{title}\ndiagonals of D^(1..{args.order})"),
+        out / "diagonals.png",
+    )
     cost = f"{seconds:.1f} s = {seconds / g_seconds:.0f} gradients"
     _done(out, f"summary of {len(part)} groups, orders 1-{args.order}, in {cost}")
     return 0

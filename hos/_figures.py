@@ -12,8 +12,10 @@ __all__ = [
     "DIVERGING",
     "group_labels",
     "interaction_heatmap",
+    "module_blocks",
     "module_boundaries",
     "normalized_interactions",
+    "readable_labels",
 ]
 
 #: diverging colormap for signed quantities (centred at 0 by symmetric limits)
@@ -105,6 +107,55 @@ def group_labels(model, names: Sequence[str]) -> list[str]:
     return labels
 
 
+#: short kinds for readable labels, by module class name prefix (first match wins)
+KINDS = (
+    ("Conv", "conv"), ("ConvTranspose", "deconv"), ("Linear", "fc"), ("Bilinear", "fc"),
+    ("BatchNorm", "bn"), ("LayerNorm", "ln"), ("GroupNorm", "gn"), ("InstanceNorm", "in"),
+    ("RMSNorm", "rms"), ("Embedding", "emb"), ("MultiheadAttention", "attn"), ("LSTM", "lstm"),
+    ("GRU", "gru"), ("RNN", "rnn"),
+)  # fmt: skip
+
+
+def _kind(module) -> str:
+    name = type(module).__name__
+    for prefix, short in KINDS:
+        if name.startswith(prefix) or name.endswith(prefix):
+            return short
+    return name.lower()
+
+
+def readable_labels(model, names: Sequence[str]) -> list[str]:
+    """Axis labels a reader can follow: `conv1`, `bn1`, `fc2` for index-only names.
+
+    Group names made only of indices (`"0.11"`, `"3"`, the layers of an `nn.Sequential`) become
+    the layer kind and its rank among layers of that kind (`conv8`, `fc1`; a tensor group
+    keeps its leaf: `conv8.weight`); names that already say something (`"layer1.0.conv1"`)
+    are kept.
+
+    Examples:
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2))
+        >>> readable_labels(net, ["0", "3.bias"])
+        ['conv1', 'fc1.bias']
+    """
+    modules = dict(model.named_modules())
+    counts: dict[str, int] = {}
+    rank: dict[str, str] = {}
+    for path, module in modules.items():
+        if path and any(True for _ in module.parameters(recurse=False)):
+            kind = _kind(module)
+            counts[kind] = counts.get(kind, 0) + 1
+            rank[path] = f"{kind}{counts[kind]}"
+    labels = []
+    for name in names:
+        owner, leaf = (name, "") if name in modules else name.rpartition(".")[::2]
+        if owner in rank and all(part.isdigit() for part in owner.split(".")):
+            labels.append(rank[owner] + (f".{leaf}" if leaf else ""))
+        else:
+            labels.append(name)
+    return labels
+
+
 def _short(names: Sequence[str], width: int = 24) -> list[str]:
     """Shorten long names: abbreviate dotted path parts to their first letter, from the
     left, keeping indices and the last part (`encoder.layers.0.linear1` → `e.l.0.linear1`)."""
@@ -122,8 +173,13 @@ def _short(names: Sequence[str], width: int = 24) -> list[str]:
     return out
 
 
-def _heatmap(ax, m, names, *, norm, cmap, label, boundaries, annotate, col_names=None):
+def _heatmap(
+    ax, m, names, *, norm, cmap, label, boundaries, annotate, col_names=None, beyond=None,
+    annotate_max=None,
+):  # fmt: skip
+    """Draw `m`; cells where `beyond` is True get a black frame and bold values."""
     from matplotlib.colors import SymLogNorm
+    from matplotlib.patches import Rectangle
 
     image = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
     finite = m[np.isfinite(m)]
@@ -138,12 +194,17 @@ def _heatmap(ax, m, names, *, norm, cmap, label, boundaries, annotate, col_names
     for b in boundaries:
         ax.axhline(b - 0.5, color="k", lw=1.2)
         ax.axvline(b - 0.5, color="k", lw=1.2)
-    if annotate and max(m.shape) <= ANNOTATE_MAX:
+    if beyond is not None:
+        for i, j in zip(*np.nonzero(beyond)):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="k", lw=1.6))
+    if annotate and max(m.shape) <= (ANNOTATE_MAX if annotate_max is None else annotate_max):
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
                 dark = abs(float(np.clip(norm(v), 0, 1)) - 0.5) > 0.3
                 color = "w" if dark else "k"
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color=color)
+                bold = beyond is not None and bool(beyond[i, j])
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6, color=color,
+                        weight="bold" if bold else "normal")  # fmt: skip
     bar = ax.figure.colorbar(image, ax=ax, label=label, shrink=0.85, extend=extend)
     if isinstance(norm, SymLogNorm):  # decades outside the linear zone, and 0
         lo = math.ceil(math.log10(norm.linthresh))
@@ -169,6 +230,7 @@ def interaction_heatmap(
     annotate: bool = True,
     decades: float = 3.0,
     title: str | None = None,
+    blocks="auto",
     ax=None,
 ):
     r"""Heatmap of the cross-group interactions H̄ (S×S).
@@ -183,29 +245,112 @@ def interaction_heatmap(
             linear within 10^-decades·max|H̄|). Both diverging and centred at 0.
         boundaries: indices where a new module starts (lines are drawn before
             them); default [`module_boundaries`][hos.plotting.module_boundaries] of `names`.
-        annotate: write the values in the cells (when S <= 12).
+        annotate: write the values in the cells (3 significant figures, when S <= 12).
+            With `normalize`, cells with $|C_{ij}| > 1$ (that 2×2 block of H̄ is indefinite)
+            are framed and the title says so.
         decades: the linear range of the raw (`normalize=False`) scale, in decades below
             max|H̄|.
-        title: axes title.
+        title: what the figure shows (model, data, direction); a second line says which
+            view (normalised or raw) it is.
+        blocks: `"auto"` (default): past 40 groups, one cell per module
+            ([`module_blocks`][hos.plotting.module_blocks]) with the normalised Frobenius
+            norm of its block of H̄, because single cells are no longer readable; None: always
+            cells; or a list `[(name, [group indices])]`.
         ax: matplotlib Axes to draw into (a new figure otherwise).
     """
     from matplotlib.colors import Normalize, SymLogNorm
 
     m = _np(H)
     _check_square("H", m, names)
+    if blocks == "auto":
+        blocks = module_blocks(names) if len(names) > BLOCKS_ABOVE else None
+    if blocks is not None:
+        return _block_heatmap(m, names, blocks, title=title, ax=ax)
     if boundaries is None:
         boundaries = module_boundaries(names)
     fig, ax = _figure_and_ax(ax)
+    beyond = None
     if normalize:
         m = normalized_interactions(m)
-        norm, label = Normalize(-1.0, 1.0), r"$\bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$"
+        norm, label = (
+            Normalize(-1.0, 1.0),
+            r"$C_{ij} = \bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$",
+        )
+        beyond = np.abs(np.nan_to_num(m)) > 1.0 + 1e-9
+        what = "normalised interactions $C$"
+        if beyond.any():
+            what += f"; framed: $|C| > 1$ ({int(beyond.sum()) // 2} pairs), an indefinite 2×2 block"
     else:
         lim = _symmetric_limit(m)
         norm = SymLogNorm(lim * 10.0**-decades, vmin=-lim, vmax=lim)
         label = r"$\bar H_{ij}$ (symlog)"
+        what = r"raw $\bar H$, symmetric-log colours"
     _heatmap(
         ax, m, names, norm=norm, cmap=DIVERGING, label=label, boundaries=boundaries,
-        annotate=annotate,
+        annotate=annotate, beyond=beyond,
     )  # fmt: skip
-    ax.set_title(title or ("normalised interactions" if normalize else r"$\bar H$"))
+    ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
+    return fig
+
+
+#: interaction_heatmap summarises blocks of modules instead of cells past this many groups
+BLOCKS_ABOVE = 40
+#: at most this many blocks in the automatic block view
+MAX_BLOCKS = 24
+
+
+def module_blocks(
+    names: Sequence[str], max_blocks: int = MAX_BLOCKS
+) -> list[tuple[str, list[int]]]:
+    """Group the S names into modules by their dotted prefix: the deepest prefix level with at
+    most `max_blocks` blocks. Returns `[(block name, [group indices])]` in order.
+
+    Examples:
+        >>> module_blocks(["a.0.w", "a.0.b", "a.1.w", "fc.w"], max_blocks=3)
+        [('a.0', [0, 1]), ('a.1', [2]), ('fc', [3])]
+    """
+    depth_max = max(len(n.split(".")) for n in names)
+    best = None
+    for depth in range(1, depth_max + 1):
+        blocks: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            parts = n.split(".")
+            key = ".".join(parts[: min(depth, max(1, len(parts) - 1))])
+            blocks.setdefault(key, []).append(i)
+        if len(blocks) > max_blocks:
+            break
+        best = blocks
+    if best is None:  # even the top level has too many: fixed-size runs of groups
+        size = math.ceil(len(names) / max_blocks)
+        best = {
+            f"{names[i]}…": list(range(i, min(i + size, len(names))))
+            for i in range(0, len(names), size)
+        }
+    return list(best.items())
+
+
+def _block_heatmap(m, names, blocks, *, title, ax):
+    r"""Per pair of modules A, B: $\lVert \bar H_{AB}\rVert_F/\sqrt{\lVert \bar H_{AA}\rVert_F
+    \lVert \bar H_{BB}\rVert_F}$ (>= 0; 1 on the diagonal)."""
+    from matplotlib.colors import Normalize
+
+    K = len(blocks)
+    frob = np.zeros((K, K))
+    for a, (_, ia) in enumerate(blocks):
+        for b, (_, ib) in enumerate(blocks):
+            frob[a, b] = np.sqrt((m[np.ix_(ia, ib)] ** 2).sum())
+    d = np.sqrt(np.diag(frob))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = frob / np.outer(d, d)
+    ratio[~np.isfinite(ratio)] = np.nan
+    fig, ax = _figure_and_ax(ax, size=(7.0, 6.0))
+    top = max(1.0, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 1.0)
+    labels = [f"{name} ({len(idx)})" for name, idx in blocks]
+    _heatmap(
+        ax, ratio, labels, norm=Normalize(0.0, top), cmap="magma_r",
+        label=r"$\|\bar H_{AB}\|_F / \sqrt{\|\bar H_{AA}\|_F\,\|\bar H_{BB}\|_F}$",
+        boundaries=[], annotate=True, annotate_max=16,
+    )  # fmt: skip
+    what = f"{len(names)} groups in {K} modules (groups per module in brackets): block interaction"
+    ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
     return fig

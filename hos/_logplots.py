@@ -60,7 +60,7 @@ def log_heatmaps(log, *, panels: int = 6, title: str | None = None):
     """
     import matplotlib.pyplot as plt
 
-    from hos._figures import interaction_heatmap
+    from hos._figures import interaction_heatmap, module_boundaries
 
     log = _log(log)
     frames = _frames(log, panels)
@@ -71,7 +71,12 @@ def log_heatmaps(log, *, panels: int = 6, title: str | None = None):
     )
     for ax, t in zip(axes[0], frames):
         interaction_heatmap(
-            log.H[t], log.names, ax=ax, annotate=S <= 6, title=f"step {int(log.steps[t])}"
+            log.H[t],
+            log.labels,
+            ax=ax,
+            annotate=S <= 6,
+            title=f"step {int(log.steps[t])}",
+            boundaries=module_boundaries(log.names),
         )
     fig.suptitle((title or log_title(log)) + ": normalised interactions over training")
     return fig
@@ -95,8 +100,8 @@ def log_series(log, quantity: str = "g", *, ax=None, title: str | None = None):
             f"the log has no {quantity!r}: record it with SummaryMonitor(diag_d4=True)."
         )
     fig, ax = _figure_and_ax(ax, size=(7.5, 4.5))
-    for s, name in enumerate(log.names):
-        ax.plot(log.steps, values[:, s], marker="." if len(log) < 30 else None, label=name)
+    for s, label in enumerate(log.labels):
+        ax.plot(log.steps, values[:, s], marker="." if len(log) < 30 else None, label=label)
     finite = np.abs(values[np.isfinite(values) & (values != 0)])
     if finite.size:
         ax.set_yscale("symlog", linthresh=float(np.quantile(finite, 0.1)))
@@ -145,7 +150,7 @@ def heatmap_page(log, path: str | os.PathLike, *, title: str | None = None, prog
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
-    from hos._figures import interaction_heatmap
+    from hos._figures import interaction_heatmap, module_boundaries
 
     log = _log(log)
     title = title or log_title(log)
@@ -153,7 +158,8 @@ def heatmap_page(log, path: str | os.PathLike, *, title: str | None = None, prog
     frames = []
     for t in tqdm(range(len(log)), desc="heatmaps", disable=not show, file=sys.stderr):
         fig = interaction_heatmap(
-            log.H[t], log.names, annotate=len(log.names) <= 12,
+            log.H[t], log.labels, annotate=len(log.names) <= 12,
+            boundaries=module_boundaries(log.names),
             title=f"{title}, step {int(log.steps[t])}",
         )  # fmt: skip
         buffer = io.BytesIO()

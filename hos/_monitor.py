@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hos._directions import MOMENTUM_KEYS, gradient_direction
 from hos._log import LogWriter
 from hos._loss import model_loss
 from hos._partition import Partition
@@ -33,8 +34,6 @@ log = logging.getLogger("hos.monitor")
 
 #: direction rules by name (or pass a callable `params -> dict of tensors`)
 DIRECTIONS = ("gradient", "momentum", "random")
-#: optimizer state entries read by the "momentum" rule, first found wins
-MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
 Params = dict[str, torch.Tensor]
 
@@ -253,9 +252,7 @@ class SummaryMonitor:
         return self._momentum
 
     def _gradient(self, theta: Params, loss) -> Params:
-        p = {k: v.detach().requires_grad_() for k, v in theta.items()}
-        grads = torch.autograd.grad(loss(p), list(p.values()), allow_unused=True)
-        return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(p.items(), grads)}
+        return gradient_direction(loss, theta)
 
     def _momentum(self, theta: Params, loss) -> Params | None:
         out = {}

@@ -294,6 +294,14 @@ def checked_loss(loss: object) -> Callable[[Params], torch.Tensor]:
             f"loss must be a callable dict[str, Tensor] -> scalar Tensor, got {_short(loss)}; "
             "build one with hos.model_loss(model, criterion, inputs, targets)."
         )
+    if isinstance(loss, torch.nn.Module):
+        kind = type(loss).__name__
+        what = "a criterion" if isinstance(loss, torch.nn.modules.loss._Loss) else "a module"
+        raise TypeError(
+            f"loss is {what} ({kind}), not a function of the parameters; hos differentiates "
+            "a pure L(params). Wrap model, criterion and batch: "
+            f"loss = hos.model_loss(model, nn.{kind}(), inputs, targets)."
+        )
 
     def scalar_loss(params: Params) -> torch.Tensor:
         value = loss(params)

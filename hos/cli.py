@@ -51,6 +51,7 @@ from hos._cli_summary import (
     cmd_summary,
     compute_summary,
 )
+from hos._progress import progress
 from hos.backends import registered
 from hos.provenance import environment
 
@@ -143,6 +144,7 @@ def cmd_demo(args) -> int:
     model = "mlp"
     start = time.perf_counter()
     # 1. the summary of the paper's MLP at initialisation, float64, u = batch gradient
+    log.info("1/2: per-layer summary of the paper MLP on %s (float64, 100 samples)", data.name)
     net = _build(model, data, args.seed, "float64")
     x, y = _first_batch(data, 100, torch.float64)
     part, tensors, d3, loss, seconds, g_seconds, _ = compute_summary(
@@ -150,19 +152,24 @@ def cmd_demo(args) -> int:
     )
     H = tensors[2]
     title = f"paper MLP on {data.name}: per-layer H̄ along the gradient"
-    labels = plotting.group_labels(net, part.names)
+    labels = plotting.readable_labels(net, part.names)
     _save_figure(plotting.interaction_heatmap(H, labels, title=title), out / "interactions.png")
     _save_figure(
         plotting.interaction_heatmap(H, labels, normalize=False, title=title),
         out / "interactions_raw.png",
     )
     _save_figure(
-        plotting.diagonals({1: tensors[1], 2: _diagonal(tensors[2]), 3: d3}, labels),
+        plotting.diagonals(
+            {1: tensors[1], 2: _diagonal(tensors[2]), 3: d3},
+            labels,
+            title=f"{title}\ndiagonals of D^(1..3)",
+        ),  # fmt: skip
         out / "diagonals.png",
     )
     # 2. GroupedNewton (or SGD when it is unavailable) against Adam
     runs = {}
     for name in ("grouped-newton", "adam"):
+        log.info("2/2: training with %s for %d epochs", name, args.epochs)
         history, _ = run_training(
             model,
             data,
@@ -265,12 +272,22 @@ def _model_or_spec(names):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    import hos
     from hos import _training
     from hos.datasets import DATASETS
     from hos.models import MODELS
 
     parser = argparse.ArgumentParser(
-        prog="hos", description="Higher-order derivative summaries per group of parameters."
+        prog="hos",
+        description="Higher-order derivative summaries per group of parameters.",
+        epilog="Examples: hos demo --out demo | hos summary --model lenet --data mnist5k "
+        "--out out | hos summary --model mynet.py:factory --data mynet.py:batch --out out | "
+        "hos plot runs/hos --out figs. Docs: docs/ (mkdocs serve).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"hos {hos.__version__} (torch {torch.__version__})"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -347,6 +364,10 @@ COMMANDS = {"demo": cmd_demo, "summary": cmd_summary, "train": cmd_train, "plot"
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hos` console script; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # `hos` alone: the help, not an error
+        parser.print_help()
+        return 0
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse has printed its message
@@ -357,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "summary" and args.order < 2:
             raise UsageError(f"--order must be >= 2 (the heatmap needs H̄), got {args.order}.")
-        return COMMANDS[args.command](args)
+        with progress(None):  # bars when stderr is a terminal
+            return COMMANDS[args.command](args)
     except (UsageError, ValueError, FileNotFoundError, ImportError) as err:
         sys.stderr.write(f"hos {args.command}: error: {err}\n")
         return 2

@@ -31,8 +31,10 @@ __all__ = [
     "log_series",
     "group_labels",
     "interaction_heatmap",
+    "module_blocks",
     "module_boundaries",
     "normalized_interactions",
+    "readable_labels",
     "snapshots",
     "summary_slice",
     "taylor_error",
@@ -51,8 +53,10 @@ from hos._figures import (
     _symmetric_limit,
     group_labels,
     interaction_heatmap,
+    module_blocks,
     module_boundaries,
     normalized_interactions,
+    readable_labels,
 )
 
 

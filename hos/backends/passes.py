@@ -14,6 +14,7 @@ import torch
 from hos import _certificate
 from hos._exact import ExactOps
 from hos._problem import Problem
+from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
 
 __all__ = ["JET_MAX_BYTES", "jet_diagonals", "jet_pass", "read_jets", "seeded"]
@@ -80,18 +81,20 @@ def jet_diagonals(
     size = len(pending) if chunk is None else chunk
     done: dict[int, torch.Tensor] = {}
     signatures: dict[int, tuple] = {}
-    while pending:
-        part = pending[:size]
-        try:
-            result, ops = jet_pass(prob, order, part)
-        except TaylorFallback as exc:
-            if exc.out_of_memory and size > 1:
-                size = max(1, size // 2)
-                _LOG.info("hos: Taylor chunk halved to %d groups (%s)", size, exc.reason)
-                continue
-            _certificate.note(prob.group_names(pending), exc.reason)
-            return done, pending, signatures
-        done.update(result)
-        signatures.update(dict.fromkeys(part, ops))
-        pending = pending[len(part) :]
+    with counter(desc=f"Taylor passes (order {order})", total=len(pending), unit="group") as c:
+        while pending:
+            part = pending[:size]
+            try:
+                result, ops = jet_pass(prob, order, part)
+            except TaylorFallback as exc:
+                if exc.out_of_memory and size > 1:
+                    size = max(1, size // 2)
+                    _LOG.info("hos: Taylor chunk halved to %d groups (%s)", size, exc.reason)
+                    continue
+                _certificate.note(prob.group_names(pending), exc.reason)
+                return done, pending, signatures
+            done.update(result)
+            signatures.update(dict.fromkeys(part, ops))
+            pending = pending[len(part) :]
+            c.update(len(part))
     return done, [], signatures

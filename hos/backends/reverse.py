@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from hos._exact import ExactOps
 from hos._problem import Problem
+from hos._progress import bar
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
 from hos.taylor import UnivariateTracker
@@ -197,7 +198,7 @@ def hessian_rows(
     one more backward of H̄_ii, d3_i = ∂H̄_ii/∂η_i (zero for the others)."""
     S = path.prob.S
     H, d3 = path.prob.zeros(S, S), path.prob.zeros(S)
-    for i in path.order:
+    for i in bar(path.order, desc="rows of H̄", total=S, unit="row"):
         later = path.later(i)
         row = path.derivative(g[i], later, keep=i in third)
         values = torch.stack([r.detach() for r in row])
@@ -236,7 +237,7 @@ def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
             else:
                 walk(index + (k,), value)
 
-    for i in path.order:
+    for i in bar(path.order, desc=f"D^({order}) by reverse mode", total=S, unit="group"):
         walk((i,), first[i])
     return symmetric_tensor(prob.zeros(*([S] * order)), indices, values)
 

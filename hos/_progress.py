@@ -1,0 +1,71 @@
+"""Progress bars on hos's long loops (rows of H̄, Taylor chunks, orders, batches).
+
+Off by default in the library (a summary inside a training loop must not draw bars); the
+`hos` command turns them on when stderr is a terminal, and a script can with
+[`hos.progress`][hos.progress]. The bars are tqdm's, on stderr, and vanish when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Iterable, Iterator
+
+__all__ = ["bar", "counter", "progress"]
+
+_SHOW: contextvars.ContextVar[bool] = contextvars.ContextVar("hos_progress", default=False)
+
+
+@contextlib.contextmanager
+def progress(enabled: bool | None = True) -> Iterator[None]:
+    """Show hos's progress bars inside the block (None: only when stderr is a terminal).
+
+    Examples:
+        >>> import hos
+        >>> with hos.progress(False):
+        ...     pass
+    """
+    show = sys.stderr.isatty() if enabled is None else bool(enabled)
+    token = _SHOW.set(show)
+    try:
+        yield
+    finally:
+        _SHOW.reset(token)
+
+
+def showing() -> bool:
+    """Whether bars are on here."""
+    return _SHOW.get()
+
+
+def bar(iterable: Iterable, *, desc: str, total: int | None = None, unit: str = "it"):
+    """`iterable` wrapped in a tqdm bar when bars are on (else returned as it is)."""
+    if not _SHOW.get():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
+                mininterval=0.5)  # fmt: skip
+
+
+class _Silent:
+    """What `counter` returns when bars are off: a context manager that counts nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def counter(*, desc: str, total: int, unit: str = "it"):
+    """A bar updated by hand (`c.update(k)` inside `with`); a silent stand-in when bars are off."""
+    if not _SHOW.get():
+        return _Silent()
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, mininterval=0.5)
