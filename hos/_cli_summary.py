@@ -274,7 +274,11 @@ def cmd_summary(args) -> int:
         )
     diags = {d: _diagonal(t) for d, t in tensors.items()}
     _save_figure(
-        plotting.diagonals(diags, labels, title=f"{title}\ndiagonals of D^(1..{args.order})"),
+        plotting.diagonals(
+            diags,
+            labels,
+            title=f"{title}\ndiagonals $D^{{(d)}}_{{i\\dots i}}$, d = 1..{args.order}",
+        ),
         out / "diagonals.png",
     )
     cost = f"{seconds:.1f} s = {seconds / g_seconds:.0f} gradients"

@@ -177,7 +177,7 @@ def _heatmap(
     ax, m, names, *, norm, cmap, label, boundaries, annotate, col_names=None, beyond=None,
     annotate_max=None,
 ):  # fmt: skip
-    """Draw `m`; cells where `beyond` is True get a black frame and bold values."""
+    """Draw `m`; cells where `beyond` is True get a gold frame and bold values."""
     from matplotlib.colors import SymLogNorm
     from matplotlib.patches import Rectangle
 
@@ -196,7 +196,7 @@ def _heatmap(
         ax.axvline(b - 0.5, color="k", lw=1.2)
     if beyond is not None:
         for i, j in zip(*np.nonzero(beyond)):
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="k", lw=1.6))
+            ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, ec="gold", lw=2.2))
     if annotate and max(m.shape) <= (ANNOTATE_MAX if annotate_max is None else annotate_max):
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
@@ -247,12 +247,12 @@ def interaction_heatmap(
             them); default [`module_boundaries`][hos.plotting.module_boundaries] of `names`.
         annotate: write the values in the cells (3 significant figures, when S <= 12).
             With `normalize`, cells with $|C_{ij}| > 1$ (that 2×2 block of H̄ is indefinite)
-            are framed and the title says so.
+            get a gold frame and the title counts them.
         decades: the linear range of the raw (`normalize=False`) scale, in decades below
             max|H̄|.
         title: what the figure shows (model, data, direction); a second line says which
             view (normalised or raw) it is.
-        blocks: `"auto"` (default): past 40 groups, one cell per module
+        blocks: `"auto"` (default): past 24 groups, one cell per module
             ([`module_blocks`][hos.plotting.module_blocks]) with the normalised Frobenius
             norm of its block of H̄, because single cells are no longer readable; None: always
             cells; or a list `[(name, [group indices])]`.
@@ -279,7 +279,8 @@ def interaction_heatmap(
         beyond = np.abs(np.nan_to_num(m)) > 1.0 + 1e-9
         what = "normalised interactions $C$"
         if beyond.any():
-            what += f"; framed: $|C| > 1$ ({int(beyond.sum()) // 2} pairs), an indefinite 2×2 block"
+            pairs = int(beyond.sum()) // 2
+            what += f"\ngold frame: $|C| > 1$ ({pairs} pairs), that 2×2 block of $\\bar H$ is indefinite"
     else:
         lim = _symmetric_limit(m)
         norm = SymLogNorm(lim * 10.0**-decades, vmin=-lim, vmax=lim)
@@ -294,7 +295,7 @@ def interaction_heatmap(
 
 
 #: interaction_heatmap summarises blocks of modules instead of cells past this many groups
-BLOCKS_ABOVE = 40
+BLOCKS_ABOVE = 24
 #: at most this many blocks in the automatic block view
 MAX_BLOCKS = 24
 

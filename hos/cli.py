@@ -162,7 +162,7 @@ def cmd_demo(args) -> int:
         plotting.diagonals(
             {1: tensors[1], 2: _diagonal(tensors[2]), 3: d3},
             labels,
-            title=f"{title}\ndiagonals of D^(1..3)",
+            title=f"{title}\ndiagonals $D^{{(d)}}_{{i\\dots i}}$, d = 1..3",
         ),  # fmt: skip
         out / "diagonals.png",
     )
