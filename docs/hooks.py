@@ -301,4 +301,33 @@ def on_files(files: Files, config) -> Files:
 
     for png in sorted(FIGURES.glob("*.png")):
         files.append(File.generated(config, f"figures/{png.name}", abs_src_path=str(png)))
+    for rel, path in mathjax_files():
+        files.append(File.generated(config, f"{MATHJAX_DIR}/{rel}", abs_src_path=str(path)))
     return files
+
+
+#: the site folder that serves MathJax (the math renderer travels with the site: no CDN)
+MATHJAX_DIR = "mathjax"
+
+
+def mathjax_files() -> list[tuple[str, Path]]:
+    """MathJax 2.7 as packaged on PyPI by Jupyter (``jupyter-server-mathjax``, docs extra).
+
+    The package's ``static/`` folder is the MathJax distribution (scripts and STIX-Web fonts).
+    It is located without importing the package (its ``__init__`` imports jupyter_server).
+    Returns ``(path inside the MathJax folder, file)`` pairs, localisations left out.
+    """
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the docs serve MathJax from the package jupyter-server-mathjax: "
+            "pip install -e '.[docs]'"
+        )
+    static = Path(next(iter(spec.submodule_search_locations))) / "static"
+    if not (static / "MathJax.js").is_file():
+        raise RuntimeError(f"jupyter-server-mathjax has no MathJax.js under {static}")
+    return [
+        (p.relative_to(static).as_posix(), p)
+        for p in sorted(static.rglob("*"))
+        if p.is_file() and "localization" not in p.relative_to(static).parts
+    ]

@@ -16,6 +16,7 @@ from hos._cli_common import (
     _use_agg,
     _write_json,
 )
+from hos._figures import readable_labels
 from hos._progress import bar
 from hos.backends import resolve
 from hos.provenance import environment
@@ -85,8 +86,9 @@ def compute_summary(
     direction: str = "gradient",
     seed: int = 0,
     backend: str = "auto",
+    name: str | None = None,
 ):
-    """Summary tensors D^(1..order) of `net` on one batch `(inputs, targets)`.
+    """Summary tensors D^(1..order) of `net` (called `name` in the log) on one batch.
 
     Returns `(partition, tensors {d: D^(d)}, diag D^(3), loss value, seconds,
     gradient seconds, fallbacks)`.
@@ -103,16 +105,15 @@ def compute_summary(
     part = (hos.Partition.per_tensor if partition == "per-tensor" else hos.Partition.per_layer)(net)
     g_seconds = grad_seconds(loss, params)
     if direction == "gradient":
-        p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        u = dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
+        u = hos.gradient_direction(loss, params)
     else:
         gen = torch.Generator().manual_seed(seed)
         u = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
     chosen = resolve(backend)
     log.info(
-        "%s: %d parameters in S = %d groups (%s): %s", type(net).__name__,
-        sum(v.numel() for v in params.values()), len(part), partition, ", ".join(part.names[:8])
-        + (", ..." if len(part) > 8 else ""),
+        "%s (%s): %d parameters in S = %d groups (%s): %s", name or "model", type(net).__name__,
+        sum(v.numel() for v in params.values()), len(part), partition,
+        ", ".join(readable_labels(net, part.names[:8])) + (", ..." if len(part) > 8 else ""),
     )  # fmt: skip
     log.info("backend %s: %s", chosen.name, _why(backend, chosen))
     log.info("one gradient of this batch: %.3g s", g_seconds)
@@ -230,6 +231,7 @@ def cmd_summary(args) -> int:
         criterion=getattr(torch.nn, CRITERIA[args.loss])(),
         partition=args.partition,
         order=args.order,
+        name=args.model,
         direction=args.direction,
         seed=args.seed,
         backend=args.backend,

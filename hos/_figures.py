@@ -109,7 +109,7 @@ def group_labels(model, names: Sequence[str]) -> list[str]:
 
 #: short kinds for readable labels, by module class name prefix (first match wins)
 KINDS = (
-    ("Conv", "conv"), ("ConvTranspose", "deconv"), ("Linear", "fc"), ("Bilinear", "fc"),
+    ("ConvTranspose", "deconv"), ("Conv", "conv"), ("Linear", "fc"), ("Bilinear", "fc"),
     ("BatchNorm", "bn"), ("LayerNorm", "ln"), ("GroupNorm", "gn"), ("InstanceNorm", "in"),
     ("RMSNorm", "rms"), ("Embedding", "emb"), ("MultiheadAttention", "attn"), ("LSTM", "lstm"),
     ("GRU", "gru"), ("RNN", "rnn"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hos._log import SummaryLog, load_log
+from hos._progress import terminal_shape
 
 __all__ = ["heatmap_page", "log_heatmaps", "log_offdiagonal_share", "log_series", "log_title"]
 
@@ -156,7 +157,9 @@ def heatmap_page(log, path: str | os.PathLike, *, title: str | None = None, prog
     title = title or log_title(log)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     frames = []
-    for t in tqdm(range(len(log)), desc="heatmaps", disable=not show, file=sys.stderr):
+    for t in tqdm(
+        range(len(log)), desc="heatmaps", disable=not show, file=sys.stderr, **terminal_shape()
+    ):
         fig = interaction_heatmap(
             log.H[t], log.labels, annotate=len(log.names) <= 12,
             boundaries=module_boundaries(log.names),

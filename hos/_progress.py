@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
-__all__ = ["bar", "counter", "progress"]
+__all__ = ["bar", "counter", "progress", "terminal_shape"]
 
 _SHOW: contextvars.ContextVar[bool] = contextvars.ContextVar("hos_progress", default=False)
 
@@ -39,6 +40,16 @@ def showing() -> bool:
     return _SHOW.get()
 
 
+def terminal_shape() -> dict:
+    """Nothing (tqdm asks the terminal) unless the terminal reports no size: a pseudo-terminal
+    nobody sized (``script``, CI runners) says 0×0, and tqdm would then draw nothing."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
+
+
 def bar(iterable: Iterable, *, desc: str, total: int | None = None, unit: str = "it"):
     """`iterable` wrapped in a tqdm bar when bars are on (else returned as it is)."""
     if not _SHOW.get():
@@ -46,7 +57,7 @@ def bar(iterable: Iterable, *, desc: str, total: int | None = None, unit: str = 
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
-                mininterval=0.5)  # fmt: skip
+                mininterval=0.5, **terminal_shape())  # fmt: skip
 
 
 class _Silent:
@@ -68,4 +79,5 @@ def counter(*, desc: str, total: int, unit: str = "it"):
         return _Silent()
     from tqdm.auto import tqdm
 
-    return tqdm(desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, mininterval=0.5)
+    return tqdm(desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, mininterval=0.5,
+                **terminal_shape())  # fmt: skip

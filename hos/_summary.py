@@ -226,14 +226,37 @@ def summarize(
 ) -> Summary:
     r"""The GroupedNewton triple (ḡ, H̄, diag D^(3)) computed together.
 
-    `chunk`: groups per Taylor-mode forward pass for diag D³ (`taylor`/`"auto"`
-    backend only). Default: for S <= 12 every group in one pass with the mixed coefficients
-    of every pair (no backward pass); past that, 16 groups per pass, the first 16 in the
-    pass that also builds the graph for H̄.
-    `verify` (default True): Taylor mode's ḡ and H̄_ss are checked against reverse mode
-    (on every call where the rows are computed anyway, else one gradient per new op
-    sequence); a mismatch recomputes exactly, warns once and is recorded
-    ([`hos.last_fallback`][hos.last_fallback]).
+    With $\phi(\eta) = L(\theta + \sum_s \eta_s u_s)$: $\bar g_s = \partial_s\phi(0)$,
+    $\bar H_{ij} = \partial_i\partial_j\phi(0)$, $d_s = \partial_s^3\phi(0)$.
+
+    Args:
+        loss: a pure function `params -> scalar` (float64 for exact numbers);
+            [`hos.model_loss`][hos.model_loss] makes one from a model, a criterion and a batch.
+            Not an `nn.Module` or a criterion itself.
+        params: θ, a dict `name -> tensor` (e.g. `{k: p.detach() for k, p in
+            model.named_parameters()}`); read, never modified.
+        direction: u, a dict with the same keys, shapes, dtypes and devices as `params`.
+            Usually the gradient ([`hos.gradient_direction`][hos.gradient_direction]), the
+            optimizer's momentum ([`hos.momentum_direction`][hos.momentum_direction]) or a
+            seeded random draw ([`hos.random_direction`][hos.random_direction]); see
+            [Picking a direction](../howto/direction.md). Entries of u set to zero take a
+            group out of the picture.
+        partition: the S groups ([`hos.Partition`][hos.Partition]`.per_layer(model)`,
+            `.per_tensor(params)`, `.whole(model)` or your own).
+        backend: `"auto"` (Taylor mode, falling back to exact reverse mode with the reason
+            recorded), `"taylor"`, `"reverse"` or `"forward"`.
+        chunk: groups per Taylor-mode forward pass for diag D³ (`taylor`/`"auto"` only).
+            Default: for S <= 12 every group in one pass with the mixed coefficients of every
+            pair (no backward pass); past that, 16 groups per pass, the first 16 in the pass
+            that also builds the graph for H̄.
+        verify: Taylor mode's ḡ and H̄_ss are checked against reverse mode (on every call
+            where the rows are computed anyway, else one gradient per new op sequence); a
+            mismatch recomputes exactly, warns once and is recorded
+            ([`hos.last_fallback`][hos.last_fallback]).
+
+    Returns:
+        A [`hos.Summary`][hos.Summary]: `g` (S,), `H` (S, S), `d3` (S,), the group `names`
+        and the `loss` value, all detached.
 
     Examples:
         >>> import torch, hos

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from hos._progress import terminal_shape
 from hos._validate import check_int
 from hos.datasets import Dataset
 
@@ -195,7 +196,8 @@ def train(
     if max_steps_per_epoch is not None:
         steps = min(steps, max_steps_per_epoch)
     history: list[EpochMetrics] = []
-    bar = tqdm(total=epochs * steps, disable=not progress, leave=False, unit="step")
+    bar = tqdm(total=epochs * steps, disable=not progress, leave=False, unit="step",
+               file=sys.stderr, **terminal_shape())  # fmt: skip
     model.train()
     try:
         for epoch in range(1, epochs + 1):

@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
     net = _build(model, data, args.seed, "float64")
     x, y = _first_batch(data, 100, torch.float64)
     part, tensors, d3, loss, seconds, g_seconds, _ = compute_summary(
-        net, x, y, partition="per-layer", order=2, direction="gradient"
+        net, x, y, partition="per-layer", order=2, direction="gradient", name=f"{model}"
     )
     H = tensors[2]
     title = f"paper MLP on {data.name}: per-layer H̄ along the gradient"
@@ -372,9 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse has printed its message
         return int(stop.code or 0)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="hos: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)  # the command's own log lines, on stderr
+    handler.setFormatter(logging.Formatter("hos: %(message)s"))
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    log.propagate = False  # printed once, whatever the root logger does
     try:
         if args.command == "summary" and args.order < 2:
             raise UsageError(f"--order must be >= 2 (the heatmap needs H̄), got {args.order}.")
@@ -386,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("hos: interrupted\n")
         return 130
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 if __name__ == "__main__":  # pragma: no cover

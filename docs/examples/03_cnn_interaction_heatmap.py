@@ -19,7 +19,7 @@ import hos
 from hos import reference
 from hos.datasets import load_dataset
 from hos.models import build_model
-from hos.plotting import group_labels, interaction_heatmap, normalized_interactions
+from hos.plotting import interaction_heatmap, normalized_interactions, readable_labels
 
 data = load_dataset("digits", seed=0)
 x, y = data.train.tensors
@@ -32,10 +32,9 @@ part = hos.Partition.per_layer(net)
 print("layers:", part.names)
 
 # %%
-# The direction: the gradient of this minibatch (any dict with the shapes of θ works).
-theta = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-grads = torch.autograd.grad(loss(theta), list(theta.values()))
-u = {k: g.detach() for k, g in zip(theta, grads)}
+# The direction: the gradient of this minibatch (any dict with the shapes of θ works;
+# hos.momentum_direction and hos.random_direction give the other usual choices).
+u = hos.gradient_direction(loss, params)
 
 H = hos.summary_tensor(loss, params, u, part, order=2)
 H_ref = reference.summary_tensor(loss, params, u, part, order=2)
@@ -59,8 +58,9 @@ assert torch.allclose(torch.as_tensor(normalized_interactions(H)), C)
 # %%
 # The heatmap, with `hos.plotting`. Read it row by row: a large |C[i, j]| means that moving
 # layer j along its gradient changes the slope seen by layer i as much as layer i's own move
-# does. Colours stop at ±1; a value beyond (written in the cell) marks an indefinite 2×2 block.
+# does. Colours stop at ±1; a value beyond (written in the cell, gold frame) marks an
+# indefinite 2×2 block. `readable_labels` names the layers conv1, conv2, fc1, ...
 fig, ax = plt.subplots(figsize=(5.4, 4.4))
-labels = group_labels(net, part.names)
-interaction_heatmap(H, labels, ax=ax, title="LeNet on digits, u = gradient: H̄ normalised")
+labels = readable_labels(net, part.names)
+interaction_heatmap(H, labels, ax=ax, title="LeNet on digits, u = gradient")
 fig.tight_layout()
