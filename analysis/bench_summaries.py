@@ -4,6 +4,7 @@ One command measures everything and draws the figures::
 
     python analysis/bench_summaries.py all            # ~6 min on 2 CPU threads
     python analysis/bench_summaries.py all --quick    # seconds: smoke run
+    python analysis/bench_summaries.py large          # only the large models (~10 min)
 
 ``run`` writes ``analysis/results/bench_summaries.json`` (with the environment),
 ``plot`` reads it and writes ``figures/bench_ratios.png``, ``figures/bench_scaling.png``
@@ -74,6 +75,8 @@ def build_problem(name: str, batch: int, seed: int = 0, **kw):
         model, shape = nn.Sequential(*layers, nn.Linear(width, 10)), (1, 28, 28)
     elif name == "resnet18":
         model, shape = _resnet18(), (3, 32, 32)
+    elif name in ("mobilenet_v3_small", "efficientnet_b0"):  # torchvision, train mode
+        model, shape = getattr(_torchvision_models(), name)(num_classes=10).train(), (3, 32, 32)
     elif name == "transformer6":
         model = hos_models.TransformerClassifier((3, 32, 32), 10, dim=64, heads=4, layers=6)
         shape = (3, 32, 32)
@@ -86,6 +89,19 @@ def build_problem(name: str, batch: int, seed: int = 0, **kw):
     params = {k: v.detach() for k, v in model.named_parameters()}
     u = {k: 1e-2 * torch.randn(v.shape, generator=gen) for k, v in params.items()}
     return model, loss, params, u, hos.Partition.per_tensor(model)
+
+
+def _torchvision_models():
+    """torchvision.models (a bench extra), importable beside the CPU build of torch."""
+    sys.path.insert(0, str(ROOT))
+    from tests.thirdparty import torchvision_models
+
+    models = torchvision_models()
+    if models is None:
+        raise ModuleNotFoundError(
+            "the large-model benchmark needs torchvision: pip install -e '.[bench]'"
+        )
+    return models
 
 
 def _resnet18() -> nn.Module:
@@ -149,6 +165,7 @@ def hos_fns(loss, params, u, part, backend):
         # rows for H̄ and one group per Taylor pass: the least memory (taylor only)
         "summarize-chunk1": lambda: hos.summarize(loss, params, u, part, backend=backend, chunk=1),
         "D3": lambda: hos.summary_tensor(loss, params, u, part, 3, backend=backend),
+        "diag3": lambda: hos.summary_diagonal(loss, params, u, part, 3, backend=backend),
         "diag4": lambda: hos.summary_diagonal(loss, params, u, part, 4, backend=backend),
         "diag5": lambda: hos.summary_diagonal(loss, params, u, part, 5, backend=backend),
         "D4": lambda: hos.summary_tensor(loss, params, u, part, 4, backend=backend),
@@ -458,8 +475,12 @@ def memory(args, gn_path) -> dict:
     return out
 
 
+#: (model, batch) of the large-model section: many groups (S = 62-213), per tensor
+LARGE = [("resnet18", 4), ("transformer6", 8), ("mobilenet_v3_small", 4), ("efficientnet_b0", 4)]
+
+
 def large(args) -> dict:
-    cases = [] if args.quick else [("resnet18", 4), ("transformer6", 8)]
+    cases = [] if args.quick else LARGE
     out = {}
     for name, batch in cases:
         grad = run_child(
@@ -485,6 +506,16 @@ def large(args) -> dict:
             )
             for method in ("hos.taylor", "hos.reverse")
         }
+        diag3 = run_child(
+            {
+                "model": name,
+                "batch": batch,
+                "threads": args.threads,
+                "method": "hos.taylor",
+                "op": "diag3",
+                "gn_ref": None,
+            }
+        )
         _, _, params, _, part = build_problem(name, 1)
         out[name] = {
             "S": len(part),
@@ -492,6 +523,7 @@ def large(args) -> dict:
             "batch": batch,
             "gradient": grad,
             "summarize": summ,
+            "diag3": diag3,
         }
         _log(f"large {name}: {out[name]}")
     return out
@@ -680,7 +712,7 @@ def plot(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "plot", "all", "memory-child"])
+    parser.add_argument("command", choices=["run", "plot", "all", "large", "memory-child"])
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="seconds, for smoke tests")
     parser.add_argument("--threads", type=int, default=2)
@@ -697,6 +729,13 @@ def main(argv=None) -> None:
         args.repeats = 1
         if args.results == RESULTS:
             args.results = RESULTS.with_name("bench_summaries_quick.json")
+    if args.command == "large":  # only the large-model section, merged into the results
+        torch.set_num_threads(args.threads)
+        result = json.loads(args.results.read_text()) if args.results.exists() else {}
+        result["large"] = large(args)
+        result["large_environment"] = environment(None)
+        args.results.write_text(json.dumps(result, indent=1))
+        _log(f"wrote the large section of {args.results}")
     if args.command in ("run", "all"):
         run(args)
     if args.command in ("plot", "all"):

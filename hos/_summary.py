@@ -15,7 +15,7 @@ compositions of automatic differentiation; each is checked against
 :   Taylor mode, i.e. forward passes that carry Taylor coefficients next to every
     activation (see `hos.taylor`). Every *diagonal* (diag D³ in
     [`summarize`][hos.summarize], [`summary_diagonal`][hos.summary_diagonal] at any order) from the univariate
-    coefficients along $t \mapsto \theta + t u_s$, all groups in one pass, with no
+    coefficients along $t \mapsto \theta + t u_s$, a chunk of groups per pass, with no
     backward pass; for S <= 12 also the mixed coefficients of every pair (ḡ, H̄ and diag D³
     of [`summarize`][hos.summarize] from one pass) and, for [`summary_tensor`][hos.summary_tensor] of order >= 3, every
     monomial up to degree d. Past those sizes H̄ and full tensors come from `reverse`.
@@ -185,9 +185,8 @@ def summary_diagonal(
     `out[s] = d^d/dt^d L(θ + t u_s)` at t = 0 (u_s: u on group s, zero elsewhere).
 
     With the `taylor` backend (`"auto"`) this is one forward pass carrying
-    d Taylor coefficients per group; `chunk` (groups per pass, default 16,
-    halved automatically when the coefficients outgrow 1 GiB) trades passes for
-    memory. Other backends take no `chunk`. `verify` (default True): Taylor mode's
+    d Taylor coefficients per group; `chunk` (groups per pass; default: as many as keep the
+    coefficients within about a gradient's memory, at most 16) trades passes for memory. Other backends take no `chunk`. `verify` (default True): Taylor mode's
     first coefficients are checked against one gradient the first time an op sequence is
     seen; a mismatch recomputes with reverse mode, warns and is recorded
     ([`hos.last_fallback`][hos.last_fallback]).
@@ -247,8 +246,9 @@ def summarize(
             recorded), `"taylor"`, `"reverse"` or `"forward"`.
         chunk: groups per Taylor-mode forward pass for diag D³ (`taylor`/`"auto"` only).
             Default: for S <= 12 every group in one pass with the mixed coefficients of every
-            pair (no backward pass); past that, 16 groups per pass, the first 16 in the pass
-            that also builds the graph for H̄.
+            pair (no backward pass); past that, as many groups per pass as keep the
+            coefficients within 1.5× θ's bytes plus the activations (about a gradient's
+            memory; at most 16), measured on a first pass of 2 groups. An int fixes it.
         verify: Taylor mode's ḡ and H̄_ss are checked against reverse mode (on every call
             where the rows are computed anyway, else one gradient per new op sequence); a
             mismatch recomputes exactly, warns once and is recorded

@@ -20,7 +20,6 @@ from hos import reference
 from hos._problem import Problem
 from hos.backends import passes
 from hos.backends import taylor as taylor_backend
-from hos.backends.reverse import PathGraph
 from hos.backends.taylor import _pair_pass
 from hos.taylor import TaylorFallback, UnivariateTracker
 from tests.cases import CASES, build, oracle_diagonal, oracle_tensor
@@ -185,20 +184,6 @@ def test_taylor_mode_is_taken_and_exact_on_every_architecture(case_id, monkeypat
     _close(one_pass[1], oracle_tensor(case_id, 2), f"{case_id} one-pass H")
 
 
-@pytest.mark.parametrize("case_id", ["mlp-tanh-ce-per_tensor", "conv-maxpool-ce-per_tensor"])
-def test_shared_pass_reuses_factored_input_layer(case_id):
-    """taylor_summarize's jets ride on the graph-building pass (factored input layer)."""
-    b = build(case_id)
-    loss = hos.model_loss(b.model, b.criterion, b.inputs, b.targets)
-    prob = Problem(loss, b.params, b.direction, b.partition)
-    tracker = UnivariateTracker(3, passes.JET_MAX_BYTES)
-    with hos.ExactOps():
-        path = PathGraph(prob, tracker, range(prob.S))
-    assert tracker.fallback is None, tracker.fallback
-    got = tracker.coefficients(path.value, list(range(prob.S)))[2] * 6
-    _close(got, oracle_diagonal(case_id, 3), f"{case_id} shared-pass d3")
-
-
 def _inplace_loss(p):
     h = torch.tanh(p["a"]) * 1.0
     h.mul_(2.0)  # an in-place write into a tensor that moves with t
@@ -261,7 +246,7 @@ def test_memory_cap_halves_the_chunk(monkeypatch, caplog):
     assert 0 < one < full
     monkeypatch.setattr(passes, "JET_MAX_BYTES", (one + full) // 2)
     with caplog.at_level("DEBUG", logger="hos"):
-        diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3)
+        diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3, chunk=prob.S)
     assert "chunk halved" in caplog.text
     assert hos.last_fallback() is None
     _close(diag, oracle_diagonal(b.id, 3), "capped diag")
@@ -358,3 +343,62 @@ def test_multivariate_taylor_follows_inplace_writes():
         D3 = taylor_backend._poly_pass(Problem(_inplace_loss, params, u, part), 3)
     assert D3 is not None
     _close(D3, reference.summary_tensor(_inplace_loss, params, u, part, 3), "in-place D3")
+
+
+def _wide_then_narrow():
+    """A CNN whose first layers are wide (large activations) and whose last ones are small:
+    the adaptive chunk should carry few early groups per pass and many late ones."""
+    torch.manual_seed(0)
+    layers = [
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.AvgPool2d(4),
+    ]
+    layers += [torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 8)]
+    for _ in range(6):
+        layers += [torch.nn.Tanh(), torch.nn.Linear(8, 8)]
+    net = torch.nn.Sequential(*layers).double()  # fmt: skip
+    x = torch.randn(4, 3, 16, 16, dtype=DT, generator=_gen(1))
+    y = torch.randint(0, 8, (4,), generator=_gen(2))
+    loss = hos.model_loss(net, torch.nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    u = hos.random_direction(params, seed=3)
+    return loss, params, u, hos.Partition.per_tensor(params)
+
+
+def test_adaptive_chunks_grow_along_the_network_within_the_budget(monkeypatch):
+    loss, params, u, part = _wide_then_narrow()
+    passes_seen = []
+    real = passes.jet_pass
+
+    def spy(prob, order, groups, usage=None):
+        usage = {} if usage is None else usage
+        out = real(prob, order, groups, usage)
+        passes_seen.append((list(groups), dict(usage)))
+        return out
+
+    monkeypatch.setattr(passes, "jet_pass", spy)
+    monkeypatch.setattr(passes, "JET_FLOOR_BYTES", 0)  # this model is small: bound it anyway
+    with hos.ExactOps():
+        diag = hos.summary_diagonal(loss, params, u, part, 3)
+    sizes = [len(g) for g, _ in passes_seen]
+    assert sizes[0] == passes.PROBE_CHUNK
+    assert sum(sizes) == len(part) and max(sizes) > sizes[0], sizes
+    param_bytes = sum(v.numel() * v.element_size() for v in params.values())
+    activations = max(usage["activations"] for _, usage in passes_seen)
+    budget = passes.JET_BUDGET * (param_bytes + activations)
+    # every pass sized from the previous ones keeps its coefficients within the budget
+    for groups, usage in passes_seen[1:]:
+        assert usage["coefficients"] <= budget, (groups, usage["coefficients"], budget)
+    # the early (wide) groups would not have fit all in one pass: the bound did something
+    assert passes_seen[0][1]["coefficients"] / 2 * len(part) > budget
+    # and the chunking changes nothing but the cost
+    monkeypatch.setattr(passes, "jet_pass", real)
+    exact = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")  # nested backward
+    _close(diag, exact, "adaptive diag D3")
+    fixed = hos.summary_diagonal(loss, params, u, part, 3, chunk=1)
+    assert torch.allclose(diag, fixed, rtol=1e-12, atol=0)
+    s = hos.summarize(loss, params, u, part)
+    _close(s.d3, diag, "summarize d3 (adaptive chunks)")

@@ -17,7 +17,10 @@ from hos._problem import Problem
 from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
 
-__all__ = ["JET_MAX_BYTES", "jet_diagonals", "jet_pass", "read_jets", "seeded"]
+__all__ = [
+    "JET_BUDGET", "JET_MAX_BYTES", "MAX_CHUNK", "jet_diagonals", "jet_pass", "next_chunk",
+    "read_jets", "seeded",
+]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
 
@@ -39,17 +42,21 @@ def seeded(prob: Problem, tracker: Tracker, groups: Sequence[int]) -> dict[str, 
 
 
 def jet_pass(
-    prob: Problem, order: int, groups: Sequence[int]
+    prob: Problem, order: int, groups: Sequence[int], usage: dict | None = None
 ) -> tuple[dict[int, torch.Tensor], tuple]:
     """One forward carrying jets of order `order` along the groups `groups`.
 
     Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, the pass's op
-    sequence). Raises `TaylorFallback` when Taylor mode cannot follow it.
+    sequence). Raises `TaylorFallback` when Taylor mode cannot follow it. `usage`, when
+    given, receives the pass's memory: `coefficients` (peak bytes of the coefficients held)
+    and `activations` (bytes of every moving activation the pass computed).
     """
     tracker = UnivariateTracker(order, JET_MAX_BYTES)
     moved = seeded(prob, tracker, groups)
     with tracker.mode(), ExactOps():
         value = prob.loss(moved)
+    if usage is not None:
+        usage.update(coefficients=tracker.peak_bytes, activations=tracker.primal_bytes)
     return read_jets(tracker, value, groups), tuple(tracker.ops)
 
 
@@ -68,24 +75,68 @@ def read_jets(
     return {s: coeffs[:, j] * factorials for j, s in enumerate(groups)}
 
 
+#: Adaptive chunks (``chunk=None``): the coefficients of one pass may hold at most this many
+#: times the memory of a gradient's ingredients (θ's bytes plus the activations of a forward).
+JET_BUDGET = 1.5
+#: ... but never less than this many bytes: below it, memory is not worth extra passes
+#: (small models, where a pass costs little but its fixed overhead).
+JET_FLOOR_BYTES = 16 * 2**20
+#: ... and at most this many groups (past a few dozen more groups per pass cost more than they
+#: save: the coefficients of all groups at every activation outgrow the caches).
+MAX_CHUNK = 16
+#: ... the first pass carries this many groups, to measure what a group costs.
+PROBE_CHUNK = 2
+
+
+def next_chunk(usage: dict, groups: int, param_bytes: int) -> int:
+    """Groups for the next pass so that its coefficients stay within `JET_BUDGET` times
+    (θ's bytes + the activations), from the last pass's `usage` over `groups` groups.
+
+    The groups come in their order in θ, roughly the order the network uses them: a group's
+    coefficients exist from its first use on, so later groups cost the same or less, and
+    the chunk grows along the network (small at wide early layers, `MAX_CHUNK` at the end).
+
+    Examples:
+        >>> MiB = 2**20
+        >>> next_chunk({"coefficients": 300 * MiB, "activations": 100 * MiB}, 2, 100 * MiB)
+        2
+        >>> next_chunk({"coefficients": 10 * MiB, "activations": 100 * MiB}, 2, 100 * MiB)
+        16
+        >>> next_chunk({"coefficients": 3 * MiB, "activations": 1 * MiB}, 2, 1 * MiB)  # floor
+        10
+    """
+    per_group = max(usage["coefficients"] / max(groups, 1), 1.0)
+    budget = max(JET_BUDGET * (param_bytes + usage["activations"]), JET_FLOOR_BYTES)
+    return int(min(MAX_CHUNK, max(1, budget // per_group)))
+
+
 def jet_diagonals(
     prob: Problem, order: int, groups: Sequence[int], chunk: int | None
 ) -> tuple[dict[int, torch.Tensor], list[int], dict[int, tuple]]:
     """Derivatives 1..order along each group's line by Taylor mode, `chunk` groups a pass.
+
+    `chunk=None`: adaptive, bounded by memory: a first pass of `PROBE_CHUNK` groups measures
+    a group's coefficients, and each next pass carries as many groups (at most `MAX_CHUNK`)
+    as keep them within `JET_BUDGET` times θ's bytes plus the activations of a forward pass,
+    i.e. about a gradient's memory (see `next_chunk`).
 
     Returns (derivatives per group, the groups Taylor mode could not follow, the op
     sequence of each group's pass). A pass whose coefficients outgrow
     `JET_MAX_BYTES` is retried with half the chunk.
     """
     pending = list(groups)
-    size = len(pending) if chunk is None else chunk
+    adaptive = chunk is None
+    size = min(PROBE_CHUNK, MAX_CHUNK) if adaptive else chunk
+    param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
+    activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
     done: dict[int, torch.Tensor] = {}
     signatures: dict[int, tuple] = {}
     with counter(desc=f"Taylor passes (order {order})", total=len(pending), unit="group") as c:
         while pending:
             part = pending[:size]
+            usage: dict = {}
             try:
-                result, ops = jet_pass(prob, order, part)
+                result, ops = jet_pass(prob, order, part, usage)
             except TaylorFallback as exc:
                 if exc.out_of_memory and size > 1:
                     size = max(1, size // 2)
@@ -97,4 +148,8 @@ def jet_diagonals(
             signatures.update(dict.fromkeys(part, ops))
             pending = pending[len(part) :]
             c.update(len(part))
+            if adaptive:
+                activations = max(activations, usage["activations"])
+                usage["activations"] = activations
+                size = next_chunk(usage, len(part), param_bytes)
     return done, [], signatures

@@ -17,9 +17,6 @@ Three things make it cheap:
   used at or after group i only, so that backward pass stops at group i;
   symmetry fills the rest. The full tensor is walked depth first over sorted
   multi-indices, so at most d graphs are alive at once.
-
-`PathGraph` can carry a univariate Taylor tracker on its forward pass, so that the
-Taylor backend's first chunk of diagonals rides on the pass that builds the graph.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from hos._problem import Problem
 from hos._progress import bar
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
-from hos.taylor import UnivariateTracker
 
 __all__ = ["PathGraph", "hessian_rows", "reverse_diagonal", "reverse_summarize", "reverse_tensor"]
 
@@ -88,14 +84,9 @@ class _PathMode(TorchFunctionMode):
     `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`).
     """
 
-    def __init__(
-        self,
-        marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
-        tracker: UnivariateTracker | None = None,
-    ):
+    def __init__(self, marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]):
         super().__init__()
         self.marked = marked
-        self.tracker = tracker
         self.first_use: dict[int, None] = {}
 
     def _note(self, values) -> None:
@@ -119,38 +110,20 @@ class _PathMode(TorchFunctionMode):
                 base = func(x, theta, *rest, **kwargs)
                 if rest:
                     rest[0] = None
-                bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
                 along = func(
                     x, u, *rest, **{**kwargs, **({"bias": None} if "bias" in kwargs else {})}
                 )
                 # a fresh tensor, not the view _Shift returns: the model may write into it
                 # (conv -> ReLU(inplace=True))
-                out = _Shift.apply(eta, base, along).clone()
-                if self.tracker is not None and self.tracker.jet(args[1]) is not None:
-                    self.tracker.factored(func, out, entry[3], along, bias)
-                elif self.tracker is not None:
-                    self.tracker.propagate(func, args, kwargs, out)
-                return out
-        if self.tracker is not None:
-            return self.tracker.run(func, args, kwargs)
+                return _Shift.apply(eta, base, along).clone()
         return func(*args, **kwargs)
 
 
 class PathGraph:
-    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order.
+    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order."""
 
-    With a `tracker`, the same forward pass also carries the Taylor coefficients
-    along the lines of the groups `jet_groups` (see `hos._jet`).
-    """
-
-    def __init__(
-        self,
-        prob: Problem,
-        tracker: UnivariateTracker | None = None,
-        jet_groups: Sequence[int] = (),
-    ):
+    def __init__(self, prob: Problem):
         self.prob = prob
-        self.tracker = tracker
         self.eta = [
             torch.zeros((), dtype=prob.dtype, device=prob.device, requires_grad=True)
             for _ in range(prob.S)
@@ -161,9 +134,7 @@ class PathGraph:
                 shifted = _Shift.apply(self.eta[s], prob.theta[n], prob.u[n])
                 moved[n] = shifted
                 marked[id(shifted)] = (prob.theta[n], prob.u[n], self.eta[s], s)
-                if tracker is not None and s in jet_groups:
-                    tracker.seed(shifted, s, prob.u[n])
-        mode = _PathMode(marked, tracker)
+        mode = _PathMode(marked)
         with torch.enable_grad(), mode, ExactOps():
             self.value = prob.loss(moved)
         used = list(mode.first_use)

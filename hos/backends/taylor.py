@@ -21,7 +21,7 @@ from hos._problem import Problem
 from hos.backends import passes
 from hos.backends.base import SummaryBackend, register
 from hos.backends.certify import certify_first_coefficients, certify_pass, reject
-from hos.backends.passes import jet_diagonals, read_jets, seeded
+from hos.backends.passes import jet_diagonals, seeded
 from hos.backends.reverse import (
     PathGraph,
     hessian_rows,
@@ -44,7 +44,6 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
     if order == 1:
         return reverse_diagonal(prob, 1)
     out = prob.zeros(prob.S)
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
     done, failed, signatures = jet_diagonals(prob, order, range(prob.S), chunk)
     rejected = certify_first_coefficients(prob, done, signatures)
     for s, derivs in done.items():
@@ -54,12 +53,6 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
         out[redo] = reverse_diagonal(prob, order, redo)[redo]
     return out
 
-
-#: Groups per Taylor pass (rows path of summarize, diagonals) when the caller gives no `chunk`: carrying every
-#: group at once costs more than it saves past a few dozen (coefficients of all groups at
-#: every activation outgrow the caches): 1.70 S -> 1.43 S gradients on ResNet-18 (S = 62),
-#: 3.29 S -> 1.77 S on a 6-layer transformer (S = 79), see analysis/bench_summaries.py.
-DEFAULT_CHUNK = 16
 
 #: summarize tries one forward pass with the mixed coefficients of all pairs when S is at
 #: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
@@ -133,11 +126,12 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
     For S <= `PAIR_MAX_GROUPS` (and no `chunk`), first one forward pass with
     the mixed second-order coefficients of every pair of groups: no backward pass at
     all. Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
-    diag D³ by univariate Taylor mode: the first chunk of groups rides on the forward
-    pass that builds the graph (a factored input layer hands over its f(x, u_W)),
-    further chunks take a forward pass each. Groups Taylor mode cannot follow get d3
-    from a third backward pass; the certificate compares every group's first two
-    Taylor coefficients with the exact ḡ_s and H̄_ss of the rows.
+    diag D³ by univariate Taylor mode, in forward passes of `chunk` groups (default: as many
+    as keep the coefficients within about a gradient's memory, see
+    `hos.backends.passes.next_chunk`), done before the graph for the rows is built so that
+    the two never hold memory together. Groups Taylor mode cannot follow get d3 from a third
+    backward pass; the certificate compares every group's first two Taylor coefficients
+    with the exact ḡ_s and H̄_ss of the rows.
     """
     S = prob.S
     if chunk is None and S <= PAIR_MAX_GROUPS:
@@ -146,25 +140,9 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
             return result
         if not trusted:
             return reverse_summarize(prob)
-    if chunk is None:
-        chunk = DEFAULT_CHUNK
-    first = list(range(min(chunk, S)))
-    tracker = UnivariateTracker(3, passes.JET_MAX_BYTES)
-    path = PathGraph(prob, tracker, first)
+    done, failed, signatures = jet_diagonals(prob, 3, range(S), chunk)
     d3 = prob.zeros(S)
-    try:
-        shared = read_jets(tracker, path.value, first)
-    except TaylorFallback as exc:
-        tracker.clear()
-        if exc.out_of_memory:
-            done, failed, _ = jet_diagonals(prob, 3, range(S), max(1, len(first) // 2))
-        else:
-            _certificate.note(prob.names, exc.reason)
-            done, failed = {}, list(range(S))
-    else:
-        rest = [s for s in range(S) if s not in shared]
-        done, failed, _ = jet_diagonals(prob, 3, rest, chunk)
-        done.update(shared)
+    path = PathGraph(prob)
     g = path.derivative(path.value, range(S), keep=True)
     g_exact = torch.stack([x.detach() for x in g])
     backward = set(failed)
@@ -173,7 +151,7 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
         taylor = torch.stack([done[s][0] for s in groups])
         wrong = [groups[i] for i in _certificate.disagreeing(taylor, g_exact[groups])]
         if wrong:
-            reject(prob, tuple(tracker.ops), "ḡ", wrong)
+            _reject_by_pass(prob, signatures, "ḡ", wrong)
             backward.update(wrong)
     for s, derivs in done.items():
         if s not in backward:
@@ -187,9 +165,15 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
             exact = H.diagonal()[groups]
             wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact)]
             if wrong:
-                reject(prob, tuple(tracker.ops), "H̄ diagonal", wrong)
+                _reject_by_pass(prob, signatures, "H̄ diagonal", wrong)
                 d3[wrong] = reverse_diagonal(prob, 3, wrong)[wrong]
     return g_exact, H, d3, path.value.detach()
+
+
+def _reject_by_pass(prob: Problem, signatures: dict, what: str, wrong: list[int]) -> None:
+    """Report the groups whose `what` the certificate rejected, once per pass (op sequence)."""
+    for signature in dict.fromkeys(signatures[s] for s in wrong):
+        reject(prob, signature, what, [s for s in wrong if signatures[s] == signature])
 
 
 class TaylorBackend(SummaryBackend):

@@ -105,6 +105,7 @@ class UnivariateTracker(Tracker):
         self.table: dict[int, tuple[weakref.ref, Jet, int]] = {}
         self.fallback: TaylorFallback | None = None
         self.peak_bytes = 0  # the most coefficient memory this tracker has stored
+        self.primal_bytes = 0  # bytes of every tensor that got a jet (the moving activations)
         self._primal_numel = 0
         self._mixed_numel = 0
 
@@ -183,6 +184,7 @@ class UnivariateTracker(Tracker):
                     "the mixed entries of H̄ go to reverse mode"
                 )
         nbytes = sum(c.numel() * c.element_size() for c in blocks)
+        self.primal_bytes += tensor.numel() * tensor.element_size()
         self._forget(id(tensor))
         self.bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.bytes)
@@ -384,18 +386,6 @@ class UnivariateTracker(Tracker):
         try:
             with torch.no_grad(), torch._C.DisableTorchFunction():
                 self._store(out, self._max_pool(func, leaves, spec, jet, [out], index))
-        except TaylorFallback as exc:
-            self.fail(exc)
-
-    def factored(self, func, out, group: int, along: torch.Tensor, bias) -> None:
-        """The jet of a factored layer f(x, θ_W) + t·f(x, u_W) + bias (x constant)."""
-        if self.fallback is not None:
-            return
-        try:
-            with torch.no_grad(), torch._C.DisableTorchFunction():
-                product = Jet((group,), [along.detach().unsqueeze(0)] + [None] * (self.order - 1))
-                jet = self._add_bias(product, bias, func, out)
-            self._store(out, jet)
         except TaylorFallback as exc:
             self.fail(exc)
 
