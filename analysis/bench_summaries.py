@@ -475,6 +475,42 @@ def memory(args, gn_path) -> dict:
     return out
 
 
+def bounds(name: str, batch: int, threads: int) -> dict:
+    """Where `summarize`'s time goes at large S, in gradients (warm, one process): the Taylor
+    passes for diag D³, and the S pruned rows of H̄ (reverse over reverse) next to one full
+    Hessian-vector product (the row of the first group used, which prunes nothing)."""
+    from hos._exact import ExactOps
+    from hos._summary import _prepare
+    from hos.backends import passes
+    from hos.backends import reverse as rev
+
+    torch.set_num_threads(threads)
+    _, loss, params, u, part = build_problem(name, batch)
+    grad = best_time(gradient_fn(loss, params), 3)
+    prob = _prepare(loss, params, u, part, 3, "summarize", False)
+    with ExactOps():
+        passes.jet_diagonals(prob, 3, range(prob.S), None)  # warm
+        start = time.perf_counter()
+        passes.jet_diagonals(prob, 3, range(prob.S), None)
+        jets = time.perf_counter() - start
+        path = rev.PathGraph(prob)
+        g = path.derivative(path.value, range(prob.S), keep=True)
+        first = path.order[0]
+        start = time.perf_counter()
+        path.derivative(g[first], path.later(first), keep=False)
+        hvp = time.perf_counter() - start
+        start = time.perf_counter()
+        rev.hessian_rows(path, g, set())
+        rows = time.perf_counter() - start
+    return {
+        "gradient_s": grad,
+        "taylor_passes": jets / grad,
+        "full_hvp": hvp / grad,
+        "rows": rows / grad,
+        "rows_per_group": rows / grad / prob.S,
+    }
+
+
 #: (model, batch) of the large-model section: many groups (S = 62-213), per tensor
 LARGE = [("resnet18", 4), ("transformer6", 8), ("mobilenet_v3_small", 4), ("efficientnet_b0", 4)]
 
@@ -524,6 +560,7 @@ def large(args) -> dict:
             "gradient": grad,
             "summarize": summ,
             "diag3": diag3,
+            "bounds": bounds(name, batch, args.threads),
         }
         _log(f"large {name}: {out[name]}")
     return out

@@ -272,6 +272,51 @@ def test_a_crash_mid_run_leaves_a_readable_log(tmp_path):
     assert np.isfinite(run.H).all()
 
 
+KILLED_WRITER = """
+import sys, torch, torch.nn as nn, hos
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+mon = hos.SummaryMonitor(net, nn.CrossEntropyLoss(), every=1, log_dir=sys.argv[1])
+step = 0
+while True:  # until killed
+    mon.step(step, x, y)
+    step += 1
+"""
+
+
+def test_a_process_killed_mid_run_leaves_a_readable_log(tmp_path):
+    """SIGKILL at a random point of the writing loop (no exception handler, no flush)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    log_dir = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, str(script), str(log_dir)])
+    try:
+        deadline = time.monotonic() + 120
+        index = log_dir / "index.jsonl"
+        while time.monotonic() < deadline:
+            if index.exists() and index.read_text().count("\n") >= 5:
+                break
+            assert proc.poll() is None, "the writer died on its own"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the writer wrote fewer than 5 snapshots in 120 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last line is allowed (and warned about)
+        run = hos.load_log(log_dir)
+    assert len(run.steps) >= 5
+    assert run.steps.tolist() == list(range(len(run.steps)))
+    assert np.isfinite(run.H).all() and run.H.shape[1:] == (2, 2)
+
+
 def test_load_log_of_a_folder_without_log_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no hos log at"):
         hos.load_log(tmp_path)
