@@ -18,8 +18,8 @@ from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
 
 __all__ = [
-    "JET_BUDGET", "JET_MAX_BYTES", "MAX_CHUNK", "jet_diagonals", "jet_pass", "next_chunk",
-    "read_jets", "seeded",
+    "JET_BUDGET", "JET_FLOOR_BYTES", "JET_MAX_BYTES", "MAX_CHUNK", "PROBE_CHUNK",
+    "jet_diagonals", "jet_pass", "next_chunk", "read_jets", "seeded",
 ]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
@@ -126,7 +126,7 @@ def jet_diagonals(
     """
     pending = list(groups)
     adaptive = chunk is None
-    size = min(PROBE_CHUNK, MAX_CHUNK) if adaptive else chunk
+    size = PROBE_CHUNK if adaptive else chunk
     param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
     activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
     done: dict[int, torch.Tensor] = {}
@@ -150,6 +150,6 @@ def jet_diagonals(
             c.update(len(part))
             if adaptive:
                 activations = max(activations, usage["activations"])
-                usage["activations"] = activations
-                size = next_chunk(usage, len(part), param_bytes)
+                seen = {**usage, "activations": activations}
+                size = next_chunk(seen, len(part), param_bytes)
     return done, [], signatures
