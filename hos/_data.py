@@ -35,7 +35,7 @@ from torch import nn
 from hos._collective import all_reduce_sum
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
-from hos._progress import terminal_shape
+from hos._progress import stderr_bar
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import check_direction, check_order, check_output_size, check_partition
 
@@ -147,14 +147,11 @@ def _process_group(group: Any) -> Any | None:
 
 
 def _progress_bar(loader: Iterable, progress: bool | None, what: str, group: Any):
-    from tqdm.auto import tqdm
-
     if progress is None:
         rank = dist.get_rank(group) if group is not None else 0
         progress = rank == 0 and sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc=what, unit="batch", disable=not progress, file=sys.stderr,
-                **terminal_shape())  # fmt: skip
+    return stderr_bar(loader, show=progress, total=total, desc=what, unit="batch")
 
 
 # --------------------------------------------------------------------------- the loop

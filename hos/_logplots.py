@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hos._log import SummaryLog, load_log
-from hos._progress import terminal_shape
+from hos._progress import stderr_bar
 
 __all__ = ["heatmap_page", "log_heatmaps", "log_offdiagonal_share", "log_series", "log_title"]
 
@@ -149,7 +149,6 @@ def heatmap_page(log, path: str | os.PathLike, *, title: str | None = None, prog
         progress: a tqdm bar over the snapshots; None shows it when stderr is a terminal.
     """
     import matplotlib.pyplot as plt
-    from tqdm.auto import tqdm
 
     from hos._figures import interaction_heatmap, module_boundaries
 
@@ -157,9 +156,7 @@ def heatmap_page(log, path: str | os.PathLike, *, title: str | None = None, prog
     title = title or log_title(log)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     frames = []
-    for t in tqdm(
-        range(len(log)), desc="heatmaps", disable=not show, file=sys.stderr, **terminal_shape()
-    ):
+    for t in stderr_bar(range(len(log)), show=show, desc="heatmaps"):
         fig = interaction_heatmap(
             log.H[t], log.labels, annotate=len(log.names) <= 12,
             boundaries=module_boundaries(log.names),

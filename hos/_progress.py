@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 
-__all__ = ["bar", "counter", "progress", "terminal_shape"]
+__all__ = ["bar", "counter", "progress", "stderr_bar", "terminal_shape"]
 
 _SHOW: contextvars.ContextVar[bool] = contextvars.ContextVar("hos_progress", default=False)
 
@@ -50,14 +50,20 @@ def terminal_shape() -> dict:
     return {} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
 
 
+def stderr_bar(iterable: Iterable | None = None, *, show: bool, **options):
+    """A tqdm bar on stderr (disabled, but still a tqdm, when `show` is False), drawn on
+    unsized terminals too; `options` go to tqdm. Every bar of hos is made here."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not show, file=sys.stderr, **terminal_shape(), **options)
+
+
 def bar(iterable: Iterable, *, desc: str, total: int | None = None, unit: str = "it"):
     """`iterable` wrapped in a tqdm bar when bars are on (else returned as it is)."""
     if not _SHOW.get():
         return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
-                mininterval=0.5, **terminal_shape())  # fmt: skip
+    return stderr_bar(iterable, show=True, desc=desc, total=total, unit=unit, leave=False,
+                      mininterval=0.5)  # fmt: skip
 
 
 class _Silent:
@@ -77,7 +83,4 @@ def counter(*, desc: str, total: int, unit: str = "it"):
     """A bar updated by hand (`c.update(k)` inside `with`); a silent stand-in when bars are off."""
     if not _SHOW.get():
         return _Silent()
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, mininterval=0.5,
-                **terminal_shape())  # fmt: skip
+    return stderr_bar(show=True, desc=desc, total=total, unit=unit, leave=False, mininterval=0.5)

@@ -186,7 +186,8 @@ def summary_diagonal(
 
     With the `taylor` backend (`"auto"`) this is one forward pass carrying
     d Taylor coefficients per group; `chunk` (groups per pass; default: as many as keep the
-    coefficients within about a gradient's memory, at most 16) trades passes for memory. Other backends take no `chunk`. `verify` (default True): Taylor mode's
+    coefficients within about a gradient's memory, at most 16) trades passes for memory.
+    Other backends take no `chunk`. `verify` (default True): Taylor mode's
     first coefficients are checked against one gradient the first time an op sequence is
     seen; a mismatch recomputes with reverse mode, warns and is recorded
     ([`hos.last_fallback`][hos.last_fallback]).

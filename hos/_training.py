@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from hos._progress import terminal_shape
+from hos._progress import stderr_bar
 from hos._validate import check_int
 from hos.datasets import Dataset
 
@@ -183,8 +183,6 @@ def train(
     """
     import warnings
 
-    from tqdm.auto import tqdm
-
     check_int("epochs", epochs, 0)
     check_int("batch_size", batch_size, 1)
     criterion = criterion or nn.CrossEntropyLoss()
@@ -196,8 +194,7 @@ def train(
     if max_steps_per_epoch is not None:
         steps = min(steps, max_steps_per_epoch)
     history: list[EpochMetrics] = []
-    bar = tqdm(total=epochs * steps, disable=not progress, leave=False, unit="step",
-               file=sys.stderr, **terminal_shape())  # fmt: skip
+    bar = stderr_bar(show=progress, total=epochs * steps, leave=False, unit="step")
     model.train()
     try:
         for epoch in range(1, epochs + 1):

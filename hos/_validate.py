@@ -120,7 +120,8 @@ def check_chunk(chunk: object, backend) -> int | None:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(
             f"chunk must be None or an int >= 1 (groups per Taylor-mode forward pass), got "
-            f"{type(chunk).__name__} {_short(chunk)}; e.g. chunk=8, or None for the default (sized by memory)."
+            f"{type(chunk).__name__} {_short(chunk)}; e.g. chunk=8, or None for the default "
+            "(sized by memory)."
         )
     return int(chunk)
 
