@@ -92,16 +92,14 @@ def build_problem(name: str, batch: int, seed: int = 0, **kw):
 
 
 def _torchvision_models():
-    """torchvision.models (a bench extra), importable beside the CPU build of torch."""
+    """torchvision.models (the bench extra; it needs a torchvision built for this torch)."""
     sys.path.insert(0, str(ROOT))
-    from tests.thirdparty import torchvision_models
+    from tests.thirdparty import missing, torchvision_models
 
-    models = torchvision_models()
-    if models is None:
-        raise ModuleNotFoundError(
-            "the large-model benchmark needs torchvision: pip install -e '.[bench]'"
-        )
-    return models
+    why = missing("torchvision")
+    if why is not None:
+        raise ModuleNotFoundError(f"the large-model benchmark needs torchvision: {why}")
+    return torchvision_models()
 
 
 def _resnet18() -> nn.Module:

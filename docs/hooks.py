@@ -43,19 +43,6 @@ EXAMPLES = DOCS / "examples"
 FIGURES = ROOT / "figures"
 
 
-def _torchvision_beside_cpu_torch() -> None:
-    """Lightning imports torchmetrics, which imports torchvision: make that import work beside
-    the CPU build of torch (see tests/thirdparty.py); a matching torchvision needs nothing."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.thirdparty import torchvision_models
-
-    torchvision_models()
-
-
-_torchvision_beside_cpu_torch()
-
-
 #: The modules whose public names the API reference documents, with their page titles.
 API_MODULES: tuple[tuple[str, str], ...] = (
     ("hos", "The core: partitions, losses, summaries, exactness"),

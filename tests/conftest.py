@@ -10,12 +10,6 @@ os.environ.setdefault("HOS_STRICT", "1")
 
 from hos.backends import BACKENDS, Backend
 from tests.cases import CASES, build
-from tests.thirdparty import torchvision_models
-
-# Lightning imports torchmetrics, which imports torchvision: make that import work beside the
-# CPU build of torch before any test imports Lightning (see tests/thirdparty.py).
-torchvision_models()
-
 #: Every backend under test: the registry minus the oracle itself, so a new
 #: backend is checked against the oracle as soon as it is registered.
 TESTED_BACKENDS = tuple(b.value for b in BACKENDS if b is not Backend.REFERENCE)

@@ -13,7 +13,6 @@ Used by tests/test_real_models.py and analysis/model_matrix.py.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hos
-from tests.thirdparty import torchvision_models
+from tests.thirdparty import missing, torchvision_models
 
 DT = torch.float64
 
@@ -52,13 +51,13 @@ class Entry:
     requires: str | None = None  # the package it needs
 
 
+def unavailable(package: str | None) -> str | None:
+    """Why the entries needing `package` cannot run here (see tests/thirdparty.py), or None."""
+    return None if package is None else missing(package)
+
+
 def available(package: str | None) -> bool:
-    if package is None:
-        return True
-    if package in ("torchvision", "timm"):  # timm imports torchvision
-        if torchvision_models() is None:
-            return False
-    return package == "torchvision" or importlib.util.find_spec(package) is not None
+    return unavailable(package) is None
 
 
 def smooth(model: nn.Module) -> nn.Module:
@@ -130,7 +129,6 @@ def _tv_vit() -> Built:
 # --------------------------------------------------------------------------- timm
 def _timm(arch, groups, label, **kwargs):
     def build() -> Built:
-        torchvision_models()  # timm imports torchvision: load it the way that works here
         import timm
 
         torch.manual_seed(0)

@@ -4,20 +4,38 @@ The docs build (``mkdocs build --strict``) runs them too; this keeps them green 
 the test suite, where the docs extra is not installed.
 """
 
+import re
 import runpy
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.thirdparty import EXTRA, needs
+
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "docs" / "examples").glob("*.py"))
+
+
+def _third_party(path: Path) -> tuple[str, ...]:
+    """The packages of other projects an example uses (TensorBoard behind hos's sink too)."""
+    text = path.read_text()
+    used = set(re.findall(r"^\s*(?:import|from) (\w+)", text, re.M)) & set(EXTRA)
+    if "TensorBoardSink" in text:
+        used.add("tensorboard")
+    return tuple(sorted(used))
+
+
+def _param(path: Path):
+    packages = _third_party(path)
+    marks = [pytest.mark.thirdparty, needs(*packages)] if packages else []
+    return pytest.param(path, id=path.stem, marks=marks)
 
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 3, EXAMPLES
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("path", [_param(p) for p in EXAMPLES])
 def test_example_runs_and_its_checks_hold(path, capsys):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")

@@ -18,6 +18,7 @@ from analysis import docs_offline
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    pytest.importorskip("mkdocs", reason="the docs build needs mkdocs: pip install -e '.[docs]'")
     return docs_offline.build_site(tmp_path_factory.mktemp("docs") / "site", gallery=False)
 
 

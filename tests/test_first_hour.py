@@ -20,6 +20,7 @@ import torch.nn as nn
 import hos
 from hos import cli
 from hos.plotting import interaction_heatmap, module_blocks, readable_labels
+from tests.thirdparty import needs, torchvision_models
 
 matplotlib.use("Agg")
 
@@ -183,9 +184,9 @@ def test_readable_labels_name_index_only_layers_by_kind():
     assert readable_labels(Named(), ["encoder", "encoder.weight"]) == ["encoder", "encoder.weight"]
 
 
+@pytest.mark.thirdparty
+@needs("torchvision")
 def test_module_blocks_cover_every_group_once_in_order():
-    from tests.thirdparty import torchvision_models
-
     resnet = torchvision_models().resnet18(num_classes=10)
     names = [n for n, _ in resnet.named_parameters()]
     blocks = module_blocks(names)

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 import hos
 from hos import reference
 from hos.integrations import TensorBoardSink, WandbSink, scalars
+from tests.thirdparty import needs
 from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.thirdparty
 
 DT = torch.float64
 
@@ -33,6 +36,7 @@ def exact_H(net, x, y):
     return reference.summary_tensor(loss, theta, u, hos.Partition.per_layer(net), order=2)
 
 
+@needs("tensorboard")
 def test_tensorboard_sink_writes_scalars_and_the_heatmap(tmp_path):
     import matplotlib
 
@@ -97,6 +101,7 @@ def test_wandb_sink_without_a_run_is_a_clear_error(monkeypatch):
         WandbSink()
 
 
+@needs("lightning")
 def test_lightning_callback_in_a_real_trainer(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger

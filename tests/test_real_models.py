@@ -23,6 +23,7 @@ import torch
 import hos
 from tests import fd
 from tests import realmodels as R
+from tests.thirdparty import needs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,9 +43,10 @@ def _params(names):
             marks=[
                 pytest.mark.skipif(
                     not R.available(R.BY_NAME[n].requires),
-                    reason=f"{R.BY_NAME[n].requires} is a test extra",
+                    reason=R.unavailable(R.BY_NAME[n].requires) or "",
                 ),  # fmt: skip
                 *([pytest.mark.slow] if n in HEAVY else []),
+                *([pytest.mark.thirdparty] if R.BY_NAME[n].requires else []),
             ],
         )
         for n in names
@@ -115,7 +117,8 @@ def test_the_model_and_the_run_are_untouched(name):
 
 
 # --------------------------------------------------------------------------- specifics
-@pytest.mark.skipif(not R.available("torchvision"), reason="torchvision is a test extra")
+@pytest.mark.thirdparty
+@needs("torchvision")
 def test_stochastic_depth_is_the_identity_during_a_summary():
     """EfficientNet in train mode: with stochastic depth on, the loss is random; during a
     summary it keeps every branch unscaled, i.e. equals the same network with p = 0."""
@@ -140,7 +143,8 @@ def test_stochastic_depth_is_the_identity_during_a_summary():
     assert len({float(x) for x in raw}) > 1, "outside a summary stochastic depth is random"
 
 
-@pytest.mark.skipif(not R.available("transformers"), reason="transformers is a test extra")
+@pytest.mark.thirdparty
+@needs("transformers")
 def test_hugging_face_outputs_need_an_adapter_and_say_so():
     b = _built("gpt2-eager")
     bare = hos.model_loss(b.model, R._lm_cross_entropy, b.loss.inputs, b.loss.targets)
@@ -165,7 +169,8 @@ def test_tied_weights_are_one_parameter_and_one_group():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not R.available("torchvision"), reason="torchvision is a test extra")
+@pytest.mark.thirdparty
+@needs("torchvision")
 def test_rows_path_per_tensor_on_resnet18():
     """Per-tensor groups (S = 62 > 12): reverse rows on one graph with the factored first
     convolution, jets riding along through torchvision's in-place ReLUs."""
