@@ -17,6 +17,7 @@ from hos._loss import ModelLoss, model_loss
 from hos._monitor import Snapshot, SummaryMonitor
 from hos._partition import Partition
 from hos._progress import progress
+from hos._record import load_summary
 from hos._refusals import RandomLossError
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import NonFiniteWarning, SummaryMemoryError
@@ -41,6 +42,7 @@ __all__ = [
     "summarize",
     "summary_diagonal",
     "summary_tensor",
+    "load_summary",
     # reliability
     "Fallback",
     "TaylorModeWarning",

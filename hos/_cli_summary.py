@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import sys
 import time
+from dataclasses import dataclass, field
+
+import torch
 
 from hos._cli_common import (
     UsageError,
@@ -16,7 +21,6 @@ from hos._cli_common import (
     _use_agg,
     _write_json,
 )
-from hos._figures import readable_labels
 from hos._progress import bar
 from hos.backends import resolve
 from hos.provenance import environment
@@ -75,77 +79,143 @@ def grad_seconds(loss, params, repeats: int = 3) -> float:
     return best
 
 
+@dataclass
+class SummaryRun:
+    """What `compute_summary` did: the summary (None if interrupted before it), the full
+    tensors of order >= 3 that finished, what is missing, timings and Taylor mode's record."""
+
+    partition: object
+    summary: object | None
+    missing: list[str]
+    seconds: float
+    gradient_seconds: float
+    fallbacks: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.missing)
+
+    @property
+    def tensors(self) -> dict:
+        """{d: D^(d)} for every order done (1 and 2 from the summary)."""
+        if self.summary is None:
+            return {}
+        return {1: self.summary.g, 2: self.summary.H, **self.summary.tensors}
+
+
+def run_notes(net, backend: str) -> list[str]:
+    """What a summary does differently from training, said at run time."""
+    notes = []
+    if net.training:
+        dropout = [m for m in net.modules() if "Dropout" in type(m).__name__ and getattr(m, "p", 0)]
+        if dropout:
+            notes.append(f"dropout is off during a summary ({len(dropout)} modules): every "
+                         "nested pass must see the same network")  # fmt: skip
+        depth = [m for m in net.modules() if type(m).__name__ in ("StochasticDepth", "DropPath")
+                 and getattr(m, "p", getattr(m, "drop_prob", 0))]  # fmt: skip
+        if depth:
+            notes.append(f"stochastic depth keeps every branch ({len(depth)} modules)")
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            notes.append("BatchNorm normalises with the batch statistics (training mode); its "
+                         "running statistics are not updated")  # fmt: skip
+    chosen = resolve(backend)
+    notes.append(f"backend {chosen.name}: {_why(backend, chosen)}")
+    return notes
+
+
 def compute_summary(
     net,
     inputs,
     targets,
     *,
     criterion=None,
-    partition: str = "per-layer",
+    partition="per-layer",
     order: int = 2,
     direction: str = "gradient",
     seed: int = 0,
     backend: str = "auto",
     name: str | None = None,
-):
+    forward_seconds: float | None = None,
+) -> SummaryRun:
     """Summary tensors D^(1..order) of `net` (called `name` in the log) on one batch.
 
-    Returns `(partition, tensors {d: D^(d)}, diag D^(3), loss value, seconds,
-    gradient seconds, fallbacks)`.
-    The direction u is the batch gradient or a standard Gaussian (seeded); the
-    criterion defaults to cross-entropy.
+    `partition` is "per-layer", "per-tensor" or a `hos.Partition`. The direction u is the batch
+    gradient or a standard Gaussian (seeded); the criterion defaults to cross-entropy.
+    Ctrl-C keeps what finished: the returned run says which orders are missing.
     """
-    import torch
-
     import hos
 
     criterion = torch.nn.CrossEntropyLoss() if criterion is None else criterion
     loss = hos.model_loss(net, criterion, inputs, targets)
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
-    part = (hos.Partition.per_tensor if partition == "per-tensor" else hos.Partition.per_layer)(net)
+    if isinstance(partition, str):
+        part = (hos.Partition.per_tensor if partition == "per-tensor" else hos.Partition.per_layer)(
+            net
+        )
+        how = partition
+    else:
+        part, how = partition, "custom"
+    S = len(part)
+    chosen = resolve(backend)
+    log.info(
+        "%s (%s): %d parameters in S = %d groups (%s): %s", name or "model", type(net).__name__,
+        sum(v.numel() for v in params.values()), S, how,
+        ", ".join(part.names[:8]) + (", ..." if S > 8 else ""),
+    )  # fmt: skip
+    log.info("backend %s: %s", chosen.name, _why(backend, chosen))
+    estimate = estimate_gradients(S, order)
+    if forward_seconds is not None:  # a first estimate before any gradient: ~3 forwards each
+        _say_estimate(S, order, estimate, 3.0 * forward_seconds, "from one forward pass")
     g_seconds = grad_seconds(loss, params)
+    log.info("one gradient of this batch: %.3g s", g_seconds)
+    _say_estimate(S, order, estimate, g_seconds, "from a timed gradient")
     if direction == "gradient":
         u = hos.gradient_direction(loss, params)
     else:
         gen = torch.Generator().manual_seed(seed)
         u = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
-    chosen = resolve(backend)
-    log.info(
-        "%s (%s): %d parameters in S = %d groups (%s): %s", name or "model", type(net).__name__,
-        sum(v.numel() for v in params.values()), len(part), partition,
-        ", ".join(readable_labels(net, part.names[:8])) + (", ..." if len(part) > 8 else ""),
-    )  # fmt: skip
-    log.info("backend %s: %s", chosen.name, _why(backend, chosen))
-    log.info("one gradient of this batch: %.3g s", g_seconds)
-    estimate = estimate_gradients(len(part), order)
-    seconds_est = estimate * g_seconds
-    say = log.warning if seconds_est > LONG_SECONDS else log.info
-    say(
-        "S = %d, orders 1-%d: about %.0f gradients = %s (rough, from the benchmarks; a first "
-        "run can take ~3x longer; Ctrl-C stops)", len(part), order, estimate, _duration(seconds_est),
-    )  # fmt: skip
     start = time.perf_counter()
     steps = [("ḡ, H̄, diag D³", None)] + [(f"D^({d})", d) for d in range(3, order + 1)]
-    tensors = {}
-    fallbacks = {}
-    for label, d in bar(steps, desc="orders", unit="order"):
-        tick = time.perf_counter()
-        if d is None:
-            s = hos.summarize(loss, params, u, part, backend=backend)
-            fallbacks["summarize"] = hos.last_fallback()
-            tensors[1], tensors[2] = s.g, s.H
-        else:
-            tensors[d] = hos.summary_tensor(loss, params, u, part, order=d, backend=backend)
-            fallbacks[f"D{d}"] = hos.last_fallback()
-        took = time.perf_counter() - tick
-        log.info("%s in %.3g s (%.0f gradients)", label, took, took / g_seconds)
-    seconds = time.perf_counter() - start
+    summary, higher, fallbacks = None, {}, {}
+    done_steps = 0
+    try:
+        for label, d in bar(steps, desc="summary steps", unit="step"):
+            tick = time.perf_counter()
+            if d is None:
+                summary = hos.summarize(loss, params, u, part, backend=backend)
+                fallbacks["summarize"] = hos.last_fallback()
+            else:
+                higher[d] = hos.summary_tensor(loss, params, u, part, order=d, backend=backend)
+                fallbacks[f"D{d}"] = hos.last_fallback()
+            done_steps += 1
+            took = time.perf_counter() - tick
+            log.info("%s in %.3g s (%.0f gradients)", label, took, took / g_seconds)
+    except KeyboardInterrupt:
+        if summary is None:
+            raise  # nothing finished: nothing to keep
+    missing = [label for label, _ in steps[done_steps:]]
+    if summary is not None and higher:
+        summary = dataclasses.replace(summary, tensors=higher)
     handed = {  # what Taylor mode handed to reverse mode, and why (hos.last_fallback)
         k: {"groups": list(f.groups), "reasons": list(f.reasons), "certificate": f.certificate}
         for k, f in fallbacks.items()
         if f is not None
     }
-    return part, tensors, s.d3, float(s.loss), seconds, g_seconds, handed
+    return SummaryRun(
+        partition=part, summary=summary, missing=missing, seconds=time.perf_counter() - start,
+        gradient_seconds=g_seconds, fallbacks=handed, notes=run_notes(net, backend),
+    )  # fmt: skip
+
+
+def _say_estimate(S: int, order: int, gradients: float, per_gradient: float, source: str) -> None:
+    seconds = gradients * per_gradient
+    say = log.warning if seconds > LONG_SECONDS else log.info
+    say(
+        "S = %d groups, orders 1-%d: about %.0f gradients = %s (%s; a first run can take ~3x "
+        "longer; Ctrl-C stops and keeps the orders done)", S, order, gradients,
+        _duration(seconds), source,
+    )  # fmt: skip
 
 
 def _first_batch(dataset, batch_size: int, dtype):
@@ -199,10 +269,60 @@ def _diagonal(t):
 
 
 # --------------------------------------------------------------------------- commands
-def cmd_summary(args) -> int:
-    import numpy as np
-    import torch
+def _partition(args, net):
+    """`--partition per-tensor|per-layer|FILE.json` or `--group NAME=GLOB,...` (the parameters
+    no glob matches go to a group `rest`): a string for the built-in ones, else a Partition."""
+    import json
+    from pathlib import Path
 
+    import hos
+
+    groups = None
+    if args.group:
+        groups = {}
+        for spec in args.group:
+            gname, eq, globs = spec.partition("=")
+            if not eq or not gname or not globs:
+                raise UsageError(
+                    f"--group {spec!r}: expected NAME=GLOB[,GLOB...], e.g. --group "
+                    "'head=classifier.*'."
+                )
+            groups[gname] = [g for g in globs.split(",") if g]
+    elif args.partition not in ("per-tensor", "per-layer"):
+        path = Path(args.partition)
+        try:
+            groups = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UsageError(
+                f"--partition {args.partition!r}: not per-tensor, per-layer or a readable JSON "
+                f'file {{"group": ["glob", ...]}} ({err}).'
+            ) from None
+        if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+            raise UsageError(
+                f'--partition {args.partition!r}: the file must hold {{"group": ["glob", ...]}}, '
+                f"got {type(groups).__name__}."
+            )
+    if groups is None:
+        return args.partition
+    try:
+        return hos.Partition.from_groups(net, groups, rest="rest")
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--group/--partition: {err}") from None
+
+
+def _spec_name(spec: str) -> str:
+    """`path/to/my_net.py:build` -> `my_net:build`."""
+    from pathlib import Path
+
+    where, _, attr = spec.rpartition(":")
+    return f"{Path(where).stem if where.endswith('.py') else where}:{attr}"
+
+
+HEATMAP_GUIDE = "docs/getting-started.md#reading-a-heatmap"
+
+
+def cmd_summary(args) -> int:
+    from hos._firstrun import first_forward
     from hos._userspec import is_spec
 
     _use_agg()
@@ -210,6 +330,7 @@ def cmd_summary(args) -> int:
 
     out = _out_dir(args.out)
     own_model, own_data = is_spec(args.model), is_spec(args.data)
+    log.info("loading --data %s and building --model %s", args.data, args.model)
     if own_data:
         inputs, targets = _user_batch(args.data, args.dtype)
     else:
@@ -224,66 +345,78 @@ def cmd_summary(args) -> int:
         )
     else:
         net = _build(args.model, dataset, args.seed, args.dtype)
-    part, tensors, _, loss, seconds, g_seconds, fallbacks = compute_summary(
-        net,
-        inputs,
-        targets,
-        criterion=getattr(torch.nn, CRITERIA[args.loss])(),
-        partition=args.partition,
-        order=args.order,
-        name=args.model,
-        direction=args.direction,
-        seed=args.seed,
-        backend=args.backend,
-    )
-    arrays = {f"D{d}": t.cpu().numpy() for d, t in tensors.items()}
-    arrays.update({f"diag{d}": _diagonal(t).cpu().numpy() for d, t in tensors.items()})
-    np.savez(out / "summary.npz", names=np.array(part.names), **arrays)
+    criterion = getattr(torch.nn, CRITERIA[args.loss])()
+    forward_seconds = first_forward(net, criterion, inputs, targets)
+    partition = _partition(args, net)
+    run = compute_summary(
+        net, inputs, targets, criterion=criterion, partition=partition, order=args.order,
+        name=args.model, direction=args.direction, seed=args.seed, backend=args.backend,
+        forward_seconds=forward_seconds,
+    )  # fmt: skip
+    part, summary = run.partition, run.summary
+    summary.save(out)
+    model_name = f"{_spec_name(args.model)} ({type(net).__name__})" if own_model else args.model
+    data_name = _spec_name(args.data) if own_data else args.data
+    partition_name = args.partition if isinstance(partition, str) else "custom groups"
     meta = {
         "command": "summary",
         "model": args.model,
         "data": args.data,
         "loss_function": args.loss,
-        "partition": args.partition,
+        "partition": partition_name,
         "groups": {n: list(g) for n, g in part},
         "names": list(part.names),
         "order": args.order,
+        "orders_done": sorted(run.tensors),
+        "missing": run.missing,
         "batch_size": int(inputs.shape[0]) if hasattr(inputs, "shape") else None,
         "direction": args.direction,
         "seed": args.seed,
         "backend": args.backend,
         "dtype": args.dtype,
-        "loss": loss,
+        "loss": float(summary.loss),
         "parameters": sum(p.numel() for p in net.parameters()),
-        "seconds": seconds,
-        "gradient_seconds": g_seconds,
-        "cost_in_gradients": seconds / g_seconds,
-        "fallbacks": fallbacks,
+        "seconds": run.seconds,
+        "gradient_seconds": run.gradient_seconds,
+        "cost_in_gradients": run.seconds / run.gradient_seconds,
+        "fallbacks": run.fallbacks,
+        "notes": run.notes,
         "environment": environment(),
     }
     _write_json(out / "summary.json", meta)
-    model_name = type(net).__name__ if own_model else args.model
-    data_name = args.data.rpartition(":")[2] if own_data else args.data
-    title = f"{model_name} on {data_name}, {args.partition}, u = {args.direction}"
-    labels = plotting.readable_labels(net, part.names)
+    title = f"{model_name} on {data_name}, {partition_name}, u = {args.direction}"
+    tensors = run.tensors
+    labels = list(part.names)
     _save_figure(
         plotting.interaction_heatmap(tensors[2], labels, title=title), out / "interactions.png"
     )
-    if args.order >= 3:
+    _save_figure(
+        plotting.interaction_heatmap(tensors[2], labels, normalize=False, title=title),
+        out / "interactions_raw.png",
+    )
+    if 3 in tensors:
         _save_figure(
             plotting.summary_slice(tensors[3], labels, title=f"{title}\n" + r"$D^{(3)}_{iij}$"),
             out / "d3_slice.png",
         )
     diags = {d: _diagonal(t) for d, t in tensors.items()}
+    diags.setdefault(3, summary.d3)
     _save_figure(
         plotting.diagonals(
             diags,
             labels,
-            title=f"{title}\ndiagonals $D^{{(d)}}_{{i\\dots i}}$, d = 1..{args.order}",
-        ),
+            title=f"{title}\ndiagonals $D^{{(d)}}_{{i\\dots i}}$, d = 1..{max(diags)}",
+        ),  # fmt: skip
         out / "diagonals.png",
     )
-    cost = f"{seconds:.1f} s = {seconds / g_seconds:.0f} gradients"
+    for note in run.notes:
+        sys.stdout.write(f"hos: note: {note}\n")
+    sys.stdout.write(f"hos: next: how to read interactions.png: {HEATMAP_GUIDE}\n")
+    cost = f"{run.seconds:.1f} s = {run.seconds / run.gradient_seconds:.0f} gradients"
+    if run.interrupted:
+        _done(out, f"interrupted: kept orders {sorted(tensors)} of {len(part)} groups (and diag "
+                   f"D³), missing {', '.join(run.missing)}; {cost}")  # fmt: skip
+        return 130
     _done(out, f"summary of {len(part)} groups, orders 1-{args.order}, in {cost}")
     return 0
 

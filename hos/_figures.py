@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hos._labels import readable_labels
+
 __all__ = [
     "ANNOTATE_MAX",
     "DIVERGING",
@@ -107,55 +109,6 @@ def group_labels(model, names: Sequence[str]) -> list[str]:
     return labels
 
 
-#: short kinds for readable labels, by module class name prefix (first match wins)
-KINDS = (
-    ("ConvTranspose", "deconv"), ("Conv", "conv"), ("Linear", "fc"), ("Bilinear", "fc"),
-    ("BatchNorm", "bn"), ("LayerNorm", "ln"), ("GroupNorm", "gn"), ("InstanceNorm", "in"),
-    ("RMSNorm", "rms"), ("Embedding", "emb"), ("MultiheadAttention", "attn"), ("LSTM", "lstm"),
-    ("GRU", "gru"), ("RNN", "rnn"),
-)  # fmt: skip
-
-
-def _kind(module) -> str:
-    name = type(module).__name__
-    for prefix, short in KINDS:
-        if name.startswith(prefix) or name.endswith(prefix):
-            return short
-    return name.lower()
-
-
-def readable_labels(model, names: Sequence[str]) -> list[str]:
-    """Axis labels a reader can follow: `conv1`, `bn1`, `fc2` for index-only names.
-
-    Group names made only of indices (`"0.11"`, `"3"`, the layers of an `nn.Sequential`) become
-    the layer kind and its rank among layers of that kind (`conv8`, `fc1`; a tensor group
-    keeps its leaf: `conv8.weight`); names that already say something (`"layer1.0.conv1"`)
-    are kept.
-
-    Examples:
-        >>> import torch.nn as nn
-        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2))
-        >>> readable_labels(net, ["0", "3.bias"])
-        ['conv1', 'fc1.bias']
-    """
-    modules = dict(model.named_modules())
-    counts: dict[str, int] = {}
-    rank: dict[str, str] = {}
-    for path, module in modules.items():
-        if path and any(True for _ in module.parameters(recurse=False)):
-            kind = _kind(module)
-            counts[kind] = counts.get(kind, 0) + 1
-            rank[path] = f"{kind}{counts[kind]}"
-    labels = []
-    for name in names:
-        owner, leaf = (name, "") if name in modules else name.rpartition(".")[::2]
-        if owner in rank and all(part.isdigit() for part in owner.split(".")):
-            labels.append(rank[owner] + (f".{leaf}" if leaf else ""))
-        else:
-            labels.append(name)
-    return labels
-
-
 def _short(names: Sequence[str], width: int = 24) -> list[str]:
     """Shorten long names: abbreviate dotted path parts to their first letter, from the
     left, keeping indices and the last part (`encoder.layers.0.linear1` → `e.l.0.linear1`)."""
@@ -173,12 +126,21 @@ def _short(names: Sequence[str], width: int = 24) -> list[str]:
     return out
 
 
+def cell_text(v: float) -> str:
+    """A cell's value in 3 significant figures, trailing zeros kept (1.004 -> "1.00", not "1").
+
+    Examples:
+        >>> [cell_text(v) for v in (1.004, 0.5, -0.01234, 123.4, 2e-5)]
+        ['1.00', '0.500', '-0.0123', '123', '2.00e-05']
+    """
+    return f"{v:#.3g}".rstrip(".")
+
+
 def _heatmap(
     ax, m, names, *, norm, cmap, label, boundaries, annotate, col_names=None, beyond=None,
-    annotate_max=None,
+    annotate_max=None, colorbar=True,
 ):  # fmt: skip
     """Draw `m`; cells where `beyond` is True get a gold frame and bold values."""
-    from matplotlib.colors import SymLogNorm
     from matplotlib.patches import Rectangle
 
     image = ax.imshow(m, cmap=cmap, norm=norm, interpolation="nearest")
@@ -203,9 +165,28 @@ def _heatmap(
                 dark = abs(float(np.clip(norm(v), 0, 1)) - 0.5) > 0.3
                 color = "w" if dark else "k"
                 bold = beyond is not None and bool(beyond[i, j])
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6, color=color,
+                ax.text(j, i, cell_text(v), ha="center", va="center", fontsize=6, color=color,
                         weight="bold" if bold else "normal")  # fmt: skip
+    if not colorbar:
+        return image
     bar = ax.figure.colorbar(image, ax=ax, label=label, shrink=0.85, extend=extend)
+    symlog_ticks(bar, norm)
+    return image
+
+
+def symlog_ticks(bar, norm) -> None:
+    """Colour-bar ticks at decades for a symmetric-log norm: ±1 and every decade beyond for
+    the normalised view (linear within ±1), decades outside the linear zone for raw H̄."""
+    from matplotlib.colors import SymLogNorm
+
+    if isinstance(norm, SymLogNorm) and norm.linthresh == 1.0:
+        top = math.floor(math.log10(norm.vmax))
+        powers = [1.0] + [10.0**k for k in range(1, top + 1)]
+        if math.log10(norm.vmax / powers[-1]) > 0.4:  # the end, where it has room
+            powers.append(float(f"{norm.vmax:.2g}"))
+        ticks = [-p for p in powers[::-1]] + [-0.5, 0.0, 0.5] + powers
+        bar.set_ticks(ticks, labels=[cell_text(t) if abs(t) < 1e3 else f"{t:.0e}" for t in ticks])
+        return
     if isinstance(norm, SymLogNorm):  # decades outside the linear zone, and 0
         lo = math.ceil(math.log10(norm.linthresh))
         hi = math.floor(math.log10(norm.vmax))
@@ -213,7 +194,19 @@ def _heatmap(
         step = max(1, len(powers) // 4)
         powers = powers[::-1][::step][::-1]
         bar.set_ticks([-p for p in powers[::-1]] + [0.0] + powers)
-    return image
+
+
+def normalized_norm(m: np.ndarray):
+    """The colour scale of normalised interactions: linear on [-1, 1]; where some |C| > 1 (an
+    indefinite 2×2 block of H̄), logarithmic from 1 to max|C|, so that magnitudes beyond 1
+    still differ in colour (the linear part keeps 60 % of each half of the colour map)."""
+    from matplotlib.colors import Normalize, SymLogNorm
+
+    top = _symmetric_limit(m)
+    if top <= 1.0 + 1e-9:
+        return Normalize(-1.0, 1.0)
+    decades = math.log10(top)
+    return SymLogNorm(1.0, linscale=1.5 * decades, vmin=-top, vmax=top, base=10)
 
 
 def _symmetric_limit(m: np.ndarray) -> float:
@@ -258,7 +251,7 @@ def interaction_heatmap(
             cells; or a list `[(name, [group indices])]`.
         ax: matplotlib Axes to draw into (a new figure otherwise).
     """
-    from matplotlib.colors import Normalize, SymLogNorm
+    from matplotlib.colors import SymLogNorm
 
     m = _np(H)
     _check_square("H", m, names)
@@ -272,15 +265,14 @@ def interaction_heatmap(
     beyond = None
     if normalize:
         m = normalized_interactions(m)
-        norm, label = (
-            Normalize(-1.0, 1.0),
-            r"$C_{ij} = \bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$",
-        )
+        norm = normalized_norm(m)
+        label = r"$C_{ij} = \bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$"
         beyond = np.abs(np.nan_to_num(m)) > 1.0 + 1e-9
         what = "normalised interactions $C$"
         if beyond.any():
             pairs = int(beyond.sum()) // 2
-            what += f"\ngold frame: $|C| > 1$ ({pairs} pairs), that 2×2 block of $\\bar H$ is indefinite"
+            what += (f"\ngold: $|C| > 1$ ({pairs} pairs; that 2×2 block of $\\bar H$ is "
+                     "indefinite),\ncolours log-scaled beyond 1")  # fmt: skip
     else:
         lim = _symmetric_limit(m)
         norm = SymLogNorm(lim * 10.0**-decades, vmin=-lim, vmax=lim)

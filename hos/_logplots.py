@@ -61,25 +61,42 @@ def log_heatmaps(log, *, panels: int = 6, title: str | None = None):
     """
     import matplotlib.pyplot as plt
 
-    from hos._figures import interaction_heatmap, module_boundaries
+    from hos._figures import (
+        DIVERGING,
+        _heatmap,
+        module_boundaries,
+        normalized_interactions,
+        normalized_norm,
+        symlog_ticks,
+    )
 
     log = _log(log)
     frames = _frames(log, panels)
     S = len(log.names)
     side = min(6.0, 2.5 + 0.18 * S)
     fig, axes = plt.subplots(
-        1, len(frames), figsize=(side * len(frames), side), layout="constrained", squeeze=False
-    )
-    for ax, t in zip(axes[0], frames):
-        interaction_heatmap(
-            log.H[t],
-            log.labels,
-            ax=ax,
-            annotate=S <= 6,
-            title=f"step {int(log.steps[t])}",
-            boundaries=module_boundaries(log.names),
-        )
-    fig.suptitle((title or log_title(log)) + ": normalised interactions over training")
+        1, len(frames), figsize=(side * len(frames) + 1.0, side + 0.6), layout="constrained",
+        squeeze=False,
+    )  # fmt: skip
+    maps = [normalized_interactions(log.H[t]) for t in frames]
+    norm = normalized_norm(np.stack(maps))  # one colour scale for the strip
+    image = None
+    for ax, t, m in zip(axes[0], frames, maps):
+        beyond = np.abs(np.nan_to_num(m)) > 1.0 + 1e-9
+        image = _heatmap(
+            ax, m, log.labels, norm=norm, cmap=DIVERGING, label="", boundaries=module_boundaries(log.names),
+            annotate=S <= 6, beyond=beyond, colorbar=False,
+        )  # fmt: skip
+        pairs = int(beyond.sum()) // 2
+        ax.set_title(f"step {int(log.steps[t])}" + (f"\n{pairs} gold pairs" if pairs else ""),
+                     fontsize=9)  # fmt: skip
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85,
+                       label=r"$C_{ij} = \bar H_{ij}/\sqrt{|\bar H_{ii}\bar H_{jj}|}$")  # fmt: skip
+    symlog_ticks(bar, norm)
+    what = "normalised interactions over training"
+    if norm.vmax > 1.0:
+        what += "; gold: |C| > 1 (an indefinite 2×2 block of H̄), colours log-scaled beyond 1"
+    fig.suptitle(f"{title or log_title(log)}\n{what}", fontsize=10)
     return fig
 
 

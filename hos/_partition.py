@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hos._labels import readable_labels
+
 __all__ = ["Partition"]
 
 ParamSource = nn.Module | Mapping[str, torch.Tensor]
@@ -34,6 +36,13 @@ def _parameter_names(source: ParamSource, argument: str = "model") -> list[str]:
         f"{argument} must be an nn.Module or a dict[str, Tensor], got {type(source).__name__}: "
         f"{source!r:.80}; pass the model or dict(model.named_parameters())."
     )
+
+
+def _labels(source: ParamSource, names: list[str]) -> tuple[str, ...]:
+    """The group names: readable labels for a module's index-only paths, else `names`."""
+    if isinstance(source, nn.Module):
+        return tuple(readable_labels(source, names))
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -112,20 +121,37 @@ class Partition:
     # ------------------------------------------------------------------ factories
     @classmethod
     def per_tensor(cls, model: ParamSource) -> Partition:
-        """One group per parameter tensor, named after it."""
+        """One group per parameter tensor, named after it.
+
+        For a module, a name made only of indices (the layers of an `nn.Sequential`) is
+        labelled by its layer's kind and rank (`"0.weight"` → `"conv1.weight"`, see
+        `readable_labels`); the group still holds the parameter `"0.weight"`.
+
+        Examples:
+            >>> import torch.nn as nn
+            >>> Partition.per_tensor(nn.Sequential(nn.Linear(2, 3), nn.Tanh())).names
+            ('fc1.weight', 'fc1.bias')
+        """
         names = _parameter_names(model)
         if not names:
             raise ValueError(
                 "Partition.per_tensor: model has no parameter that requires grad; unfreeze some "
                 "(p.requires_grad_()) or pass a dict of the tensors to summarise."
             )
-        return cls(names=tuple(names), groups=tuple((n,) for n in names))
+        return cls(names=_labels(model, names), groups=tuple((n,) for n in names))
 
     @classmethod
     def per_layer(cls, model: ParamSource) -> Partition:
-        """One group per module that owns parameters directly (weight and bias together).
+        """One group per module that owns parameters directly (weight and bias together),
+        named after the module (index-only paths as `per_tensor` labels them: `"conv1"`).
 
         For a dict, parameters are grouped by their name up to the last dot.
+
+        Examples:
+            >>> import torch.nn as nn
+            >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+            >>> Partition.per_layer(net).names
+            ('conv1', 'fc1')
         """
         names = _parameter_names(model)
         if not names:
@@ -137,7 +163,9 @@ class Partition:
         for name in names:
             layer = name.rpartition(".")[0] or "<root>"
             layers.setdefault(layer, []).append(name)
-        return cls(names=tuple(layers), groups=tuple(tuple(v) for v in layers.values()))
+        return cls(
+            names=_labels(model, list(layers)), groups=tuple(tuple(v) for v in layers.values())
+        )
 
     @classmethod
     def whole(cls, model: ParamSource, name: str = "all") -> Partition:
@@ -151,10 +179,13 @@ class Partition:
         return cls(names=(name,), groups=(tuple(names),))
 
     @classmethod
-    def from_groups(cls, model: ParamSource, groups: Mapping[str, Sequence[str]]) -> Partition:
+    def from_groups(
+        cls, model: ParamSource, groups: Mapping[str, Sequence[str]], *, rest: str | None = None
+    ) -> Partition:
         """Groups given as `{"group name": ["glob", ...]}` over parameter names.
 
-        Each parameter must match the patterns of exactly one group. A pattern
+        Each parameter must match the patterns of exactly one group, or of none when `rest`
+        names a catch-all group: the parameters no glob matches go there (last). A pattern
         matches a name equal to it or, as an `fnmatch` glob, names it matches (so
         element names such as `"bn.weight[3]"` from [`hos.split_elements`][hos.split_elements]
         can be given literally).
@@ -164,11 +195,18 @@ class Partition:
             >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
             >>> Partition.from_groups(net, {"hidden": ["0.*"], "out": ["2.*"]}).groups
             (('0.weight', '0.bias'), ('2.weight', '2.bias'))
+            >>> Partition.from_groups(net, {"out": ["2.*"]}, rest="rest")
+            Partition(names=('out', 'rest'), groups=(('2.weight', '2.bias'), ('0.weight', '0.bias')))
         """
         if not isinstance(groups, Mapping) or not groups:
             raise TypeError(
                 f"groups must be a non-empty dict {{name: [glob, ...]}}, got {groups!r:.80}; "
                 "e.g. {'all': ['*']}."
+            )
+        if rest is not None and (not isinstance(rest, str) or not rest or rest in groups):
+            raise ValueError(
+                f"rest must be a new group name (a non-empty str that is not a key of groups), "
+                f"got {rest!r}; e.g. rest='rest'."
             )
         names = _parameter_names(model)
         members: dict[str, list[str]] = {g: [] for g in groups}
@@ -189,9 +227,14 @@ class Partition:
                     owner[param] = gname
                     members[gname].append(param)
         missing = [p for p in names if p not in owner]
-        if missing:
+        if missing and rest is not None:
+            members[rest] = missing
+        elif missing:
+            more = len(missing) - 6
+            shown = f"{missing[:6]}{f' and {more} more' if more > 0 else ''}"
             raise ValueError(
-                f"groups: parameters {missing} match no group; add a group or a glob such as '*'."
+                f"groups: parameters {shown} match no group; add a glob for them, or collect "
+                "every unmatched parameter in one group with rest='rest'."
             )
         empty = [g for g, m in members.items() if not m]
         if empty:

@@ -42,7 +42,6 @@ compositions of automatic differentiation; each is checked against
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +49,7 @@ from hos import _certificate
 from hos._exact import ExactOps, inline_checkpoints
 from hos._partition import Partition
 from hos._problem import Problem
+from hos._record import Summary
 from hos._refusals import explain_missing_derivative
 from hos._stochastic import stochastic_depth_off
 from hos._validate import (
@@ -68,28 +68,6 @@ __all__ = ["Backend", "Summary", "summarize", "summary_diagonal", "summary_tenso
 
 Params = Mapping[str, torch.Tensor]
 LossFn = Callable[[Params], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The GroupedNewton triple at θ along u.
-
-    Attributes:
-        g: ḡ = D^(1), shape (S,): `g[s] = Σ_{p∈T_s} u_p ∂L/∂θ_p`.
-        H: H̄ = D^(2), shape (S, S), symmetric.
-        d3: diag D^(3), shape (S,): `d3[s] = d³/dt³ L(θ + t u_s)` at 0.
-        names: the S group names.
-        loss: L(θ), a 0-d tensor.
-    """
-
-    g: torch.Tensor
-    H: torch.Tensor
-    d3: torch.Tensor
-    names: tuple[str, ...]
-    loss: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 # --------------------------------------------------------------------------- dispatch

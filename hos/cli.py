@@ -12,7 +12,11 @@
     `summary.json` (metadata, timings), `interactions.png` (+ diagonals and
     a D^(3) slice when order >= 3). Your own network: `--model path/to/file.py:factory`
     (a callable returning the nn.Module) with `--data path/to/file.py:batch` (a callable
-    returning one `(inputs, targets)` batch) and `--loss cross-entropy|mse`.
+    returning one `(inputs, targets)` batch) and `--loss cross-entropy|mse`. Groups:
+    `--partition per-layer|per-tensor|FILE.json` or `--group NAME=GLOB[,GLOB]` (repeatable; the
+    parameters no glob matches form a group `rest`). Ctrl-C writes the orders that finished
+    (`summary.json` lists the missing ones) and exits with 130; `hos.load_summary(DIR)` reads
+    the folder back.
 
 `hos plot LOG --out DIR`
 :   The figures of a [`hos.SummaryMonitor`][hos.SummaryMonitor] log: `heatmaps.png` (a strip
@@ -32,6 +36,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 
 from hos._cli_common import (
     UsageError,
@@ -51,13 +56,13 @@ from hos._cli_summary import (
     cmd_summary,
     compute_summary,
 )
+from hos._firstrun import ModelRunError
 from hos._progress import progress
 from hos.backends import registered
 from hos.provenance import environment
 
 __all__ = ["main"]
 
-PARTITIONS = ("per-tensor", "per-layer")
 DIRECTIONS = ("gradient", "random")
 DTYPES = ("float32", "float64")
 
@@ -147,12 +152,15 @@ def cmd_demo(args) -> int:
     log.info("1/2: per-layer summary of the paper MLP on %s (float64, 100 samples)", data.name)
     net = _build(model, data, args.seed, "float64")
     x, y = _first_batch(data, 100, torch.float64)
-    part, tensors, d3, loss, seconds, g_seconds, _ = compute_summary(
+    run = compute_summary(
         net, x, y, partition="per-layer", order=2, direction="gradient", name=f"{model}"
     )
+    part, s = run.partition, run.summary
+    tensors, d3, loss = run.tensors, s.d3, float(s.loss)
+    seconds, g_seconds = run.seconds, run.gradient_seconds
     H = tensors[2]
     title = f"paper MLP on {data.name}: per-layer H̄ along the gradient"
-    labels = plotting.readable_labels(net, part.names)
+    labels = list(part.names)
     _save_figure(plotting.interaction_heatmap(H, labels, title=title), out / "interactions.png")
     _save_figure(
         plotting.interaction_heatmap(H, labels, normalize=False, title=title),
@@ -326,7 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument(
         "--loss", choices=tuple(CRITERIA), default="cross-entropy", help="the criterion"
     )
-    summary.add_argument("--partition", choices=PARTITIONS, default="per-layer")
+    summary.add_argument(
+        "--partition", default="per-layer", metavar="PARTITION",
+        help="per-layer (default), per-tensor, or a JSON file {\"group\": [\"glob\", ...]} "
+        "(parameters no glob matches form a group 'rest')",
+    )  # fmt: skip
+    summary.add_argument(
+        "--group", action="append", default=[], metavar="NAME=GLOB[,GLOB]",
+        help="a group of parameters by name globs, e.g. --group 'head=fc.*' (repeatable; the "
+        "parameters no glob matches form a group 'rest')",
+    )  # fmt: skip
     summary.add_argument("--order", type=_positive_int, default=3, help="highest order (>= 2)")
     summary.add_argument(
         "--batch-size", type=_positive_int, default=100, help="samples of a built-in data set"
@@ -383,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--order must be >= 2 (the heatmap needs H̄), got {args.order}.")
         with progress(None):  # bars when stderr is a terminal
             return COMMANDS[args.command](args)
+    except ModelRunError as err:  # the user's model or data: one line, the traceback on -v
+        if args.verbose:
+            traceback.print_exception(err.__cause__ or err, file=sys.stderr)
+        sys.stderr.write(f"hos {args.command}: error: {err}\n")
+        return 2
     except (UsageError, ValueError, FileNotFoundError, ImportError) as err:
         sys.stderr.write(f"hos {args.command}: error: {err}\n")
         return 2

@@ -10,6 +10,7 @@ os.environ.setdefault("HOS_STRICT", "1")
 
 from hos.backends import BACKENDS, Backend
 from tests.cases import CASES, build
+
 #: Every backend under test: the registry minus the oracle itself, so a new
 #: backend is checked against the oracle as soon as it is registered.
 TESTED_BACKENDS = tuple(b.value for b in BACKENDS if b is not Backend.REFERENCE)

@@ -56,7 +56,9 @@ BAR = re.compile(r"\d+/\d+ \[")  # tqdm's "3/5 [00:01<00:00, ...]"
 
 
 @pytest.mark.parametrize(
-    "backend, desc", [("reverse", "rows of H̄"), ("taylor", "orders")], ids=["reverse", "taylor"]
+    "backend, desc",
+    [("reverse", "rows of H̄"), ("taylor", "summary steps")],
+    ids=["reverse", "taylor"],
 )
 def test_the_cli_shows_progress_on_a_terminal(tmp_path, backend, desc):
     args = ["summary", "--model", "lenet", "--data", "digits", "--batch-size", "16",
@@ -213,7 +215,7 @@ def test_heatmap_frames_exactly_the_indefinite_pairs_and_says_so():
     title = fig.axes[0].get_title()
     assert "toy" in title and "1 pairs" in title and "indefinite" in title
     cells = [t.get_text() for t in fig.axes[0].texts]
-    assert "2" in cells and "0.05" in cells  # 3 significant figures: 0.1/sqrt(4) = 0.05
+    assert "2.00" in cells and "0.0500" in cells  # 3 significant figures: 0.1/sqrt(4) = 0.05
     fig_raw = interaction_heatmap(H, ["a", "b", "c"], normalize=False, title="toy")
     assert "raw" in fig_raw.axes[0].get_title() and not _frames(fig_raw)
     matplotlib.pyplot.close("all")

@@ -53,11 +53,12 @@ def test_tensorboard_sink_writes_scalars_and_the_heatmap(tmp_path):
     events.Reload()
     tags = events.Tags()
     assert set(scalars(snaps[0])) <= set(tags["scalars"])
-    assert "hos/g/0" in tags["scalars"] and "hos/d3/2" in tags["scalars"]
+    # the groups' labels, as everywhere (layers 0 and 2 of the Sequential are fc1 and fc2)
+    assert "hos/g/fc1" in tags["scalars"] and "hos/d3/fc2" in tags["scalars"]
     loss = events.Scalars("hos/loss")
     assert [e.step for e in loss] == [0, 10, 20]
     np.testing.assert_allclose([e.value for e in loss], [s.loss for s in snaps], rtol=1e-6)
-    g0 = events.Scalars("hos/g/0")
+    g0 = events.Scalars("hos/g/fc1")
     np.testing.assert_allclose([e.value for e in g0], [s.g[0] for s in snaps], rtol=1e-6)
     images = events.Images("hos/interactions")
     assert [e.step for e in images] == [0, 20]  # heatmap_every=2
@@ -89,7 +90,7 @@ def test_wandb_sink_logs_through_the_wandb_client_offline(tmp_path, monkeypatch)
     assert [kw for _, kw in calls] == [{"step": 3}, {"step": 7}]
     for (payload, _), snap in zip(calls, snaps):
         assert payload["hos/loss"] == snap.loss
-        assert payload["hos/g/2"] == float(snap.g[1])
+        assert payload["hos/g/fc2"] == float(snap.g[1])
         assert isinstance(payload["hos/interactions"], wandb.Image)
     assert list(tmp_path.rglob("*.wandb")), "no offline run file written"
 

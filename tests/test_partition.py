@@ -24,7 +24,9 @@ def test_per_tensor(source):
     net = _net()
     src = net if source == "module" else dict(net.named_parameters())
     p = hos.Partition.per_tensor(src)
-    assert p.names == NAMES
+    # a module's index-only paths are labelled by layer kind and rank; a dict keeps its keys
+    labels = ("fc1.weight", "fc1.bias", "fc2.weight") if source == "module" else NAMES[:3]
+    assert p.names == labels + NAMES[3:]
     assert p.groups == tuple((n,) for n in NAMES)
     assert len(p) == 5 and p.parameter_names == NAMES
     assert [p.group_of(n) for n in NAMES] == [0, 1, 2, 3, 4]
@@ -35,7 +37,7 @@ def test_per_layer(source):
     net = _net()
     src = net if source == "module" else dict(net.named_parameters())
     p = hos.Partition.per_layer(src)
-    assert p.names == ("0", "2", "bn")
+    assert p.names == (("fc1", "fc2") if source == "module" else ("0", "2")) + ("bn",)
     assert p.groups == (("0.weight", "0.bias"), ("2.weight",), ("bn.weight", "bn.bias"))
     assert p.group_of("bn.bias") == 2 and len(p) == 3
 
@@ -43,6 +45,12 @@ def test_per_layer(source):
 def test_per_layer_of_root_parameters():
     p = hos.Partition.per_layer({"w": torch.zeros(2), "b": torch.zeros(1), "f.x": torch.zeros(1)})
     assert p.names == ("<root>", "f") and p.groups == (("w", "b"), ("f.x",))
+
+
+def test_labels_stay_unique_when_a_module_is_already_called_like_one():
+    net = nn.Sequential(nn.Linear(2, 2))
+    net.add_module("fc1", nn.Linear(2, 2))  # "0" would become fc1 too: both keep their paths
+    assert hos.Partition.per_layer(net).names == ("0", "fc1")
 
 
 def test_whole():
@@ -154,3 +162,13 @@ def test_from_groups_matches_literal_names_with_glob_characters():
         params, {"c0": ["bn.weight[0]"], "c1": ["bn.weight[1]"], "fc": ["fc.*"]}
     )
     assert p.groups == (("bn.weight[0]",), ("bn.weight[1]",), ("fc.w",))
+
+
+def test_a_rest_group_collects_what_no_glob_matches():
+    p = hos.Partition.from_groups(_net(), {"norm": ["bn.*"]}, rest="rest")
+    assert p.names == ("norm", "rest")
+    assert p.groups == (("bn.weight", "bn.bias"), ("0.weight", "0.bias", "2.weight"))
+    with pytest.raises(ValueError, match=r"match no group.*rest='rest'"):
+        hos.Partition.from_groups(_net(), {"norm": ["bn.*"]})
+    with pytest.raises(ValueError, match=r"rest must be a new group name.*got 'norm'"):
+        hos.Partition.from_groups(_net(), {"norm": ["bn.*"]}, rest="norm")

@@ -119,7 +119,7 @@ def test_merging_groups_sums_entries(problem, order, data):
     names = sorted(set(labels))
     coarse = hos.Partition(
         tuple(names),
-        tuple(tuple(p for p, lab in zip(fine.names, labels) if lab == n) for n in names),
+        tuple(tuple(p for (p,), lab in zip(fine.groups, labels) if lab == n) for n in names),
     )
     M = torch.zeros(len(fine), len(coarse), dtype=F64)
     for i, lab in enumerate(labels):

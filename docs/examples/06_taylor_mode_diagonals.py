@@ -50,7 +50,7 @@ assert float(error.max()) < 1e-9, error
 # %%
 # What the numbers are: along the convolution group's direction, the loss and its Taylor
 # polynomials Σ_k D^(k) t^k / k! of orders 1..6 built from the column above.
-group = part.names.index("0")  # the convolution, just before BatchNorm
+group = part.names.index("conv1")  # the convolution, just before BatchNorm
 
 
 def along(t: float) -> float:

@@ -21,6 +21,7 @@ Three things make it cheap:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from hos._exact import ExactOps
 from hos._problem import Problem
-from hos._progress import bar
+from hos._progress import bar, counter
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
 
@@ -197,19 +198,23 @@ def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
     first = path.derivative(path.value, range(S), keep=True)
     indices: list[tuple[int, ...]] = []
     values: list[torch.Tensor] = []
+    # one backward pass per sorted multi-index of length 1 .. order-1: count those
+    passes = sum(math.comb(S + k - 1, k) for k in range(1, order))
 
-    def walk(index: tuple[int, ...], entry: torch.Tensor) -> None:
+    def walk(index: tuple[int, ...], entry: torch.Tensor, done) -> None:
         later = path.later(index[-1])
         row = path.derivative(entry, later, keep=len(index) + 1 < order)
+        done.update(1)
         for k, value in zip(later, row):
             if len(index) + 1 == order:
                 indices.append(index + (k,))
                 values.append(value.detach())
             else:
-                walk(index + (k,), value)
+                walk(index + (k,), value, done)
 
-    for i in bar(path.order, desc=f"D^({order}) by reverse mode", total=S, unit="group"):
-        walk((i,), first[i])
+    with counter(desc=f"D^({order}) by reverse mode", total=passes, unit="pass") as done:
+        for i in path.order:
+            walk((i,), first[i], done)
     return symmetric_tensor(prob.zeros(*([S] * order)), indices, values)
 
 
