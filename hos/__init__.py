@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from hos._certificate import Fallback, TaylorModeWarning, last_fallback
+from hos._certificate import Fallback, PrecisionWarning, TaylorModeWarning, last_fallback
 from hos._data import (
     Reduction,
     summarize_loader,
@@ -15,6 +15,7 @@ from hos._exact import ExactOps, exact_ops
 from hos._log import LogFormatError, SummaryLog, load_log
 from hos._loss import ModelLoss, model_loss
 from hos._monitor import Snapshot, SummaryMonitor
+from hos._ordinary import ModelMismatchError, UnreadParametersWarning
 from hos._partition import Partition
 from hos._progress import progress
 from hos._record import load_summary
@@ -46,6 +47,9 @@ __all__ = [
     # reliability
     "Fallback",
     "TaylorModeWarning",
+    "PrecisionWarning",
+    "ModelMismatchError",
+    "UnreadParametersWarning",
     "last_fallback",
     "NonFiniteWarning",
     "RandomLossError",

@@ -26,13 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Fallback", "TaylorModeWarning", "last_fallback"]
+__all__ = ["Fallback", "PrecisionWarning", "TaylorModeWarning", "last_fallback"]
 
 _LOG = logging.getLogger("hos")
 
 
 class TaylorModeWarning(UserWarning):
     """Taylor mode disagreed with reverse mode; the result was recomputed exactly."""
+
+
+class PrecisionWarning(UserWarning):
+    """The forward computes tensors that depend on the parameters in a lower precision than
+    the summary's dtype (a float32 island in a float64 model, an autocast region): the
+    summaries have that lower precision. Said once per place."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +141,47 @@ def tolerance(dtype: torch.dtype) -> float:
     return 4.0 * torch.finfo(dtype).eps ** 0.5
 
 
-def disagreeing(taylor: torch.Tensor, exact: torch.Tensor) -> list[int]:
-    """Indices where `taylor` and `exact` differ beyond rounding (NaN counts as differing)."""
+_PRECISION_SAID: set[tuple] = set()
+
+
+def state_precision(dtype: torch.dtype, where: str, summary_dtype: torch.dtype) -> None:
+    """Say once per place that the summaries have `dtype`'s precision (PrecisionWarning)."""
+    key = (dtype, where, summary_dtype)
+    if key in _PRECISION_SAID:
+        return
+    _PRECISION_SAID.add(key)
+    low, high = (str(d).removeprefix("torch.") for d in (dtype, summary_dtype))
+    warnings.warn(
+        f"hos: the forward computes tensors that depend on the parameters in {low} (first at "
+        f"{where}), below the summary's {high}: the summaries have {low} precision (about "
+        f"{torch.finfo(dtype).eps:.0e} relative), and the checks' tolerances follow it.",
+        PrecisionWarning,
+        stacklevel=6,
+    )
+
+
+def precision_of(*signatures, default: torch.dtype) -> torch.dtype:
+    """The lowest precision in Taylor passes' op signatures (`default` when none is lower),
+    stated once (`state_precision`)."""
+    low = default
+    for signature in signatures:
+        last = signature[-1] if signature else None
+        if isinstance(last, tuple) and last and last[0] == "lower precision":
+            state_precision(last[1], last[2], default)
+            if torch.finfo(last[1]).eps > torch.finfo(low).eps:
+                low = last[1]
+    return low
+
+
+def disagreeing(
+    taylor: torch.Tensor, exact: torch.Tensor, precision: torch.dtype | None = None
+) -> list[int]:
+    """Indices where `taylor` and `exact` differ beyond rounding in `precision` (default: their
+    dtype; NaN counts as differing)."""
     taylor, exact = taylor.detach(), exact.detach()
     scale = exact.abs().max().item() if exact.numel() else 0.0
-    bound = tolerance(exact.dtype) * max(scale, torch.finfo(exact.dtype).tiny)
+    precision = exact.dtype if precision is None else precision
+    bound = tolerance(precision) * max(scale, torch.finfo(exact.dtype).tiny)
     bad = ~((taylor - exact).abs() <= bound)
     return [int(i) for i in bad.nonzero().flatten().tolist()]
 

@@ -131,7 +131,17 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
 def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
 ):
-    """softmax(q kᵀ·scale + mask) v, written in primitive ops (dropout is off)."""
+    """softmax(q kᵀ·scale + mask) v, written in primitive ops (dropout is off).
+
+    Every mask means what it means to `F.scaled_dot_product_attention`:
+
+    * a boolean mask keeps the scores where it is True; an additive (float) mask is added;
+    * `is_causal` keeps the lower triangle `ones(L, S).tril()` (aligned top left), and with a
+      mask as well keeps what both keep;
+    * a query row whose every score is masked (−inf) gives 0, as PyTorch's safe softmax does
+      (a left-padded batch in a decoder has such rows), never NaN: the row is set to 0 before
+      the softmax and its weights to 0 after, so no derivative of any order sees a NaN.
+    """
     length_q, length_k = query.size(-2), key.size(-2)
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
@@ -140,15 +150,21 @@ def scaled_dot_product_attention(
         key = key.repeat_interleave(repeat, dim=-3)
         value = value.repeat_interleave(repeat, dim=-3)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    dropped = None  # True where a score is masked out
     if is_causal:
-        keep = torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        dropped = ~torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril()
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            dropped = ~attn_mask if dropped is None else dropped | ~attn_mask
         else:
             scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    if dropped is not None:
+        scores = scores.masked_fill(dropped, float("-inf"))
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    if not bool(dead.any()):
+        return torch.matmul(torch.softmax(scores, dim=-1), value)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return torch.matmul(weights, value)
 
 
 def _reduce(loss, reduction):
@@ -458,6 +474,38 @@ DECOMPOSITIONS[F.multi_head_attention_forward] = _multi_head_attention_forward
 for _name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
     if hasattr(torch, _name):
         DECOMPOSITIONS[getattr(torch, _name)] = refuse_fast_path(f"torch.{_name}")
+
+
+def _attention_without_dropout(*args, **kwargs):
+    """PyTorch's own `F.scaled_dot_product_attention` with `dropout_p=0` (dropout is off)."""
+    bound = inspect.signature(scaled_dot_product_attention).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = dict(bound.arguments)
+    given["dropout_p"] = 0.0
+    q, k, v = given.pop("query"), given.pop("key"), given.pop("value")
+    return F.scaled_dot_product_attention(q, k, v, **given)
+
+
+def _mha_eval(*args, **kwargs):
+    """`F.multi_head_attention_forward` with its dropout off (`training=False`), as it is."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.arguments["training"] = False
+    return F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+
+
+#: What a summary changes about the function itself, not about how it is differentiated:
+#: dropout off (also inside attention and recurrent layers), buffers never written, no random
+#: draws. The check against the model run the ordinary way (`hos._ordinary`) evaluates it under
+#: these only, with PyTorch's own kernels, so that it shares none of the decompositions above.
+SEMANTICS: dict[Callable[..., Any], Callable[..., Any]] = {
+    f: DECOMPOSITIONS[f]
+    for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+              F.feature_alpha_dropout, F.normalize, F.embedding, *RANDOM)
+}  # fmt: skip
+SEMANTICS.update({getattr(torch._VF, n): DECOMPOSITIONS[getattr(torch._VF, n)]
+                  for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")})  # fmt: skip
+SEMANTICS[F.scaled_dot_product_attention] = _attention_without_dropout
+SEMANTICS[F.multi_head_attention_forward] = _mha_eval
 
 
 class ExactOps(TorchFunctionMode):

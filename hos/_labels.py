@@ -24,13 +24,17 @@ def _kind(module) -> str:
     return name.lower()
 
 
+#: the attribute `torch.compile` wraps a module in (`OptimizedModule._orig_mod`)
+COMPILED = "_orig_mod"
+
+
 def readable_labels(model, names: Sequence[str]) -> list[str]:
     """Axis labels a reader can follow: `conv1`, `bn1`, `fc2` for index-only names.
 
     Group names made only of indices (`"0.11"`, `"3"`, the layers of an `nn.Sequential`) become
     the layer kind and its rank among layers of that kind (`conv8`, `fc1`; a tensor group
     keeps its leaf: `conv8.weight`); names that already say something (`"layer1.0.conv1"`)
-    are kept.
+    are kept. The `_orig_mod.` that `torch.compile` puts before every name is left out.
 
     Examples:
         >>> import torch.nn as nn
@@ -49,10 +53,12 @@ def readable_labels(model, names: Sequence[str]) -> list[str]:
     labels = []
     for name in names:
         owner, leaf = (name, "") if name in modules else name.rpartition(".")[::2]
-        if owner in rank and all(part.isdigit() for part in owner.split(".")):
+        path = [part for part in owner.split(".") if part != COMPILED]
+        if owner in rank and path and all(part.isdigit() for part in path):
             labels.append(rank[owner] + (f".{leaf}" if leaf else ""))
         else:
-            labels.append(name)
+            kept = ".".join(part for part in name.split(".") if part != COMPILED)
+            labels.append(kept or name)
     taken = [n for n, label in zip(names, labels) if n == label]  # names kept as they were
     clash = {label for label in labels if labels.count(label) > 1 or label in taken}
     return [n if label in clash and label != n else label for n, label in zip(names, labels)]

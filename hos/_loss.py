@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hos._exact import ExactOps
+from hos._injection import caches_cleared, eager
 from hos._stochastic import stochastic_depth_off
 
 __all__ = ["ModelLoss", "model_loss"]
@@ -85,7 +86,12 @@ class ModelLoss:
       branch, as in eval mode, like dropout;
     * floating inputs and buffers of lower precision than the parameters are
       promoted to the parameters' dtype, so a bfloat16 model is evaluated in
-      float32 when the summaries upcast its parameters (see `hos._validate`).
+      float32 when the summaries upcast its parameters (see `hos._validate`);
+    * compiled code (`torch.compile`) runs eagerly: the original module is the function
+      the compiled one computes;
+    * known caches of values computed from parameters (`attention_bias_cache` of timm's and
+      Hugging Face's LeViT, EfficientFormer, ...) start empty at every call and are put back
+      afterwards, so the parameters passed in are the ones used (see `hos._injection`).
     """
 
     def __init__(
@@ -125,7 +131,7 @@ class ModelLoss:
         else:
             args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
             args, kwargs = tuple(_promote(x, dtype) for x in args), None
-        with ExactOps(), stochastic_depth_off():
+        with ExactOps(), stochastic_depth_off(), eager(self.model), caches_cleared(self.model):
             outputs = functional_call(self.model, ({**params}, buffers), args, kwargs, strict=False)
             return self.criterion(_adapted(outputs, self.output), self.targets)
 

@@ -178,6 +178,13 @@ def explain_missing_derivative(
     if not isinstance(err, (RuntimeError, NotImplementedError)) or str(err).startswith("hos:"):
         return None  # not PyTorch's, or already hos's own message
     text = str(err)
+    if forward_mode and _inner_derivative_in(err.__traceback__):
+        return NotImplementedError(
+            f"hos: the loss takes a derivative inside (torch.autograd.grad or .backward, e.g. "
+            f"MAML or a gradient penalty), which the {backend} backend (torch.func) cannot "
+            "differentiate through; backend='reverse' or 'auto' is exact, or write the inner "
+            f"derivative with torch.func.grad. PyTorch said: {text.strip().splitlines()[0]}"
+        )
     for pattern in _NO_DERIVATIVE:
         found = pattern.search(text)
         if found:
@@ -200,6 +207,17 @@ def explain_missing_derivative(
         f"hos: PyTorch cannot differentiate {op} to the order this summary needs with the "
         f"{backend} backend ({first[:200]}); {advice}."
     )
+
+
+def _inner_derivative_in(trace) -> bool:
+    """Whether an error passed through `torch.autograd.grad` / `backward` called by the loss."""
+    codes = {torch.autograd.grad.__code__, torch.autograd.backward.__code__,
+             torch.Tensor.backward.__code__}  # fmt: skip
+    while trace is not None:
+        if trace.tb_frame.f_code in codes:
+            return True
+        trace = trace.tb_next
+    return False
 
 
 def _custom_function_in(trace) -> str | None:

@@ -41,12 +41,15 @@ compositions of automatic differentiation; each is checked against
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from hos import _certificate
 from hos._exact import ExactOps, inline_checkpoints
+from hos._injection import eager
+from hos._ordinary import check_against_model
 from hos._partition import Partition
 from hos._problem import Problem
 from hos._record import Summary
@@ -63,6 +66,7 @@ from hos._validate import (
     upcast_errors,
 )
 from hos.backends import Backend, SummaryBackend, resolve
+from hos.backends.reverse import gradient_and_row_sums
 
 __all__ = ["Backend", "Summary", "summarize", "summary_diagonal", "summary_tensor"]
 
@@ -79,15 +83,26 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
     return prob
 
 
-def _checked_run(prob: Problem, params, compute, backend: SummaryBackend):
-    """Run `compute()` read-only (see `hos._validate`) and check what it returns."""
+@contextlib.contextmanager
+def _computing(prob: Problem, params) -> Iterator[None]:
+    """What every summary runs under: read-only (see `hos._validate`), checkpoints inlined,
+    stochastic depth off, compiled code eager, fused kernels decomposed (`hos.ExactOps`)."""
     with (
         guarded(prob.device),
         upcast_errors(params, prob.dtype),
         inline_checkpoints(),
         stochastic_depth_off(),
+        eager(),
         ExactOps(),
     ):
+        yield
+
+
+def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compared=None):
+    """Run `compute()` read-only and check what it returns; for a model's loss, on first sight
+    of the setting, against the model run the ordinary way (`hos._ordinary`): `compared(results)`
+    gives the (ḡ, H̄·1) of the results to compare, None where the results do not hold them."""
+    with _computing(prob, params):
         try:
             results = compute()
         except (RuntimeError, NotImplementedError) as err:
@@ -98,6 +113,14 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend):
         tensors = results if isinstance(results, tuple) else (results,)
         if all_zero(*tensors[:3]):
             check_depends(prob.loss, prob.theta)
+    g, rows = compared(results) if compared is not None else (None, None)
+
+    def injected(p: Problem):
+        with _computing(p, params):
+            return gradient_and_row_sums(p)
+
+    with guarded(prob.device):
+        check_against_model(prob, g, rows, injected)
     return results
 
 
@@ -142,7 +165,10 @@ def summary_tensor(
         prob.S, order, prob.dtype, prob.device, what="summary_tensor",
         batched_params=chosen.batched_params(prob),
     )  # fmt: skip
-    out = _checked_run(prob, params, lambda: chosen.tensor(prob, order), chosen)
+    out = _checked_run(
+        prob, params, lambda: chosen.tensor(prob, order), chosen,
+        lambda D: (D, None) if order == 1 else (None, D.sum(1) if order == 2 else None),
+    )  # fmt: skip
     check_result("summary_tensor", prob.names, **{f"D^({order})": out})
     return out
 
@@ -187,7 +213,10 @@ def summary_diagonal(
             prob.S, order, prob.dtype, prob.device, what="summary_diagonal",
             batched_params=chosen.batched_params(prob),
         )  # fmt: skip
-    out = _checked_run(prob, params, lambda: chosen.diagonal(prob, order, chunk), chosen)
+    out = _checked_run(
+        prob, params, lambda: chosen.diagonal(prob, order, chunk), chosen,
+        lambda d: (d, None) if order == 1 else (None, None),
+    )  # fmt: skip
     check_result("summary_diagonal", prob.names, **{f"diag D^({order})": out})
     return out
 
@@ -249,7 +278,9 @@ def summarize(
     chosen = resolve(backend)
     chunk = check_chunk(chunk, chosen)
     prob = _prepare(loss, params, direction, partition, 3, "summarize", verify)
-    g, H, d3, value = _checked_run(prob, params, lambda: chosen.summarize(prob, chunk), chosen)
+    g, H, d3, value = _checked_run(
+        prob, params, lambda: chosen.summarize(prob, chunk), chosen, lambda r: (r[0], r[1].sum(1))
+    )
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
     return Summary(
         g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach()

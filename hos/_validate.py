@@ -324,6 +324,7 @@ def checked_loss(loss: object) -> Callable[[Params], torch.Tensor]:
         return value.reshape(())
 
     scalar_loss.checked = True  # type: ignore[attr-defined]
+    scalar_loss.wrapped = loss  # type: ignore[attr-defined]
     return scalar_loss
 
 

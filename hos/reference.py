@@ -15,6 +15,7 @@ from torch.func import jacfwd
 from hos._exact import ExactOps
 from hos._partition import Partition
 from hos._problem import Problem
+from hos._refusals import explain_missing_derivative
 from hos._validate import check_depends, check_order, check_output_size
 
 __all__ = [
@@ -97,7 +98,7 @@ def summary_tensor(
         prob.S, order, prob.dtype, prob.device, what="reference.summary_tensor",
         batched_params=prob.numel,
     )  # fmt: skip
-    return tensor_of(prob, order)
+    return _explained(lambda: tensor_of(prob, order))
 
 
 def summary_diagonal(
@@ -120,4 +121,15 @@ def summary_diagonal(
         prob.S, order, prob.dtype, prob.device, what="reference.summary_diagonal",
         batched_params=prob.numel,
     )  # fmt: skip
-    return diagonal_of(prob, order)
+    return _explained(lambda: diagonal_of(prob, order))
+
+
+def _explained(compute):
+    """`compute()`, with PyTorch's errors about derivatives torch.func cannot take made clear."""
+    try:
+        return compute()
+    except (RuntimeError, NotImplementedError) as err:
+        clear = explain_missing_derivative(err, "reference", forward_mode=True)
+        if clear is None:
+            raise
+        raise clear from err

@@ -369,7 +369,7 @@ def test_certificate_costs_reverse_passes_on_first_sight_only(monkeypatch):
     _certificate.clear()
     _, _, loss, params, u, part = _setup("type_as")
     calls = []
-    for name in ("reverse_diagonal", "_exact_gradient_and_row_sums"):
+    for name in ("reverse_diagonal", "gradient_and_row_sums"):
         original = getattr(certify, name)
 
         def counting(*args, _name=name, _original=original):
@@ -378,7 +378,7 @@ def test_certificate_costs_reverse_passes_on_first_sight_only(monkeypatch):
 
         monkeypatch.setattr(certify, name, counting)
     first = hos.summarize(loss, params, u, part)
-    assert calls == ["_exact_gradient_and_row_sums"]
+    assert calls == ["gradient_and_row_sums"]
     second = hos.summarize(loss, params, u, part)
     assert len(calls) == 1, "the verdict for a seen op sequence is cached"
     hos.summarize(loss, params, u, part, verify=False)

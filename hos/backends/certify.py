@@ -18,7 +18,7 @@ from hos._exact import ExactOps
 from hos._problem import Problem
 from hos.backends import passes
 from hos.backends.passes import jet_pass
-from hos.backends.reverse import PathGraph, reverse_diagonal
+from hos.backends.reverse import gradient_and_row_sums, reverse_diagonal
 from hos.taylor import TaylorFallback, UnivariateTracker
 from hos.taylor.trees import tree_flatten
 
@@ -103,8 +103,11 @@ def certify_first_coefficients(
         return rejected
     exact = reverse_diagonal(prob, 1)
     taylor = torch.stack([done[s][0] for s in groups])
-    wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact[groups])]
-    second_ok = wrong or len(done[groups[0]]) < 2 or _second_order_line_agrees(prob, groups)
+    precision = _certificate.precision_of(*unknown, default=prob.dtype)
+    wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact[groups], precision)]
+    second_ok = (
+        wrong or len(done[groups[0]]) < 2 or _second_order_line_agrees(prob, groups, precision)
+    )
     for signature in unknown:
         members = [s for s in groups if signatures[s] == signature]
         bad = [s for s in wrong if s in members]
@@ -118,7 +121,7 @@ def certify_first_coefficients(
     return sorted(set(rejected) | set(wrong))
 
 
-def _second_order_line_agrees(prob: Problem, groups: Sequence[int]) -> bool:
+def _second_order_line_agrees(prob: Problem, groups: Sequence[int], precision) -> bool:
     """Along Σ_s ±u_s (fixed signs), Taylor mode's second coefficient against one reverse
     Hessian-vector product: every op's second-order rule on one line through all groups."""
     line = prob.along_line({s: (-1.0) ** (s % 2) for s in groups})
@@ -127,16 +130,7 @@ def _second_order_line_agrees(prob: Problem, groups: Sequence[int]) -> bool:
     except TaylorFallback:  # the combined line cannot be followed: nothing more to compare
         return True
     exact = reverse_diagonal(line, 2)
-    return not _certificate.disagreeing(result[0][1:2], exact)
-
-
-def _exact_gradient_and_row_sums(prob: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ḡ, H̄·1) by reverse mode: one graph, one backward with a graph, one more backward."""
-    path = PathGraph(prob)
-    g = path.derivative(path.value, range(prob.S), keep=True)
-    total = torch.stack([x.reshape(()) for x in g]).sum()
-    row_sums = path.derivative(total, range(prob.S), keep=False)
-    return torch.stack([x.detach() for x in g]), torch.stack([x.detach() for x in row_sums])
+    return not _certificate.disagreeing(result[0][1:2], exact, precision)
 
 
 def certify_pass(prob: Problem, signature, g: torch.Tensor, H: torch.Tensor | None) -> bool:
@@ -150,15 +144,16 @@ def certify_pass(prob: Problem, signature, g: torch.Tensor, H: torch.Tensor | No
         if not known:
             _certificate.note(prob.names, _certificate.rejected_before(signature), True)
         return known
+    precision = _certificate.precision_of(signature, default=prob.dtype)
     if H is None:
-        wrong = _certificate.disagreeing(g, reverse_diagonal(prob, 1))
+        wrong = _certificate.disagreeing(g, reverse_diagonal(prob, 1), precision)
         what = "ḡ"
     else:
-        g_exact, row_sums = _exact_gradient_and_row_sums(prob)
-        wrong = _certificate.disagreeing(g, g_exact)
+        g_exact, row_sums = gradient_and_row_sums(prob)
+        wrong = _certificate.disagreeing(g, g_exact, precision)
         what = "ḡ"
         if not wrong:
-            wrong = _certificate.disagreeing(H.sum(1), row_sums)
+            wrong = _certificate.disagreeing(H.sum(1), row_sums, precision)
             what = "H̄ (row sums)"
     if wrong:
         reject(prob, signature, what, wrong)

@@ -57,7 +57,7 @@ def jet_pass(
         value = prob.loss(moved)
     if usage is not None:
         usage.update(coefficients=tracker.peak_bytes, activations=tracker.primal_bytes)
-    return read_jets(tracker, value, groups), tuple(tracker.ops)
+    return read_jets(tracker, value, groups), tracker.signature()
 
 
 def read_jets(

@@ -34,7 +34,10 @@ from hos._progress import bar, counter
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
 
-__all__ = ["PathGraph", "hessian_rows", "reverse_diagonal", "reverse_summarize", "reverse_tensor"]
+__all__ = [
+    "PathGraph", "gradient_and_row_sums", "hessian_rows", "reverse_diagonal", "reverse_summarize",
+    "reverse_tensor",
+]  # fmt: skip
 
 
 # =========================================================================== reverse
@@ -76,18 +79,36 @@ _LINEAR_IN_WEIGHT = frozenset(
 )
 
 
+class _Unfactor(Exception):
+    """The loss takes a derivative inside after an input layer was factored: build again
+    without factoring (the factored weight is not in the graph the inner derivative needs)."""
+
+
+#: Calls that take a derivative inside the loss (MAML, gradient penalties, torch.func.grad).
+_INNER_DERIVATIVES = frozenset(
+    {torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward}
+)
+
+
 class _PathMode(TorchFunctionMode):
     """Records the order in which groups are first used and factors input layers.
 
     `marked` maps `id` of each shifted parameter to `(θ_p, u_p, η_s, s)`.
     A call `f(x, W, b, ...)` of a function in `_LINEAR_IN_WEIGHT` whose
     weight is marked and whose input does not depend on η becomes
-    `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`).
+    `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`), unless `factor`
+    is False. A derivative taken inside the loss after a factoring raises `_Unfactor`.
     """
 
-    def __init__(self, marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]):
+    def __init__(
+        self,
+        marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+        factor: bool = True,
+    ):
         super().__init__()
         self.marked = marked
+        self.factor = factor
+        self.factored = False
         self.first_use: dict[int, None] = {}
 
     def _note(self, values) -> None:
@@ -101,9 +122,16 @@ class _PathMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _INNER_DERIVATIVES and self.factored:
+            raise _Unfactor
         self._note(args)
         self._note(kwargs.values())
-        if func in _LINEAR_IN_WEIGHT and len(args) >= 2 and isinstance(args[0], torch.Tensor):
+        if (
+            self.factor
+            and func in _LINEAR_IN_WEIGHT
+            and len(args) >= 2
+            and isinstance(args[0], torch.Tensor)
+        ):
             entry = self.marked.get(id(args[1]))
             if entry is not None and not args[0].requires_grad:
                 theta, u, eta, _ = entry
@@ -116,6 +144,7 @@ class _PathMode(TorchFunctionMode):
                 )
                 # a fresh tensor, not the view _Shift returns: the model may write into it
                 # (conv -> ReLU(inplace=True))
+                self.factored = True
                 return _Shift.apply(eta, base, along).clone()
         return func(*args, **kwargs)
 
@@ -129,18 +158,27 @@ class PathGraph:
             torch.zeros((), dtype=prob.dtype, device=prob.device, requires_grad=True)
             for _ in range(prob.S)
         ]
+        try:
+            mode = self._evaluate(factor=True)
+        except _Unfactor:  # a derivative inside the loss needs every weight in the graph
+            mode = self._evaluate(factor=False)
+        used = list(mode.first_use)
+        self.order = used + [s for s in range(prob.S) if s not in mode.first_use]
+        self.rank = {s: r for r, s in enumerate(self.order)}
+
+    def _evaluate(self, factor: bool) -> _PathMode:
+        """φ at η = 0 (`self.value`), each parameter as θ_p + η_s u_p."""
+        prob = self.prob
         marked, moved = {}, {}
         for s, names in enumerate(prob.groups):
             for n in names:
                 shifted = _Shift.apply(self.eta[s], prob.theta[n], prob.u[n])
                 moved[n] = shifted
                 marked[id(shifted)] = (prob.theta[n], prob.u[n], self.eta[s], s)
-        mode = _PathMode(marked)
+        mode = _PathMode(marked, factor)
         with torch.enable_grad(), mode, ExactOps():
             self.value = prob.loss(moved)
-        used = list(mode.first_use)
-        self.order = used + [s for s in range(prob.S) if s not in mode.first_use]
-        self.rank = {s: r for r, s in enumerate(self.order)}
+        return mode
 
     def later(self, group: int) -> list[int]:
         """The groups used at or after `group`, `group` first."""
@@ -161,6 +199,15 @@ class PathGraph:
                     materialize_grads=True,
                 )
             )
+
+
+def gradient_and_row_sums(prob: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ḡ, H̄·1) by reverse mode: one graph, one backward with a graph, one more backward."""
+    path = PathGraph(prob)
+    g = path.derivative(path.value, range(prob.S), keep=True)
+    total = torch.stack([x.reshape(()) for x in g]).sum()
+    row_sums = path.derivative(total, range(prob.S), keep=False)
+    return torch.stack([x.detach() for x in g]), torch.stack([x.detach() for x in row_sums])
 
 
 def hessian_rows(

@@ -70,8 +70,11 @@ def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
     S = prob.S
     tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
     moved = seeded(prob, tracker, range(prob.S))
-    with tracker.mode(), ExactOps():
-        value = prob.loss(moved)
+    try:
+        with tracker.mode(), ExactOps():
+            value = prob.loss(moved)
+    except TaylorFallback as exc:  # raised from inside the forward (a derivative taken there)
+        tracker.fallback = exc
     if tracker.fallback is not None:
         _LOG.info("hos: the one-pass summary gives way to reverse rows: %s", tracker.fallback)
         return None, True
@@ -79,7 +82,7 @@ def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
     H = tracker.mixed_coefficients(value, S)
     H.diagonal().copy_(2 * coeffs[1])
     tracker.clear()
-    if not certify_pass(prob, tuple(tracker.ops), coeffs[0], H):
+    if not certify_pass(prob, tracker.signature(), coeffs[0], H):
         return None, False
     return (coeffs[0], H, 6 * coeffs[2], value.detach()), True
 
@@ -101,7 +104,7 @@ def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
         _certificate.note(prob.names, f"multivariate Taylor mode: {exc.reason}")
         return None
     g, H = tracker.gradient_of(value, prob.S), tracker.hessian_of(value, prob.S)
-    if not certify_pass(prob, tuple(tracker.ops), g, H):
+    if not certify_pass(prob, tracker.signature(), g, H):
         return None
     return tracker.tensor_of(value, prob.S)
 
@@ -146,10 +149,11 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
     g = path.derivative(path.value, range(S), keep=True)
     g_exact = torch.stack([x.detach() for x in g])
     backward = set(failed)
+    precision = _certificate.precision_of(*set(signatures.values()), default=prob.dtype)
     if prob.verify and done:  # the certificate, on every call: ḡ against the exact rows
         groups = sorted(done)
         taylor = torch.stack([done[s][0] for s in groups])
-        wrong = [groups[i] for i in _certificate.disagreeing(taylor, g_exact[groups])]
+        wrong = [groups[i] for i in _certificate.disagreeing(taylor, g_exact[groups], precision)]
         if wrong:
             _reject_by_pass(prob, signatures, "ḡ", wrong)
             backward.update(wrong)
@@ -163,7 +167,7 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
         if groups:
             taylor = torch.stack([done[s][1] for s in groups])
             exact = H.diagonal()[groups]
-            wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact)]
+            wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact, precision)]
             if wrong:
                 _reject_by_pass(prob, signatures, "H̄ diagonal", wrong)
                 d3[wrong] = reverse_diagonal(prob, 3, wrong)[wrong]

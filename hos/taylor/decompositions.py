@@ -191,8 +191,45 @@ def _recurrent(kind: str):
     return unrolled
 
 
+#: Calls returning `torch.return_types` (values, indices) whose values are the input gathered at
+#: the indices, with the position of their `dim` argument and its default (None: required).
+SELECTIONS = {
+    torch.topk: (2, -1), _T.topk: (2, -1), torch.sort: (1, -1), _T.sort: (1, -1),
+    torch.kthvalue: (2, -1), _T.kthvalue: (2, -1), torch.mode: (1, -1), _T.mode: (1, -1),
+    torch.median: (1, None), _T.median: (1, None), torch.nanmedian: (1, None),
+    _T.nanmedian: (1, None), torch.max: (1, None), _T.max: (1, None), torch.min: (1, None),
+    _T.min: (1, None), torch.cummax: (1, None), _T.cummax: (1, None), torch.cummin: (1, None),
+    _T.cummin: (1, None),
+}  # fmt: skip
+
+
+def _selection(func):
+    """`values, indices = func(x, ...)` as `x.gather(dim, indices)` at the primal's indices:
+    the values move with x (linear given the indices), the indices are constants. A form
+    without indices (`torch.max(x)`, `torch.max(a, b)`) is not covered."""
+    position, default = SELECTIONS[func]
+
+    def rewrite(*args, **kwargs):
+        with torch._C.DisableTorchFunction():  # the selection itself: a constant
+            primal = func(*args, **kwargs)
+        x = args[0] if args else kwargs.get("input")
+        dim = kwargs.get("dim", args[position] if len(args) > position else default)
+        if (
+            not hasattr(primal, "indices") or not isinstance(x, torch.Tensor) or x.dim() == 0
+            or not isinstance(dim, int)
+        ):  # fmt: skip
+            raise NotCovered
+        index = primal.indices
+        kept = index.dim() == x.dim()
+        values = torch.gather(x, dim, index if kept else index.unsqueeze(dim))
+        return type(primal)((values if kept else values.squeeze(dim), index))
+
+    return rewrite
+
+
 #: Rewrites both algebras run (their outputs' coefficients become the call's).
 REWRITES = {
+    **{f: _selection(f) for f in SELECTIONS},
     F.multi_head_attention_forward: _attention,
     F.cross_entropy: _cross_entropy,
     torch.div: _quotient, _T.div: _quotient, _T.__truediv__: _quotient,

@@ -40,7 +40,22 @@ from hos.taylor.inplace import is_inplace, out_of_place
 from hos.taylor.ops import OPS, SELF_ONLY, Kind
 from hos.taylor.trees import tree_flatten, tree_unflatten
 
-__all__ = ["Tracker", "TrackerMode", "custom_function_running", "outputs_to_follow"]
+__all__ = [
+    "INNER_DERIVATIVES", "LOWER_PRECISION", "Tracker", "TrackerMode", "custom_function_running",
+    "outputs_to_follow",
+]  # fmt: skip
+
+#: Calls that take a derivative inside the loss (MAML, gradient penalties, `torch.func.grad`):
+#: the derivative they compute depends on θ through autograd's engine, which no torch-function
+#: mode sees, so Taylor mode hands the whole call to reverse mode.
+INNER_DERIVATIVES = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+INNER_DERIVATIVE = (
+    "the loss takes a derivative inside (torch.autograd.grad or .backward, e.g. MAML or a "
+    "gradient penalty): Taylor mode does not follow derivatives computed by autograd's engine; "
+    "reverse mode differentiates through them exactly"
+)
+#: The marker of a pass's lowest precision in its op signature (see `Tracker.signature`).
+LOWER_PRECISION = "lower precision"
 
 
 def custom_function_running() -> str | None:
@@ -84,6 +99,26 @@ def outputs_to_follow(func, kwargs, out, args=()) -> list | None:
     return outs if followed else None
 
 
+def _context_refusal(leaves, moving) -> str | None:
+    """Why a call on moving tensors cannot be followed in the context it runs in: an autocast
+    region (its casts to a lower precision are not calls Taylor mode sees), or a `torch.func`
+    transform running inside the loss (its wrapped tensors are not plain tensors)."""
+    device = getattr(getattr(leaves[next(iter(moving))], "device", None), "type", None)
+    device = device if isinstance(device, str) else "cpu"
+    if torch.is_autocast_enabled(device):
+        dtype = str(torch.get_autocast_dtype(device)).removeprefix("torch.")
+        return (
+            f"an autocast region (torch.autocast, {dtype}): Taylor mode does not follow mixed "
+            f"precision; reverse mode computes the summaries, with {dtype} precision in that region"
+        )
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return (
+            "a torch.func transform (vmap, grad, jvp) runs inside the loss: Taylor mode does not "
+            "follow transformed tensors; reverse mode does"
+        )
+    return None
+
+
 def storage_key(tensor: torch.Tensor) -> int:
     """An identity of the memory behind `tensor`, unique while a weak reference lives."""
     return tensor.untyped_storage()._cdata
@@ -108,6 +143,27 @@ class Tracker:
         self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
         self.moving_storages: dict[int, StorageWeakRef] = {}  # written with moving values
         self.ops: list = []  # (call, moving arguments) in order: the pass's op sequence
+        self.seed_dtype: torch.dtype | None = None  # the dtype the seeds move in
+        #: (dtype, where) of the first moving tensor computed in a lower precision than the
+        #: seeds (a float32 island in a float64 model, an autocast region), or None
+        self.precision: tuple[torch.dtype, str] | None = None
+
+    def signature(self) -> tuple:
+        """The pass's op sequence (what the certificate caches its verdicts by), with its lowest
+        precision when some moving tensor is computed below the seeds' precision."""
+        if self.precision is None:
+            return tuple(self.ops)
+        return (*self.ops, (LOWER_PRECISION, *self.precision))
+
+    def _note_dtype(self, func, dtype: torch.dtype) -> None:
+        """Record a moving output of `dtype` if it is the lowest precision seen so far."""
+        if self.seed_dtype is None or dtype == self.seed_dtype:
+            return
+        low = self.seed_dtype if self.precision is None else self.precision[0]
+        if torch.finfo(dtype).eps > torch.finfo(low).eps:
+            name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+            where = module_path()
+            self.precision = (dtype, f"{name} in {where}" if where else name)
 
     # ------------------------------------------------------------------ to provide
     def coefficients_of(self, tensor: Any) -> Any:
@@ -157,6 +213,8 @@ class Tracker:
     # ------------------------------------------------------------------ step 1: in place
     def run(self, func, args, kwargs):
         """`func(*args, **kwargs)` with its outputs' coefficients."""
+        if func in INNER_DERIVATIVES and self._depth == 0 and self.following():
+            raise TaylorFallback(INNER_DERIVATIVE)
         if (
             self.following()
             and (self._depth > 0 or torch.is_grad_enabled())
@@ -227,6 +285,9 @@ class Tracker:
                 "PyTorch but its input moves; hold it constant (torch.no_grad(), .detach()) "
                 "or write it in differentiable ops."
             )
+        if self._depth == 0 and (refusal := _context_refusal(leaves, moving)) is not None:
+            self._fall_back(TaylorFallback(refusal))
+            return
         if self._depth == 0 and not torch.is_grad_enabled():
             running = custom_function_running()
             if running is not None:
@@ -249,6 +310,7 @@ class Tracker:
             for o, c in zip(outs, results):
                 if c is not None and isinstance(o, torch.Tensor) and o.is_floating_point():
                     self._store(o, c)
+                    self._note_dtype(func, o.dtype)
         except TaylorFallback as exc:
             self._fall_back(exc)
         except Exception as exc:

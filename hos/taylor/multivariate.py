@@ -119,6 +119,7 @@ class MultivariateTracker(Tracker):
 
     def seed(self, tensor: torch.Tensor, group: int, direction: torch.Tensor) -> None:
         """`tensor` moves as θ + η_group·direction."""
+        self.seed_dtype = self.seed_dtype or direction.dtype
         self._store(tensor, Poly(((group,),), direction.detach().unsqueeze(0)))
 
     def poly(self, tensor: Any) -> Poly | None:

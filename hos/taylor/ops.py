@@ -85,7 +85,7 @@ _MULTILINEAR = {
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.embedding,
-    _T.to, _T.type_as, _T.type, _T.float, _T.double, F.nll_loss,
+    _T.to, _T.type_as, _T.type, _T.float, _T.double, F.nll_loss, torch.gather, _T.gather,
 } | _getters("T", "mT")  # fmt: skip
 
 _WITH_BIAS = {
@@ -145,7 +145,7 @@ SELF_ONLY = {_T.type_as, _T.to, _T.expand_as, _T.view_as, _T.reshape_as}
 #: Multilinear only in their first argument (the others enter nonlinearly, e.g. the class
 #: weight of a mean-reduced nll_loss divides): another moving argument takes the generic rule.
 LINEAR_IN_FIRST = frozenset(
-    {F.nll_loss, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    {F.nll_loss, torch.gather, _T.gather, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
      F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pixel_shuffle, F.pixel_unshuffle,
      F.unfold, F.fold}
 )  # fmt: skip

@@ -114,6 +114,7 @@ class UnivariateTracker(Tracker):
         """`tensor` moves as θ + t·direction along the line of `group`."""
         if self.fallback is not None:
             return
+        self.seed_dtype = self.seed_dtype or direction.dtype
         line = Jet((group,), [direction.detach().unsqueeze(0)] + [None] * (self.order - 1))
         try:
             self._store(tensor, line)

@@ -1,0 +1,330 @@
+r"""A check that shares no blind spot with the computation: the model run the ordinary way.
+
+Every backend, and Taylor mode's certificate, evaluates the model at $\theta + \sum_s \eta_s u_s$
+by putting those tensors in the parameters' place. Where the forward computes from something
+else (a compiled graph, a value cached from the parameters, a hook that puts its own weights
+back), all of them are wrong together. So, for a loss made by [`hos.model_loss`][hos.model_loss],
+the first time a setting is seen (the model, its mode, the batch's shapes, the partition), hos
+also runs the user's module the ordinary way -- its own `nn.Parameter` objects holding the
+point, PyTorch's own kernels, one plain backward each, nothing injected -- and compares:
+
+* $\bar g_s = \langle \nabla L(\theta), u_s\rangle$ with the summary's ḡ (rounding tolerance
+  of the precision the forward computes in);
+* the row sums $(\bar H \mathbf 1)_s = \langle \nabla^2 L(\theta)\, u, u_s\rangle$ with central
+  differences of those ordinary gradients along u, $\langle \nabla L(\theta + h u) - \nabla
+  L(\theta - h u), u_s\rangle / 2h$ at steps h and 2h combined by Richardson extrapolation
+  (tolerance: ten times what the two steps disagree by, plus rounding; where a kink of ReLU
+  or max-pool lies within the steps, the check is loose, never wrong).
+
+A mismatch raises [`ModelMismatchError`][hos.ModelMismatchError] naming the groups: no number
+computed through the injection is returned. A group whose parameters the ordinary forward does
+not read at all (an unknown cache, an unused module) gets an
+[`UnreadParametersWarning`][hos.UnreadParametersWarning]: its summaries are 0. A forward that
+computes moving tensors below the summary's precision is said once
+([`PrecisionWarning`][hos.PrecisionWarning]).
+
+What the ordinary run shares with the computation is only what defines the function of a
+summary (`hos._exact.SEMANTICS`: dropout off, buffers not written), stochastic depth off,
+checkpoints inlined and compiled code run eagerly. The module's parameters hold the points
+θ, θ ± h u through `.data` for the three evaluations and get their own tensors back after;
+buffers and the RNG are restored, `.grad` is never written. Cost: five gradients (θ, θ ± h u,
+θ ± 2h u: two step sizes give the difference's own error, and Richardson's combination of
+them), plus a gradient and a Hessian-vector product when the call has no ḡ and H̄ to compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from hos import _certificate
+from hos._exact import SEMANTICS, inline_checkpoints
+from hos._injection import caches_cleared, eager
+from hos._loss import ModelLoss, _adapted, _promote
+from hos._problem import Problem
+from hos._refusals import module_path
+from hos._stochastic import stochastic_depth_off
+
+__all__ = ["ModelMismatchError", "UnreadParametersWarning", "check_against_model"]
+
+_LOG = logging.getLogger("hos")
+
+
+class ModelMismatchError(RuntimeError):
+    """The summary disagrees with the model run the ordinary way: the forward does not compute
+    from the parameters hos passes in (a compiled graph, a cache, a parameter hook)."""
+
+
+class UnreadParametersWarning(UserWarning):
+    """The model's forward never reads a group's parameters: that group's summaries are 0."""
+
+
+#: settings already checked, per model (weakly: a model that goes away takes its entries)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def clear() -> None:
+    """Forget which settings were checked (tests)."""
+    with _LOCK:
+        _CHECKED.clear()
+
+
+def model_loss_of(loss) -> ModelLoss | None:
+    """The `hos.model_loss` behind a (validated) loss, or None for a plain function."""
+    loss = getattr(loss, "wrapped", loss)
+    return loss if isinstance(loss, ModelLoss) else None
+
+
+def _setting(prob: Problem) -> tuple:
+    loss = model_loss_of(prob.loss)
+    inputs = loss.inputs if isinstance(loss.inputs, Mapping) else {"": loss.inputs}
+
+    def shape(x):
+        if isinstance(x, torch.Tensor):
+            return (tuple(x.shape), x.dtype)
+        if isinstance(x, (tuple, list)):
+            return tuple(shape(v) for v in x)
+        return type(x).__name__
+
+    return (
+        loss.model.training, prob.dtype, prob.partition,
+        tuple((k, shape(v)) for k, v in inputs.items()), shape(loss.targets),
+        type(loss.criterion).__qualname__, loss.output if isinstance(loss.output, str) else None,
+    )  # fmt: skip
+
+
+class _Ordinary(TorchFunctionMode):
+    """What a summary means (SEMANTICS) and nothing else; records the lowest precision of the
+    tensors that depend on the parameters (they require grad here)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.precision: tuple[torch.dtype, str] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        replacement = SEMANTICS.get(func)
+        out = (replacement or func)(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self._note(func, out)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                if isinstance(o, torch.Tensor):
+                    self._note(func, o)
+        return out
+
+    def _note(self, func, out: torch.Tensor) -> None:
+        if not (out.requires_grad and out.is_floating_point()) or out.dtype == self.dtype:
+            return
+        low = self.dtype if self.precision is None else self.precision[0]
+        if torch.finfo(out.dtype).eps > torch.finfo(low).eps:
+            name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+            where = module_path()
+            self.precision = (out.dtype, f"{name} in {where}" if where else name)
+
+
+class _CannotRun(Exception):
+    """The model cannot be run the ordinary way at θ (said at INFO level, nothing checked)."""
+
+
+def _gradients(prob: Problem, points: list[dict]) -> tuple[list[dict], tuple | None]:
+    """∇L at each point, the module run the ordinary way; None for parameters not read.
+    Returns (gradients per point, lowest precision seen)."""
+    loss = model_loss_of(prob.loss)
+    model = loss.model
+    named = dict(model.named_parameters())
+    missing = [k for k in prob.theta if k not in named]
+    if missing:
+        raise _CannotRun(f"θ has {missing[:3]}, which are not parameters of the model")
+    for k, v in prob.theta.items():
+        p = named[k]
+        if type(p.data) is not torch.Tensor:
+            raise _CannotRun(f"parameter {k!r} is a {type(p.data).__name__}")
+        if p.dtype != v.dtype or p.device != v.device or p.shape != v.shape:
+            raise _CannotRun(
+                f"parameter {k!r} is {p.dtype} on {p.device}, θ[{k!r}] {v.dtype} on {v.device}"
+            )
+    keys = list(prob.theta)
+    held = {k: named[k].data for k in keys}
+    flags = {k: named[k].requires_grad for k in keys}
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    if isinstance(loss.inputs, Mapping):
+        args, kwargs = (), {k: _promote(v, prob.dtype) for k, v in loss.inputs.items()}
+    else:
+        inputs = loss.inputs if isinstance(loss.inputs, tuple) else (loss.inputs,)
+        args, kwargs = tuple(_promote(x, prob.dtype) for x in inputs), {}
+    mode = _Ordinary(prob.dtype)
+    results = []
+    try:
+        for point in points:
+            for k in keys:
+                named[k].data = point[k]
+                named[k].requires_grad_(True)
+            with (
+                torch.random.fork_rng(), torch.enable_grad(), inline_checkpoints(),
+                stochastic_depth_off(), eager(), caches_cleared(model), mode,
+            ):  # fmt: skip
+                value = loss.criterion(_adapted(model(*args, **kwargs), loss.output), loss.targets)
+            if value.requires_grad:
+                grads = torch.autograd.grad(value, [named[k] for k in keys], allow_unused=True)
+            else:  # the forward read no parameter at all
+                grads = (None,) * len(keys)
+            results.append(dict(zip(keys, grads)))
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    if k in buffers:
+                        b.copy_(buffers[k])
+    finally:
+        for k in keys:
+            named[k].data = held[k]
+            named[k].requires_grad_(flags[k])
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in buffers and b.shape == buffers[k].shape:
+                    b.copy_(buffers[k])
+    return results, mode.precision
+
+
+def _contract(prob: Problem, grads: dict) -> torch.Tensor:
+    return torch.stack(
+        [
+            sum(((grads[n] * prob.u[n]).sum() for n in names if grads[n] is not None),
+                prob.zeros())
+            for names in prob.groups
+        ]
+    )  # fmt: skip
+
+
+def _unread(prob: Problem, grads: dict) -> list[int]:
+    """Groups with a nonzero direction whose parameters the forward never read."""
+    return [
+        s
+        for s, names in enumerate(prob.groups)
+        if all(grads[n] is None for n in names) and any(bool(prob.u[n].any()) for n in names)
+    ]
+
+
+def _step(prob: Problem, precision: torch.dtype) -> float:
+    """h of the central difference along u: ε^(1/3) of the precision, in units of θ's scale."""
+    theta = max(max(float(v.abs().max()) for v in prob.theta.values() if v.numel()), 1.0)
+    u = max(float(v.abs().max()) for v in prob.u.values() if v.numel())
+    return torch.finfo(precision).eps ** (1 / 3) * theta / max(u, 1e-300)
+
+
+#: the points of the central differences along u, in units of h: ±2h and ±h
+STENCIL = (2.0, 1.0, -1.0, -2.0)
+
+
+def _mismatch(a: torch.Tensor, b: torch.Tensor, bound: float) -> list[int]:
+    return [int(i) for i in (~((a - b).abs() <= bound)).nonzero().flatten().tolist()]
+
+
+def check_against_model(
+    prob: Problem,
+    g: torch.Tensor | None = None,
+    row_sums: torch.Tensor | None = None,
+    injected: Callable[[Problem], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Compare ḡ and H̄·1 (given, or from `injected(prob)`) with the model run the ordinary way,
+    once per setting (see the module docstring); raise `ModelMismatchError` on a mismatch."""
+    loss = model_loss_of(prob.loss)
+    if not prob.verify or loss is None:
+        return
+    model = loss.model
+    key = _setting(prob)
+    with _LOCK:
+        seen = _CHECKED.setdefault(model, set())
+        if key in seen:
+            return
+    if not any(bool(v.any()) for v in prob.u.values()):
+        return  # u = 0: every summary is 0, nothing to compare
+    try:
+        base, precision = _gradients(prob, [prob.theta])
+        low = precision[0] if precision is not None else prob.dtype
+        h = _step(prob, low)
+        moved, _ = _gradients(
+            prob,
+            [{k: v + s * h * prob.u[k] for k, v in prob.theta.items()} for s in STENCIL],
+        )
+    except _CannotRun as why:
+        _LOG.info("hos: the check against the model run the ordinary way is skipped: %s", why)
+        with _LOCK:
+            seen.add(key)
+        return
+    if precision is not None:
+        _certificate.state_precision(precision[0], precision[1], prob.dtype)
+    g_model = _contract(prob, base[0])
+    at = [_contract(prob, m) for m in moved]  # ⟨∇L(θ + s h u), u_s⟩ for s in STENCIL
+    wide = (at[0] - at[3]) / (4 * h)  # steps ±2h
+    near = (at[1] - at[2]) / (2 * h)  # steps ±h
+    rows_model = (4 * near - wide) / 3  # Richardson: the h² term cancels
+    if g is None or row_sums is None:
+        g_inj, rows_inj = injected(prob)
+        g = g_inj if g is None else g
+        row_sums = rows_inj if row_sums is None else row_sums
+    eps = torch.finfo(low).eps
+    g_scale = max(float(g_model.abs().max()), float(g.abs().max()), 1e-300)
+    g_bound = _certificate.tolerance(low) * g_scale
+    # the difference's own error: what the two step sizes disagree by (large across a kink of
+    # ReLU or max-pool: the check is then loose there, never wrong), its rounding, a floor
+    scale = max(float(torch.stack(at).abs().max()), 1e-300)
+    row_scale = max(float(rows_model.abs().max()), float(row_sums.abs().max()), 1e-300)
+    spread = (near - wide).abs()
+    rows_bound = 10 * spread + 100 * eps * scale / h + _certificate.tolerance(low) * row_scale
+    if _LOG.isEnabledFor(logging.DEBUG):
+        _LOG.debug(
+            "hos: ordinary check: h %.3g, |ḡ| err %.3g of %.3g; rows err %.3g, spread %.3g, "
+            "of %.3g", h, float((g - g_model).abs().max()), g_scale,
+            float((row_sums - rows_model).abs().max()), float(spread.max()), row_scale,
+        )  # fmt: skip
+    bad_g = _mismatch(g.detach().to(g_model.dtype), g_model, g_bound)
+    bad_rows = [
+        int(i)
+        for i in (~((row_sums.detach().to(rows_model.dtype) - rows_model).abs() <= rows_bound))
+        .nonzero()
+        .flatten()
+        .tolist()
+    ]
+    if bad_g or bad_rows:
+        raise ModelMismatchError(_explain(prob, g, g_model, row_sums, rows_model, bad_g, bad_rows))
+    unread = _unread(prob, base[0])
+    if unread:
+        warnings.warn(
+            f"hos: the model's forward never reads the parameters of {prob.group_names(unread)}, "
+            "so their summaries are 0. If the forward reads a value computed from them earlier "
+            "(a cache, as timm's attention_bias_cache in eval mode), clear it for the summary; "
+            "if they are unused, leave them out of params or give them u = 0.",
+            UnreadParametersWarning,
+            stacklevel=4,
+        )
+    with _LOCK:
+        seen.add(key)
+
+
+def _explain(prob, g, g_model, rows, rows_model, bad_g, bad_rows) -> str:
+    what = []
+    for s in bad_g[:4]:
+        what.append(
+            f"{prob.names[s]}: ḡ {float(g[s]):.4g} here, {float(g_model[s]):.4g} by the model"
+        )
+    for s in [s for s in bad_rows if s not in bad_g][:4]:
+        what.append(
+            f"{prob.names[s]}: (H̄·1) {float(rows[s]):.4g} here, {float(rows_model[s]):.4g} by a "
+            "central difference of the model's gradient"
+        )
+    groups = prob.group_names(sorted(set(bad_g) | set(bad_rows)))
+    return (
+        f"hos: the summary disagrees with the model run the ordinary way for {groups} ("
+        + "; ".join(what)
+        + "). The forward does not compute from the parameters hos passes in: a compiled graph "
+        "hos cannot make eager, a value cached from the parameters, or a hook that puts its own "
+        "weights back. Nothing was returned; clear the cache or run the module uncompiled, or "
+        "report the model to the hos developers. verify=False skips this check."
+    )
