@@ -18,6 +18,7 @@ wrong rule, or an op it misreads, from ever returning a wrong number silently:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -145,8 +146,9 @@ _PRECISION_SAID: set[tuple] = set()
 
 
 def state_precision(dtype: torch.dtype, where: str, summary_dtype: torch.dtype) -> None:
-    """Say once per place that the summaries have `dtype`'s precision (PrecisionWarning)."""
-    key = (dtype, where, summary_dtype)
+    """Say once per kind of place (the op and its module's class, not its path: every layer's
+    norm is one place) that the summaries have `dtype`'s precision (PrecisionWarning)."""
+    key = (dtype, re.sub(r" in .* \(", " in (", where), summary_dtype)
     if key in _PRECISION_SAID:
         return
     _PRECISION_SAID.add(key)

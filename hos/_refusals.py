@@ -178,7 +178,9 @@ def explain_missing_derivative(
     if not isinstance(err, (RuntimeError, NotImplementedError)) or str(err).startswith("hos:"):
         return None  # not PyTorch's, or already hos's own message
     text = str(err)
-    if forward_mode and _inner_derivative_in(err.__traceback__):
+    if forward_mode and (
+        _inner_derivative_in(err.__traceback__) or "being transformed by a functorch" in text
+    ):
         return NotImplementedError(
             f"hos: the loss takes a derivative inside (torch.autograd.grad or .backward, e.g. "
             f"MAML or a gradient penalty), which the {backend} backend (torch.func) cannot "

@@ -64,8 +64,13 @@ class Path:
     scaled back.
     """
 
-    def __init__(self, loss, params: Mapping, direction: Mapping, partition: hos.Partition):
+    def __init__(
+        self, loss, params: Mapping, direction: Mapping, partition: hos.Partition,
+        inner_grad: bool = False,
+    ):  # fmt: skip
+        """`inner_grad`: the loss differentiates inside (MAML), so it runs with autograd on."""
         self.loss, self.params, self.direction = loss, dict(params), dict(direction)
+        self.inner_grad = inner_grad
         self.groups = partition.groups
         self.S = len(partition)
         self.norm = [
@@ -78,8 +83,10 @@ class Path:
         for s, names in enumerate(self.groups):
             for n in names:
                 moved[n] = self.params[n].detach() + eta.get(s, 0.0) * self.direction[n]
-        with torch.no_grad():
-            return float(self.loss(moved))
+                if self.inner_grad:
+                    moved[n].requires_grad_()
+        with torch.set_grad_enabled(self.inner_grad):
+            return float(self.loss(moved).detach())
 
     def _line(self, s: int, order: int, h) -> float:
         n = self.norm[s]

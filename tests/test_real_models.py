@@ -31,6 +31,19 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 #: differences amplify: the oracle is good to ~1e-8 (ḡ), ~1e-5 (H̄) and ~1e-4 (diag D³) here.
 FD_TOL = {"g": 1e-7, "H": 1e-4, "d3": 1e-3}
 AGREE = 1e-10
+#: ... and where the model computes in float32 inside (Hugging Face's RMSNorm): differences of the
+#: float64 loss see float32 rounding (~1e-7 of L / h), the backends round differently
+FD_TOL_FLOAT32 = {"g": 5e-3}
+AGREE_FLOAT32 = 1e-4
+
+
+def _fd_tol(b, key: str) -> float:
+    return FD_TOL[key] if b.precision == torch.float64 else FD_TOL_FLOAT32[key]
+
+
+def _agree(b) -> float:
+    return AGREE if b.precision == torch.float64 else AGREE_FLOAT32
+
 
 #: the models whose finite-difference check takes more than a few seconds: -m slow
 HEAVY = {"resnet18-eval", "efficientnet_b0", "mobilenet_v3_small"}
@@ -75,7 +88,7 @@ def test_summary_matches_finite_differences(name):
     assert fallback is None, f"{name}: Taylor mode fell back: {fallback}"
     path = fd.Path(b.loss, b.params, b.direction, b.partition)
     for key in b.fd_keys:
-        tol = FD_TOL[key]
+        tol = _fd_tol(b, key)
         a, trusted = fd.trusted_oracle(path, key, tol)
         share = trusted.double().mean().item()
         assert share >= 0.5, f"{name} {key}: the oracle agrees with itself on {share:.0%} only"
@@ -88,14 +101,15 @@ def test_backends_agree_and_taylor_mode_follows(name):
     args = (b.loss, b.params, b.direction, b.partition)
     s, _ = _taylor_summary(name)
     r = hos.summarize(*args, backend="reverse")
+    agree = _agree(b)
     for key in ("g", "H", "d3"):
-        fd.close(getattr(s, key), getattr(r, key), AGREE, f"{name} {key}: taylor vs reverse")
+        fd.close(getattr(s, key), getattr(r, key), agree, f"{name} {key}: taylor vs reverse")
     D3 = hos.summary_tensor(*args, 3)
     assert hos.last_fallback() is None, f"{name}: multivariate Taylor mode fell back"
-    fd.close(D3, hos.summary_tensor(*args, 3, backend="reverse"), AGREE, f"{name} D3")
+    fd.close(D3, hos.summary_tensor(*args, 3, backend="reverse"), agree, f"{name} D3")
     d4 = hos.summary_diagonal(*args, 4)
     assert hos.last_fallback() is None, f"{name}: diag D4 fell back"
-    fd.close(d4, hos.summary_diagonal(*args, 4, backend="reverse"), AGREE, f"{name} diag D4")
+    fd.close(d4, hos.summary_diagonal(*args, 4, backend="reverse"), agree, f"{name} diag D4")
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -227,8 +227,30 @@ def _selection(func):
     return rewrite
 
 
+def _index_add(input, dim, index, source, *, alpha=1):
+    """`input.index_add(dim, index, source, alpha=alpha)` = input + alpha·(M ⊗ source) with the
+    constant 0/1 matrix M[index[j], j] = 1 contracted with `source` along `dim` (repeated indices
+    add up, as in index_add): linear in (input, source), made of ops with rules (the mixture-of-
+    experts layers of Hugging Face gather their experts' outputs this way)."""
+    if (
+        not isinstance(index, torch.Tensor)
+        or index.dim() > 1
+        or not isinstance(alpha, (int, float))
+    ):
+        raise NotCovered
+    dim = dim % max(input.dim(), 1)
+    with torch._C.DisableTorchFunction():  # a constant
+        picks = torch.zeros(
+            input.shape[dim], index.numel(), dtype=source.dtype, device=source.device
+        )
+        picks[index.reshape(-1), torch.arange(index.numel(), device=index.device)] = 1.0
+    added = torch.movedim(torch.tensordot(picks, torch.movedim(source, dim, 0), dims=1), 0, dim)
+    return input + (added if alpha == 1 else added * alpha)
+
+
 #: Rewrites both algebras run (their outputs' coefficients become the call's).
 REWRITES = {
+    torch.index_add: _index_add, _T.index_add: _index_add,
     **{f: _selection(f) for f in SELECTIONS},
     F.multi_head_attention_forward: _attention,
     F.cross_entropy: _cross_entropy,

@@ -86,6 +86,7 @@ _MULTILINEAR = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.embedding,
     _T.to, _T.type_as, _T.type, _T.float, _T.double, F.nll_loss, torch.gather, _T.gather,
+    torch.repeat_interleave, _T.repeat_interleave,
 } | _getters("T", "mT")  # fmt: skip
 
 _WITH_BIAS = {
