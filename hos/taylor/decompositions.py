@@ -233,10 +233,9 @@ def _index_add(input, dim, index, source, *, alpha=1):
     add up, as in index_add): linear in (input, source), made of ops with rules (the mixture-of-
     experts layers of Hugging Face gather their experts' outputs this way)."""
     if (
-        not isinstance(index, torch.Tensor)
-        or index.dim() > 1
-        or not isinstance(alpha, (int, float))
-    ):
+        not isinstance(index, torch.Tensor) or index.dim() > 1 or input.dim() == 0
+        or source.dim() != input.dim() or not isinstance(alpha, (int, float))
+    ):  # fmt: skip
         raise NotCovered
     dim = dim % max(input.dim(), 1)
     with torch._C.DisableTorchFunction():  # a constant
