@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -143,6 +144,16 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 _PRECISION_SAID: set[tuple] = set()
+_PACKAGE = __file__.rpartition("/")[0] + "/"
+
+
+def outside_hos() -> int:
+    """The `stacklevel` of `warnings.warn` (called right here) that points at the first frame
+    outside hos: the user's call, whatever path inside hos led to the warning."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def state_precision(dtype: torch.dtype, where: str, summary_dtype: torch.dtype) -> None:
@@ -158,7 +169,7 @@ def state_precision(dtype: torch.dtype, where: str, summary_dtype: torch.dtype) 
         f"{where}), below the summary's {high}: the summaries have {low} precision (about "
         f"{torch.finfo(dtype).eps:.0e} relative), and the checks' tolerances follow it.",
         PrecisionWarning,
-        stacklevel=6,
+        stacklevel=outside_hos(),
     )
 
 
@@ -202,5 +213,5 @@ def warn_mismatch(signature: Hashable, what: str, names: Sequence[str], culprit:
         "hos.last_fallback() has the record. Please report this op to the hos developers; "
         "verify=False turns the check off.",
         TaylorModeWarning,
-        stacklevel=5,
+        stacklevel=outside_hos(),
     )

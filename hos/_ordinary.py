@@ -330,7 +330,7 @@ def check_against_model(
             "(a cache, as timm's attention_bias_cache in eval mode), clear it for the summary; "
             "if they are unused, leave them out of params or give them u = 0.",
             UnreadParametersWarning,
-            stacklevel=4,
+            stacklevel=_certificate.outside_hos(),
         )
     with _LOCK:
         seen.add(key)
