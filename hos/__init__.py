@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from hos._certificate import Fallback, PrecisionWarning, TaylorModeWarning, last_fallback
 from hos._data import (
+    RankFailure,
     Reduction,
     summarize_loader,
     summary_diagonal_loader,
@@ -57,6 +58,7 @@ __all__ = [
     # progress bars on long loops
     "progress",
     # whole data sets and torch.distributed
+    "RankFailure",
     "Reduction",
     "summarize_loader",
     "summary_diagonal_loader",

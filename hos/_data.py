@@ -40,6 +40,7 @@ from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_
 from hos._validate import check_direction, check_order, check_output_size, check_partition
 
 __all__ = [
+    "RankFailure",
     "Reduction",
     "summarize_loader",
     "summary_diagonal_loader",
@@ -154,6 +155,78 @@ def _progress_bar(loader: Iterable, progress: bool | None, what: str, group: Any
     return stderr_bar(loader, show=progress, total=total, desc=what, unit="batch")
 
 
+class RankFailure(RuntimeError):
+    """A rank failed during a collective computation; every rank raises it, naming the rank."""
+
+
+def _padding(loader: Iterable) -> int:
+    """How many samples at the end of this rank's shard a `DistributedSampler` with
+    `drop_last=False` repeated to make the shards even (0 for any other loader).
+
+    The sampler appends the first `total_size - len(dataset)` indices of its list and deals the
+    list out round-robin, so the repeats are the last ones of some ranks' shards; the loader
+    must read its sampler in order (a `DataLoader(sampler=...)`), else the repeats cannot be
+    found and the loader is refused.
+    """
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return 0
+    size = len(sampler.dataset)
+    padded = sampler.total_size - size
+    if padded <= 0:
+        return 0
+    batches = getattr(loader, "batch_sampler", None)
+    in_order = isinstance(batches, BatchSampler) and batches.sampler is sampler
+    if not in_order:
+        raise ValueError(
+            f"the loader's DistributedSampler pads the {size} samples to {sampler.total_size} "
+            f"with {padded} repeated ones (drop_last=False), and the loader does not read it in "
+            "order, so hos cannot leave the repeats out: use DataLoader(data, batch_size=..., "
+            "sampler=DistributedSampler(data, ...)), or drop_last=True on the sampler."
+        )
+    return sum(
+        1 for p in range(size, sampler.total_size) if p % sampler.num_replicas == sampler.rank
+    )
+
+
+def _head(x: Any, keep: int) -> Any:
+    """The first `keep` samples of a batch (tensors, tuples or dicts of them)."""
+    if isinstance(x, torch.Tensor):
+        return x[:keep]
+    if isinstance(x, tuple | list):
+        return type(x)(_head(v, keep) for v in x)
+    if isinstance(x, Mapping):
+        return {k: _head(v, keep) for k, v in x.items()}
+    return x
+
+
+def agreed(group: Any, what: str, run: Callable[[], Any]) -> Any:
+    """`run()`, then every rank learns whether every rank succeeded: a failure on one rank
+    makes all of them raise `RankFailure` naming it (instead of the others waiting in the next
+    collective until the process group's timeout). One `all_gather_object` per call."""
+    if group is None:
+        return run()
+    error: BaseException | None = None
+    try:
+        result = run()
+    except Exception as exc:  # reported to every rank below, then raised here too
+        error, result = exc, None
+    told = [None] * dist.get_world_size(group)
+    mine = (
+        None
+        if error is None
+        else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    )
+    dist.all_gather_object(told, mine, group=group)
+    failed = [(r, m) for r, m in enumerate(told) if m is not None]
+    if failed:
+        ranks = ", ".join(f"rank {r}: {m}" for r, m in failed)
+        raise RankFailure(f"hos {what}: {ranks}; every rank stops here.") from error
+    return result
+
+
 # --------------------------------------------------------------------------- the loop
 Compute = Callable[[ModelLoss, Params, Params, Partition], Sequence[torch.Tensor]]
 
@@ -188,22 +261,38 @@ def _accumulate(
     shape_list = list(shapes(len(partition)))
     sums = [torch.zeros(shape, dtype=ACCUMULATE_DTYPE, device=device) for shape in shape_list]
     samples, weight = 0, 0
-    # Iterating a DataLoader (and wrapping it in tqdm) draws from the global RNG: fork
-    # it, so that computing a summary does not change the caller's random stream.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        bar = _progress_bar(loader, progress, what, group)
-        try:
-            for index, batch in enumerate(bar):
-                inputs, targets, n = _unpack(batch, index)
-                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-                loss = model_loss(model, criterion, inputs, targets)
-                w = n if choice is Reduction.MEAN else 1
-                for total, value in zip(sums, compute(loss, params, direction, partition)):
-                    total.add_(value.detach().to(ACCUMULATE_DTYPE), alpha=w)
-                samples += n
-                weight += w
-        finally:
-            bar.close()
+
+    def loop() -> None:
+        nonlocal samples, weight
+        padding = _padding(loader)
+        limit = len(loader.sampler) - padding if padding else None
+        seen = 0
+        # Iterating a DataLoader (and wrapping it in tqdm) draws from the global RNG: fork
+        # it, so that computing a summary does not change the caller's random stream.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            bar = _progress_bar(loader, progress, what, group)
+            try:
+                for index, batch in enumerate(bar):
+                    inputs, targets, n = _unpack(batch, index)
+                    if limit is not None and seen + n > limit:  # the sampler's repeats
+                        keep = max(limit - seen, 0)
+                        seen += n
+                        if keep == 0:
+                            continue
+                        inputs, targets, n = _head(inputs, keep), _head(targets, keep), keep
+                    else:
+                        seen += n
+                    inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                    loss = model_loss(model, criterion, inputs, targets)
+                    w = n if choice is Reduction.MEAN else 1
+                    for total, value in zip(sums, compute(loss, params, direction, partition)):
+                        total.add_(value.detach().to(ACCUMULATE_DTYPE), alpha=w)
+                    samples += n
+                    weight += w
+            finally:
+                bar.close()
+
+    agreed(group, what, loop)
     if group is not None:
         counts = torch.tensor([samples, weight], dtype=ACCUMULATE_DTYPE, device=device)
         *sums, counts = all_reduce_sum([*sums, counts], group)
@@ -246,8 +335,9 @@ def summarize_loader(
         loader: an iterable of `(inputs, targets)` batches (a `DataLoader`), moved to
             the parameters' device. Under torch.distributed: this rank's shard, e.g.
             `DataLoader(data, batch_size=..., sampler=DistributedSampler(data, shuffle=False))`
-            (`drop_last=False` pads the shards with repeated samples when the data does not
-            split evenly: those are then counted twice).
+            (with `drop_last=False` the sampler pads the shards with repeated samples when the
+            data does not split evenly: hos leaves the repeats out, so the result is the
+            summary of the data set itself).
         direction: u, a dict with the keys and shapes of the trainable parameters.
         partition: the S groups, covering the trainable parameters.
         reduction: `"mean"` or `"sum"` ([`Reduction`][hos.Reduction]); None reads
@@ -264,8 +354,10 @@ def summarize_loader(
     does not depend on the other samples of its batch; BatchNorm in training mode
     breaks this (it gives the average of per-batch summaries): use `model.eval()`
     for full-data summaries. Under torch.distributed every rank must call it (a
-    collective). A `KeyboardInterrupt` or any error in the loop propagates, with
-    the model untouched and nothing returned.
+    collective); an error on one rank makes every rank raise `hos.RankFailure` naming it
+    (no rank waits for the others until the process group's timeout). A
+    `KeyboardInterrupt` or any error in the loop propagates, with the model untouched and
+    nothing returned.
 
     Examples:
         >>> import torch, torch.nn as nn, hos

@@ -61,6 +61,21 @@ def grouped_newton_run(rank: int | None, world: int):
     return torch.stack(trajectory), torch.stack(multipliers)
 
 
+def first_refresh(refresh: slice, rank: int | None, world: int):
+    """The summary of GroupedNewton's first refresh (one DDP step on 8 samples split evenly),
+    with this rank's refresh samples `refresh` of the first 12."""
+    model, x, y, _, _ = make_problem(seed=3)
+    crit = nn.CrossEntropyLoss()
+    net = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    opt = hos.optim.GroupedNewton(model, hos.model_loss(model, crit, x[refresh], y[refresh]),
+                                  **GN_KW)  # fmt: skip
+    batch = slice(None, 8) if rank is None else slice(4 * rank, 4 * rank + 4)
+    opt.zero_grad()
+    crit(net(x[batch]), y[batch]).backward()
+    opt.step()
+    return opt.last_refresh.summary
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
@@ -95,9 +110,34 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             progress=False,
         )
         res["gn"] = grouped_newton_run(rank, world)
+        # the default DistributedSampler pads 23 samples to 24 with a repeat: left out
+        padding = DistributedSampler(data, shuffle=True, seed=5, drop_last=False)
+        res["padded"] = hos.summarize_loader(
+            model, crit, DataLoader(data, batch_size=5, sampler=padding), u, part, progress=False
+        )
+        # a failure on rank 1 makes both ranks raise, naming it, and nobody waits for a timeout
+        failing = DataLoader(mine, batch_size=5) if rank == 0 else _Failing(mine)
+        try:
+            hos.summarize_loader(model, crit, failing, u, part, progress=False)
+            res["failure"] = "no error"
+        except hos.RankFailure as err:
+            res["failure"] = str(err)
+        # a refresh batch per rank of different sizes (7 and 5): weighted by sample count
+        res["refresh"] = first_refresh(slice(0, 7) if rank == 0 else slice(7, 12), rank, world)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+class _Failing:
+    """A loader whose second batch fails (a corrupt file, a bad sample)."""
+
+    def __init__(self, data):
+        self.batches = list(DataLoader(data, batch_size=5))
+
+    def __iter__(self):
+        yield self.batches[0]
+        raise OSError("corrupt shard file")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +155,9 @@ def _values(result):
     return {"": result}
 
 
-@pytest.mark.parametrize("key", ["summarize", "tensor3", "diag4", "sampler2", "sum2", "gn"])
+@pytest.mark.parametrize(
+    "key", ["summarize", "tensor3", "diag4", "sampler2", "sum2", "gn", "padded", "refresh"]
+)
 def test_every_rank_gets_the_same_answer(ranks, key):
     for name, a in _values(ranks[0][key]).items():
         b = _values(ranks[1][key])[name]
@@ -135,6 +177,23 @@ def test_two_ranks_equal_one_process_on_all_data(ranks):
     model, x, y, u, part = make_problem()
     want = full_data(model, nn.CrossEntropyLoss(), x[:22], y[:22], u, part, "tensor", 2)
     assert_close(res["sampler2"], want, "2 ranks, DistributedSampler: H")
+
+
+def test_a_padding_sampler_counts_every_sample_once(ranks):
+    want = oracle("summarize")
+    for name in ("g", "H", "d3", "loss"):
+        assert_close(getattr(ranks[0]["padded"], name), getattr(want, name), f"padded {name}")
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_its_reason(ranks):
+    for res in ranks:
+        assert "rank 1: OSError: corrupt shard file" in res["failure"], res["failure"]
+
+
+def test_the_grouped_newton_refresh_weights_ranks_by_their_samples(ranks):
+    want, got = first_refresh(slice(0, 12), None, 1), ranks[0]["refresh"]
+    for name in ("g", "H", "d3", "loss"):
+        assert_close(getattr(got, name), getattr(want, name), f"refresh over 7 + 5 samples: {name}")
 
 
 def test_grouped_newton_ranks_stay_in_sync_and_match_one_process(ranks):
