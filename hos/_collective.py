@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "world_size"]
+__all__ = ["all_reduce_sum", "rank_weight", "reduce_over_ranks", "world_size"]
 
 
 def world_size(group=None) -> int:
@@ -35,3 +35,29 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Te
         out.append(flat[start : start + size].reshape(t.shape))
         start += size
     return out
+
+
+def rank_weight(loss) -> tuple[float, bool]:
+    """(this rank's weight, whether to divide by the total) when per-rank summaries of one
+    loss each are combined into the summary of all the ranks' samples: the batch's sample count
+    for a mean-reduced `hos.model_loss` (exact whatever the batch sizes), weight 1 and a plain
+    sum for a sum-reduced one, weight 1 and an average for any other loss."""
+    from hos._loss import ModelLoss
+
+    inner = getattr(loss, "wrapped", loss)
+    if isinstance(inner, ModelLoss):
+        if getattr(inner.criterion, "reduction", "mean") == "sum":
+            return 1.0, False
+        return float(inner.batch_size), True
+    return 1.0, True
+
+
+def reduce_over_ranks(tensors: Sequence[torch.Tensor], loss, group=None) -> list[torch.Tensor]:
+    """Per-rank summaries of `loss` combined over the ranks of `group` as `rank_weight` says
+    (float64 sums, one all-reduce); unchanged on one process."""
+    if world_size(group) == 1:
+        return list(tensors)
+    weight, mean = rank_weight(loss)
+    w = torch.tensor(weight, dtype=torch.float64, device=tensors[0].device)
+    *sums, total = all_reduce_sum([t.to(torch.float64) * w for t in tensors] + [w], group)
+    return [(s / total if mean else s).to(t.dtype) for s, t in zip(sums, tensors)]

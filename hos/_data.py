@@ -36,6 +36,7 @@ from hos._collective import all_reduce_sum
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._progress import stderr_bar
+from hos._sharded import per_rank
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import check_direction, check_order, check_output_size, check_partition
 
@@ -292,7 +293,8 @@ def _accumulate(
             finally:
                 bar.close()
 
-    agreed(group, what, loop)
+    with per_rank():  # a sharded model's per-batch summaries: combined once, below
+        agreed(group, what, loop)
     if group is not None:
         counts = torch.tensor([samples, weight], dtype=ACCUMULATE_DTYPE, device=device)
         *sums, counts = all_reduce_sum([*sums, counts], group)

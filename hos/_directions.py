@@ -8,6 +8,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from hos._collective import reduce_over_ranks
+from hos._sharded import gathered, is_sharded, like
+
 __all__ = ["gradient_direction", "momentum_direction", "random_direction"]
 
 Params = Mapping[str, torch.Tensor]
@@ -30,6 +33,16 @@ def gradient_direction(loss: Callable[[Params], torch.Tensor], params: Params) -
         >>> hos.gradient_direction(loss, {"w": torch.tensor([1.0, -2.0])})
         {'w': tensor([ 2., -4.])}
     """
+    if is_sharded(params):  # FSDP2: the gradient of all ranks' samples, sharded like params
+        full = gathered(params)
+        grads = _gradient(loss, full)
+        names = list(grads)
+        grads = dict(zip(names, reduce_over_ranks([grads[k] for k in names], loss)))
+        return {k: like(grads[k], params[k]) for k in names}
+    return _gradient(loss, params)
+
+
+def _gradient(loss, params: Params) -> dict:
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
     grads = torch.autograd.grad(loss(leaves), list(leaves.values()), allow_unused=True)
     return {

@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from hos._exact import ExactOps
 from hos._injection import caches_cleared, eager
+from hos._sharded import fsdp_injected, fsdp_units
 from hos._stochastic import stochastic_depth_off
 
 __all__ = ["ModelLoss", "model_loss"]
@@ -125,14 +126,20 @@ class ModelLoss:
 
     def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         dtype = next((v.dtype for v in params.values() if v.is_floating_point()), None)
-        buffers = {name: _promote(b, dtype).clone() for name, b in self.model.named_buffers()}
         if isinstance(self.inputs, Mapping):  # keyword inputs (input_ids=..., attention_mask=...)
             args, kwargs = (), {k: _promote(v, dtype) for k, v in self.inputs.items()}
         else:
             args = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
             args, kwargs = tuple(_promote(x, dtype) for x in args), None
         with ExactOps(), stochastic_depth_off(), eager(self.model), caches_cleared(self.model):
-            outputs = functional_call(self.model, ({**params}, buffers), args, kwargs, strict=False)
+            if fsdp_units(self.model):  # FSDP2 puts its own weights back: inject after it
+                with fsdp_injected(self.model, params):
+                    outputs = self.model(*args, **(kwargs or {}))
+            else:
+                buffers = {n: _promote(b, dtype).clone() for n, b in self.model.named_buffers()}
+                outputs = functional_call(
+                    self.model, ({**params}, buffers), args, kwargs, strict=False
+                )
             return self.criterion(_adapted(outputs, self.output), self.targets)
 
     def with_batch(self, inputs: Any, targets: Any) -> ModelLoss:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from hos._partition import Partition
+from hos._sharded import gathered, is_sharded
 from hos._validate import check_summary_args
 
 __all__ = ["Problem"]
@@ -46,6 +47,8 @@ class Problem:
         self.S = len(partition)
         first = next(iter(self.theta.values()))
         self.dtype, self.device = first.dtype, first.device
+        #: θ and u came as DTensors of a sharded model (see `hos._sharded`)
+        self.sharded = False
 
     @classmethod
     def validated(
@@ -58,10 +61,15 @@ class Problem:
                 f"verify must be True or False, got {verify!r}; True (the default) checks "
                 "Taylor mode against one gradient per new op sequence, False skips that check."
             )
+        sharded = is_sharded(params) or is_sharded(direction)
+        if sharded:  # FSDP2 / tensor-parallel DTensors: the full tensors they shard
+            params, direction = gathered(params), gathered(direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel
         )
-        return cls(loss, theta, u, partition, verify=verify)
+        prob = cls(loss, theta, u, partition, verify=verify)
+        prob.sharded = sharded
+        return prob
 
     @property
     def numel(self) -> int:

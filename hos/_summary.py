@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from hos import _certificate
+from hos._collective import reduce_over_ranks
 from hos._exact import ExactOps, inline_checkpoints
 from hos._injection import eager
 from hos._ordinary import check_against_model
@@ -54,6 +55,7 @@ from hos._partition import Partition
 from hos._problem import Problem
 from hos._record import Summary
 from hos._refusals import explain_missing_derivative
+from hos._sharded import reducing
 from hos._stochastic import stochastic_depth_off
 from hos._validate import (
     all_zero,
@@ -81,6 +83,28 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
     )
     _certificate.start_call()
     return prob
+
+
+#: why a sharded model's summaries come from reverse mode
+SHARDED = (
+    "a sharded model (DTensor parameters: FSDP2): reverse mode, whose collectives are the same "
+    "on every rank (Taylor mode sizes its passes by measured memory and keeps per-process "
+    "verdicts, so the ranks' collectives could differ)"
+)
+
+
+def _backend_for(prob: Problem, backend: Backend | str, chosen: SummaryBackend) -> SummaryBackend:
+    """`chosen`, or for a sharded model reverse mode (`"auto"`) or a clear error."""
+    if not prob.sharded or chosen.name == Backend.REVERSE.value:
+        return chosen
+    if Backend(backend) is Backend.AUTO:
+        _certificate.note(prob.names, SHARDED)
+        return resolve(Backend.REVERSE)
+    raise ValueError(
+        f"backend={chosen.name!r} cannot compute summaries of a sharded model (DTensor "
+        "parameters) yet; backend='auto' or 'reverse' can: every rank makes the same "
+        "collective calls there."
+    )
 
 
 @contextlib.contextmanager
@@ -121,6 +145,9 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compar
 
     with guarded(prob.device):
         check_against_model(prob, g, rows, injected)
+    if prob.sharded and reducing():  # each rank summarised its own batch: combine them
+        reduced = reduce_over_ranks(list(tensors), prob.loss)
+        results = tuple(reduced) if isinstance(results, tuple) else reduced[0]
     return results
 
 
@@ -161,6 +188,7 @@ def summary_tensor(
     order = check_order(order)
     chosen = resolve(backend)
     prob = _prepare(loss, params, direction, partition, order, "summary_tensor", verify)
+    chosen = _backend_for(prob, backend, chosen)
     check_output_size(
         prob.S, order, prob.dtype, prob.device, what="summary_tensor",
         batched_params=chosen.batched_params(prob),
@@ -208,6 +236,7 @@ def summary_diagonal(
     chosen = resolve(backend)
     chunk = check_chunk(chunk, chosen)
     prob = _prepare(loss, params, direction, partition, order, "summary_diagonal", verify)
+    chosen = _backend_for(prob, backend, chosen)
     if chosen.batched_params(prob):
         check_output_size(
             prob.S, order, prob.dtype, prob.device, what="summary_diagonal",
@@ -278,6 +307,7 @@ def summarize(
     chosen = resolve(backend)
     chunk = check_chunk(chunk, chosen)
     prob = _prepare(loss, params, direction, partition, 3, "summarize", verify)
+    chosen = _backend_for(prob, backend, chosen)
     g, H, d3, value = _checked_run(
         prob, params, lambda: chosen.summarize(prob, chunk), chosen, lambda r: (r[0], r[1].sum(1))
     )

@@ -146,7 +146,10 @@ def _max_abs(tensors: list[torch.Tensor]) -> list[float]:
             values.append(torch.zeros((), dtype=torch.float64, device=t.device))
             continue
         low, high = t.detach().aminmax()
-        values.append(torch.maximum(-low, high).to(torch.float64))
+        largest = torch.maximum(-low, high).to(torch.float64)
+        if hasattr(largest, "full_tensor"):  # a DTensor's (FSDP2): the max over its shards
+            largest = largest.full_tensor()
+        values.append(largest)
     return torch.stack(values).tolist()
 
 

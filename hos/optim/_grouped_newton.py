@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from hos._collective import all_reduce_sum, world_size
-from hos._loss import ModelLoss
+from hos._collective import reduce_over_ranks
 from hos._partition import Partition
+from hos._sharded import is_sharded
 from hos._summary import Summary, summarize
 from hos._validate import NonFiniteWarning
 from hos._validate import check_int as _check_int
@@ -181,31 +181,11 @@ def _mean_of(summaries: list[Summary]) -> Summary:
     )
 
 
-def _refresh_weight(loss) -> tuple[float, bool]:
-    """(this rank's weight, whether to divide by the total) in the refresh's reduction over
-    ranks: the batch's sample count for a mean-reduced `hos.model_loss` (the result is the
-    refresh over all the ranks' samples, whatever their sizes), weight 1 and a plain sum for a
-    sum-reduced one, weight 1 and an average for any other loss."""
-    inner = getattr(loss, "wrapped", loss)
-    if isinstance(inner, ModelLoss):
-        if getattr(inner.criterion, "reduction", "mean") == "sum":
-            return 1.0, False
-        return float(inner.batch_size), True
-    return 1.0, True
-
-
-def _all_reduce(summary: Summary, weight: float, mean: bool = True) -> Summary:
-    """The weighted average (or, `mean=False`, the sum) of ḡ, H̄, d3 and the loss over
-    torch.distributed ranks, each rank weighted by `weight` (no-op on one rank)."""
-    if world_size() == 1:
-        return summary
-    w = torch.tensor(weight, dtype=summary.g.dtype, device=summary.g.device)
-    g, H, d3, loss, total = all_reduce_sum(
-        [w * summary.g, w * summary.H, w * summary.d3, w * summary.loss, w]
-    )
-    if not mean:
-        return Summary(g=g, H=H, d3=d3, names=summary.names, loss=loss)
-    return Summary(g=g / total, H=H / total, d3=d3 / total, names=summary.names, loss=loss / total)
+def _all_reduce(summary: Summary, loss) -> Summary:
+    """The refresh over all ranks' samples: each rank's summary weighted by its batch's sample
+    count (see `hos._collective.rank_weight`); unchanged on one process."""
+    g, H, d3, value = reduce_over_ranks([summary.g, summary.H, summary.d3, summary.loss], loss)
+    return Summary(g=g, H=H, d3=d3, names=summary.names, loss=value)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -313,7 +293,8 @@ class GroupedNewton(Optimizer):
         summary = summarize(
             self.refresh_loss, params, self._direction(), self.partition, backend=self.backend
         )
-        summary = _all_reduce(summary, *_refresh_weight(self.refresh_loss))
+        if not is_sharded(self._names):  # a sharded model's summary is over all ranks already
+            summary = _all_reduce(summary, self.refresh_loss)
         finite = all(bool(torch.isfinite(t).all()) for t in (summary.g, summary.H, summary.d3))
         solution = None
         if not finite:

@@ -1,0 +1,214 @@
+"""Models larger than one process: FSDP2 (`fully_shard`) on 2 gloo processes, float64, against one
+process holding the unsharded model and the union of the ranks' batches.
+
+One spawn runs every sharded computation and saves each rank's results; the tests compare them
+with the unsharded oracle (reverse mode and `hos.reference` on the full batch) and across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import hos
+import hos.optim
+from hos import reference
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+WORLD = 2
+DT = torch.float64
+N = 12  # samples: 6 per rank
+GN_KW = dict(lr=0.5, period=2, average=2, warmup=1)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.l2 = nn.Linear(6, 6)
+        self.l3 = nn.Linear(6, 3)  # 3 rows over 2 ranks: an uneven shard
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(self.ln(torch.tanh(self.l1(x))))))
+
+
+#: groups that cut across the FSDP units on purpose
+GROUPS = {
+    "first": ["l1.*", "ln.weight"],
+    "middle": ["l2.*", "ln.bias", "l3.bias"],
+    "last": ["l3.weight"],
+}
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = _Net().to(DT)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 4, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (N,), generator=gen)
+    u = {k: torch.randn(p.shape, generator=gen, dtype=DT) for k, p in model.named_parameters()}
+    return model, x, y, u, hos.Partition.from_groups(model, GROUPS)
+
+
+def _oracle():
+    """The unsharded model on all N samples, one process."""
+    model, x, y, u, part = _problem()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    return {
+        "summarize": hos.summarize(loss, params, u, part, backend="reverse"),
+        "tensor3": reference.summary_tensor(loss, params, u, part, 3),
+        "diag4": reference.summary_diagonal(loss, params, u, part, 4),
+        "gradient": hos.gradient_direction(loss, params),
+        "gn": _grouped_newton(model, x, y, None),
+    }
+
+
+def _grouped_newton(model, x, y, shard):
+    """Parameters after 5 GroupedNewton steps on 8-sample minibatches (full on one process, a
+    rank's half under FSDP2); gathered to full tensors."""
+    crit = nn.CrossEntropyLoss()
+    take = slice(None, 8) if shard is None else shard  # refresh: the first 8 samples in all
+    opt = hos.optim.GroupedNewton(model, hos.model_loss(model, crit, x[take], y[take]), **GN_KW)
+    for step in range(5):
+        idx = torch.arange(step * 4, step * 4 + 8) % N
+        xb, yb = x[idx], y[idx]
+        if shard is not None:
+            xb, yb = xb[shard], yb[shard]
+        opt.zero_grad()
+        crit(model(xb), yb).backward()
+        opt.step()
+    from hos._sharded import gathered
+
+    return torch.cat([v.reshape(-1) for v in gathered(dict(model.named_parameters())).values()])
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+
+        def sharded():
+            model, x, y, u, part = _problem()
+            for layer in (model.l1, model.l2, model.l3):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)  # the root owns the LayerNorm
+            params = dict(model.named_parameters())
+            u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+            return model, x, y, u, part, params
+
+        model, x, y, u, part, params = sharded()
+        mine = slice(rank, None, world)  # this rank's half of the batch
+        loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[mine], y[mine])
+        res = {}
+        res["summarize"] = hos.summarize(loss, params, u, part)
+        res["fallback"] = hos.last_fallback()
+        res["reverse"] = hos.summarize(loss, params, u, part, backend="reverse")
+        res["tensor3"] = hos.summary_tensor(loss, params, u, part, 3)
+        res["diag4"] = hos.summary_diagonal(loss, params, u, part, 4)
+        grad = hos.gradient_direction(loss, params)
+        res["gradient"] = {k: g.full_tensor() for k, g in grad.items()}
+        res["gradient_is_sharded"] = all(type(g).__name__ == "DTensor" for g in grad.values())
+        try:
+            hos.summarize(loss, params, u, part, backend="taylor")
+            res["taylor"] = "no error"
+        except ValueError as err:
+            res["taylor"] = str(err)
+        data = TensorDataset(x, y)
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+        res["loader"] = hos.summarize_loader(
+            model, nn.CrossEntropyLoss(), DataLoader(data, batch_size=4, sampler=sampler), u,
+            part, progress=False,
+        )  # fmt: skip
+        res["untouched"] = all(
+            type(p).__name__ == "DTensor" and p.grad is None for p in model.parameters()
+        )
+        model, x, y, *_ = sharded()
+        res["gn"] = _grouped_newton(model, x, y, slice(rank * 4, rank * 4 + 4))
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    torch.multiprocessing.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return _oracle()
+
+
+def test_fsdp2_summaries_equal_the_unsharded_model_on_all_samples(ranks, oracle):
+    want = oracle["summarize"]
+    for res in ranks:
+        for backend in ("summarize", "reverse"):
+            for name in ("g", "H", "d3", "loss"):
+                got = getattr(res[backend], name)
+                assert_close(got, getattr(want, name), f"FSDP2 {backend} {name}", rtol=1e-10)
+        assert_close(res["tensor3"], oracle["tensor3"], "FSDP2 D3", rtol=1e-10)
+        assert_close(res["diag4"], oracle["diag4"], "FSDP2 diag D4", rtol=1e-10)
+
+
+def test_the_default_backend_says_why_it_is_reverse_mode_and_taylor_says_what_works(ranks):
+    for res in ranks:
+        assert res["fallback"] is not None and "sharded model" in res["fallback"].reasons[0]
+        assert "backend='auto' or 'reverse' can" in res["taylor"], res["taylor"]
+
+
+def test_fsdp2_gradient_direction_is_the_full_batch_gradient_laid_out_like_the_parameters(
+    ranks, oracle
+):
+    for res in ranks:
+        assert res["gradient_is_sharded"]
+        for k, g in oracle["gradient"].items():
+            assert_close(res["gradient"][k], g, f"gradient {k}", rtol=1e-12)
+
+
+def test_fsdp2_loader_over_a_distributed_sampler(ranks, oracle):
+    want = oracle["summarize"]
+    for res in ranks:
+        for name in ("g", "H", "d3", "loss"):
+            assert_close(
+                getattr(res["loader"], name), getattr(want, name), f"loader {name}", rtol=1e-10
+            )
+
+
+def test_fsdp2_model_is_left_sharded_with_no_gradients(ranks):
+    assert all(res["untouched"] for res in ranks)
+
+
+def test_grouped_newton_on_fsdp2_follows_the_unsharded_steps(ranks, oracle):
+    start = torch.cat([p.detach().reshape(-1) for p in _problem()[0].parameters()])
+    assert (oracle["gn"] - start).abs().max() > 1e-3, "no step moved: the test would be vacuous"
+    for res in ranks:
+        assert_close(
+            res["gn"], oracle["gn"], "GroupedNewton parameters, FSDP2 vs one process", rtol=1e-10
+        )
