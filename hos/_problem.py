@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from hos._partition import Partition
-from hos._sharded import gathered, is_sharded
+from hos._sharded import check_supported, gathered, is_sharded
 from hos._validate import check_summary_args
 
 __all__ = ["Problem"]
@@ -62,7 +62,8 @@ class Problem:
                 "Taylor mode against one gradient per new op sequence, False skips that check."
             )
         sharded = is_sharded(params) or is_sharded(direction)
-        if sharded:  # FSDP2 / tensor-parallel DTensors: the full tensors they shard
+        if sharded:  # FSDP2's DTensors: the full tensors they shard
+            check_supported(loss, params)
             params, direction = gathered(params), gathered(direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "fsdp_injected", "fsdp_units", "gathered", "is_dtensor", "is_sharded", "like", "per_rank",
-    "reducing",
+    "check_supported", "fsdp_injected", "fsdp_units", "gathered", "is_dtensor", "is_sharded",
+    "like", "per_rank", "reducing",
 ]  # fmt: skip
 
 _REDUCING: contextvars.ContextVar[bool] = contextvars.ContextVar("hos_reducing", default=True)
@@ -88,6 +88,29 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
     """Whether any of `params` is a DTensor (FSDP2, tensor parallel)."""
     return any(is_dtensor(v) for v in params.values())
+
+
+def check_supported(loss, params: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, in one line, the sharded layouts hos cannot follow yet: DTensor parameters that
+    are not FSDP2's on a 1-D mesh (tensor parallel, 2-D meshes), or a loss hos cannot inject
+    into (not `hos.model_loss` of an FSDP2 model)."""
+    shards = [v for v in params.values() if is_dtensor(v)]
+    if not shards:
+        return
+    model = getattr(getattr(loss, "wrapped", loss), "model", None)
+    if model is None:
+        reason = "the loss is a plain function of DTensors, not hos.model_loss(model, ...)"
+    elif not fsdp_units(model):
+        reason = "its DTensor parameters are not FSDP2's (tensor parallel)"
+    elif any(v.device_mesh.ndim > 1 for v in shards):
+        reason = "its parameters live on a 2-D mesh (tensor parallel with FSDP2)"
+    else:
+        return
+    raise NotImplementedError(
+        f"hos: summaries of this sharded model are not supported yet: {reason}. FSDP2 "
+        "(fully_shard on a 1-D mesh) with hos.model_loss is; tensor parallel is not yet "
+        "(docs: 'Summaries of a sharded model')."
+    )
 
 
 def gathered(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

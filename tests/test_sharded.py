@@ -143,9 +143,29 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         )
         model, x, y, *_ = sharded()
         res["gn"] = _grouped_newton(model, x, y, slice(rank * 4, rank * 4 + 4))
+        res["tensor_parallel"] = _tensor_parallel(mesh)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _tensor_parallel(mesh) -> str:
+    """What hos says of a tensor-parallel model (not supported yet): one line."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    model, x, y, u, part = _problem()
+    parallelize_module(model, mesh, {"l2": ColwiseParallel(), "l3": RowwiseParallel()})
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = dict(model.named_parameters())
+    try:
+        hos.summarize(loss, params, params, part)
+    except NotImplementedError as err:
+        return str(err)
+    return "no error"
 
 
 def _free_port() -> int:
@@ -201,6 +221,11 @@ def test_fsdp2_loader_over_a_distributed_sampler(ranks, oracle):
             )
 
 
+def test_tensor_parallel_is_refused_in_one_line_not_computed_wrong(ranks):
+    for res in ranks:
+        assert "not FSDP2's (tensor parallel)" in res["tensor_parallel"], res["tensor_parallel"]
+
+
 def test_fsdp2_model_is_left_sharded_with_no_gradients(ranks):
     assert all(res["untouched"] for res in ranks)
 
@@ -212,3 +237,37 @@ def test_grouped_newton_on_fsdp2_follows_the_unsharded_steps(ranks, oracle):
         assert_close(
             res["gn"], oracle["gn"], "GroupedNewton parameters, FSDP2 vs one process", rtol=1e-10
         )
+
+
+# --------------------------------------------------------------------------- slow smoke runs
+@pytest.mark.slow
+def test_torchrun_example_matches_one_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd += [str(root / "examples/sharded_summary.py"), "--check"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 process(es)" in done.stdout and done.stdout.count("max relative difference") == 3
+
+
+@pytest.mark.slow
+def test_bench_sharded_quick(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(root / "analysis/bench_sharded.py"), "--quick", "--out", str(out)]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["ranks"]) == 2 and report["unsharded"]["summarize_s"] > 0

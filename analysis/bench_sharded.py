@@ -1,0 +1,205 @@
+"""Memory and time of summaries of an FSDP2 model per rank, against the unsharded model.
+
+    python analysis/bench_sharded.py            # 2 gloo ranks on CPU, writes JSON
+    python analysis/bench_sharded.py --quick    # a small model, seconds (the tests run it)
+    python analysis/bench_sharded.py --device cuda --backend nccl   # when a GPU is lent
+
+A deep MLP (`--depth` layers of `--width`², float32, one FSDP unit per layer) on a batch per rank;
+each rank measures the rise of its peak memory (resident memory on CPU, after
+`/proc/self/clear_refs`; `torch.cuda.max_memory_allocated` on a GPU, after
+`torch.cuda.synchronize()`) and the time of `hos.summarize` (per layer, S = depth + 1), of one
+gradient, and of the same on the unsharded model in one process. Ratios are to the gradient of
+the same run. Writes analysis/results/bench_sharded.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "analysis/results/bench_sharded.json"
+
+
+def _model(depth: int, width: int) -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+class Meter:
+    """Peak memory rise and wall time of one call, on CPU or one GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn) -> tuple[float, float]:
+        gc.collect()
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        else:
+            before = _rss_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        seconds = time.perf_counter() - start
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _rss_kib("VmHWM") * 1024
+        return (peak - before) / 2**20, seconds
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _case(model, x, y, device, meter, sharded: bool) -> dict:
+    import hos
+
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = (
+        dict(model.named_parameters())
+        if sharded
+        else {k: p.detach() for k, p in model.named_parameters()}
+    )
+    u = (
+        hos.random_direction(params, seed=1)
+        if not sharded
+        else {k: torch.ones_like(p) * 1e-2 for k, p in params.items()}
+    )
+    part = hos.Partition.per_layer(model)
+
+    def gradient():
+        model.zero_grad(set_to_none=True)
+        loss_value = nn.functional.cross_entropy(model(x), y)
+        loss_value.backward()
+        model.zero_grad(set_to_none=True)
+
+    gradient()  # loads the kernels; the summary is measured on its first call in this process
+    mem_grad, t_grad = meter(gradient)
+    mem_sum, t_sum = meter(
+        lambda: hos.summarize(loss, params, u, part, backend="reverse", verify=False)
+    )  # the summary itself: the one-time check against the model is not measured
+    return {"gradient_mib": mem_grad, "gradient_s": t_grad, "summarize_mib": mem_sum,
+            "summarize_s": t_sum, "summarize_gradients": t_sum / t_grad, "S": len(part)}  # fmt: skip
+
+
+def _worker(rank, world, port, spec, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(spec["threads"])
+    dist.init_process_group(
+        spec["backend"], rank=rank, world_size=world, timeout=timedelta(minutes=10)
+    )
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = (
+            torch.device(spec["device"], rank) if spec["device"] == "cuda" else torch.device("cpu")
+        )
+        mesh = init_device_mesh(device.type, (world,))
+        model = _model(spec["depth"], spec["width"]).to(device)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        gen = torch.Generator().manual_seed(2 + rank)
+        x = torch.randn(spec["batch"], spec["width"], generator=gen).to(device)
+        y = torch.randint(0, 10, (spec["batch"],), generator=gen).to(device)
+        result = _case(model, x, y, device, Meter(device), sharded=True)
+        result["rank"] = rank
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(_, world, spec, out):
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    model = _model(spec["depth"], spec["width"]).to(device)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(spec["batch"] * world, spec["width"], generator=gen).to(device)
+    y = torch.randint(0, 10, (spec["batch"] * world,), generator=gen).to(device)
+    result = _case(model, x, y, device, Meter(device), sharded=False)
+    Path(out, "single.json").write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> None:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.depth, args.width, args.batch = 2, 64, 8
+        if args.out == RESULTS:
+            args.out = RESULTS.with_name("bench_sharded_quick.json")
+    spec = {
+        k: getattr(args, k) for k in ("depth", "width", "batch", "threads", "device", "backend")
+    }
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(
+            _worker, args=(args.world, _free_port(), spec, out), nprocs=args.world
+        )
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.world)]
+    with tempfile.TemporaryDirectory() as out:  # the unsharded model, in a fresh process too
+        torch.multiprocessing.spawn(_single, args=(args.world, spec, out), nprocs=1)
+        single = json.loads(Path(out, "single.json").read_text())
+    model = _model(args.depth, args.width)
+    params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    report = {"spec": spec, "world": args.world, "params_mib": params_mib, "ranks": ranks,
+              "unsharded": single}  # fmt: skip
+    from hos.provenance import environment
+
+    report["environment"] = environment()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    worst = max(r["summarize_mib"] for r in ranks)
+    print(f"parameters {params_mib:.1f} MiB; unsharded summarize +{single['summarize_mib']:.0f} MiB "
+          f"({single['summarize_gradients']:.1f} gradients); FSDP2 x{args.world} summarize "
+          f"+{worst:.0f} MiB per rank ({ranks[0]['summarize_gradients']:.1f} gradients); wrote {args.out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
