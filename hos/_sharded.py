@@ -86,8 +86,9 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
-    """Whether any of `params` is a DTensor (FSDP2, tensor parallel)."""
-    return any(is_dtensor(v) for v in params.values())
+    """Whether any of `params` is a DTensor (FSDP2, tensor parallel); False for anything that
+    is not a dict (the validation that follows says what is wrong with it)."""
+    return isinstance(params, Mapping) and any(is_dtensor(v) for v in params.values())
 
 
 def check_supported(loss, params: Mapping[str, torch.Tensor]) -> None:
