@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from hos._partition import Partition
-from hos._sharded import check_supported, gathered, is_sharded
+from hos._sharded import Layout, gathered, is_sharded, layout
 from hos._validate import check_summary_args
 
 __all__ = ["Problem"]
@@ -47,8 +47,8 @@ class Problem:
         self.S = len(partition)
         first = next(iter(self.theta.values()))
         self.dtype, self.device = first.dtype, first.device
-        #: θ and u came as DTensors of a sharded model (see `hos._sharded`)
-        self.sharded = False
+        #: the `hos._sharded.Layout` of a sharded model's θ and u, None for an unsharded one
+        self.sharded: str | None = None
 
     @classmethod
     def validated(
@@ -61,9 +61,8 @@ class Problem:
                 f"verify must be True or False, got {verify!r}; True (the default) checks "
                 "Taylor mode against one gradient per new op sequence, False skips that check."
             )
-        sharded = is_sharded(params) or is_sharded(direction)
-        if sharded:  # FSDP2's DTensors: the full tensors they shard
-            check_supported(loss, params)
+        sharded = layout(loss, params) if is_sharded(params) or is_sharded(direction) else None
+        if sharded == Layout.FSDP:  # FSDP2's DTensors: the full tensors they shard
             params, direction = gathered(params), gathered(direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel

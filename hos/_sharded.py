@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "check_supported", "fsdp_injected", "fsdp_units", "gathered", "is_dtensor", "is_sharded",
-    "like", "per_rank", "reducing",
+    "Layout", "differentiable_from_local", "fsdp_injected", "fsdp_units", "gathered", "is_dtensor",
+    "is_sharded", "layout", "like", "per_rank", "reducing", "replicated",
 ]  # fmt: skip
 
 _REDUCING: contextvars.ContextVar[bool] = contextvars.ContextVar("hos_reducing", default=True)
@@ -91,27 +91,79 @@ def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
     return isinstance(params, Mapping) and any(is_dtensor(v) for v in params.values())
 
 
-def check_supported(loss, params: Mapping[str, torch.Tensor]) -> None:
-    """Refuse, in one line, the sharded layouts hos cannot follow yet: DTensor parameters that
-    are not FSDP2's on a 1-D mesh (tensor parallel, 2-D meshes), or a loss hos cannot inject
-    into (not `hos.model_loss` of an FSDP2 model)."""
+class Layout:
+    """How a sharded model's parameters are laid out, for the summaries."""
+
+    #: FSDP2 on a 1-D mesh: θ and u are gathered, the forward gets full tensors (`fsdp_injected`)
+    FSDP = "fsdp"
+    #: tensor parallel (DTensor parameters, no FSDP unit): θ, u and the moved tensors stay
+    #: DTensors, the forward runs on them as it is (`functional_call`)
+    TENSOR_PARALLEL = "tensor parallel"
+
+
+def layout(loss, params: Mapping[str, torch.Tensor]) -> str | None:
+    """The `Layout` of a sharded model's parameters, None for an unsharded one; a one-line
+    refusal for the layouts hos cannot follow yet (FSDP2 with tensor parallel on a 2-D mesh, a
+    plain function of DTensors)."""
     shards = [v for v in params.values() if is_dtensor(v)]
     if not shards:
-        return
+        return None
     model = getattr(getattr(loss, "wrapped", loss), "model", None)
     if model is None:
         reason = "the loss is a plain function of DTensors, not hos.model_loss(model, ...)"
-    elif not fsdp_units(model):
-        reason = "its DTensor parameters are not FSDP2's (tensor parallel)"
-    elif any(v.device_mesh.ndim > 1 for v in shards):
-        reason = "its parameters live on a 2-D mesh (tensor parallel with FSDP2)"
+    elif fsdp_units(model) and any(v.device_mesh.ndim > 1 for v in shards):
+        reason = "its parameters live on a 2-D mesh (FSDP2 with tensor parallel)"
     else:
-        return
+        return Layout.FSDP if fsdp_units(model) else Layout.TENSOR_PARALLEL
     raise NotImplementedError(
         f"hos: summaries of this sharded model are not supported yet: {reason}. FSDP2 "
-        "(fully_shard on a 1-D mesh) with hos.model_loss is; tensor parallel is not yet "
-        "(docs: 'Summaries of a sharded model')."
+        "(fully_shard on a 1-D mesh) and tensor parallel (parallelize_module) with "
+        "hos.model_loss are (docs: 'Summaries of a sharded model')."
     )
+
+
+def replicated(eta: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """The 0-d `eta` as a DTensor replicated on `template`'s mesh (differentiable)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = template.device_mesh
+    return DTensor.from_local(eta, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+@contextlib.contextmanager
+def differentiable_from_local() -> Iterator[None]:
+    """`DTensor.from_local`'s backward, made differentiable at every order inside the block.
+
+    In PyTorch 2.13 it reduces a partial gradient with `redistribute_local_tensor` on the raw
+    local tensor, which autograd does not record (torch/distributed/tensor/_api.py, "without
+    differentiable backward"): every path through a `from_local` whose gradient arrives partial
+    (tensor parallel's input hooks, a replicated η) loses its higher-order terms, silently or
+    with "does not require grad". Inside the block the reduction is `DTensor.redistribute`,
+    whose backward is differentiable again. Not thread-safe: one class attribute is swapped.
+    """
+    from torch.distributed.tensor import _api
+
+    function = getattr(_api, "_FromTorchTensor", None)
+    original = function.__dict__.get("backward") if function is not None else None
+    if original is None:  # another PyTorch: nothing known to patch
+        yield
+        return
+
+    def backward(ctx, grad_output):
+        if grad_output is None:
+            return (None,) * 7
+        placements = ctx.grad_placements
+        if placements is None:
+            placements = _api._normalize_placements_for_grad(ctx.forward_input_placements)
+        if tuple(grad_output.placements) != tuple(placements):
+            grad_output = grad_output.redistribute(ctx.forward_input_device_mesh, placements)
+        return (grad_output.to_local(), None, None, None, None, None, None)
+
+    function.backward = staticmethod(backward)
+    try:
+        yield
+    finally:
+        function.backward = original
 
 
 def gathered(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

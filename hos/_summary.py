@@ -55,7 +55,7 @@ from hos._partition import Partition
 from hos._problem import Problem
 from hos._record import Summary
 from hos._refusals import explain_missing_derivative
-from hos._sharded import reducing
+from hos._sharded import Layout, differentiable_from_local, reducing
 from hos._stochastic import stochastic_depth_off
 from hos._validate import (
     all_zero,
@@ -87,7 +87,7 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
 
 #: why a sharded model's summaries come from reverse mode
 SHARDED = (
-    "a sharded model (DTensor parameters: FSDP2): reverse mode, whose collectives are the same "
+    "a sharded model (DTensor parameters: FSDP2, tensor parallel): reverse mode, whose collectives are the same "
     "on every rank (Taylor mode sizes its passes by measured memory and keeps per-process "
     "verdicts, so the ranks' collectives could differ)"
 )
@@ -126,7 +126,9 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compar
     """Run `compute()` read-only and check what it returns; for a model's loss, on first sight
     of the setting, against the model run the ordinary way (`hos._ordinary`): `compared(results)`
     gives the (ḡ, H̄·1) of the results to compare, None where the results do not hold them."""
-    with _computing(prob, params):
+    differentiable = prob.sharded == Layout.TENSOR_PARALLEL
+    patched = differentiable_from_local() if differentiable else contextlib.nullcontext()
+    with _computing(prob, params), patched:
         try:
             results = compute()
         except (RuntimeError, NotImplementedError) as err:

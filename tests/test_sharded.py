@@ -144,13 +144,25 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model, x, y, *_ = sharded()
         res["gn"] = _grouped_newton(model, x, y, slice(rank * 4, rank * 4 + 4))
         res["tensor_parallel"] = _tensor_parallel(mesh)
+        res["attention_tp"] = _attention_tensor_parallel(mesh)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _tensor_parallel(mesh) -> str:
-    """What hos says of a tensor-parallel model (not supported yet): one line."""
+def _laid_out(u: dict, params: dict) -> dict:
+    """u (full tensors) laid out like params: DTensor shards where a parameter is one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    return {
+        k: distribute_tensor(u[k], p.device_mesh, p.placements) if isinstance(p, DTensor) else u[k]
+        for k, p in params.items()
+    }
+
+
+def _tensor_parallel(mesh) -> dict:
+    """The MLP with l2 column- and l3 row-parallel (its hidden units split over the ranks), all
+    ranks on the full batch (tensor parallel's contract)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -161,11 +173,67 @@ def _tensor_parallel(mesh) -> str:
     parallelize_module(model, mesh, {"l2": ColwiseParallel(), "l3": RowwiseParallel()})
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
     params = dict(model.named_parameters())
-    try:
-        hos.summarize(loss, params, params, part)
-    except NotImplementedError as err:
-        return str(err)
-    return "no error"
+    u = _laid_out(u, params)
+    out = {"summarize": hos.summarize(loss, params, u, part), "fallback": hos.last_fallback()}
+    out["tensor3"] = hos.summary_tensor(loss, params, u, part, 3)
+    out["diag4"] = hos.summary_diagonal(loss, params, u, part, 4)
+    return out
+
+
+class _Attention(nn.Module):
+    """A transformer block written for tensor parallel: q, k, v column-parallel (each rank
+    computes its own heads), the output projection and the MLP's second layer row-parallel."""
+
+    def __init__(self, width=8, heads=4):
+        super().__init__()
+        self.head_dim = width // heads
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):  # x: (N, L, width)
+        n, length, _ = x.shape
+
+        def split(t):  # this rank's heads: the local width over the head size
+            return t.view(n, length, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(h.transpose(1, 2).reshape(n, length, -1))
+        x = x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        return self.head(x.mean(1))
+
+
+ATTENTION_GROUPS = {"attention": ["q.*", "k.*", "v.*", "out.*"], "norm": ["norm.*"],
+                    "mlp": ["up.*", "down.*"], "head": ["head.*"]}  # fmt: skip
+
+
+def _attention_problem():
+    torch.manual_seed(0)
+    model = _Attention().to(DT)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 8, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (3,), generator=gen)
+    u = {k: torch.randn(p.shape, generator=gen, dtype=DT) for k, p in model.named_parameters()}
+    return model, x, y, u, hos.Partition.from_groups(model, ATTENTION_GROUPS)
+
+
+def _attention_tensor_parallel(mesh) -> hos.Summary:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    model, x, y, u, part = _attention_problem()
+    plan = {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(),
+            "out": RowwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel()}  # fmt: skip
+    parallelize_module(model, mesh, plan)
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = dict(model.named_parameters())
+    return hos.summarize(loss, params, _laid_out(u, params), part)
 
 
 def _free_port() -> int:
@@ -221,9 +289,28 @@ def test_fsdp2_loader_over_a_distributed_sampler(ranks, oracle):
             )
 
 
-def test_tensor_parallel_is_refused_in_one_line_not_computed_wrong(ranks):
+def test_tensor_parallel_summaries_equal_the_unsharded_model(ranks, oracle):
+    want = oracle["summarize"]
     for res in ranks:
-        assert "not FSDP2's (tensor parallel)" in res["tensor_parallel"], res["tensor_parallel"]
+        tp = res["tensor_parallel"]
+        assert "sharded model" in tp["fallback"].reasons[0]
+        for name in ("g", "H", "d3", "loss"):
+            assert_close(
+                getattr(tp["summarize"], name), getattr(want, name), f"TP {name}", rtol=1e-10
+            )
+        assert_close(tp["tensor3"], oracle["tensor3"], "TP D3", rtol=1e-10)
+        assert_close(tp["diag4"], oracle["diag4"], "TP diag D4", rtol=1e-10)
+
+
+def test_a_transformer_block_with_its_heads_split_over_the_ranks(ranks):
+    model, x, y, u, part = _attention_problem()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    want = hos.summarize(loss, params, u, part, backend="reverse")
+    for res in ranks:
+        for name in ("g", "H", "d3", "loss"):
+            got = getattr(res["attention_tp"], name)
+            assert_close(got, getattr(want, name), f"TP attention {name}", rtol=1e-10)
 
 
 def test_fsdp2_model_is_left_sharded_with_no_gradients(ranks):

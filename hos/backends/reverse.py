@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from hos._exact import ExactOps
 from hos._problem import Problem
 from hos._progress import bar, counter
+from hos._sharded import is_dtensor, replicated
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
 
@@ -172,9 +173,13 @@ class PathGraph:
         marked, moved = {}, {}
         for s, names in enumerate(prob.groups):
             for n in names:
-                shifted = _Shift.apply(self.eta[s], prob.theta[n], prob.u[n])
+                theta, u = prob.theta[n], prob.u[n]
+                if is_dtensor(theta):  # tensor parallel: a DTensor moving with a replicated η
+                    moved[n] = theta + replicated(self.eta[s], theta) * u
+                    continue
+                shifted = _Shift.apply(self.eta[s], theta, u)
                 moved[n] = shifted
-                marked[id(shifted)] = (prob.theta[n], prob.u[n], self.eta[s], s)
+                marked[id(shifted)] = (theta, u, self.eta[s], s)
         mode = _PathMode(marked, factor)
         with torch.enable_grad(), mode, ExactOps():
             self.value = prob.loss(moved)
