@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -37,7 +38,7 @@ _LOG = logging.getLogger("hos")
 #: Module attributes known to hold values computed from parameters (dicts of tensors).
 KNOWN_CACHES = ("attention_bias_cache",)
 
-_SAID: set[int] = set()
+_SAID: weakref.WeakSet = weakref.WeakSet()  # models said to be compiled (ids get reused)
 _SAID_LOCK = threading.Lock()
 
 
@@ -58,10 +59,9 @@ def eager(model: nn.Module | None = None) -> Iterator[None]:
     """Compiled code runs eagerly inside the block; the first time a compiled `model` is seen,
     say so (INFO)."""
     if model is not None:
-        key = id(model)
         with _SAID_LOCK:
-            fresh = key not in _SAID
-            _SAID.add(key)
+            fresh = model not in _SAID
+            _SAID.add(model)
         if fresh and (parts := compiled_parts(model)):
             _LOG.info(
                 "hos: %s compiled (%s): summaries evaluate the original module eagerly, which is "

@@ -26,6 +26,7 @@ from hos._directions import MOMENTUM_KEYS, gradient_direction
 from hos._log import LogWriter
 from hos._loss import model_loss
 from hos._partition import Partition
+from hos._sharded import is_sharded
 from hos._validate import check_int
 
 __all__ = ["DIRECTIONS", "Snapshot", "SummaryMonitor", "SummarySink"]
@@ -193,7 +194,7 @@ class SummaryMonitor:
         self.snapshots: list[Snapshot] = []
         self._momentum_warned = False
         self.writer = None
-        if log_dir is not None:
+        if log_dir is not None and _rank() == 0:  # one writer for all ranks
             self.writer = LogWriter(log_dir, self.names, dict(self.partition), self.settings())
 
     # ------------------------------------------------------------------ settings
@@ -312,9 +313,10 @@ class SummaryMonitor:
         from hos._certificate import last_fallback
         from hos._summary import summarize, summary_diagonal, summary_tensor
 
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_rank() != 0:
-                return None
+        rank = _rank()
+        sharded = is_sharded(self._params)
+        if rank != 0 and not sharded:  # data parallel: rank 0 records for all
+            return None
         start = time.perf_counter()
         with torch.random.fork_rng(devices=_devices(self._params.values())):
             theta = self._theta()
@@ -341,6 +343,8 @@ class SummaryMonitor:
             d4=None if d4 is None else _np(d4),
             D3=None if D3 is None else _np(D3),
         )
+        if rank != 0:  # a sharded model: every rank computed (a collective), rank 0 writes
+            return snap
         if self.writer is not None:
             record = {"time": snap.time, "loss": snap.loss, "seconds": snap.seconds}
             if fallback is not None:
@@ -376,6 +380,12 @@ class SummaryMonitor:
             f"SummaryMonitor({type(self.model).__name__}, S={len(self.names)}, every={self.every}, "
             f"direction={self.direction!r}, log={where})"
         )
+
+
+def _rank() -> int:
+    """This process's torch.distributed rank (0 without a process group)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

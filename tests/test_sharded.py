@@ -143,8 +143,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         )
         model, x, y, *_ = sharded()
         res["gn"] = _grouped_newton(model, x, y, slice(rank * 4, rank * 4 + 4))
+        model, x, y, u, part, params = sharded()
+        log = os.path.join(out, "monitor")
+        monitor = hos.SummaryMonitor(model, nn.CrossEntropyLoss(), every=1, log_dir=log,
+                                     partition=part, keep=True)  # fmt: skip
+        res["monitor"] = monitor.record(0, x[mine], y[mine])
         res["tensor_parallel"] = _tensor_parallel(mesh)
         res["attention_tp"] = _attention_tensor_parallel(mesh)
+        res["log_dir"] = log
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -311,6 +317,20 @@ def test_a_transformer_block_with_its_heads_split_over_the_ranks(ranks):
         for name in ("g", "H", "d3", "loss"):
             got = getattr(res["attention_tp"], name)
             assert_close(got, getattr(want, name), f"TP attention {name}", rtol=1e-10)
+
+
+def test_the_monitor_records_an_fsdp2_model_on_every_rank_and_logs_once(ranks, tmp_path_factory):
+    """The monitor's default direction is the gradient: its snapshot equals the unsharded
+    summary along the full-batch gradient; rank 0 alone writes the log."""
+    model, x, y, _, part = _problem()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    want = hos.summarize(loss, params, hos.gradient_direction(loss, params), part)
+    for res in ranks:
+        assert_close(torch.from_numpy(res["monitor"].H), want.H, "monitor H", rtol=1e-10)
+    log = hos.load_log(ranks[0]["log_dir"])
+    assert len(log) == 1
+    assert_close(torch.from_numpy(log.H[0]), want.H, "logged H", rtol=1e-10)
 
 
 def test_fsdp2_model_is_left_sharded_with_no_gradients(ranks):
