@@ -27,13 +27,17 @@ def _cpu_model() -> str:
 def environment(**extra: Any) -> dict[str, Any]:
     """Versions (hos, torch, numpy, python), threads, CPU, load, platform and UTC date,
     plus the caller's `extra` entries (e.g. the dtype of a benchmark)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
     import torch
 
-    import hos
-
+    try:  # not `import hos` (the package imports this module): a cycle
+        hos_version = version("hos")
+    except PackageNotFoundError:  # pragma: no cover - a source tree without install
+        hos_version = "0.0.0"
     record = {
-        "hos": hos.__version__,
+        "hos": hos_version,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
