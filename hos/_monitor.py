@@ -325,12 +325,14 @@ class SummaryMonitor:
             if u is None:
                 return None
             s = summarize(loss, theta, u, self.partition, backend=self.backend)
+            fallbacks = {"summarize": s.fallback}  # every call's record, not only the last one's
             d4 = D3 = None
             if self.diag_d4:
                 d4 = summary_diagonal(loss, theta, u, self.partition, 4, backend=self.backend)
+                fallbacks["diag4"] = last_fallback()
             if self.full_d3:
                 D3 = summary_tensor(loss, theta, u, self.partition, 3, backend=self.backend)
-        fallback = last_fallback()
+                fallbacks["D3"] = last_fallback()
         snap = Snapshot(
             step=int(step),
             time=time.time(),
@@ -347,10 +349,11 @@ class SummaryMonitor:
             return snap
         if self.writer is not None:
             record = {"time": snap.time, "loss": snap.loss, "seconds": snap.seconds}
-            if fallback is not None:
+            fell = {k: f for k, f in fallbacks.items() if f is not None}
+            if fell:
                 record["fallback"] = {
-                    "groups": list(fallback.groups),
-                    "reasons": list(fallback.reasons),
+                    call: {"groups": list(f.groups), "reasons": list(f.reasons)}
+                    for call, f in fell.items()
                 }
             self.writer.append(snap.step, snap.arrays(), record)
         for sink in self.sinks:

@@ -192,14 +192,20 @@ def _gradients(prob: Problem, points: list[dict]) -> tuple[list[dict], tuple | N
     return results, mode.precision
 
 
-def _contract(prob: Problem, grads: dict) -> torch.Tensor:
+def _contract(prob: Problem, grads: dict, absolute: bool = False) -> torch.Tensor:
+    """⟨grads, u_s⟩ per group; `absolute`: Σ|grads|·|u_s|, the scale its rounding is relative to
+    (a ḡ_s that cancels to rounding level, e.g. at a symmetric point, is compared at that scale)."""
+
+    def term(n):
+        product = grads[n] * prob.u[n]
+        return product.abs().sum() if absolute else product.sum()
+
     return torch.stack(
         [
-            sum(((grads[n] * prob.u[n]).sum() for n in names if grads[n] is not None),
-                prob.zeros())
+            sum((term(n) for n in names if grads[n] is not None), prob.zeros())
             for names in prob.groups
         ]
-    )  # fmt: skip
+    )
 
 
 def _unread(prob: Problem, grads: dict) -> list[int]:
@@ -243,7 +249,8 @@ class _Differences:
         points = [{k: v + s * h * prob.u[k] for k, v in prob.theta.items()} for s in (1.0, -1.0)]
         grads, _ = _gradients(prob, points)
         plus, minus = (_contract(prob, g) for g in grads)
-        self.scale = max(self.scale, float(plus.abs().max()), float(minus.abs().max()))
+        sizes = [_contract(prob, g, absolute=True) for g in grads]
+        self.scale = max(self.scale, *(float(s.max()) for s in sizes))
         return (plus - minus) / (2 * h)
 
     def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +317,8 @@ def check_against_model(
         g = g_inj if g is None else g
         row_sums = rows_inj if row_sums is None else row_sums
     g_scale = max(float(g_model.abs().max()), float(g.abs().max()), 1e-300)
-    g_bound = _certificate.tolerance(low) * g_scale
+    sizes = _contract(prob, base[0], absolute=True)  # per group: what ḡ_s's rounding is relative to
+    g_bound = _certificate.tolerance(low) * torch.clamp(sizes, min=g_scale)
     row_scale = max(float(rows_model.abs().max()), float(row_sums.abs().max()), 1e-300)
     rows_bound = rows_error + _certificate.tolerance(low) * row_scale
     _LOG.debug(

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hos._certificate import Fallback
+
 __all__ = ["Summary", "load_summary", "save_summary"]
 
 FILE = "summary.npz"
@@ -34,6 +36,10 @@ class Summary:
         loss: L(θ), a 0-d tensor.
         tensors: full summary tensors of order d >= 3 computed with it, `{d: D^(d)}`
             (`hos summary --order d`); empty from [`summarize`][hos.summarize].
+        fallback: how it was computed: None when Taylor mode followed everything it was asked
+            for (or the backend was not Taylor mode), else a [`hos.Fallback`][hos.Fallback] with
+            the groups reverse mode computed and why (`hos.last_fallback()` says the same for
+            the latest call; this record stays with the result).
 
     `save(path)` writes it (the `summary.npz` of `hos summary`);
     [`hos.load_summary`][hos.load_summary] reads it back.
@@ -45,6 +51,7 @@ class Summary:
     names: tuple[str, ...]
     loss: torch.Tensor
     tensors: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    fallback: Fallback | None = None
 
     def __len__(self) -> int:
         return len(self.names)

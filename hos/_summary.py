@@ -315,5 +315,6 @@ def summarize(
     )
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
     return Summary(
-        g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach()
-    )
+        g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach(),
+        fallback=_certificate.last_fallback(),
+    )  # fmt: skip

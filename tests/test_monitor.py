@@ -349,3 +349,46 @@ def test_no_warning_on_a_plain_run(tmp_path):
         warnings.simplefilter("error")
         net = make_net()
         train(net, 3, hos.SummaryMonitor(net, nn.CrossEntropyLoss(), every=1))
+
+
+class _Scaled(torch.autograd.Function):
+    """A custom autograd.Function: Taylor mode hands it to reverse mode (a recorded fallback)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2.0 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2.0 * grad
+
+
+class _CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(_Scaled.apply(self.fc1(x))))
+
+
+def test_every_call_s_outcome_travels_with_its_result_and_into_the_log(tmp_path):
+    torch.manual_seed(0)
+    net = _CustomNet().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = hos.model_loss(net, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    s = hos.summarize(loss, params, params, hos.Partition.per_layer(net))
+    assert s.fallback is not None and "custom autograd.Function" in s.fallback.reasons[0]
+    hos.summary_diagonal(loss, params, params, hos.Partition.per_layer(net), 4)
+    assert s.fallback is not None  # the record stays with the result after the next call
+    linear = nn.Linear(4, 3).double()
+    theta = {k: p.detach() for k, p in linear.named_parameters()}
+    plain = hos.summarize(hos.model_loss(linear, nn.CrossEntropyLoss(), x, y), theta, theta,
+                          hos.Partition.per_layer(linear))  # fmt: skip
+    assert plain.fallback is None
+    monitor = hos.SummaryMonitor(net, nn.CrossEntropyLoss(), every=1, log_dir=tmp_path / "log",
+                                 diag_d4=True)  # fmt: skip
+    monitor.record(0, x, y)
+    line = json.loads((tmp_path / "log" / "index.jsonl").read_text().splitlines()[0])
+    assert set(line["fallback"]) == {"summarize", "diag4"}, line  # not only the last call's
