@@ -32,10 +32,10 @@ ORDERS = (1, 3, 5)  # first order, the GroupedNewton one, and a high one
 def _jet_pass(prob, order, groups):
     """(derivatives per group or None, the tracker) of one univariate Taylor-mode pass."""
     tracker = UnivariateTracker(order, passes.JET_MAX_BYTES)
-    moved = passes.seeded(prob, tracker, groups)
-    with tracker.mode(), hos.ExactOps():
-        value = prob.loss(moved)
-    try:
+    try:  # a fallback ends the pass, raised (and kept in tracker.fallback)
+        moved = passes.seeded(prob, tracker, groups)
+        with tracker.mode(), hos.ExactOps():
+            value = prob.loss(moved)
         return passes.read_jets(tracker, value, groups), tracker
     except TaylorFallback:
         return None, tracker

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,8 +64,10 @@ def test_outside_strict_mode_a_bug_becomes_a_recorded_fallback(monkeypatch):
         torch.tanh(x)
 
 
-def test_univariate_fallback_keeps_the_pass_running_and_the_reason():
-    """The univariate tracker records a fallback (its pass may also build the reverse graph)."""
+@pytest.mark.parametrize("algebra", [UnivariateTracker, MultivariateTracker])
+def test_one_fallback_protocol_ends_the_pass_and_keeps_the_reason(algebra):
+    """Both algebras: a call Taylor mode cannot follow raises `TaylorFallback` through the
+    forward (the caller hands it to reverse mode) and keeps the reason in `fallback`."""
 
     class Twice(torch.autograd.Function):
         @staticmethod
@@ -74,14 +78,32 @@ def test_univariate_fallback_keeps_the_pass_running_and_the_reason():
         def backward(ctx, grad):
             return 2 * grad
 
-    tracker = UnivariateTracker(2, 2**30)
+    tracker = algebra(2, 2**30) if algebra is UnivariateTracker else algebra(2, 100)
     x = torch.ones(3, dtype=torch.float64, requires_grad=True)
     tracker.seed(x, 0, torch.ones(3, dtype=torch.float64))
-    with tracker.mode():
-        y = Twice.apply(x).sum()
-    assert y.item() == 6.0
-    assert isinstance(tracker.fallback, TaylorFallback)
+    with tracker.mode(), pytest.raises(TaylorFallback, match="custom autograd.Function Twice"):
+        Twice.apply(x).sum()
     assert "custom autograd.Function Twice" in tracker.fallback.reason
+    assert not tracker.following()
+
+
+def test_the_engine_decides_whether_a_rule_applies(monkeypatch):
+    """`x ** y` with a moving exponent is not the power rule's: the engine sends it to the
+    generic rule without calling power_rule (a rule only computes)."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("power_rule called for a moving exponent")
+
+    monkeypatch.setattr(UnivariateTracker, "power_rule", never)
+    tracker = UnivariateTracker(2, 2**30)
+    x = torch.full((3,), 2.0, dtype=torch.float64)
+    y = torch.full((3,), 3.0, dtype=torch.float64)
+    tracker.seed(x, 0, torch.ones(3, dtype=torch.float64))
+    tracker.seed(y, 0, torch.ones(3, dtype=torch.float64))
+    with tracker.mode():
+        z = (x**y).sum()
+    first = tracker.coefficients(z, [0])[0, 0]  # 3 entries of d/dt (2+t)^(3+t) = 8 (3/2 + ln 2)
+    assert abs(float(first) - 3 * 8 * (1.5 + math.log(2.0))) < 1e-12
 
 
 def test_multivariate_softmax_after_an_inplace_write_is_followed_and_exact():

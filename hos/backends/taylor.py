@@ -69,12 +69,12 @@ def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
     """
     S = prob.S
     tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
-    moved = seeded(prob, tracker, range(prob.S))
     try:
+        moved = seeded(prob, tracker, range(prob.S))
         with tracker.mode(), ExactOps():
             value = prob.loss(moved)
-    except TaylorFallback as exc:  # raised from inside the forward (a derivative taken there)
-        tracker.fallback = exc
+    except TaylorFallback as exc:  # the engine's one protocol: the pass stops, the reason kept
+        tracker.fallback = tracker.fallback or exc
     if tracker.fallback is not None:
         _LOG.info("hos: the one-pass summary gives way to reverse rows: %s", tracker.fallback)
         return None, True

@@ -37,7 +37,7 @@ from hos.taylor.batching import divisor_moves, is_power
 from hos.taylor.decompositions import REWRITES, NotCovered
 from hos.taylor.fallback import TaylorFallback, strict
 from hos.taylor.inplace import is_inplace, out_of_place
-from hos.taylor.ops import OPS, SELF_ONLY, Kind
+from hos.taylor.ops import LINEAR_IN_FIRST, OPS, SELF_ONLY, Kind
 from hos.taylor.trees import tree_flatten, tree_unflatten
 
 __all__ = [
@@ -119,6 +119,24 @@ def _context_refusal(leaves, moving) -> str | None:
     return None
 
 
+def covered(kind: Kind, func, leaves, spec, moving) -> bool:
+    """Whether the rule of `kind` applies to this call (the engine decides; a rule that does
+    not apply is never called): which arguments move and how, per kind."""
+    if kind is Kind.MULTILINEAR or kind is Kind.DIVIDE:
+        if kind is Kind.DIVIDE and divisor_moves(leaves, spec, moving):
+            return False
+        return not (func in LINEAR_IN_FIRST and set(moving) != {0}) and len(moving) <= 2
+    if kind in (Kind.ELEMENTWISE, Kind.SOFTMAX):
+        return list(moving) == [0]
+    if kind is Kind.POWER:
+        return list(moving) == [0] and is_power(func, leaves, moving)
+    if kind is Kind.MAX_POOL:
+        return list(moving) == [0] and not tree_unflatten(list(leaves), spec)[1].get(
+            "return_indices"
+        )
+    return True
+
+
 def storage_key(tensor: torch.Tensor) -> int:
     """An identity of the memory behind `tensor`, unique while a weak reference lives."""
     return tensor.untyped_storage()._cdata
@@ -131,8 +149,15 @@ class Tracker:
     constant); the rules receive `moving`: {leaf position: coefficients}.
     """
 
-    #: Kind -> name of the method that is the algebra's rule for it.
-    RULES: ClassVar[dict[Kind, str]] = {}
+    #: Kind -> the method that is every algebra's rule for it (named once, here: each
+    #: algebra implements these methods; a call no rule covers goes to `generic`).
+    RULES: ClassVar[dict[Kind, str]] = {
+        Kind.MULTILINEAR: "multilinear_rule", Kind.WITH_BIAS: "with_bias_rule",
+        Kind.AFFINE: "affine_rule", Kind.DIVIDE: "divide_rule",
+        Kind.ELEMENTWISE: "elementwise_rule", Kind.POWER: "power_rule",
+        Kind.MAX_POOL: "max_pool_rule", Kind.SOFTMAX: "softmax_rule",
+        Kind.BROADCAST: "broadcast_rule",
+    }  # fmt: skip
     #: Kinds whose rule runs its own rewrite under the tracker (so torch functions must
     #: reach it); the others run with torch-function handling off.
     RULES_UNDER_TRACKER: ClassVar[frozenset[Kind]] = frozenset()
@@ -141,6 +166,8 @@ class Tracker:
 
     def __init__(self) -> None:
         self._depth = 0  # > 0 while a rule runs (its own calls may run under no_grad)
+        #: why the pass stopped following (the first `TaylorFallback`), or None
+        self.fallback: TaylorFallback | None = None
         self.moving_storages: dict[int, StorageWeakRef] = {}  # written with moving values
         self.ops: list = []  # (call, moving arguments) in order: the pass's op sequence
         self.seed_dtype: torch.dtype | None = None  # the dtype the seeds move in
@@ -179,9 +206,18 @@ class Tracker:
     def _drop(self, key: int) -> None:
         raise NotImplementedError
 
-    def _fall_back(self, exc: TaylorFallback) -> None:
-        """End the pass's Taylor mode (record it, or raise it)."""
+    def clear(self) -> None:
+        """Drop every coefficient held."""
         raise NotImplementedError
+
+    def _fall_back(self, exc: TaylorFallback) -> None:
+        """End the pass's Taylor mode, the one way for both algebras: keep the first reason in
+        `fallback`, drop the coefficients, and raise it (the pass's caller hands the call to
+        reverse mode)."""
+        if self.fallback is None:
+            self.fallback = exc
+        self.clear()
+        raise exc
 
     def mode(self) -> TrackerMode:
         return TrackerMode(self)
@@ -189,26 +225,41 @@ class Tracker:
     def generic(self, func, leaves, spec, moving, outs) -> list:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ shared rules
-    # the kinds whose rule is the same in both algebras, given `multilinear_rule` and
-    # `_elementwise(func, leaves, spec, x, out)` of the algebra
+    # ------------------------------------------------------------------ the rules
+    # Each algebra implements these; the engine has already decided that the rule applies
+    # (`covered`): a rule only computes.
+    def multilinear_rule(self, func, leaves, spec, moving, outs) -> list:
+        raise NotImplementedError
+
+    def with_bias_rule(self, func, leaves, spec, moving, outs) -> list:
+        raise NotImplementedError
+
+    def affine_rule(self, func, leaves, spec, moving, outs) -> list:
+        raise NotImplementedError
+
+    def max_pool_rule(self, func, leaves, spec, moving, outs) -> list:
+        raise NotImplementedError
+
+    def softmax_rule(self, func, leaves, spec, moving, outs) -> list:
+        """May raise `NotCovered` for a form it has no series for (the generic rule then)."""
+        raise NotImplementedError
+
+    def broadcast_rule(self, func, leaves, spec, moving, outs) -> list:
+        raise NotImplementedError
+
+    def _elementwise(self, func, leaves, spec, x, out):
+        raise NotImplementedError
+
+    # the kinds whose rule is the same in both algebras
     def divide_rule(self, func, leaves, spec, moving, outs) -> list:
         """Linear in the numerator (a moving divisor went to the quotient's rewrite)."""
-        if divisor_moves(leaves, spec, moving):
-            return self.generic(func, leaves, spec, moving, outs)
         return self.multilinear_rule(func, leaves, spec, moving, outs)
 
     def elementwise_rule(self, func, leaves, spec, moving, outs) -> list:
-        """Faà di Bruno on the one moving argument (several moving: the generic rule)."""
-        if list(moving) != [0]:
-            return self.generic(func, leaves, spec, moving, outs)
+        """Faà di Bruno on the one moving argument."""
         return [self._elementwise(func, leaves, spec, moving[0], outs[0])]
 
-    def power_rule(self, func, leaves, spec, moving, outs) -> list:
-        """`x ** p` is elementwise for a number p (a moving exponent: the generic rule)."""
-        if not is_power(func, leaves, moving):
-            return self.generic(func, leaves, spec, moving, outs)
-        return self.elementwise_rule(func, leaves, spec, moving, outs)
+    power_rule = elementwise_rule  # `x ** p` for a number p is elementwise
 
     # ------------------------------------------------------------------ step 1: in place
     def run(self, func, args, kwargs):
@@ -333,12 +384,16 @@ class Tracker:
         if kind is Kind.FORWARD_UNSOUND:
             raise TaylorFallback(f"{getattr(func, '__name__', func)}: PyTorch's forward-mode "
                                  "derivatives of it are wrong beyond the first order")  # fmt: skip
-        method = getattr(self, self.RULES[kind]) if kind in self.RULES else self.generic
-        if kind in self.RULES_UNDER_TRACKER:
-            return method(func, leaves, spec, moving, outs)
-        # the rules' own arithmetic on plain tensors needs no mode (ExactOps is below us)
-        with torch._C.DisableTorchFunction():
-            return method(func, leaves, spec, moving, outs)
+        covers = kind in self.RULES and covered(kind, func, leaves, spec, moving)
+        method = getattr(self, self.RULES[kind]) if covers else self.generic
+        try:
+            if kind in self.RULES_UNDER_TRACKER:
+                return method(func, leaves, spec, moving, outs)
+            # the rules' own arithmetic on plain tensors needs no mode (ExactOps is below us)
+            with torch._C.DisableTorchFunction():
+                return method(func, leaves, spec, moving, outs)
+        except NotCovered:  # a form the rule has no formula for: the generic rule
+            return self.generic(func, leaves, spec, moving, outs)
 
     def decomposed(self, rewrite, leaves, spec, outs) -> list:
         """Run `rewrite` (ops with rules) under this tracker; its outputs' coefficients
@@ -346,12 +401,8 @@ class Tracker:
         args, kwargs = tree_unflatten(list(leaves), spec)
         with self.mode():
             result = rewrite(*args, **kwargs)
-        self._raise_if_fallen_back()
         flat, _ = tree_flatten(result)
         return [self.coefficients_of(r) for r in flat] + [None] * (len(outs) - len(flat))
-
-    def _raise_if_fallen_back(self) -> None:
-        """Inside a rule: re-raise a fallback the rewrite's own calls recorded."""
 
 
 class TrackerMode(TorchFunctionMode):

@@ -33,10 +33,10 @@ from hos.taylor.batching import (
     split_bias,
     zeroed_constants,
 )
-from hos.taylor.decompositions import MULTIVARIATE_REWRITES, NotCovered
+from hos.taylor.decompositions import MULTIVARIATE_REWRITES
 from hos.taylor.engine import Tracker, storage_key
 from hos.taylor.fallback import TaylorFallback
-from hos.taylor.ops import LINEAR_IN_FIRST, MAX_POOL_DIMS, MAX_POOL_WITH_INDICES, Kind
+from hos.taylor.ops import MAX_POOL_DIMS, MAX_POOL_WITH_INDICES, Kind
 from hos.taylor.series import scaled_derivatives
 from hos.taylor.trees import tree_unflatten
 
@@ -101,13 +101,6 @@ class MultivariateTracker(Tracker):
     forward pass: nothing else rides on it).
     """
 
-    RULES = {
-        Kind.MULTILINEAR: "multilinear_rule", Kind.WITH_BIAS: "with_bias_rule",
-        Kind.AFFINE: "affine_rule", Kind.DIVIDE: "divide_rule",
-        Kind.ELEMENTWISE: "elementwise_rule", Kind.POWER: "power_rule",
-        Kind.MAX_POOL: "max_pool_rule", Kind.SOFTMAX: "softmax_rule",
-        Kind.BROADCAST: "broadcast_rule",
-    }  # fmt: skip
     RULES_UNDER_TRACKER = frozenset({Kind.SOFTMAX})
     ALGEBRA = "multivariate"
 
@@ -153,8 +146,8 @@ class MultivariateTracker(Tracker):
     def _drop(self, key: int) -> None:
         self.table.pop(key, None)
 
-    def _fall_back(self, exc: TaylorFallback) -> None:
-        raise exc
+    def clear(self) -> None:
+        self.table = {}
 
     def generic(self, func, leaves, spec, polys, outs):
         raise TaylorFallback(f"no multivariate rule for {getattr(func, '__name__', func)}")
@@ -198,8 +191,6 @@ class MultivariateTracker(Tracker):
 
     # ------------------------------------------------------------------ rules by kind
     def multilinear_rule(self, func, leaves, spec, polys, outs):
-        if (func in LINEAR_IN_FIRST and set(polys) != {0}) or len(polys) > 2:
-            return self.generic(func, leaves, spec, polys, outs)
         return self._multilinear(func, leaves, spec, polys, len(outs))
 
     def with_bias_rule(self, func, leaves, spec, polys, outs):
@@ -210,18 +201,12 @@ class MultivariateTracker(Tracker):
 
     def max_pool_rule(self, func, leaves, spec, polys, outs):
         args, kwargs = tree_unflatten(list(leaves), spec)
-        if list(polys) != [0] or kwargs.get("return_indices"):
-            return self.generic(func, leaves, spec, polys, outs)
         return [self._max_pool(func, args, kwargs, polys[0])]
 
     def softmax_rule(self, func, leaves, spec, polys, outs):
-        """From exp, sum and log (`MULTIVARIATE_REWRITES`)."""
-        if list(polys) == [0]:
-            try:
-                return self.decomposed(MULTIVARIATE_REWRITES[func], leaves, spec, outs)
-            except NotCovered:
-                pass
-        return self.generic(func, leaves, spec, polys, outs)
+        """From exp, sum and log (`MULTIVARIATE_REWRITES`; a form they do not cover raises
+        `NotCovered`)."""
+        return self.decomposed(MULTIVARIATE_REWRITES[func], leaves, spec, outs)
 
     def broadcast_rule(self, func, leaves, spec, polys, outs):
         """Each output is its own input expanded."""

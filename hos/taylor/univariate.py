@@ -43,22 +43,20 @@ from hos.taylor import jets as J
 from hos.taylor.batching import (
     bias_shape,
     call_batched,
-    kwargs_of,
     split_bias,
     zeroed_constants,
 )
+from hos.taylor.decompositions import NotCovered
 from hos.taylor.engine import Tracker, TrackerMode, storage_key
 from hos.taylor.fallback import TaylorFallback
 from hos.taylor.inplace import assigned
 from hos.taylor.jets import Coeffs, Jet
 from hos.taylor.nested import generic_rule
 from hos.taylor.ops import (
-    LINEAR_IN_FIRST,
     LOG_SOFTMAX,
     LOGSUMEXP,
     MAX_POOL_DIMS,
     MAX_POOL_WITH_INDICES,
-    Kind,
 )
 from hos.taylor.series import (
     exp_series,
@@ -81,18 +79,9 @@ class UnivariateTracker(Tracker):
         pairs: also carry the mixed second-order coefficients of every pair of groups.
         pair_budget: give the pairs up once they outgrow this many times the activations.
 
-    A `TaylorFallback` does not stop the forward pass (it may
-    also build the reverse-mode graph): it is kept in `fallback`, the coefficients
-    are dropped and the tracker follows nothing more.
+    A `TaylorFallback` ends the pass (raised through the forward), kept in `fallback`.
     """
 
-    RULES = {
-        Kind.MULTILINEAR: "multilinear_rule", Kind.WITH_BIAS: "with_bias_rule",
-        Kind.AFFINE: "affine_rule", Kind.DIVIDE: "divide_rule",
-        Kind.ELEMENTWISE: "elementwise_rule", Kind.POWER: "power_rule",
-        Kind.MAX_POOL: "max_pool_rule", Kind.SOFTMAX: "softmax_rule",
-        Kind.BROADCAST: "broadcast_rule",
-    }  # fmt: skip
     ALGEBRA = "univariate"
 
     def __init__(self, order: int, max_bytes: int, pairs: bool = False, pair_budget: float = 0):
@@ -103,7 +92,6 @@ class UnivariateTracker(Tracker):
         self.pair_budget = pair_budget
         self.bytes = 0  # coefficient memory held now (a jet goes when its tensor goes)
         self.table: dict[int, tuple[weakref.ref, Jet, int]] = {}
-        self.fallback: TaylorFallback | None = None
         self.peak_bytes = 0  # the most coefficient memory this tracker has stored
         self.primal_bytes = 0  # bytes of every tensor that got a jet (the moving activations)
         self._primal_numel = 0
@@ -229,10 +217,8 @@ class UnivariateTracker(Tracker):
         ]
 
     def fail(self, exc: TaylorFallback) -> None:
-        """Keep the first fallback and follow nothing more."""
-        if self.fallback is None:
-            self.fallback = exc
-        self.clear()
+        """Stop following: the engine's one fallback protocol (kept in `fallback`, raised)."""
+        self._fall_back(exc)
 
     def clear(self) -> None:
         """Drop every coefficient held (the memory is freed with them)."""
@@ -248,22 +234,11 @@ class UnivariateTracker(Tracker):
     def _drop(self, key: int) -> None:
         self._forget(key)
 
-    def _fall_back(self, exc: TaylorFallback) -> None:
-        self.fail(exc)
-
-    def _raise_if_fallen_back(self) -> None:
-        if self.fallback is not None:
-            raise self.fallback
-
     def mode(self) -> UnivariateMode:
         return UnivariateMode(self)
 
     # ------------------------------------------------------------------ rules by kind
     def multilinear_rule(self, func, leaves, spec, jets, outs):
-        if func in LINEAR_IN_FIRST and set(jets) != {0}:  # e.g. a moving class weight
-            return self.generic(func, leaves, spec, jets, outs)
-        if len(jets) > 2:
-            return self.generic(func, leaves, spec, jets, outs)
         return self._multilinear(func, leaves, spec, jets, outs)
 
     def with_bias_rule(self, func, leaves, spec, jets, outs):
@@ -273,16 +248,13 @@ class UnivariateTracker(Tracker):
         return self._affine(func, leaves, spec, jets, outs)
 
     def max_pool_rule(self, func, leaves, spec, jets, outs):
-        if list(jets) != [0] or kwargs_of(leaves, spec).get("return_indices"):
-            return self.generic(func, leaves, spec, jets, outs)
         return [self._max_pool(func, leaves, spec, jets[0], outs)]
 
     def softmax_rule(self, func, leaves, spec, jets, outs):
-        if list(jets) == [0]:
-            result = self._softmax_family(func, leaves, spec, jets[0])
-            if result is not None:
-                return [result]
-        return self.generic(func, leaves, spec, jets, outs)
+        result = self._softmax_family(func, leaves, spec, jets[0])
+        if result is None:
+            raise NotCovered
+        return [result]
 
     def broadcast_rule(self, func, leaves, spec, jets, outs):
         return self._broadcast(leaves, jets, outs)
