@@ -2,9 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from hos._certificate import Fallback, PrecisionWarning, TaylorModeWarning, last_fallback
+from hos._certificate import Fallback, last_fallback
 from hos._data import (
-    RankFailure,
     Reduction,
     summarize_loader,
     summary_diagonal_loader,
@@ -12,17 +11,25 @@ from hos._data import (
 )
 from hos._directions import gradient_direction, momentum_direction, random_direction
 from hos._elements import element_names, split_elements
+from hos._errors import (
+    LogFormatError,
+    ModelMismatchError,
+    NonFiniteWarning,
+    PrecisionWarning,
+    RandomLossError,
+    RankFailure,
+    SummaryMemoryError,
+    TaylorModeWarning,
+    UnreadParametersWarning,
+)
 from hos._exact import ExactOps, exact_ops
-from hos._log import LogFormatError, SummaryLog, load_log
+from hos._log import SummaryLog, load_log
 from hos._loss import ModelLoss, model_loss
 from hos._monitor import Snapshot, SummaryMonitor
-from hos._ordinary import ModelMismatchError, UnreadParametersWarning
 from hos._partition import Partition
 from hos._progress import progress
 from hos._record import load_summary
-from hos._refusals import RandomLossError
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
-from hos._validate import NonFiniteWarning, SummaryMemoryError
 
 try:
     __version__ = version("hos")

@@ -28,19 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
+from hos._errors import PrecisionWarning, TaylorModeWarning
+
 __all__ = ["Fallback", "PrecisionWarning", "TaylorModeWarning", "last_fallback"]
 
 _LOG = logging.getLogger("hos")
-
-
-class TaylorModeWarning(UserWarning):
-    """Taylor mode disagreed with reverse mode; the result was recomputed exactly."""
-
-
-class PrecisionWarning(UserWarning):
-    """The forward computes tensors that depend on the parameters in a lower precision than
-    the summary's dtype (a float32 island in a float64 model, an autocast region): the
-    summaries have that lower precision. Said once per place."""
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from hos._errors import UsageError
+
 __all__ = ["UsageError"]
-
-
-class UsageError(Exception):
-    """A user error reported as one line with exit code 2."""
 
 
 def _write_json(path: Path, payload: dict) -> None:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hos._collective import all_reduce_sum
+from hos._errors import RankFailure
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._progress import stderr_bar
@@ -154,10 +155,6 @@ def _progress_bar(loader: Iterable, progress: bool | None, what: str, group: Any
         progress = rank == 0 and sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None
     return stderr_bar(loader, show=progress, total=total, desc=what, unit="batch")
-
-
-class RankFailure(RuntimeError):
-    """A rank failed during a collective computation; every rank raises it, naming the rank."""
 
 
 def _padding(loader: Iterable) -> int:

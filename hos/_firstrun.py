@@ -15,11 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hos._errors import ModelRunError
+
 __all__ = ["ModelRunError", "first_forward"]
-
-
-class ModelRunError(Exception):
-    """The user's model or criterion failed on the batch (the cause is chained)."""
 
 
 def _shape(x: Any) -> str:

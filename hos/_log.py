@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from hos._errors import LogFormatError
+
 __all__ = ["FORMAT", "LogFormatError", "LogWriter", "SummaryLog", "load_log"]
 
 #: version of the log layout written by this hos; `load_log` reads this and older ones
@@ -41,10 +43,6 @@ INDEX = "index.jsonl"
 SNAPSHOTS = "snapshots"
 #: arrays a snapshot may hold, in the order `SummaryLog` exposes them
 ARRAYS = ("g", "H", "d3", "d4", "D3")
-
-
-class LogFormatError(ValueError):
-    """A log folder this hos cannot read or append to."""
 
 
 def _read_meta(path: Path) -> dict:

@@ -44,6 +44,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from hos import _certificate
+from hos._errors import ModelMismatchError, UnreadParametersWarning
 from hos._exact import SEMANTICS, inline_checkpoints
 from hos._injection import caches_cleared, eager
 from hos._loss import ModelLoss, _adapted, _promote
@@ -54,15 +55,6 @@ from hos._stochastic import stochastic_depth_off
 __all__ = ["ModelMismatchError", "UnreadParametersWarning", "check_against_model"]
 
 _LOG = logging.getLogger("hos")
-
-
-class ModelMismatchError(RuntimeError):
-    """The summary disagrees with the model run the ordinary way: the forward does not compute
-    from the parameters hos passes in (a compiled graph, a cache, a parameter hook)."""
-
-
-class UnreadParametersWarning(UserWarning):
-    """The model's forward never reads a group's parameters: that group's summaries are 0."""
 
 
 #: settings already checked, per model (weakly: a model that goes away takes its entries)

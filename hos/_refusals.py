@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from hos._errors import NoDerivativeError, RandomLossError
+
 __all__ = [
     "FORWARD_UNSOUND", "NOT_DIFFERENTIABLE", "NoDerivativeError", "RANDOM", "RandomLossError",
     "explain_missing_derivative", "module_path",
@@ -33,10 +35,6 @@ def _tensors_in(args, kwargs) -> list[torch.Tensor]:
         for t in (a if isinstance(a, (list, tuple)) else (a,))
         if isinstance(t, torch.Tensor)
     ]
-
-
-class NoDerivativeError(NotImplementedError):
-    """PyTorch has no (or a wrong) derivative of an op that the loss differentiates through."""
 
 
 def no_derivative(name: str, func, why: str) -> Callable[..., Any]:
@@ -127,10 +125,6 @@ def module_path() -> str:
     inner, root = modules[0], modules[-1]
     name = next((n for n, m in root.named_modules() if m is inner), "")
     return f"{name or type(root).__name__} ({type(inner).__name__})"
-
-
-class RandomLossError(RuntimeError):
-    """The loss samples random numbers: it is not a function of the parameters."""
 
 
 def refuse_random(name: str) -> Callable[..., Any]:

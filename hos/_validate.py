@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from hos._errors import NonFiniteWarning, SummaryMemoryError
 from hos._partition import Partition
 
 __all__ = [
@@ -64,14 +65,6 @@ Params = Mapping[str, torch.Tensor]
 MIN_COMPUTE_DTYPE = torch.float32
 #: Fraction of the currently available memory a requested output may take.
 MEMORY_FRACTION = 0.5
-
-
-class NonFiniteWarning(RuntimeWarning):
-    """A summary holds NaN/Inf entries, or its scale is outside the dtype's range."""
-
-
-class SummaryMemoryError(MemoryError):
-    """The requested summary would not fit in memory (the message gives the estimate)."""
 
 
 def _short(value: object, width: int = 80) -> str:
