@@ -286,7 +286,7 @@ def ratios_for(name, args, gn) -> dict:
 
 
 def certificate(args) -> dict:
-    """The cost of Taylor mode's certificate (hos._certificate), as ratios to a gradient.
+    """The cost of Taylor mode's certificate (hos.backends.certificate), as ratios to a gradient.
 
     ``repeated``: the op sequence was seen before, so its verdict is cached (the
     optimizer's case: the same model summarised every few steps); ``first``: the verdict
@@ -295,7 +295,8 @@ def certificate(args) -> dict:
     (hos._ordinary, once per setting) is forgotten too, so every call pays both;
     ``verify=False``: no check at all. Interleaved with the gradient as in ratios_for.
     """
-    from hos import _certificate, _ordinary
+    from hos import _ordinary
+    from hos.backends import certificate as _certificate
 
     out: dict = {}
     for name in ("mlp",) if args.quick else ("mlp", "lenet"):

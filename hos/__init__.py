@@ -2,7 +2,6 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from hos._certificate import Fallback, last_fallback
 from hos._data import (
     Reduction,
     summarize_loader,
@@ -26,6 +25,7 @@ from hos._exact import ExactOps, exact_ops
 from hos._log import SummaryLog, load_log
 from hos._loss import ModelLoss, model_loss
 from hos._monitor import Snapshot, SummaryMonitor
+from hos._outcome import Fallback, last_fallback
 from hos._partition import Partition
 from hos._progress import progress
 from hos._record import load_summary

@@ -310,7 +310,7 @@ class SummaryMonitor:
 
     def record(self, step: int, inputs: Any, targets: Any = None) -> Snapshot | None:
         """Record now, whatever the period (None when the direction is not available yet)."""
-        from hos._certificate import last_fallback
+        from hos._outcome import last_fallback
         from hos._summary import summarize, summary_diagonal, summary_tensor
 
         rank = _rank()

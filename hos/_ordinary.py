@@ -43,14 +43,15 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.overrides import TorchFunctionMode
 
-from hos import _certificate
 from hos._errors import ModelMismatchError, UnreadParametersWarning
 from hos._exact import SEMANTICS, inline_checkpoints
 from hos._injection import caches_cleared, eager
 from hos._loss import ModelLoss, _adapted, _promote
+from hos._outcome import outside_hos, state_precision
 from hos._problem import Problem
 from hos._refusals import module_path
 from hos._stochastic import stochastic_depth_off
+from hos.backends.certificate import tolerance
 
 __all__ = ["ModelMismatchError", "UnreadParametersWarning", "check_against_model"]
 
@@ -302,7 +303,7 @@ def check_against_model(
             seen.add(key)
         return
     if precision is not None:
-        _certificate.state_precision(precision[0], precision[1], prob.dtype)
+        state_precision(precision[0], precision[1], prob.dtype)
     g_model = _contract(prob, base[0])
     if g is None or row_sums is None:
         g_inj, rows_inj = injected(prob)
@@ -310,9 +311,9 @@ def check_against_model(
         row_sums = rows_inj if row_sums is None else row_sums
     g_scale = max(float(g_model.abs().max()), float(g.abs().max()), 1e-300)
     sizes = _contract(prob, base[0], absolute=True)  # per group: what ḡ_s's rounding is relative to
-    g_bound = _certificate.tolerance(low) * torch.clamp(sizes, min=g_scale)
+    g_bound = tolerance(low) * torch.clamp(sizes, min=g_scale)
     row_scale = max(float(rows_model.abs().max()), float(row_sums.abs().max()), 1e-300)
-    rows_bound = rows_error + _certificate.tolerance(low) * row_scale
+    rows_bound = rows_error + tolerance(low) * row_scale
     _LOG.debug(
         "hos: ordinary check: ḡ off by %.3g of %.3g; H̄·1 off by %.3g of %.3g (bound %.3g)",
         float((g - g_model).abs().max()), g_scale, float((row_sums - rows_model).abs().max()),
@@ -330,7 +331,7 @@ def check_against_model(
             "(a cache, as timm's attention_bias_cache in eval mode), clear it for the summary; "
             "if they are unused, leave them out of params or give them u = 0.",
             UnreadParametersWarning,
-            stacklevel=_certificate.outside_hos(),
+            stacklevel=outside_hos(),
         )
     with _LOCK:
         seen.add(key)

@@ -23,7 +23,7 @@ LossFn = Callable[[Params], torch.Tensor]
 
 class Problem:
     """The inputs of one summary: loss, θ, u, the groups, and whether to run the
-    Taylor-mode certificate (`hos._certificate`).
+    Taylor-mode certificate (`hos.backends.certificate`).
 
     Build it with `validated` from user input; the constructor trusts its arguments
     (tests and internal line problems use it directly).

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hos._certificate import Fallback
+from hos._outcome import Fallback
 
 __all__ = ["Summary", "load_summary", "save_summary"]
 

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from hos import _certificate
+from hos import _outcome
 from hos._collective import reduce_over_ranks
 from hos._exact import ExactOps, inline_checkpoints
 from hos._injection import eager
@@ -81,7 +81,7 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
     prob = Problem.validated(
         loss, params, direction, partition, order=order, what=what, verify=verify, stacklevel=4
     )
-    _certificate.start_call()
+    _outcome.start_call()
     return prob
 
 
@@ -98,7 +98,7 @@ def _backend_for(prob: Problem, backend: Backend | str, chosen: SummaryBackend) 
     if not prob.sharded or chosen.name == Backend.REVERSE.value:
         return chosen
     if Backend(backend) is Backend.AUTO:
-        _certificate.note(prob.names, SHARDED)
+        _outcome.note(prob.names, SHARDED)
         return resolve(Backend.REVERSE)
     raise ValueError(
         f"backend={chosen.name!r} cannot compute summaries of a sharded model (DTensor "
@@ -316,5 +316,5 @@ def summarize(
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
     return Summary(
         g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach(),
-        fallback=_certificate.last_fallback(),
+        fallback=_outcome.last_fallback(),
     )  # fmt: skip

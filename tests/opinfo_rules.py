@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jacfwd
 
-from hos.taylor import OPS, Jet, UnivariateTracker
+from hos.taylor import OPS, Jet, TaylorFallback, UnivariateTracker
 from hos.taylor import jets as taylor_jets
 from hos.taylor.decompositions import REWRITES
 from hos.taylor.inplace import assigned, copied
@@ -105,10 +105,11 @@ def check_sample(func, sample, gen) -> str | None:
     for i, jet in jets.items():
         tracker._store(leaves[i], jet)
     a, kw = tree_unflatten(leaves, spec)
-    with tracker.mode():
-        out = func(*a, **kw)
-    if tracker.fallback is not None:
-        return f"fallback: {tracker.fallback.reason}"
+    try:
+        with tracker.mode():
+            out = func(*a, **kw)
+    except TaylorFallback as exc:  # the engine's protocol: the pass ends, the reason kept
+        return f"fallback: {exc.reason}"
     outs, _ = tree_flatten(out)
     floating = [
         n for n, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()

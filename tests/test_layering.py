@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,12 @@ def test_no_file_is_too_long():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}  # fmt: skip
     assert not long, long
+
+
+def test_every_module_is_on_the_architecture_diagram():
+    """docs/architecture.md names every module of hos/, so that a newcomer finds its place."""
+    text = (ROOT / "docs/architecture.md").read_text()
+    missing = [
+        m for m in sorted(IMPORTS) if m != "hos" and not re.search(rf"{re.escape(m)}\b", text)
+    ]
+    assert not missing, f"add {missing} to the diagram of docs/architecture.md"

@@ -22,7 +22,8 @@ from torch import nn
 from torch.func import functional_call
 
 import hos
-from hos import _certificate, _ordinary
+from hos import _ordinary, _outcome
+from hos.backends import certificate as _certificate
 from tests import fd
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,7 +36,7 @@ def fresh_checks():
     """Each test sees hos's one-time checks and statements anew."""
     _certificate.clear()
     _ordinary.clear()
-    _certificate._PRECISION_SAID.clear()
+    _outcome._PRECISION_SAID.clear()
     yield
 
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import hos
-from hos import _certificate
 from hos._refusals import RandomLossError
-from hos.backends import certify
+from hos.backends import certificate as _certificate
+from hos.backends import certificate as certify
 from tests import fd
 from tests.constructs import BY_ID, CONSTRUCTS, DT, KINKED, Base
 from tests.tolerances import EXACT, FD

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hos import _certificate
 from hos._exact import ExactOps
+from hos._outcome import note
 from hos._problem import Problem
 from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
@@ -142,7 +142,7 @@ def jet_diagonals(
                     size = max(1, size // 2)
                     _LOG.info("hos: Taylor chunk halved to %d groups (%s)", size, exc.reason)
                     continue
-                _certificate.note(prob.group_names(pending), exc.reason)
+                note(prob.group_names(pending), exc.reason)
                 return done, pending, signatures
             done.update(result)
             signatures.update(dict.fromkeys(part, ops))

@@ -15,12 +15,18 @@ import logging
 
 import torch
 
-from hos import _certificate
 from hos._exact import ExactOps
+from hos._outcome import note
 from hos._problem import Problem
 from hos.backends import passes
 from hos.backends.base import SummaryBackend, register
-from hos.backends.certify import certify_first_coefficients, certify_pass, reject
+from hos.backends.certificate import (
+    certify_first_coefficients,
+    certify_pass,
+    disagreeing,
+    precision_of,
+    reject,
+)
 from hos.backends.passes import jet_diagonals, seeded
 from hos.backends.reverse import (
     PathGraph,
@@ -101,7 +107,7 @@ def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
         with tracker.mode(), ExactOps():
             value = prob.loss(moved)
     except TaylorFallback as exc:
-        _certificate.note(prob.names, f"multivariate Taylor mode: {exc.reason}")
+        note(prob.names, f"multivariate Taylor mode: {exc.reason}")
         return None
     g, H = tracker.gradient_of(value, prob.S), tracker.hessian_of(value, prob.S)
     if not certify_pass(prob, tracker.signature(), g, H):
@@ -149,11 +155,11 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
     g = path.derivative(path.value, range(S), keep=True)
     g_exact = torch.stack([x.detach() for x in g])
     backward = set(failed)
-    precision = _certificate.precision_of(*set(signatures.values()), default=prob.dtype)
+    precision = precision_of(*set(signatures.values()), default=prob.dtype)
     if prob.verify and done:  # the certificate, on every call: ḡ against the exact rows
         groups = sorted(done)
         taylor = torch.stack([done[s][0] for s in groups])
-        wrong = [groups[i] for i in _certificate.disagreeing(taylor, g_exact[groups], precision)]
+        wrong = [groups[i] for i in disagreeing(taylor, g_exact[groups], precision)]
         if wrong:
             _reject_by_pass(prob, signatures, "ḡ", wrong)
             backward.update(wrong)
@@ -167,7 +173,7 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
         if groups:
             taylor = torch.stack([done[s][1] for s in groups])
             exact = H.diagonal()[groups]
-            wrong = [groups[i] for i in _certificate.disagreeing(taylor, exact, precision)]
+            wrong = [groups[i] for i in disagreeing(taylor, exact, precision)]
             if wrong:
                 _reject_by_pass(prob, signatures, "H̄ diagonal", wrong)
                 d3[wrong] = reverse_diagonal(prob, 3, wrong)[wrong]
