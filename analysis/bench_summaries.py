@@ -94,7 +94,7 @@ def build_problem(name: str, batch: int, seed: int = 0, **kw):
 def _torchvision_models():
     """torchvision.models (the bench extra; it needs a torchvision built for this torch)."""
     sys.path.insert(0, str(ROOT))
-    from tests.thirdparty import missing, torchvision_models
+    from tests.helpers.thirdparty import missing, torchvision_models
 
     why = missing("torchvision")
     if why is not None:

@@ -1,6 +1,6 @@
 """hos on model code it did not write: exactness, Taylor-mode coverage and cost, per model.
 
-For every model of tests/realmodels.py (torchvision, timm, Hugging Face transformers,
+For every model of tests/helpers/realmodels.py (torchvision, timm, Hugging Face transformers,
 torch.nn; random weights, nothing downloaded):
 
 * **exactness** (float64, the coarse partition of the tests): the largest error of ḡ, H̄ and
@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 import hos  # noqa: E402
 from hos import provenance  # noqa: E402
 from hos._loss import _adapted  # noqa: E402
-from tests import fd  # noqa: E402
-from tests import realmodels as R  # noqa: E402
+from tests.helpers import fd  # noqa: E402
+from tests.helpers import realmodels as R  # noqa: E402
 
 RESULTS = ROOT / "analysis" / "results" / "model_matrix.json"
 DOCS = ROOT / "docs" / "models.md"
@@ -240,7 +240,7 @@ def write_docs(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", default=None, help="model names (tests/realmodels.py)")
+    parser.add_argument("--only", nargs="*", default=None, help="model names (tests/helpers/realmodels.py)")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Fixtures: the cases of tests/cases.py crossed with every non-reference backend."""
+"""Fixtures: the cases of tests/helpers/cases.py crossed with every non-reference backend."""
 
 import os
 
@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HOS_STRICT", "1")
 
 from hos.backends import BACKENDS, Backend
-from tests.cases import CASES, build
+from tests.helpers.cases import CASES, build
 
 #: Every backend under test: the registry minus the oracle itself, so a new
 #: backend is checked against the oracle as soon as it is registered.

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hos
-from tests.tolerances import EXACT
+from tests.helpers.tolerances import EXACT
 
 #: float64 agreement of a loader summary with the full-data oracle (the brief's 1e-10).
 TOL = EXACT["rtol"]

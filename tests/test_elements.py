@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hos
-from tests.tolerances import EXACT
+from tests.helpers.tolerances import EXACT
 
 TOL = EXACT
 DT = torch.float64

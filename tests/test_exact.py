@@ -21,8 +21,8 @@ from hos._refusals import (
     NoDerivativeError,
     RandomLossError,
 )
-from tests.cases import build, oracle_diagonal, oracle_tensor
-from tests.tolerances import DT, assert_close, relative_error
+from tests.helpers.cases import build, oracle_diagonal, oracle_tensor
+from tests.helpers.tolerances import DT, assert_close, relative_error
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),

@@ -2,10 +2,10 @@
 `torch.return_types`, float32 islands and autocast, losses that differentiate inside -- and the
 check against the model run the ordinary way, which shares no blind spot with the computation.
 
-Every derivative is checked in float64 against finite differences of the loss (tests/fd.py) or
+Every derivative is checked in float64 against finite differences of the loss (tests/helpers/fd.py) or
 against the uncompiled / unpatched module; the Hugging Face and timm models of the same kinds
 (padded Llama / Qwen2 / Mistral / GPT-2, Mixtral's router, LeViT, EfficientFormer) are in
-tests/realmodels.py.
+tests/helpers/realmodels.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch.func import functional_call
 import hos
 from hos import _ordinary, _outcome
 from hos.backends import certificate as _certificate
-from tests import fd
+from tests.helpers import fd
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

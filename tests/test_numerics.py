@@ -17,7 +17,7 @@ from torch import nn
 import hos
 from hos import reference
 from hos._refusals import RandomLossError
-from tests.tolerances import EXACT, FLOAT32
+from tests.helpers.tolerances import EXACT, FLOAT32
 
 F64 = torch.float64
 BACKENDS = ("reverse", "forward", "reference")

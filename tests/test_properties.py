@@ -16,7 +16,7 @@ from torch import nn
 import hos
 from hos import reference
 from hos.optim import CubicStatus, cubic_model, grouped_newton_lrs, solve_cubic
-from tests.tolerances import DRAWN
+from tests.helpers.tolerances import DRAWN
 
 F64 = torch.float64
 #: the solver works in float64; its residuals are relative to the data's scale

@@ -1,6 +1,6 @@
 """Model code hos did not write: torchvision, timm, Hugging Face transformers and torch.nn.
 
-Each model of tests/realmodels.py (float64, random weights, a coarse partition) is checked
+Each model of tests/helpers/realmodels.py (float64, random weights, a coarse partition) is checked
 
 * against finite differences of φ(η) with Richardson extrapolation, an oracle no automatic
   differentiation can fool (ḡ, H̄ and diag D³ of `summarize`; an entry counts where two step
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import hos
-from tests import fd
-from tests import realmodels as R
-from tests.thirdparty import needs
+from tests.helpers import fd
+from tests.helpers import realmodels as R
+from tests.helpers.thirdparty import needs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,7 +1,7 @@
 """The default backend is never silently wrong (issue 15).
 
-Every backend, on everyday model code (tests/constructs.py), against finite differences
-of φ(η) = L(θ + Σ η_s u_s) with Richardson extrapolation (tests/fd.py) — an oracle that
+Every backend, on everyday model code (tests/helpers/constructs.py), against finite differences
+of φ(η) = L(θ + Σ η_s u_s) with Richardson extrapolation (tests/helpers/fd.py) — an oracle that
 only evaluates the loss, so no automatic differentiation can fool it — and against each
 other. Taylor mode must follow the constructs it claims to (no fallback), and record a
 fallback with its reason for the others. The certificate is tested by breaking a rule on
@@ -23,9 +23,9 @@ import hos
 from hos._refusals import RandomLossError
 from hos.backends import certificate as _certificate
 from hos.backends import certificate as certify
-from tests import fd
-from tests.constructs import BY_ID, CONSTRUCTS, DT, KINKED, Base
-from tests.tolerances import EXACT, FD
+from tests.helpers import fd
+from tests.helpers.constructs import BY_ID, CONSTRUCTS, DT, KINKED, Base
+from tests.helpers.tolerances import EXACT, FD
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,9 +6,9 @@ from torch import nn
 
 import hos
 from hos.backends import BACKENDS
-from tests import twins
-from tests.cases import BY_ID, ActMLP, ConvBN, oracle_diagonal, oracle_tensor
-from tests.tolerances import DT, assert_close
+from tests.helpers import twins
+from tests.helpers.cases import BY_ID, ActMLP, ConvBN, oracle_diagonal, oracle_tensor
+from tests.helpers.tolerances import DT, assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

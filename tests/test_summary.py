@@ -1,7 +1,7 @@
 """Every backend against the oracle on every case, and the invariants of DESIGN.md §1.
 
 The summaries are computed on the ``torch.nn`` model through ``hos``; the oracle
-is :mod:`hos.reference` on the primitive-op twin (tests/twins.py).
+is :mod:`hos.reference` on the primitive-op twin (tests/helpers/twins.py).
 """
 
 import itertools
@@ -11,8 +11,8 @@ import torch
 from torch.func import functional_call, hessian, jacfwd
 
 import hos
-from tests.cases import CASE_IDS, ORDER4_DEFAULT, build, oracle_diagonal, oracle_tensor
-from tests.tolerances import DT, assert_close
+from tests.helpers.cases import CASE_IDS, ORDER4_DEFAULT, build, oracle_diagonal, oracle_tensor
+from tests.helpers.tolerances import DT, assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

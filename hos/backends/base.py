@@ -5,7 +5,7 @@ $D^{(d)} = \nabla^d_\eta \varphi(0)$ with $\varphi(\eta) = L(\theta + \sum_s
 \eta_s u_s)$: the full tensor, its diagonal, and the GroupedNewton triple. To add one:
 subclass `SummaryBackend` in a module of this package, `register` an instance,
 import the module in `hos/backends/__init__.py` and add its name to [`Backend`][hos.Backend]
-(`tests/test_backends.py` checks the two agree and runs it against the reference).
+(`tests/backends/test_backends.py` checks the two agree and runs it against the reference).
 """
 
 from __future__ import annotations

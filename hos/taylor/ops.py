@@ -2,7 +2,7 @@
 
 A kind says which mathematical rule gives the outputs' Taylor coefficients from the
 inputs'; both algebras (`univariate`, `multivariate`)
-implement one rule per kind (`tests/test_taylor_engine.py` checks that they cover the
+implement one rule per kind (`tests/taylor/test_taylor_engine.py` checks that they cover the
 same kinds). A callable missing from the table takes the univariate algebra's generic rule
 (nested `jvp`) or is refused by the multivariate one. Argument roles that cut across kinds
 (`SELF_ONLY`, `LINEAR_IN_FIRST`) are separate sets.

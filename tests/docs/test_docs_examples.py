@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.thirdparty import EXTRA, needs
+from tests.helpers.thirdparty import EXTRA, needs
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "docs" / "examples").glob("*.py"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "docs" / "examples").glob("*.py"))
 
 
 def _third_party(path: Path) -> tuple[str, ...]:

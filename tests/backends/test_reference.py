@@ -8,8 +8,8 @@ import torch
 
 import hos
 from hos import reference
-from tests.cases import build, oracle_tensor
-from tests.tolerances import DT, FD_REFERENCE, assert_close
+from tests.helpers.cases import build, oracle_tensor
+from tests.helpers.tolerances import DT, FD_REFERENCE, assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,7 +5,7 @@ first (so every Taylor coefficient of the rule's inputs is dense), then the
 operation under test, then a weighted sum. The oracle is hos.reference
 (nested jacfwd on φ), which shares no code with the tracker. The tests also
 pin down that Taylor mode is really taken (no silent fallback) on every
-architecture of tests/cases.py, that the fallback to reverse mode is exact, and
+architecture of tests/helpers/cases.py, that the fallback to reverse mode is exact, and
 that chunking and the memory cap change nothing but the cost.
 """
 
@@ -22,9 +22,9 @@ from hos.backends import passes
 from hos.backends import taylor as taylor_backend
 from hos.backends.taylor import _pair_pass
 from hos.taylor import TaylorFallback, UnivariateTracker
-from tests.cases import CASES, build, oracle_diagonal, oracle_tensor
-from tests.tolerances import DT
-from tests.tolerances import assert_close as _close
+from tests.helpers.cases import CASES, build, oracle_diagonal, oracle_tensor
+from tests.helpers.tolerances import DT
+from tests.helpers.tolerances import assert_close as _close
 
 ORDERS = (1, 3, 5)  # first order, the GroupedNewton one, and a high one
 

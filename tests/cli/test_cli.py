@@ -15,7 +15,7 @@ import hos  # noqa: E402
 from hos import cli  # noqa: E402
 from hos.datasets import load_dataset  # noqa: E402
 from hos.models import build_model  # noqa: E402
-from tests.tolerances import EXACT, assert_close
+from tests.helpers.tolerances import EXACT, assert_close
 
 #: tolerance of float64 comparisons against the independent gradient oracle
 RTOL = EXACT["rtol"]

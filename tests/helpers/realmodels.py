@@ -6,7 +6,7 @@ a dict-like output), a direction and a *coarse* partition (a few groups, so that
 finite-difference oracle stays cheap). Where a model has ReLU or max pooling, `smooth` swaps
 them for SiLU (same `inplace` flag) and average pooling (same geometry): the same code paths
 run, and differences of order >= 2 mean something. Piecewise activations that stay
-(Hardswish, Hardsigmoid) are trusted only where two step sizes agree (tests/fd.py).
+(Hardswish, Hardsigmoid) are trusted only where two step sizes agree (tests/helpers/fd.py).
 
 Used by tests/test_real_models.py and analysis/model_matrix.py.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hos
-from tests.thirdparty import missing, torchvision_models
+from tests.helpers.thirdparty import missing, torchvision_models
 
 DT = torch.float64
 
@@ -55,7 +55,7 @@ class Entry:
 
 
 def unavailable(package: str | None) -> str | None:
-    """Why the entries needing `package` cannot run here (see tests/thirdparty.py), or None."""
+    """Why the entries needing `package` cannot run here (see tests/helpers/thirdparty.py), or None."""
     return None if package is None else missing(package)
 
 

@@ -17,7 +17,7 @@ DRAWN = {"rtol": 1e-8, "atol": 1e-10}
 #: Richardson finite differences against closed forms and models, per quantity
 #: (measured in tests/test_soundness.py): the oracle's own accuracy.
 FD = {"g": 1e-8, "H": 1e-6, "d3": 1e-5, "d4": 1e-4}
-#: Plain central differences of the reference (tests/test_reference.py).
+#: Plain central differences of the reference (tests/backends/test_reference.py).
 FD_REFERENCE = {"rtol": 1e-5, "atol": 1e-8}
 #: A float32 summary against its float64 oracle.
 FLOAT32 = {"rtol": 2e-4, "atol": 2e-4}

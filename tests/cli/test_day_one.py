@@ -17,9 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import hos  # noqa: E402
 from hos import cli, plotting  # noqa: E402
-from tests.figcheck import text_problems  # noqa: E402
-from tests.test_cli import USER_MODULE  # noqa: E402
-from tests.tolerances import assert_close  # noqa: E402
+from tests.cli.test_cli import USER_MODULE  # noqa: E402
+from tests.helpers.figcheck import text_problems  # noqa: E402
+from tests.helpers.tolerances import assert_close  # noqa: E402
 
 BROKEN = (
     USER_MODULE

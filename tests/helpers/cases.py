@@ -5,7 +5,7 @@ primitive-op twin from :mod:`tests.twins` loaded with the *same* parameter
 dict, a criterion, a batch, a partition and a direction. Tests compute
 summaries of the ``torch.nn`` model with ``hos`` and compare them with
 :mod:`hos.reference` applied to the twin, which never touches a fused kernel.
-Tolerances live in tests/tolerances.py, and nowhere else.
+Tolerances live in tests/helpers/tolerances.py, and nowhere else.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch.func import functional_call
 
 import hos
 from hos import reference
-from tests import twins
-from tests.tolerances import DT
+from tests.helpers import twins
+from tests.helpers.tolerances import DT
 
 
 # --------------------------------------------------------------------------- a built case

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import hos
 from hos import reference
-from tests.fd import close
+from tests.helpers.fd import close
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")

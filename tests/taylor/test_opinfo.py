@@ -3,7 +3,7 @@
 Every function in the op table of hos.taylor that OpInfo knows is run on OpInfo's own sample
 inputs (float64) with dense random coefficients of orders 1-4 along two lines and the
 mixed block of the pair, and compared with nested ``torch.func.jacfwd`` of the op
-(tests/opinfo_rules.py). An op that fails must be fixed or taken out of the tables (so
+(tests/helpers/opinfo_rules.py). An op that fails must be fixed or taken out of the tables (so
 that it falls back, exactly); a fallback is not a failure. The default run takes the
 first usable sample of each op; ``-m slow`` takes six.
 """
@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("expecttest", reason="OpInfo needs expecttest (the test extra installs it)")
 
-from tests import opinfo_rules as rules  # noqa: E402
+from tests.helpers import opinfo_rules as rules  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -23,11 +23,11 @@ ENTRIES = rules.opinfo_entries()
 TABLE = rules.table_functions()
 COVERED = sorted(k for k in TABLE if rules.entries_for(k, ENTRIES))
 
-#: Table functions OpInfo has no entry for; their rules are checked in tests/test_jet.py
+#: Table functions OpInfo has no entry for; their rules are checked in tests/taylor/test_jet.py
 #: (against hos.reference) and tests/test_soundness.py (against finite differences).
 NOT_IN_OPINFO = {
     "F.fold", "Tensor.type", "Tensor.type_as", "torch.log_sigmoid",
-    # the recurrent kernels (rewritten into cells): tests/test_jet.py and test_real_models.py
+    # the recurrent kernels (rewritten into cells): tests/taylor/test_jet.py and test_real_models.py
     "torch.lstm", "torch.gru", "torch.rnn_tanh", "torch.rnn_relu",
 }  # fmt: skip
 
@@ -41,7 +41,7 @@ def test_the_docs_list_the_covered_ops():
     """docs/howto/soundness.md lists exactly the functions this test covers."""
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "docs/howto/soundness.md").read_text()
+    text = (Path(__file__).parents[2] / "docs/howto/soundness.md").read_text()
     line = next(x for x in text.splitlines() if x.startswith("Covered: "))
     listed = [name.strip(" `.") for name in line.removeprefix("Covered: ").split(",")]
     assert listed == COVERED, "update the Covered: line of docs/howto/soundness.md"

@@ -6,7 +6,7 @@ entry is run through :class:`hos.taylor.UnivariateTracker` with dense random
 Taylor coefficients (orders 1-4 along two lines, and the mixed second-order block of the
 pair) on every floating tensor argument; the output coefficients are compared with
 nested ``torch.func.jacfwd`` of the op itself along the same polynomial paths. Shared by
-tests/test_opinfo.py and the survey script that lists what is covered.
+tests/taylor/test_opinfo.py and the survey script that lists what is covered.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_grouped_newton_ranks_stay_in_sync_and_match_one_process(ranks):
 
 
 # --------------------------------------------------------------------------- slow smoke runs
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import torch.nn as nn
 import hos
 from hos import cli
 from hos.plotting import interaction_heatmap, module_blocks, readable_labels
-from tests.thirdparty import needs, torchvision_models
+from tests.helpers.thirdparty import needs, torchvision_models
 
 matplotlib.use("Agg")
 

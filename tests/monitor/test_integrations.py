@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import hos
 from hos import reference
 from hos.integrations import TensorBoardSink, WandbSink, scalars
-from tests.thirdparty import needs
-from tests.tolerances import assert_close
+from tests.helpers.thirdparty import needs
+from tests.helpers.tolerances import assert_close
 
 pytestmark = pytest.mark.thirdparty
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import hos
 from hos import reference
-from tests.tolerances import assert_close
+from tests.helpers.tolerances import assert_close
 
 DT = torch.float64
 

@@ -21,7 +21,7 @@ from hos.optim import (
     plateau_scheduler,
     solve_cubic,
 )
-from tests.tolerances import EXACT  # noqa: E402
+from tests.helpers.tolerances import EXACT  # noqa: E402
 
 DT = torch.float64
 TOL = EXACT
@@ -257,7 +257,7 @@ def test_training_script_quick_mode_runs():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     script = root / "analysis" / "train_grouped_newton.py"
     subprocess.run([sys.executable, str(script), "--quick"], check=True, cwd=root, timeout=600)
     result = json.loads((root / "analysis/results/grouped_newton_quick.json").read_text())

@@ -12,7 +12,7 @@ from torch import nn
 
 import hos
 from hos.optim import SGDPH, CurvatureMode, block_curvature
-from tests.tolerances import EXACT
+from tests.helpers.tolerances import EXACT
 
 TOL = EXACT
 DT = torch.float64
@@ -237,7 +237,7 @@ def _script(name):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "analysis" / f"{name}.py"
+    path = Path(__file__).resolve().parents[2] / "analysis" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_analysis_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 import hos.optim
 from hos import reference
-from tests.tolerances import assert_close
+from tests.helpers.tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -353,7 +353,7 @@ def test_torchrun_example_matches_one_process():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     cmd += [str(root / "examples/sharded_summary.py"), "--check"]
@@ -370,7 +370,7 @@ def test_bench_sharded_quick(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(root / "analysis/bench_sharded.py"), "--quick", "--out", str(out)]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}

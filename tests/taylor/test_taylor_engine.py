@@ -107,7 +107,7 @@ def test_the_engine_decides_whether_a_rule_applies(monkeypatch):
 
 
 def test_multivariate_softmax_after_an_inplace_write_is_followed_and_exact():
-    """Found by tests/test_chains.py: the softmax rewrite's own max shift (a detached view
+    """Found by tests/taylor/test_chains.py: the softmax rewrite's own max shift (a detached view
     of a tensor written in place) read as a stale alias and sent D³ to reverse mode."""
     import hos
     from hos import reference

@@ -19,15 +19,15 @@ from hos import reference
 from hos._problem import Problem
 from hos.backends import BACKENDS, Backend
 from hos.backends.reverse import PathGraph
-from tests import twins
-from tests.tolerances import DT
-from tests.tolerances import assert_close as _close
+from tests.helpers import twins
+from tests.helpers.tolerances import DT
+from tests.helpers.tolerances import assert_close as _close
 
 TESTED = [b.value for b in BACKENDS if b is not Backend.REFERENCE]
 
 
 class ConvBN(nn.Module):
-    """Conv → BatchNorm2d (train mode) → tanh → Linear; the twin's norm from tests/twins.py."""
+    """Conv → BatchNorm2d (train mode) → tanh → Linear; the twin's norm from tests/helpers/twins.py."""
 
     def __init__(self, twin: bool):
         super().__init__()
@@ -40,7 +40,7 @@ class ConvBN(nn.Module):
 
 
 class LayerNormMLP(nn.Module):
-    """Linear → LayerNorm → tanh → Linear; the twin's norm from tests/twins.py."""
+    """Linear → LayerNorm → tanh → Linear; the twin's norm from tests/helpers/twins.py."""
 
     def __init__(self, twin: bool):
         super().__init__()
@@ -174,7 +174,7 @@ def test_benchmark_quick_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "analysis" / "bench_summaries.py"
+    script = Path(__file__).resolve().parents[2] / "analysis" / "bench_summaries.py"
     results = tmp_path / "bench.json"
     cmd = [sys.executable, str(script), "all", "--quick", "--results", str(results)]
     subprocess.run(cmd + ["--figures", str(tmp_path)], check=True, timeout=900)
