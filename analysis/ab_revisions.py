@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import sys, json
@@ -46,7 +49,7 @@ def main(argv=None) -> None:
     parser.add_argument("old", type=Path)
     parser.add_argument("new", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=ROOT / "analysis/results/ab_revisions.json")
+    parser.add_argument("--results", type=Path, default=toolkit.RESULTS / "ab_revisions.json")
     args = parser.parse_args(argv)
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     for _ in range(args.rounds):

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -38,9 +39,12 @@ from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.provenance import environment as _environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "analysis" / "results"
-FIGURES = ROOT / "figures"
+RESULTS = toolkit.RESULTS
+FIGURES = toolkit.FIGURES
 
 
 def _slowest(seconds: float) -> float:
@@ -211,7 +215,7 @@ def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> list[Path]:
     bx.legend(fontsize=8)
     fig.suptitle(
         f"hos.summarize_loader vs gradient accumulation (gloo, 1 thread/process, "
-        f"{env['cpu_count']} cores, load {env['load_average_1min']:.1f}, torch {env['torch']})",
+        f"{env['cores']} cores, load {(env['load_average'] or [0.0])[0]:.1f}, torch {env['torch']})",
         fontsize=9,
     )
     fig.tight_layout()

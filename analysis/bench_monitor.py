@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +36,12 @@ from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "analysis" / "results" / "bench_monitor.json"
-FIGURE = ROOT / "figures" / "bench_monitor.png"
+RESULTS = toolkit.RESULTS / "bench_monitor.json"
+FIGURE = toolkit.FIGURES / "bench_monitor.png"
 PERIODS = (10, 100)
 
 

@@ -28,9 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "analysis/results/bench_sharded.json"
+RESULTS = toolkit.RESULTS / "bench_sharded.json"
 
 
 def _model(depth: int, width: int) -> nn.Module:

@@ -54,9 +54,12 @@ import hos.reference
 from hos import models as hos_models
 from hos import provenance
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "analysis" / "results" / "bench_summaries.json"
-FIGURES = ROOT / "figures"
+RESULTS = toolkit.RESULTS / "bench_summaries.json"
+FIGURES = toolkit.FIGURES
 
 
 # --------------------------------------------------------------------------- problems

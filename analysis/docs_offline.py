@@ -29,6 +29,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parents[1]
 #: the pages photographed for the README: the home page and one gallery page with a figure
 SCREENSHOTS = {"home": "index.html", "gallery": "gallery/03_cnn_interaction_heatmap.html"}
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--site", type=Path, help="a built site (default: build one now)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
-    ap.add_argument("--report", type=Path, default=ROOT / "analysis/results/docs_offline.json")
+    ap.add_argument("--report", type=Path, default=toolkit.RESULTS / "docs_offline.json")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         site = args.site or build_site(Path(tmp) / "site")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,8 +38,11 @@ from torch.func import jacfwd
 from hos._exact import DECOMPOSITIONS
 from hos.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "analysis" / "results" / "fused_kernel_survey.json"
+RESULTS = toolkit.RESULTS / "fused_kernel_survey.json"
 DT = torch.float64
 #: Finite differences of order 2 and 3 (float64, Richardson) are good to about this.
 FD_RTOL = {2: 1e-6, 3: 1e-4}

@@ -41,7 +41,10 @@ from hos._loss import _adapted  # noqa: E402
 from tests.helpers import fd  # noqa: E402
 from tests.helpers import realmodels as R  # noqa: E402
 
-RESULTS = ROOT / "analysis" / "results" / "model_matrix.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
+RESULTS = toolkit.RESULTS / "model_matrix.json"
 DOCS = ROOT / "docs" / "models.md"
 FD_TOL = {"g": 1e-7, "H": 1e-4, "d3": 1e-3}
 
@@ -240,7 +243,9 @@ def write_docs(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", default=None, help="model names (tests/helpers/realmodels.py)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="model names (tests/helpers/realmodels.py)"
+    )
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

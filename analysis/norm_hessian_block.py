@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,9 +40,12 @@ from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "analysis" / "results"
-FIGURES = ROOT / "figures"
+RESULTS = toolkit.RESULTS
+FIGURES = toolkit.FIGURES
 
 FULL_TENSORS = [
     "stem.1.weight",

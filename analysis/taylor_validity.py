@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,9 +52,12 @@ from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "analysis" / "results"
-FIGURES = ROOT / "figures"
+RESULTS = toolkit.RESULTS
+FIGURES = toolkit.FIGURES
 
 FULL = dict(data="mnist5k", models=("mlp", "lenet"), batch=100, train_steps=150, points=36)
 QUICK = dict(data="digits", models=("lenet",), batch=16, train_steps=5, points=12)
@@ -211,7 +215,7 @@ def main(argv=None) -> None:
     results = json.loads(path.read_text())
     FIGURES.mkdir(exist_ok=True)
     for written in plot(results, suffix):
-        print("wrote", written.relative_to(ROOT))
+        print("wrote", written)
 
 
 if __name__ == "__main__":

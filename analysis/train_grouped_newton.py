@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,9 +37,12 @@ from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.optim import GroupedNewton, plateau_scheduler
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "analysis" / "results"
-FIGURES = ROOT / "figures"
+RESULTS = toolkit.RESULTS
+FIGURES = toolkit.FIGURES
 BATCH = 100
 GN_LR = {"mlp": 0.03, "lenet": 0.01}  # lenet: picked by --check-lenet-lr (0.1+ diverge)
 ADAM_LRS = (1e-3, 3e-4)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -32,9 +33,12 @@ from hos.models import build_model
 from hos.optim import SGDPH, CurvatureMode
 from hos.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "analysis" / "results"
-FIGURES = ROOT / "figures"
+RESULTS = toolkit.RESULTS
+FIGURES = toolkit.FIGURES
 
 OPTIMIZERS = ("sgdph_row_sum", "sgdph_exact_diagonal", "sgd_momentum", "adam")
 LABELS = {

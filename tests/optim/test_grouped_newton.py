@@ -251,16 +251,19 @@ def test_bad_hyperparameters_are_rejected():
 
 
 @pytest.mark.slow
-def test_training_script_quick_mode_runs():
+def test_training_script_quick_mode_runs(tmp_path):
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     script = root / "analysis" / "train_grouped_newton.py"
-    subprocess.run([sys.executable, str(script), "--quick"], check=True, cwd=root, timeout=600)
-    result = json.loads((root / "analysis/results/grouped_newton_quick.json").read_text())
+    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}  # outputs there, not in the tree
+    subprocess.run([sys.executable, str(script), "--quick"], check=True, cwd=root, timeout=600,
+                   env=env)  # fmt: skip
+    result = json.loads((tmp_path / "results/grouped_newton_quick.json").read_text())
     gn = [r for r in result["runs"] if r["optimizer"] == "GroupedNewton"]
     assert gn and all(any(f["phase"] == "update" for f in r["refreshes"]) for r in gn)
-    assert (root / "figures/grouped_newton_curves_quick.png").exists()
+    assert (tmp_path / "figures/grouped_newton_curves_quick.png").exists()
