@@ -81,7 +81,7 @@ def test_a_mistake_in_the_model_or_data_is_one_line_and_verbose_shows_the_traceb
 
 
 def test_the_first_forward_leaves_the_model_as_it_was(user):
-    from hos._firstrun import first_forward
+    from hos.cli.usercode import first_forward
 
     namespace: dict = {}
     exec(compile(BROKEN, "user", "exec"), namespace)

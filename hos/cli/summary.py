@@ -1,4 +1,4 @@
-"""`hos summary` and `hos plot`: the summary of a model on one batch, figures of a monitor log."""
+"""`hos summary`: the summary tensors of a model on one batch, with the cost said first."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hos._cli_common import (
+from hos._progress import bar
+from hos.backends import resolve
+from hos.cli.common import (
     UsageError,
     _build,
     _done,
@@ -21,11 +23,9 @@ from hos._cli_common import (
     _use_agg,
     _write_json,
 )
-from hos._progress import bar
-from hos.backends import resolve
 from hos.provenance import environment
 
-__all__ = ["cmd_plot", "cmd_summary", "compute_summary", "estimate_gradients", "grad_seconds"]
+__all__ = ["cmd_summary", "compute_summary", "estimate_gradients", "grad_seconds"]
 
 log = logging.getLogger("hos")
 
@@ -231,7 +231,7 @@ def _user_model(spec: str, dtype: str):
     import torch
     from torch import nn
 
-    from hos._userspec import load_callable
+    from hos.cli.usercode import load_callable
 
     net = load_callable(spec, "--model")()
     if not isinstance(net, nn.Module):
@@ -246,7 +246,7 @@ def _user_batch(spec: str, dtype: str):
     """`--data file.py:batch`: one `(inputs, targets)` batch, floating inputs cast to dtype."""
     import torch
 
-    from hos._userspec import load_callable
+    from hos.cli.usercode import load_callable
 
     batch = load_callable(spec, "--data")()
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -325,8 +325,8 @@ HEATMAP_GUIDE = "docs/getting-started.md#reading-a-heatmap"
 
 
 def cmd_summary(args) -> int:
-    from hos._firstrun import first_forward
-    from hos._userspec import is_spec
+    """`hos summary`: the summary of a model on one batch, its files and figures."""
+    from hos.cli.usercode import first_forward, is_spec
 
     _use_agg()
     from hos import plotting
@@ -421,26 +421,4 @@ def cmd_summary(args) -> int:
                    f"D³), missing {', '.join(run.missing)}; {cost}")  # fmt: skip
         return 130
     _done(out, f"summary of {len(part)} groups, orders 1-{args.order}, in {cost}")
-    return 0
-
-
-def cmd_plot(args) -> int:
-    """`hos plot LOG --out DIR`: the figures of a monitor log."""
-    import hos
-
-    _use_agg()
-    from hos import plotting
-
-    out = _out_dir(args.out)
-    run = hos.load_log(args.log)
-    if len(run) == 0:
-        raise UsageError(f"the log {args.log} holds no snapshot yet; nothing to plot.")
-    _save_figure(plotting.log_heatmaps(run), out / "heatmaps.png")
-    for quantity in ("g", "d3", "d4"):
-        if getattr(run, quantity) is not None:
-            _save_figure(plotting.log_series(run, quantity), out / f"{quantity}.png")
-    _save_figure(plotting.log_offdiagonal_share(run), out / "offdiagonal_share.png")
-    plotting.heatmap_page(run, out / "heatmaps.html")
-    _done(out, f"{len(run)} snapshots of {len(run.names)} groups, steps "
-               f"{int(run.steps[0])}-{int(run.steps[-1])}")  # fmt: skip
     return 0
