@@ -34,7 +34,7 @@ def _heatmap_figure(snapshot: Snapshot, title: str):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from hos._figures import interaction_heatmap
+    from hos.plotting.heatmaps import interaction_heatmap
 
     return interaction_heatmap(snapshot.H, snapshot.names, title=f"{title}, step {snapshot.step}")
 

@@ -1,20 +1,4 @@
-r"""Figures of summaries: interaction maps, D^(3) slices, diagonals, snapshots, Taylor validity.
-
-matplotlib is imported inside each function (`pip install 'hos[plot]'`), so
-`import hos.plotting` costs nothing. Every plotting function takes an optional
-`ax` (or `axes`) to draw into and returns the `matplotlib.figure.Figure`.
-
-Tensors may be torch tensors or numpy arrays; `names` are the S group names
-(`partition.names` / `summary.names`).
-
-The Taylor models of [`taylor_models`][hos.plotting.taylor_models] follow the sign convention of the
-optimizers: a step is $\theta(t) = \theta - t\sum_s \eta_s u_s$, i.e. the
-path function is evaluated at $-t\eta$, so
-
-$$
-L(\theta(t)) \approx L - t\,\bar g^\top\eta + \tfrac{t^2}{2}\,\eta^\top\bar H\eta - \tfrac{t^3}{6}\,D^{(3)}[\eta,\eta,\eta] + \dots
-$$
-"""
+"""Figures of summary tensors: a D³ slice, the diagonals of every order, a strip of snapshots."""
 
 from __future__ import annotations
 
@@ -23,27 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "diagonals",
-    "heatmap_page",
-    "log_heatmaps",
-    "log_offdiagonal_share",
-    "log_series",
-    "group_labels",
-    "interaction_heatmap",
-    "module_blocks",
-    "module_boundaries",
-    "normalized_interactions",
-    "readable_labels",
-    "snapshots",
-    "summary_slice",
-    "taylor_error",
-    "taylor_models",
-    "taylor_validity",
-    "training_curves",
-]
-
-from hos._figures import (
+from hos.plotting.heatmaps import (
     DIVERGING,
     _check_square,
     _figure_and_ax,
@@ -51,13 +15,11 @@ from hos._figures import (
     _np,
     _short,
     _symmetric_limit,
-    group_labels,
-    interaction_heatmap,
-    module_blocks,
     module_boundaries,
     normalized_interactions,
-    readable_labels,
 )
+
+__all__ = ["diagonals", "snapshots", "summary_slice"]
 
 
 def summary_slice(
@@ -233,161 +195,3 @@ def snapshots(
             if k == 0:
                 ax.set_ylabel(r"$\eta^*_s$")
     return fig
-
-
-def taylor_models(t, eta, g, H, D3=None, loss=0.0) -> dict[int, np.ndarray]:
-    r"""Order-1, 2 (and 3) Taylor models of $t \mapsto L(\theta - t\sum_s\eta_s u_s)$.
-
-    Args:
-        t: step scales, shape (T,).
-        eta: η, shape (S,).
-        g: ḡ, shape (S,), at θ along u.
-        H: H̄, shape (S, S).
-        D3: optionally D^(3), shape (S, S, S).
-        loss: L(θ).
-
-    Returns `{1: ..., 2: ..., 3: ...}` arrays of shape (T,):
-    $L - t\,\bar g\cdot\eta$, then $+\tfrac{t^2}{2}\eta^\top\bar H\eta$, then
-    $-\tfrac{t^3}{6}D^{(3)}[\eta,\eta,\eta]$ (only when `D3` is given).
-
-    Examples:
-        >>> taylor_models([1.0], [1.0], [2.0], [[4.0]], [[[6.0]]], loss=1.0)[3].tolist()
-        [0.0]
-    """
-    t = _np(t).reshape(-1)
-    e, g, H = _np(eta).reshape(-1), _np(g).reshape(-1), _np(H)
-    if not (e.shape == g.shape and H.shape == (e.size, e.size)):
-        raise ValueError(
-            f"eta, g and H must have shapes (S,), (S,), (S, S); got {e.shape}, {g.shape}, {H.shape}."
-        )
-    base = float(_np(loss))
-    c1, c2 = -(g @ e), 0.5 * (e @ H @ e)
-    out = {1: base + c1 * t, 2: base + c1 * t + c2 * t**2}
-    if D3 is not None:
-        c3 = -np.einsum("ijk,i,j,k->", _np(D3), e, e, e) / 6.0
-        out[3] = out[2] + c3 * t**3
-    return out
-
-
-def taylor_validity(
-    t,
-    true_loss,
-    models: Mapping[int, object],
-    *,
-    relative_to: float | None = None,
-    title: str | None = None,
-    ax=None,
-):
-    r"""True loss along a step against its Taylor models ([`taylor_models`][hos.plotting.taylor_models]).
-
-    Top: the loss change $L(\theta(t)) - L(\theta)$ and each model's
-    change against t (log-scaled x). With `relative_to` (usually L(θ)) the
-    y-values are those changes; otherwise raw losses. A dotted line marks
-    t = 1 (the step as proposed).
-    """
-    fig, ax = _figure_and_ax(ax, size=(6.0, 4.2))
-    t = _np(t).reshape(-1)
-    base = 0.0 if relative_to is None else float(relative_to)
-    ax.plot(t, _np(true_loss) - base, "k-", lw=2.2, label="true loss")
-    styles = {1: ":", 2: "--", 3: "-."}
-    for order, values in sorted(models.items()):
-        ax.plot(t, _np(values) - base, styles.get(order, "-"), lw=1.6, label=f"order {order}")
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel(r"$t$ in $\theta - t\sum_s \eta_s u_s$")
-    ax.set_ylabel("loss change" if relative_to is not None else "loss")
-    finite = _np(true_loss) - base
-    finite = finite[np.isfinite(finite)]
-    if finite.size:
-        span = finite.max() - finite.min()
-        ax.set_ylim(finite.min() - 0.5 * span - 1e-12, finite.max() + 0.5 * span + 1e-12)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "Taylor models along the step")
-    return fig
-
-
-def taylor_error(
-    t,
-    true_loss,
-    models: Mapping[int, object],
-    *,
-    relative_to: float,
-    tolerance: float | None = 0.1,
-    title: str | None = None,
-    ax=None,
-):
-    r"""Relative error of each Taylor model, $|m_k(t) - L(\theta(t))| / |L(\theta(t)) - L(\theta)|$.
-
-    Log-log against t: in the valid range the order-k error grows like
-    $t^{k}$ (error $O(t^{k+1})$ over a change $O(t)$); a
-    dashed line marks `tolerance`.
-    """
-    fig, ax = _figure_and_ax(ax, size=(6.0, 4.2))
-    t = _np(t).reshape(-1)
-    true = _np(true_loss)
-    change = np.abs(true - float(relative_to))
-    styles = {1: ":", 2: "--", 3: "-."}
-    for order, values in sorted(models.items()):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.abs(_np(values) - true) / change
-        ax.plot(t, rel, styles.get(order, "-"), lw=1.6, label=f"order {order}")
-    if tolerance is not None:
-        ax.axhline(tolerance, color="k", lw=0.8, ls="--", label=f"{tolerance:g}")
-    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_ylim(1e-8, 1e3)
-    ax.set_xlabel(r"$t$")
-    ax.set_ylabel("|model − true| / |true change|")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "relative error of the Taylor models")
-    return fig
-
-
-def training_curves(
-    histories: Mapping[str, Sequence[Mapping[str, float]]],
-    *,
-    keys: Sequence[str] = ("train_loss", "test_loss", "test_accuracy"),
-    axes=None,
-):
-    """Per-epoch curves of several runs: `{run name: [epoch metrics dict, ...]}`.
-
-    One panel per key (x = epoch, starting at 1); losses on a log scale.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    if not histories:
-        raise ValueError("histories must hold at least one run.")
-    if axes is None:
-        fig, axes = plt.subplots(
-            1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, layout="constrained"
-        )
-        axes = axes[0]
-    else:
-        axes = np.atleast_1d(np.asarray(axes, dtype=object))
-        fig = axes[0].figure
-    for ax, key in zip(axes, keys):
-        for k, (run, history) in enumerate(histories.items()):
-            xs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
-            ys = [row[key] for row in history]
-            ax.plot(xs, ys, "o-", color=f"C{k}", ms=3, label=run)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(key.replace("_", " "))
-        if "loss" in key:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return fig
-
-
-# figures of a monitor log over training steps (hos.SummaryMonitor, hos.load_log)
-from hos._logplots import (  # noqa: E402
-    heatmap_page,
-    log_heatmaps,
-    log_offdiagonal_share,
-    log_series,
-)

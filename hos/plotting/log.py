@@ -61,7 +61,7 @@ def log_heatmaps(log, *, panels: int = 6, title: str | None = None):
     """
     import matplotlib.pyplot as plt
 
-    from hos._figures import (
+    from hos.plotting.heatmaps import (
         DIVERGING,
         _heatmap,
         module_boundaries,
@@ -105,7 +105,7 @@ def log_series(log, quantity: str = "g", *, ax=None, title: str | None = None):
 
     The y axis is symmetric-log: these quantities change sign and span decades.
     """
-    from hos._figures import _figure_and_ax
+    from hos.plotting.heatmaps import _figure_and_ax
 
     log = _log(log)
     if quantity not in SERIES:
@@ -138,7 +138,7 @@ def log_offdiagonal_share(log, *, ax=None, title: str | None = None):
     Share: $\lVert \bar H - \operatorname{diag}\bar H\rVert_F / \lVert \bar H\rVert_F$: 0 when
     the groups do not interact at second order, near 1 when interactions dominate.
     """
-    from hos._figures import _figure_and_ax
+    from hos.plotting.heatmaps import _figure_and_ax
 
     log = _log(log)
     fig, ax = _figure_and_ax(ax, size=(7.0, 4.0))
@@ -167,7 +167,7 @@ def heatmap_page(log, path: str | os.PathLike, *, title: str | None = None, prog
     """
     import matplotlib.pyplot as plt
 
-    from hos._figures import interaction_heatmap, module_boundaries
+    from hos.plotting.heatmaps import interaction_heatmap, module_boundaries
 
     log = _log(log)
     title = title or log_title(log)
