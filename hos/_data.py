@@ -34,12 +34,13 @@ from torch import nn
 
 from hos._collective import all_reduce_sum
 from hos._errors import RankFailure
+from hos._guards import check_output_size
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._progress import stderr_bar
 from hos._sharded import per_rank
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
-from hos._validate import check_direction, check_order, check_output_size, check_partition
+from hos._validate import check_direction, check_order, check_partition
 
 __all__ = [
     "RankFailure",

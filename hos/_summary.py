@@ -49,6 +49,14 @@ import torch
 from hos import _outcome
 from hos._collective import reduce_over_ranks
 from hos._exact import ExactOps, inline_checkpoints
+from hos._guards import (
+    all_zero,
+    check_depends,
+    check_output_size,
+    check_result,
+    guarded,
+    upcast_errors,
+)
 from hos._injection import eager
 from hos._ordinary import check_against_model
 from hos._partition import Partition
@@ -57,16 +65,7 @@ from hos._record import Summary
 from hos._refusals import explain_missing_derivative
 from hos._sharded import Layout, differentiable_from_local, reducing
 from hos._stochastic import stochastic_depth_off
-from hos._validate import (
-    all_zero,
-    check_chunk,
-    check_depends,
-    check_order,
-    check_output_size,
-    check_result,
-    guarded,
-    upcast_errors,
-)
+from hos._validate import check_chunk, check_order
 from hos.backends import Backend, SummaryBackend, resolve
 from hos.backends.reverse import gradient_and_row_sums
 

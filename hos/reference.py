@@ -13,10 +13,11 @@ import torch
 from torch.func import jacfwd
 
 from hos._exact import ExactOps
+from hos._guards import check_depends, check_output_size
 from hos._partition import Partition
 from hos._problem import Problem
 from hos._refusals import explain_missing_derivative
-from hos._validate import check_depends, check_order, check_output_size
+from hos._validate import check_order
 
 __all__ = [
     "diagonal_of",

@@ -1,7 +1,7 @@
 """Numerics and state: non-finite values, low precision, extreme scales, memory
 estimates, and summaries that only read (also when interrupted).
 
-The decisions tested here are documented in :mod:`hos._validate`.
+The decisions tested here are documented in :mod:`hos._validate` and :mod:`hos._guards`.
 """
 
 from __future__ import annotations
