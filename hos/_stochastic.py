@@ -34,8 +34,20 @@ def _kept(input, *args, **kwargs):  # noqa: ARG001 - the signature of the functi
     return input
 
 
+_SCANNED: dict[str, object] = {"modules": -1, "found": []}
+
+
 def _targets() -> list[tuple[object, str, object]]:
-    """(module, name, original) for every loaded module that holds a known function."""
+    """(module, name, original) for every loaded module that holds a known function; rescanned
+    only when modules were loaded since the last scan (it runs at every summary call)."""
+    if _SCANNED["modules"] == len(sys.modules):
+        return [(m, n, f) for m, n, f in _SCANNED["found"] if getattr(m, n, None) is f]
+    found = _scan()
+    _SCANNED.update(modules=len(sys.modules), found=found)
+    return found
+
+
+def _scan() -> list[tuple[object, str, object]]:
     originals = []
     for module_name, name in KNOWN:
         module = sys.modules.get(module_name)

@@ -247,8 +247,23 @@ def _index_add(input, dim, index, source, *, alpha=1):
     return input + (added if alpha == 1 else added * alpha)
 
 
+def _logcumsumexp(input, dim):
+    """log Σ_{j≤i} exp(x_j) along `dim` as m + log(cumsum(exp(x − m))), m the constant max over
+    `dim` (selective-scan state-space models use it). Not covered where exp(x − m) summed so far
+    would come close to underflow (early entries far below the max): there the generic rule."""
+    if not isinstance(dim, int) or input.dim() == 0:
+        raise NotCovered
+    with torch._C.DisableTorchFunction():  # the shift and the safety test: constants
+        shift = input.detach().amax(dim, keepdim=True)
+        running = (input.detach() - shift).exp().cumsum(dim)
+        if bool((running < 1e20 * torch.finfo(input.dtype).tiny).any()):
+            raise NotCovered
+    return shift + torch.log(torch.cumsum(torch.exp(input - shift), dim))
+
+
 #: Rewrites both algebras run (their outputs' coefficients become the call's).
 REWRITES = {
+    torch.logcumsumexp: _logcumsumexp, _T.logcumsumexp: _logcumsumexp,
     torch.index_add: _index_add, _T.index_add: _index_add,
     **{f: _selection(f) for f in SELECTIONS},
     F.multi_head_attention_forward: _attention,

@@ -86,7 +86,8 @@ _MULTILINEAR = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.embedding,
     _T.to, _T.type_as, _T.type, _T.float, _T.double, F.nll_loss, torch.gather, _T.gather,
-    torch.repeat_interleave, _T.repeat_interleave,
+    torch.repeat_interleave, _T.repeat_interleave, torch.mv, _T.mv, torch.dot, _T.dot,
+    torch.inner, _T.inner, torch.kron, _T.kron, torch.cumsum, _T.cumsum,
 } | _getters("T", "mT")  # fmt: skip
 
 _WITH_BIAS = {

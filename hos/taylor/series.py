@@ -168,6 +168,21 @@ def _silu_derivatives(x: torch.Tensor, K: int) -> list:
     return [x * d[j] + d[j - 1] for j in range(1, K + 1)]
 
 
+def _softplus_derivatives(x: torch.Tensor, args, kwargs, K: int) -> list:
+    """f = log(1 + e^(βx))/β (x itself where βx > threshold, as PyTorch computes it):
+    f^(j)/j! = β^(j−1) σ^(j−1)(βx) / (j−1)! / j, and 1, 0, 0, ... on the linear branch."""
+    beta = args[1] if len(args) > 1 else kwargs.get("beta", 1.0)
+    threshold = args[2] if len(args) > 2 else kwargs.get("threshold", 20.0)
+    z = beta * x
+    sig = torch.sigmoid(z)
+    s = [sig] + _sigmoid_derivatives(sig, K - 1)  # σ^(m)(z)/m!, m = 0..K-1
+    linear = z > threshold
+    out = [torch.where(linear, torch.ones_like(x), sig)]
+    for j in range(2, K + 1):
+        out.append(torch.where(linear, torch.zeros_like(x), beta ** (j - 1) * s[j - 1] / j))
+    return out
+
+
 def _divided(derivs: list) -> list:
     """f^(j) → f^(j)/j!, the factors Faà di Bruno multiplies by."""
     return [None if d is None else d / math.factorial(j + 1) for j, d in enumerate(derivs)]
@@ -185,6 +200,8 @@ def _closed_form(func, args, kwargs, y: torch.Tensor, K: int) -> list | None:
         return _sigmoid_derivatives(y, K)
     if func is F.silu:
         return _silu_derivatives(x, K)
+    if func is F.softplus:
+        return _softplus_derivatives(x, args, kwargs, K)
     raw = _raw_derivatives(func, args, kwargs, x, y, K)
     return None if raw is None else _divided(raw)
 

@@ -181,3 +181,19 @@ def test_benchmark_quick_runs(tmp_path):
     data = json.loads(results.read_text())
     assert data["ratios"]["mlp"]["ratio"]["hos.reverse"]["summarize"] > 0
     assert (tmp_path / "bench_ratios_quick.png").exists()
+
+
+@pytest.mark.slow
+def test_small_models_benchmark_quick(tmp_path):
+    """analysis/bench_small_models.py --quick, its JSON in a temporary folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "analysis" / "bench_small_models.py"
+    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
+    subprocess.run([sys.executable, str(script), "--quick"], check=True, timeout=600, env=env)
+    rows = json.loads((tmp_path / "results" / "bench_small_models_quick.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["ratio"] > 1 and r["fallback"] is None for r in rows.values())
