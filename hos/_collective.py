@@ -52,12 +52,17 @@ def rank_weight(loss) -> tuple[float, bool]:
     return 1.0, True
 
 
-def reduce_over_ranks(tensors: Sequence[torch.Tensor], loss, group=None) -> list[torch.Tensor]:
+def reduce_over_ranks(
+    tensors: Sequence[torch.Tensor], loss, group=None, copies: int = 1
+) -> list[torch.Tensor]:
     """Per-rank summaries of `loss` combined over the ranks of `group` as `rank_weight` says
-    (float64 sums, one all-reduce); unchanged on one process."""
+    (float64 sums, one all-reduce); unchanged on one process. `copies` ranks hold each batch
+    (a tensor-parallel group): a sum counts each batch once."""
     if world_size(group) == 1:
         return list(tensors)
     weight, mean = rank_weight(loss)
+    if not mean:
+        weight /= copies
     w = torch.tensor(weight, dtype=torch.float64, device=tensors[0].device)
     *sums, total = all_reduce_sum([t.to(torch.float64) * w for t in tensors] + [w], group)
     return [(s / total if mean else s).to(t.dtype) for s, t in zip(sums, tensors)]

@@ -38,7 +38,7 @@ from hos._guards import check_output_size
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._progress import stderr_bar
-from hos._sharded import per_rank
+from hos._sharded import copies, per_rank
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import check_direction, check_order, check_partition
 
@@ -296,7 +296,9 @@ def _accumulate(
     if group is not None:
         counts = torch.tensor([samples, weight], dtype=ACCUMULATE_DTYPE, device=device)
         *sums, counts = all_reduce_sum([*sums, counts], group)
-        samples, weight = int(counts[0].item()), float(counts[1].item())
+        replicas = copies(model, params, group)  # tensor-parallel ranks share batches
+        sums, counts = [s / replicas for s in sums], counts / replicas
+        samples, weight = round(counts[0].item()), float(counts[1].item())
     if samples == 0:
         ranks = " on every rank" if group is not None else ""
         raise ValueError(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hos._collective import reduce_over_ranks
-from hos._sharded import gathered, is_sharded, like
+from hos._sharded import copies, for_backends, gathered, is_sharded, like
 
 __all__ = ["gradient_direction", "momentum_direction", "random_direction"]
 
@@ -33,12 +33,13 @@ def gradient_direction(loss: Callable[[Params], torch.Tensor], params: Params) -
         >>> hos.gradient_direction(loss, {"w": torch.tensor([1.0, -2.0])})
         {'w': tensor([ 2., -4.])}
     """
-    if is_sharded(params):  # FSDP2: the gradient of all ranks' samples, sharded like params
-        full = gathered(params)
-        grads = _gradient(loss, full)
+    if is_sharded(params):  # the gradient of all ranks' samples, laid out like params
+        model = getattr(getattr(loss, "wrapped", loss), "model", None)
+        grads = _gradient(loss, for_backends(loss, params))
         names = list(grads)
-        grads = dict(zip(names, reduce_over_ranks([grads[k] for k in names], loss)))
-        return {k: like(grads[k], params[k]) for k in names}
+        full = gathered(grads)  # tensor parallel's DTensor gradients as full tensors
+        reduced = reduce_over_ranks([full[k] for k in names], loss, copies=copies(model, params))
+        return {k: like(g, params[k]) for k, g in zip(names, reduced)}
     return _gradient(loss, params)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from hos._partition import Partition
-from hos._sharded import Layout, gathered, is_sharded, layout
+from hos._sharded import copies, for_backends, is_sharded, layout
 from hos._validate import check_summary_args
 
 __all__ = ["Problem"]
@@ -49,6 +49,8 @@ class Problem:
         self.dtype, self.device = first.dtype, first.device
         #: the `hos._sharded.Layout` of a sharded model's θ and u, None for an unsharded one
         self.sharded: str | None = None
+        #: how many ranks hold this rank's batch (the tensor-parallel mesh's size), 1 otherwise
+        self.copies = 1
 
     @classmethod
     def validated(
@@ -62,13 +64,15 @@ class Problem:
                 "Taylor mode against one gradient per new op sequence, False skips that check."
             )
         sharded = layout(loss, params) if is_sharded(params) or is_sharded(direction) else None
-        if sharded == Layout.FSDP:  # FSDP2's DTensors: the full tensors they shard
-            params, direction = gathered(params), gathered(direction)
+        replicas = 1
+        if sharded:  # FSDP2's DTensors: the tensors its forward computes with
+            replicas = copies(getattr(getattr(loss, "wrapped", loss), "model", None), params)
+            params, direction = for_backends(loss, params), for_backends(loss, direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel
         )
         prob = cls(loss, theta, u, partition, verify=verify)
-        prob.sharded = sharded
+        prob.sharded, prob.copies = sharded, replicas
         return prob
 
     @property

@@ -18,6 +18,13 @@ place: `functional_call` is ignored there. So, for such a model:
 * each rank evaluates its own batch: the summaries of the union of the ranks' batches are the
   sample-weighted mean over the ranks, one all-reduce (`hos._collective.reduce_over_ranks`).
 
+With tensor parallel (`parallelize_module`), θ, u and the moved tensors θ + η u stay DTensors
+with η replicated on the mesh, and the forward runs on them as it is. With both on a 2-D mesh
+(FSDP2 over the data-parallel dimension of a tensor-parallel model), θ and u are gathered over
+the data-parallel dimension only, into the tensor-parallel DTensors FSDP itself gives the forward
+(`for_backends`), and injected after FSDP's hook as above. The ranks of one tensor-parallel group
+share one batch: a sum over the ranks counts it once per rank of that group (`copies`).
+
 Every rank must make the same calls: a summary of a sharded model is a collective, and its
 backend is reverse mode, whose sequence of collectives is the same on every rank (Taylor mode
 sizes its passes by measured memory and caches per-process verdicts).
@@ -33,8 +40,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Layout", "differentiable_from_local", "fsdp_injected", "fsdp_units", "gathered", "is_dtensor",
-    "is_sharded", "layout", "like", "per_rank", "reducing", "replicated",
+    "Layout", "copies", "differentiable_from_local", "for_backends", "fsdp_injected", "fsdp_units",
+    "gathered", "is_dtensor", "is_sharded", "layout", "like", "model_layout", "per_rank",
+    "reducing", "replicated",
 ]  # fmt: skip
 
 _REDUCING: contextvars.ContextVar[bool] = contextvars.ContextVar("hos_reducing", default=True)
@@ -94,32 +102,110 @@ def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
 class Layout:
     """How a sharded model's parameters are laid out, for the summaries."""
 
-    #: FSDP2 on a 1-D mesh: θ and u are gathered, the forward gets full tensors (`fsdp_injected`)
+    #: FSDP2 (`fully_shard` on a 1-D mesh, or HSDP on a 2-D one): θ and u are gathered, the
+    #: forward gets full tensors (`fsdp_injected`)
     FSDP = "fsdp"
     #: tensor parallel (DTensor parameters, no FSDP unit): θ, u and the moved tensors stay
     #: DTensors, the forward runs on them as it is (`functional_call`)
     TENSOR_PARALLEL = "tensor parallel"
+    #: FSDP2 over the data-parallel dimension of a tensor-parallel model (a 2-D mesh): θ and u
+    #: are gathered over that dimension into tensor-parallel DTensors, injected after FSDP's hook
+    FSDP_TENSOR_PARALLEL = "fsdp with tensor parallel"
+
+
+def _fsdp_params(model: nn.Module) -> dict[str, object]:
+    """FSDP2's record of each parameter it manages (`FSDPParam`), by name in `model`."""
+    paths = {id(module): name for name, module in model.named_modules()}
+    found = {}
+    for unit in fsdp_units(model):
+        group = getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)
+        for record in getattr(group, "fsdp_params", ()):
+            info = record._module_info
+            prefix = paths.get(id(info.module))
+            if prefix is not None:
+                found[f"{prefix}.{info.param_name}" if prefix else info.param_name] = record
+    return found
+
+
+def _model_parallel_specs(model: nn.Module) -> dict[str, object]:
+    """For each FSDP2 parameter of a tensor-parallel layer, the DTensor layout FSDP gives the
+    forward after its all-gather (mesh and placements of the tensor-parallel dimension)."""
+    out = {}
+    for name, record in _fsdp_params(model).items():
+        spec = getattr(record, "_unsharded_dtensor_spec", None)
+        if spec is not None:
+            out[name] = spec
+    return out
+
+
+def _model_of(loss) -> nn.Module | None:
+    return getattr(getattr(loss, "wrapped", loss), "model", None)
 
 
 def layout(loss, params: Mapping[str, torch.Tensor]) -> str | None:
     """The `Layout` of a sharded model's parameters, None for an unsharded one; a one-line
-    refusal for the layouts hos cannot follow yet (FSDP2 with tensor parallel on a 2-D mesh, a
-    plain function of DTensors)."""
-    shards = [v for v in params.values() if is_dtensor(v)]
-    if not shards:
+    refusal for the layouts hos cannot follow (a plain function of DTensors, HSDP with tensor
+    parallel on a 3-D mesh)."""
+    return model_layout(_model_of(loss), params)
+
+
+def model_layout(model: nn.Module | None, params: Mapping[str, torch.Tensor]) -> str | None:
+    """`layout` for the model a loss evaluates (None: a plain function)."""
+    if not any(is_dtensor(v) for v in params.values()):
         return None
-    model = getattr(getattr(loss, "wrapped", loss), "model", None)
     if model is None:
         reason = "the loss is a plain function of DTensors, not hos.model_loss(model, ...)"
-    elif fsdp_units(model) and any(v.device_mesh.ndim > 1 for v in shards):
-        reason = "its parameters live on a 2-D mesh (FSDP2 with tensor parallel)"
+    elif not fsdp_units(model):
+        return Layout.TENSOR_PARALLEL
+    elif not _model_parallel_specs(model):
+        return Layout.FSDP
+    elif any(r.mesh_info.mesh.ndim > 1 for r in _fsdp_params(model).values()):
+        reason = "HSDP (a 2-D data-parallel mesh) with tensor parallel: a 3-D mesh"
     else:
-        return Layout.FSDP if fsdp_units(model) else Layout.TENSOR_PARALLEL
+        return Layout.FSDP_TENSOR_PARALLEL
     raise NotImplementedError(
         f"hos: summaries of this sharded model are not supported yet: {reason}. FSDP2 "
-        "(fully_shard on a 1-D mesh) and tensor parallel (parallelize_module) with "
-        "hos.model_loss are (docs: 'Summaries of a sharded model')."
+        "(fully_shard, HSDP included), tensor parallel (parallelize_module) and both on a 2-D "
+        "mesh with hos.model_loss are (docs: 'Summaries of a sharded model')."
     )
+
+
+def for_backends(loss, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`params` as the backends compute with them: full tensors for FSDP2, the DTensors as they
+    are for tensor parallel, and for both on a 2-D mesh the tensor-parallel DTensors FSDP gives
+    the forward (gathered over the data-parallel dimension). A collective for FSDP2."""
+    kind = layout(loss, params)
+    if kind is None or kind == Layout.TENSOR_PARALLEL:
+        return dict(params)
+    full = gathered(params)
+    if kind == Layout.FSDP:
+        return full
+    specs = _model_parallel_specs(_model_of(loss))
+    return {
+        name: _laid_out(value, specs[name].mesh, specs[name].placements) if name in specs else value
+        for name, value in full.items()
+    }
+
+
+def copies(model: nn.Module | None, params: Mapping[str, torch.Tensor], group=None) -> int:
+    """How many ranks of `group` (None: all) hold this rank's batch: those of its
+    tensor-parallel mesh (they share their input); 1 for FSDP2 alone and for an unsharded
+    model. No communication."""
+    kind = model_layout(model, params)
+    if kind == Layout.TENSOR_PARALLEL:
+        meshes = [v.device_mesh for v in params.values() if is_dtensor(v)]
+    elif kind == Layout.FSDP_TENSOR_PARALLEL:
+        meshes = [spec.mesh for spec in _model_parallel_specs(model).values()]
+    else:
+        return 1
+    ranks = set(meshes[0].mesh.flatten().tolist())
+    for mesh in meshes[1:]:
+        ranks |= set(mesh.mesh.flatten().tolist())
+    if group is not None:
+        import torch.distributed as dist
+
+        ranks &= set(dist.get_process_group_ranks(group))
+    return max(len(ranks), 1)
 
 
 def replicated(eta: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
@@ -178,12 +264,20 @@ def gathered(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def like(full: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     """`full` (the same on every rank) laid out like `template`: its shard of a DTensor with
-    the template's mesh and placements (sliced here, no communication), or `full` itself."""
+    the template's mesh and placements (FSDP2's strided shards on a 2-D mesh included; a local
+    slice, no communication), or `full` itself."""
     if not is_dtensor(template):
         return full
-    from torch.distributed.tensor import distribute_tensor
+    return _laid_out(full, template.device_mesh, template.placements)
 
-    return distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+
+def _laid_out(full: torch.Tensor, mesh, placements) -> torch.Tensor:
+    """The DTensor with `placements` on `mesh` whose full tensor is `full` (the same on every
+    rank): a local slice of a replicated DTensor."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    everywhere = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return everywhere.redistribute(mesh, placements)
 
 
 def _owned(unit: nn.Module) -> list[tuple[nn.Module, str, str]]:

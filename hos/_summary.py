@@ -125,7 +125,7 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compar
     """Run `compute()` read-only and check what it returns; for a model's loss, on first sight
     of the setting, against the model run the ordinary way (`hos._ordinary`): `compared(results)`
     gives the (ḡ, H̄·1) of the results to compare, None where the results do not hold them."""
-    differentiable = prob.sharded == Layout.TENSOR_PARALLEL
+    differentiable = prob.sharded in (Layout.TENSOR_PARALLEL, Layout.FSDP_TENSOR_PARALLEL)
     patched = differentiable_from_local() if differentiable else contextlib.nullcontext()
     with _computing(prob, params), patched:
         try:
@@ -147,7 +147,7 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compar
     with guarded(prob.device):
         check_against_model(prob, g, rows, injected)
     if prob.sharded and reducing():  # each rank summarised its own batch: combine them
-        reduced = reduce_over_ranks(list(tensors), prob.loss)
+        reduced = reduce_over_ranks(list(tensors), prob.loss, copies=prob.copies)
         results = tuple(reduced) if isinstance(results, tuple) else reduced[0]
     return results
 
