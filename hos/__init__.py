@@ -29,6 +29,17 @@ from hos._outcome import Fallback, last_fallback
 from hos._partition import Partition
 from hos._progress import progress
 from hos._record import load_summary
+from hos._spectrum import (
+    Density,
+    Eigenpairs,
+    Sharpness,
+    Trace,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_trace,
+    sharpness,
+    sharpness_gradient,
+)
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 
 try:
@@ -52,6 +63,16 @@ __all__ = [
     "summary_diagonal",
     "summary_tensor",
     "load_summary",
+    # the Hessian's spectrum: sharpness and where it lives
+    "hessian_eigenpairs",
+    "hessian_trace",
+    "hessian_density",
+    "sharpness",
+    "sharpness_gradient",
+    "Eigenpairs",
+    "Trace",
+    "Density",
+    "Sharpness",
     # reliability
     "Fallback",
     "TaylorModeWarning",

@@ -1,0 +1,636 @@
+r"""The Hessian's spectrum on hos's exact Hessian-vector products: sharpness and where it lives.
+
+For a loss $L(\theta)$ with $P$ parameters, $H = \nabla^2 L(\theta)$, and for a partition into
+groups $T_1, \dots, T_S$ its diagonal blocks $H_{ss}$:
+
+* `hessian_eigenpairs`: the top-k eigenpairs of $H$ (or of each $H_{ss}$) by implicitly
+  restarted Lanczos (scipy's `eigsh` on a `LinearOperator`), or exactly from the dense matrix
+  ($P$ products) when $P$ is small;
+* `hessian_trace`: $\operatorname{tr} H_{ss}$ for every group by Hutch++ (a sketch $Q$ of the
+  range, $\operatorname{tr}(Q^\top P_s H Q)$ exactly, Hutchinson on the rest:
+  $\operatorname{tr}(P_s H (I - QQ^\top))$ estimated by $z^\top P_s H (I - QQ^\top) z$ with
+  Rademacher $z$), with its standard error; exact when $P$ is no more than the budget;
+* `hessian_density`: the spectral density $p(\lambda) = \frac1P \sum_i \delta(\lambda - \lambda_i)$
+  by stochastic Lanczos quadrature (scipy's `eigh_tridiagonal` for the quadrature), smoothed;
+* `sharpness`: $\lambda_{\max}$ and its eigenvector $v$, $\lambda_{\max}$ split into group pairs
+  ($\bar H_{st} = v_s^\top H_{st} v_t$ along $v$, whose entries sum to $\lambda_{\max}$), the cubic
+  coefficient $D^3L[v, v, v]$, and the gradient of the sharpness
+  $\nabla\lambda_{\max} = D^3L[v, v, \cdot]$ (defined for a simple top eigenvalue).
+
+A Hessian-vector product is one more backward pass through the graph of the gradient (built once
+per batch and kept), computed under `hos.ExactOps` like every summary, so fused kernels whose
+PyTorch double backward is wrong are decomposed first. Over several batches (`losses` a list) the
+products are weighted by the batches' sizes; under torch.distributed each product is summed over
+the ranks (data parallel), so every rank runs the same iteration and gets the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hos._collective import all_reduce_sum, rank_weight, world_size
+from hos._exact import ExactOps
+from hos._partition import Partition
+from hos._sharded import is_sharded
+from hos._validate import check_int, check_params, check_partition, checked_loss
+
+__all__ = [
+    "Density", "Eigenpairs", "HessianOperator", "Sharpness", "Trace", "hessian_density",
+    "hessian_eigenpairs", "hessian_trace", "sharpness", "sharpness_gradient",
+]  # fmt: skip
+
+log = logging.getLogger("hos")
+
+Params = Mapping[str, torch.Tensor]
+#: below this many parameters (of the whole model or of a block) the matrix is formed from P
+#: Hessian-vector products and diagonalised exactly: Lanczos would take about as many
+DENSE_LIMIT = 64
+#: up to this many batch losses keep their gradient graphs between products (more: rebuilt)
+KEEP_LIMIT = 8
+
+
+class HessianOperator:
+    r"""$v \mapsto Hv$ for the parameters `names` (all of them, or one group's block), on flat
+    float64 NumPy vectors; counts its products in `products`.
+
+    Args:
+        losses: one loss `dict -> scalar`, or a list of batch losses (their Hessians are
+            averaged with the weights `hos._collective.rank_weight` gives: sample counts for
+            mean-reduced `hos.model_loss`).
+        params: θ.
+        names: the parameters the operator acts on (default: all); the others stay at θ.
+        keep_graph: keep each batch's gradient graph between products (fast; memory of one
+            gradient graph per batch). Default: for up to `KEEP_LIMIT` batches.
+    """
+
+    def __init__(
+        self,
+        losses,
+        params: Params,
+        names: Sequence[str] | None = None,
+        keep_graph: bool | None = None,
+    ):
+        self.losses = list(losses) if isinstance(losses, list | tuple) else [losses]
+        self.theta = {k: v.detach() for k, v in params.items()}
+        self.names = list(self.theta) if names is None else list(names)
+        self.shapes = [self.theta[n].shape for n in self.names]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.size = sum(self.sizes)
+        first = self.theta[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.keep = len(self.losses) <= KEEP_LIMIT if keep_graph is None else bool(keep_graph)
+        self._graphs: dict[int, tuple] = {}
+        self.products = 0
+        weights = [rank_weight(loss) for loss in self.losses]
+        self._weights = [w for w, _ in weights]
+        self._mean = all(mean for _, mean in weights)
+
+    # -- flat vectors <-> parameter dicts
+    def unflatten(self, flat) -> dict[str, torch.Tensor]:
+        """A flat vector (NumPy or torch) as a dict of tensors shaped like the parameters."""
+        t = torch.as_tensor(np.asarray(flat), dtype=self.dtype, device=self.device)
+        parts = torch.split(t, self.sizes)
+        return {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
+        flat = torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
+        return flat.to(torch.float64).cpu().numpy()
+
+    # -- products
+    def _gradient_graph(self, index: int):
+        if index in self._graphs:
+            return self._graphs[index]
+        leaves = {n: self.theta[n].clone().requires_grad_() for n in self.names}
+        full = {**self.theta, **leaves}
+        with ExactOps():
+            value = self.losses[index](full)
+        grads = torch.autograd.grad(value, list(leaves.values()), create_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        graph = (list(leaves.values()), grads)
+        if self.keep:
+            self._graphs[index] = graph
+        return graph
+
+    def hvp_tensors(self, vector: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """H v with v a dict over `names`, as a list of tensors (the batches' weighted mean,
+        summed over the ranks)."""
+        total = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
+        for index, weight in enumerate(self._weights):
+            leaves, grads = self._gradient_graph(index)
+            live = [(g, vector[n]) for g, n in zip(grads, self.names) if g is not None]
+            if live:
+                outs = torch.autograd.grad(
+                    [g for g, _ in live], leaves, grad_outputs=[v for _, v in live],
+                    retain_graph=self.keep, allow_unused=True,
+                )  # fmt: skip
+                for acc, out in zip(total, outs):
+                    if out is not None:
+                        acc.add_(out.detach(), alpha=weight)
+        weight = torch.tensor(sum(self._weights), dtype=self.dtype, device=self.device)
+        if world_size() > 1:  # data parallel: every rank's batches
+            *total, weight = all_reduce_sum([*total, weight])
+        self.products += 1
+        return [t / weight for t in total] if self._mean else total
+
+    def matvec(self, flat: np.ndarray) -> np.ndarray:
+        out = self.hvp_tensors(self.unflatten(np.ravel(flat)))
+        return torch.cat([o.reshape(-1) for o in out]).to(torch.float64).cpu().numpy()
+
+    def dense(self) -> np.ndarray:
+        """The matrix, one product per column (symmetrised)."""
+        eye = np.eye(self.size)
+        matrix = np.stack([self.matvec(eye[:, j]) for j in range(self.size)], axis=1)
+        return 0.5 * (matrix + matrix.T)
+
+    def linear_operator(self):
+        sparse, _ = _scipy_linalg("hessian_eigenpairs")
+        return sparse.LinearOperator((self.size, self.size), matvec=self.matvec, dtype=np.float64)
+
+
+@dataclasses.dataclass
+class Eigenpairs:
+    """Eigenvalues (descending for `which="LA"`, by modulus for `"LM"`) and eigenvectors as
+    parameter dicts of unit norm (over the parameters they live on)."""
+
+    values: torch.Tensor
+    vectors: list[dict[str, torch.Tensor]]
+    #: "dense" (the matrix from P products, `numpy.linalg.eigh`) or "lanczos" (scipy `eigsh`)
+    method: str
+    #: how many Hessian-vector products it took
+    products: int
+
+
+@dataclasses.dataclass
+class Trace:
+    """Per-group traces of the Hessian's diagonal blocks, their standard errors (0 when exact)."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+    stderr: torch.Tensor
+    #: "exact" (P products) or "hutch++"
+    method: str
+    products: int
+
+    @property
+    def total(self) -> float:
+        """tr H: the sum of the blocks' traces."""
+        return float(self.values.sum())
+
+
+def _scipy_linalg(what: str):
+    """scipy.sparse.linalg and scipy.linalg, or a clear error naming the extra."""
+    try:
+        import scipy.linalg
+        import scipy.sparse.linalg
+    except ImportError as err:
+        raise ImportError(
+            f"hos.{what} uses scipy's Lanczos (eigsh) and tridiagonal solver: "
+            "pip install 'hos[spectrum]' (or scipy)."
+        ) from err
+    return scipy.sparse.linalg, scipy.linalg
+
+
+def _losses_of(loss) -> list:
+    items = list(loss) if isinstance(loss, list | tuple) else [loss]
+    if not items:
+        raise ValueError("loss: an empty list of batch losses; pass at least one loss.")
+    return [checked_loss(item) for item in items]
+
+
+def _checked(loss, params, what: str) -> tuple[list, dict]:
+    params = check_params(params)
+    if is_sharded(params):
+        raise NotImplementedError(
+            f"hos.{what}: DTensor (FSDP2 / tensor-parallel) parameters are not supported yet; "
+            "data parallel is (every rank its own batch, products summed over the ranks)."
+        )
+    return _losses_of(loss), params
+
+
+def _solve(op: HessianOperator, k: int, which: str, tol: float, seed: int) -> Eigenpairs:
+    """The k eigenpairs of one operator, densely or by Lanczos."""
+    if op.size <= max(DENSE_LIMIT, k + 1):
+        values, vectors = np.linalg.eigh(op.dense())
+        order = np.argsort(-values if which == "LA" else -np.abs(values), kind="stable")[:k]
+        values, vectors, method = values[order], vectors[:, order], "dense"
+    else:
+        eigsh = _scipy_linalg("hessian_eigenpairs")[0].eigsh
+        start = np.random.default_rng(seed).standard_normal(op.size)  # the same on every rank
+        values, vectors = eigsh(op.linear_operator(), k=k, which=which, tol=tol, v0=start)
+        order = np.argsort(-values if which == "LA" else -np.abs(values), kind="stable")
+        values, vectors, method = values[order], vectors[:, order], "lanczos"
+    for j in range(vectors.shape[1]):  # a sign convention: the largest entry positive
+        if vectors[np.argmax(np.abs(vectors[:, j])), j] < 0:
+            vectors[:, j] = -vectors[:, j]
+    out_values = torch.as_tensor(values.copy(), dtype=op.dtype, device=op.device)
+    out_vectors = [op.unflatten(vectors[:, j].copy()) for j in range(vectors.shape[1])]
+    return Eigenpairs(out_values, out_vectors, method, op.products)
+
+
+def hessian_eigenpairs(
+    loss,
+    params: Params,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    partition: Partition | None = None,
+    tol: float = 0.0,
+    seed: int = 0,
+) -> Eigenpairs | dict[str, Eigenpairs]:
+    r"""The top-k eigenvalues and eigenvectors of the Hessian $\nabla^2 L(\theta)$.
+
+    Args:
+        loss: a pure loss `dict -> scalar` (e.g. `hos.model_loss`), or a list of batch losses
+            (their mean Hessian, weighted by the batches' sizes). Under torch.distributed every
+            rank passes its own batches and gets the eigenpairs of all ranks' data.
+        params: θ, a dict of tensors (`dict(model.named_parameters())`).
+        k: how many eigenpairs.
+        which: `"LA"` the algebraically largest (sharpness), `"LM"` the largest in modulus
+            (negative curvature included).
+        partition: give one to get the eigenpairs of each group's diagonal block $H_{ss}$,
+            as a dict by group name.
+        tol: relative accuracy of Lanczos (0: machine precision); the dense path is exact.
+        seed: Lanczos' start vector (the same on every rank).
+
+    Returns:
+        `Eigenpairs` (values, vectors as parameter dicts, method, products), or a dict of them by
+        group name.
+
+    Examples:
+        >>> import torch, hos
+        >>> a = torch.tensor([3.0, 1.0], dtype=torch.float64)
+        >>> loss = lambda p: 0.5 * (a * p["w"] ** 2).sum()
+        >>> hos.hessian_eigenpairs(loss, {"w": torch.zeros(2, dtype=torch.float64)}).values
+        tensor([3.], dtype=torch.float64)
+    """
+    losses, params = _checked(loss, params, "hessian_eigenpairs")
+    if which not in ("LA", "LM"):
+        raise ValueError(
+            f"which={which!r}: pass 'LA' (largest eigenvalues: the sharpness) or 'LM' (largest "
+            "in modulus: the most curved directions, negative ones included)."
+        )
+    k = check_int("k", k, 1, "the number of eigenpairs, e.g. k=1 for the sharpness")
+    if partition is None:
+        total = sum(v.numel() for v in params.values())
+        if k > total:
+            raise ValueError(f"k={k} but the Hessian has only {total} rows; pass k <= {total}.")
+        return _solve(HessianOperator(losses, params), k, which, tol, seed)
+    partition = check_partition(partition, params)
+    out = {}
+    for name, group in zip(partition.names, partition.groups):
+        op = HessianOperator(losses, params, names=group)
+        out[name] = _solve(op, min(k, op.size), which, tol, seed)
+    return out
+
+
+def hessian_trace(
+    loss,
+    params: Params,
+    *,
+    partition: Partition | None = None,
+    budget: int = 100,
+    seed: int = 0,
+) -> Trace:
+    r"""$\operatorname{tr} H_{ss}$ for every group $s$ (one group of all parameters by default).
+
+    Exact ($P$ Hessian-vector products, one per coordinate) when $P \le$ `budget`; otherwise
+    Hutch++ with `budget` products in all: a third sketch the range ($Q$ from $HS$, $S$
+    Rademacher), whose part is taken exactly, and the rest estimates the remainder by Hutchinson
+    with the block's coordinates masked — every product serves all groups at once. The standard
+    error is that of the Hutchinson part (`stderr`).
+
+    Args:
+        loss: a loss, or a list of batch losses (see `hessian_eigenpairs`).
+        params: θ.
+        partition: the groups (default: all parameters one group).
+        budget: the number of Hessian-vector products (at least 3).
+        seed: the random vectors (the same on every rank).
+
+    Examples:
+        >>> import torch, hos
+        >>> loss = lambda p: (p["w"] ** 2).sum() + p["b"].prod()
+        >>> params = {"w": torch.ones(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+        >>> hos.hessian_trace(loss, params, partition=hos.Partition.per_tensor(params)).values
+        tensor([6., 0.], dtype=torch.float64)
+    """
+    losses, params = _checked(loss, params, "hessian_trace")
+    budget = check_int("budget", budget, 3, "the number of Hessian-vector products, e.g. 100")
+    partition = (
+        Partition(names=("all",), groups=(tuple(params),))
+        if partition is None
+        else check_partition(partition, params)
+    )
+    op = HessianOperator(losses, params)
+    masks = _group_masks(op, partition)
+    S = len(partition)
+    if op.size <= budget:
+        eye = np.eye(op.size)
+        diag = np.array([op.matvec(eye[:, j])[j] for j in range(op.size)])
+        values, stderr, method = masks @ diag, np.zeros(S), "exact"
+    else:
+        rng = np.random.default_rng(seed)
+        sketch = budget // 3
+        rest = budget - 2 * sketch if sketch else budget
+        if sketch:
+            signs = rng.choice([-1.0, 1.0], size=(op.size, sketch))
+            q, _ = np.linalg.qr(np.stack([op.matvec(signs[:, j]) for j in range(sketch)], 1))
+            hq = np.stack([op.matvec(q[:, j]) for j in range(q.shape[1])], 1)
+            exact_part = masks @ np.einsum("ij,ij->i", q, hq)  # Σ_j q_j ∘ (H q_j), masked
+        else:
+            q, exact_part = np.zeros((op.size, 0)), np.zeros(S)
+        z = rng.choice([-1.0, 1.0], size=(op.size, rest))
+        residual = z - q @ (q.T @ z)
+        samples = np.stack([masks @ (z[:, j] * op.matvec(residual[:, j])) for j in range(rest)])
+        values = exact_part + samples.mean(0)
+        stderr = samples.std(0, ddof=1) / math.sqrt(rest) if rest > 1 else np.full(S, np.inf)
+        method = "hutch++" if sketch else "hutchinson"
+    as_tensor = lambda a: torch.as_tensor(a, dtype=op.dtype, device=op.device)  # noqa: E731
+    return Trace(partition.names, as_tensor(values), as_tensor(stderr), method, op.products)
+
+
+def _group_masks(op: HessianOperator, partition: Partition) -> np.ndarray:
+    """(S, P) 0/1 rows: which flat coordinates belong to each group."""
+    start, where = 0, {}
+    for name, size in zip(op.names, op.sizes):
+        where[name] = (start, start + size)
+        start += size
+    masks = np.zeros((len(partition), op.size))
+    for s, group in enumerate(partition.groups):
+        for name in group:
+            lo, hi = where[name]
+            masks[s, lo:hi] = 1.0
+    return masks
+
+
+@dataclasses.dataclass
+class Sharpness:
+    r"""$\lambda_{\max}$ and where it lives.
+
+    `split[s, t]` $= v_s^\top H_{st} v_t$: the sharpness split into group pairs (entries sum to
+    `value`); `cubic` $= D^3L[v, v, v]$, the third coefficient of $L(\theta + t v)$; `gap` the
+    distance to the next eigenvalue; `gradient` $= D^3L[v, v, \cdot] = \nabla\lambda_{\max}$
+    when asked for.
+    """
+
+    value: float
+    vector: dict[str, torch.Tensor]
+    names: tuple[str, ...]
+    split: torch.Tensor
+    cubic: float
+    gap: float
+    gradient: dict[str, torch.Tensor] | None
+    products: int
+
+
+def _third_along(losses: list, weights_of: HessianOperator, params: Params, v: Params):
+    r"""(D³L[v, v, ·] as a dict, D³L[v, v, v]) by nested reverse mode under `hos.ExactOps`,
+    weighted over the batches and summed over the ranks like the Hessian-vector products."""
+    names = list(v)
+    totals = [torch.zeros_like(params[n]) for n in names]
+    for loss, weight in zip(losses, weights_of._weights):
+        leaves = {n: params[n].detach().clone().requires_grad_() for n in names}
+        with ExactOps():
+            value = loss({**{k: t.detach() for k, t in params.items()}, **leaves})
+        grads = torch.autograd.grad(value, list(leaves.values()), create_graph=True)
+        gv = sum((g * v[n]).sum() for g, n in zip(grads, names))
+        hv = torch.autograd.grad(gv, list(leaves.values()), create_graph=True)
+        vhv = sum((h * v[n]).sum() for h, n in zip(hv, names))
+        third = torch.autograd.grad(vhv, list(leaves.values()), allow_unused=True)
+        for acc, t in zip(totals, third):
+            if t is not None:
+                acc.add_(t.detach(), alpha=weight)
+    weight = torch.tensor(sum(weights_of._weights), dtype=totals[0].dtype)
+    if world_size() > 1:
+        *totals, weight = all_reduce_sum([*totals, weight])
+    if weights_of._mean:
+        totals = [t / weight for t in totals]
+    gradient = dict(zip(names, totals))
+    cubic = float(sum((gradient[n] * v[n]).sum() for n in names))
+    return gradient, cubic
+
+
+def sharpness(
+    loss,
+    params: Params,
+    *,
+    partition: Partition | None = None,
+    gradient: bool = False,
+    min_gap: float = 1e-6,
+    tol: float = 0.0,
+    seed: int = 0,
+) -> Sharpness:
+    r"""The top eigenvalue $\lambda_{\max}$ of the Hessian, its eigenvector $v$, and where the
+    sharpness lives.
+
+    Args:
+        loss: a loss, or a list of batch losses (see `hessian_eigenpairs`).
+        params: θ.
+        partition: the groups of `split` (default: one per tensor).
+        gradient: also compute $\nabla\lambda_{\max} = D^3L[v, v, \cdot]$ (one third-order
+            reverse pass per batch); refused when the top eigenvalue is not simple.
+        min_gap: the smallest relative gap $(\lambda_1 - \lambda_2)/|\lambda_1|$ for which
+            $\nabla\lambda_{\max}$ is computed.
+        tol: relative accuracy of Lanczos (see `hessian_eigenpairs`).
+        seed: Lanczos' start vector.
+
+    Examples:
+        >>> import torch, hos
+        >>> loss = lambda p: 1.5 * p["a"].pow(2).sum() + 0.5 * p["b"].pow(2).sum()
+        >>> params = {"a": torch.zeros(1, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+        >>> s = hos.sharpness(loss, params)
+        >>> s.value, s.split.tolist()
+        (3.0, [[3.0, 0.0], [0.0, 0.0]])
+    """
+    losses, params = _checked(loss, params, "sharpness")
+    partition = Partition.per_tensor(params) if partition is None else partition
+    partition = check_partition(partition, params)
+    total = sum(t.numel() for t in params.values())
+    op = HessianOperator(losses, params)
+    pairs = _solve(op, min(2, total), "LA", tol, seed)
+    v = pairs.vectors[0]
+    lam = float(pairs.values[0])
+    gap = float(pairs.values[0] - pairs.values[1]) if len(pairs.values) > 1 else math.inf
+    columns = [_masked_product(op, v, group) for group in partition.groups]  # H (v on T_t)
+    split = torch.stack([
+        torch.stack([sum((v[n] * column[n]).sum() for n in group) for column in columns])
+        for group in partition.groups
+    ])  # fmt: skip
+    grad = None
+    if gradient and not gap > min_gap * max(abs(lam), 1e-300):
+        raise ValueError(
+            f"hos.sharpness: the top two eigenvalues {lam:.10g} and "
+            f"{float(pairs.values[1]):.10g} are within min_gap={min_gap:g} (relative): the top "
+            "eigenvalue is not simple, so its gradient is not defined; lower min_gap only if "
+            "the gap is real."
+        )
+    third, cubic = _third_along(losses, op, params, v)
+    if gradient:
+        grad = third
+    return Sharpness(lam, v, partition.names, split, cubic, gap, grad, op.products)
+
+
+def _masked_product(op: HessianOperator, v: Params, group: Sequence[str]) -> dict:
+    """H applied to v with its entries outside `group` zeroed (one Hessian-vector product)."""
+    masked = {n: v[n] if n in group else torch.zeros_like(v[n]) for n in op.names}
+    return dict(zip(op.names, op.hvp_tensors(masked)))
+
+
+def sharpness_gradient(loss, params: Params, **kwargs) -> dict[str, torch.Tensor]:
+    r"""$\nabla\lambda_{\max}(\theta) = D^3L(\theta)[v, v, \cdot]$ for the top eigenvector $v$
+    of the Hessian (the self-stabilisation term of edge-of-stability analyses), as a parameter
+    dict; a clear error when the top eigenvalue is not simple. Keyword arguments as
+    `sharpness`."""
+    return sharpness(loss, params, gradient=True, **kwargs).gradient
+
+
+@dataclasses.dataclass
+class Density:
+    r"""The Hessian's spectral density: the quadrature (`nodes`, `weights`, one row per run,
+    each row's weights summing to 1) and its Gaussian smoothing $p(\lambda)$ on `grid` (which
+    integrates to 1), with the extreme eigenvalues `bounds`."""
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    bounds: tuple[float, float]
+    width: float
+    #: whether each Lanczos basis was kept orthogonal (see `hessian_density`)
+    reorthogonalized: bool
+    products: int
+
+
+#: the most memory (bytes) the Lanczos basis of `hessian_density` may take to be reorthogonalised
+REORTHOGONALIZE_BYTES = 1 << 30
+
+
+def _lanczos(op: HessianOperator, start: np.ndarray, steps: int, keep: bool):
+    r"""(α, β) of the Lanczos tridiagonal $T$ of H from `start` after at most `steps` steps
+    (fewer when an invariant subspace is found, the quadrature then being exact); with `keep`
+    each new vector is orthogonalised against the whole basis (twice), else only the
+    three-term recurrence (Papyan 2020's "fast" Lanczos: O(P) memory)."""
+    q = start / np.linalg.norm(start)
+    basis = [q] if keep else None
+    alpha, beta, previous, b = [], [], np.zeros_like(q), 0.0
+    for j in range(steps):
+        w = op.matvec(q) - b * previous
+        alpha.append(float(q @ w))
+        w -= alpha[-1] * q
+        if keep:
+            Q = np.stack(basis)
+            for _ in range(2):
+                w -= Q.T @ (Q @ w)
+        b = float(np.linalg.norm(w))
+        if j == steps - 1 or b <= 1e-10 * max(abs(a) for a in alpha):
+            break
+        beta.append(b)
+        previous, q = q, w / b
+        if keep:
+            basis.append(q)
+    return np.array(alpha), np.array(beta)
+
+
+def hessian_density(
+    loss,
+    params: Params,
+    *,
+    steps: int = 60,
+    repeats: int = 3,
+    points: int = 512,
+    width: float | None = None,
+    seed: int = 0,
+) -> Density:
+    r"""The spectral density of the Hessian by stochastic Lanczos quadrature.
+
+    For each of `repeats` Gaussian start vectors z, `steps` Lanczos steps give a tridiagonal
+    $T = V \Theta V^\top$ (scipy's `eigh_tridiagonal`); its eigenvalues are the nodes and
+    $(V_{0i})^2$ the weights of a Gauss quadrature of the spectral measure seen from z, exact for
+    polynomials of degree $< 2\,$`steps` (Golub & Meurant; Ghorbani et al. 2019). The density
+    is their average with each node a Gaussian of standard deviation `width` (default: the
+    spectrum's range / (steps − 1) / √(8 ln 3), Papyan 2020's choice), on a grid over the
+    spectrum's ends, which come from `hessian_eigenpairs`. The basis is reorthogonalised while
+    it takes less than `REORTHOGONALIZE_BYTES` (1 GiB); beyond, the plain recurrence is used
+    (O(P) memory; it can show spurious copies of the outer eigenvalues), and the result says so.
+
+    Costs about `steps · repeats` Hessian-vector products plus those of the two ends.
+
+    Args:
+        loss: a loss, or a list of batch losses (see `hessian_eigenpairs`).
+        params: θ.
+        steps: Lanczos steps per start vector (at most P).
+        repeats: start vectors averaged.
+        points: grid points.
+        width: the Gaussian's standard deviation (default above).
+        seed: the start vectors (the same on every rank).
+
+    Examples:
+        >>> import torch, hos
+        >>> loss = lambda p: 0.5 * (torch.tensor([1.0, 1.0, 3.0], dtype=p["w"].dtype) * p["w"] ** 2).sum()
+        >>> d = hos.hessian_density(loss, {"w": torch.zeros(3, dtype=torch.float64)}, steps=3)
+        >>> [round(x, 6) for x in d.nodes[0].tolist()]  # two distinct eigenvalues: 2 steps
+        [1.0, 3.0, nan]
+        >>> round(float(d.weights[0].sum()), 12)  # a probability measure on the nodes
+        1.0
+    """
+    eigh_tridiagonal = _scipy_linalg("hessian_density")[1].eigh_tridiagonal
+    losses, params = _checked(loss, params, "hessian_density")
+    steps = check_int("steps", steps, 2, "Lanczos steps per start vector, e.g. 60")
+    repeats = check_int("repeats", repeats, 1, "start vectors averaged, e.g. 3")
+    points = check_int("points", points, 8, "grid points, e.g. 512")
+    op = HessianOperator(losses, params)
+    steps = min(steps, op.size)
+    top = float(_solve(op, 1, "LA", 1e-8, seed).values[0])
+    bottom = -float(_solve(_Negated(op), 1, "LA", 1e-8, seed).values[0])
+    keep = steps * op.size * 8 <= REORTHOGONALIZE_BYTES
+    rng = np.random.default_rng(seed)
+    nodes = np.full((repeats, steps), np.nan)
+    weights = np.zeros((repeats, steps))
+    for r in range(repeats):
+        alpha, beta = _lanczos(op, rng.standard_normal(op.size), steps, keep)
+        theta, vectors = eigh_tridiagonal(alpha, beta)
+        nodes[r, : len(theta)], weights[r, : len(theta)] = theta, vectors[0] ** 2
+    span = max(top - bottom, 1e-12 * max(abs(top), 1.0))
+    if width is None:
+        width = span / (steps - 1) / math.sqrt(8 * math.log(3.0))
+    elif not (isinstance(width, int | float) and width > 0):
+        raise ValueError(f"width must be a positive number (λ units), got {width!r}.")
+    grid = np.linspace(bottom - 0.05 * span - 3 * width, top + 0.05 * span + 3 * width, points)
+    used = ~np.isnan(nodes)
+    bumps = np.exp(-0.5 * ((grid[:, None] - nodes[used][None, :]) / width) ** 2)
+    density = bumps @ weights[used] / (repeats * width * math.sqrt(2 * math.pi))
+    as_tensor = lambda a: torch.as_tensor(a, dtype=op.dtype, device=op.device)  # noqa: E731
+    return Density(
+        as_tensor(grid), as_tensor(density), as_tensor(nodes), as_tensor(weights),
+        (bottom, top), float(width), keep, op.products,
+    )  # fmt: skip
+
+
+class _Negated:
+    """−H with the `HessianOperator` interface `_solve` uses (for the smallest eigenvalue)."""
+
+    def __init__(self, op: HessianOperator):
+        self._op = op
+        self.size, self.dtype, self.device = op.size, op.dtype, op.device
+
+    def matvec(self, flat):
+        return -self._op.matvec(flat)
+
+    def dense(self):
+        return -self._op.dense()
+
+    def linear_operator(self):
+        sparse, _ = _scipy_linalg("hessian_density")
+        return sparse.LinearOperator((self.size, self.size), matvec=self.matvec, dtype=np.float64)
+
+    def unflatten(self, flat):
+        return self._op.unflatten(flat)
+
+    @property
+    def products(self):
+        return self._op.products
