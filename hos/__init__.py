@@ -8,6 +8,7 @@ from hos._data import (
     summary_diagonal_loader,
     summary_tensor_loader,
 )
+from hos._density import Density, hessian_density
 from hos._directions import gradient_direction, momentum_direction, random_direction
 from hos._elements import element_names, split_elements
 from hos._errors import (
@@ -29,17 +30,8 @@ from hos._outcome import Fallback, last_fallback
 from hos._partition import Partition
 from hos._progress import progress
 from hos._record import load_summary
-from hos._spectrum import (
-    Density,
-    Eigenpairs,
-    Sharpness,
-    Trace,
-    hessian_density,
-    hessian_eigenpairs,
-    hessian_trace,
-    sharpness,
-    sharpness_gradient,
-)
+from hos._sharpness import Sharpness, sharpness, sharpness_gradient
+from hos._spectrum import Eigenpairs, Trace, hessian_eigenpairs, hessian_trace
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 
 try:

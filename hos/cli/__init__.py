@@ -1,4 +1,4 @@
-"""The `hos` command: `hos demo`, `hos summary`, `hos train`, `hos plot`.
+"""The `hos` command: `hos demo`, `hos summary`, `hos spectrum`, `hos train`, `hos plot`.
 
 `hos demo --out DIR`
 :   The main job, offline in about a minute of CPU time (2 cores): the per-layer
@@ -17,6 +17,12 @@
     parameters no glob matches form a group `rest`). Ctrl-C writes the orders that finished
     (`summary.json` lists the missing ones) and exits with 130; `hos.load_summary(DIR)` reads
     the folder back.
+
+`hos spectrum --model NAME --data NAME --out DIR`
+:   The Hessian's spectrum of a model on one batch (same model, data and group arguments as
+    `hos summary`): the top `--k` eigenvalues, λ_max split into group pairs
+    (`sharpness_split.png`), per-group traces (Hutch++ with `--budget` products, exact for small
+    models), the spectral density (`density.png`), all in `spectrum.json`.
 
 `hos plot LOG --out DIR`
 :   The figures of a [`hos.SummaryMonitor`][hos.SummaryMonitor] log: `heatmaps.png` (a strip
@@ -41,6 +47,7 @@ from hos._progress import progress
 from hos.cli.demo import cmd_demo
 from hos.cli.parser import build_parser
 from hos.cli.plot import cmd_plot
+from hos.cli.spectrum import cmd_spectrum
 from hos.cli.summary import cmd_summary
 from hos.cli.train import cmd_train
 
@@ -49,7 +56,10 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 log = logging.getLogger("hos")
 
 #: The commands: name -> the function that runs it on the parsed arguments (exit code).
-COMMANDS = {"demo": cmd_demo, "summary": cmd_summary, "train": cmd_train, "plot": cmd_plot}
+COMMANDS = {
+    "demo": cmd_demo, "summary": cmd_summary, "spectrum": cmd_spectrum, "train": cmd_train,
+    "plot": cmd_plot,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

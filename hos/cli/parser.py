@@ -95,36 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-steps", type=_positive_int, default=None, help="cap on steps per epoch"
     )
 
+    def model_and_data(p):  # `hos summary` and `hos spectrum`: a model on one batch
+        common(p, model=False)
+        p.add_argument(
+            "--model", required=True, type=_model_or_spec(MODELS), metavar="MODEL",
+            help=f"one of {', '.join(MODELS)}, or your own: path/to/file.py:factory or "
+            "package.module:factory (a callable returning an nn.Module)",
+        )  # fmt: skip
+        p.add_argument(
+            "--data", required=True, type=_model_or_spec(DATASETS), metavar="DATA",
+            help=f"one of {', '.join(DATASETS)}, or your own: path/to/file.py:batch (a callable "
+            "returning one (inputs, targets) batch)",
+        )  # fmt: skip
+        p.add_argument("--data-root", default=None, help="local folder for --data mnist/cifar10")
+        p.add_argument(
+            "--loss", choices=tuple(CRITERIA), default="cross-entropy", help="the criterion"
+        )
+        p.add_argument(
+            "--partition", default="per-layer", metavar="PARTITION",
+            help="per-layer (default), per-tensor, or a JSON file {\"group\": [\"glob\", ...]} "
+            "(parameters no glob matches form a group 'rest')",
+        )  # fmt: skip
+        p.add_argument(
+            "--group", action="append", default=[], metavar="NAME=GLOB[,GLOB]",
+            help="a group of parameters by name globs, e.g. --group 'head=fc.*' (repeatable; the "
+            "parameters no glob matches form a group 'rest')",
+        )  # fmt: skip
+        p.add_argument(
+            "--batch-size", type=_positive_int, default=100, help="samples of a built-in data set"
+        )
+        p.add_argument("--dtype", choices=DTYPES, default="float64")
+
     summary = sub.add_parser("summary", help="summary tensors of a model at initialisation")
-    common(summary, model=False)
-    summary.add_argument(
-        "--model", required=True, type=_model_or_spec(MODELS), metavar="MODEL",
-        help=f"one of {', '.join(MODELS)}, or your own: path/to/file.py:factory or "
-        "package.module:factory (a callable returning an nn.Module)",
-    )  # fmt: skip
-    summary.add_argument(
-        "--data", required=True, type=_model_or_spec(DATASETS), metavar="DATA",
-        help=f"one of {', '.join(DATASETS)}, or your own: path/to/file.py:batch (a callable "
-        "returning one (inputs, targets) batch)",
-    )  # fmt: skip
-    summary.add_argument("--data-root", default=None, help="local folder for --data mnist/cifar10")
-    summary.add_argument(
-        "--loss", choices=tuple(CRITERIA), default="cross-entropy", help="the criterion"
-    )
-    summary.add_argument(
-        "--partition", default="per-layer", metavar="PARTITION",
-        help="per-layer (default), per-tensor, or a JSON file {\"group\": [\"glob\", ...]} "
-        "(parameters no glob matches form a group 'rest')",
-    )  # fmt: skip
-    summary.add_argument(
-        "--group", action="append", default=[], metavar="NAME=GLOB[,GLOB]",
-        help="a group of parameters by name globs, e.g. --group 'head=fc.*' (repeatable; the "
-        "parameters no glob matches form a group 'rest')",
-    )  # fmt: skip
+    model_and_data(summary)
     summary.add_argument("--order", type=_positive_int, default=3, help="highest order (>= 2)")
-    summary.add_argument(
-        "--batch-size", type=_positive_int, default=100, help="samples of a built-in data set"
-    )
     summary.add_argument("--direction", choices=DIRECTIONS, default="gradient")
     summary.add_argument(
         "--backend",
@@ -133,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how to differentiate (auto: the fastest exact backend; the reference oracle "
         "is left out, it costs S^d forward passes)",
     )
-    summary.add_argument("--dtype", choices=DTYPES, default="float64")
+
+    from hos.cli.spectrum import add_parser as add_spectrum
+
+    add_spectrum(sub, model_and_data)
 
     plot = sub.add_parser("plot", help="figures of a SummaryMonitor log")
     plot.add_argument("log", help="the monitor's log_dir")

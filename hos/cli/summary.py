@@ -25,7 +25,10 @@ from hos.cli.common import (
 )
 from hos.provenance import environment
 
-__all__ = ["cmd_summary", "compute_summary", "estimate_gradients", "grad_seconds"]
+__all__ = [
+    "cmd_summary", "compute_summary", "estimate_gradients", "grad_seconds", "model_and_batch",
+    "partition_of", "run_names",
+]  # fmt: skip
 
 log = logging.getLogger("hos")
 
@@ -272,7 +275,7 @@ def _diagonal(t):
 
 
 # --------------------------------------------------------------------------- commands
-def _partition(args, net):
+def partition_of(args, net):
     """`--partition per-tensor|per-layer|FILE.json` or `--group NAME=GLOB,...` (the parameters
     no glob matches go to a group `rest`): a string for the built-in ones, else a Partition."""
     import json
@@ -324,14 +327,11 @@ def _spec_name(spec: str) -> str:
 HEATMAP_GUIDE = "docs/getting-started.md#reading-a-heatmap"
 
 
-def cmd_summary(args) -> int:
-    """`hos summary`: the summary of a model on one batch, its files and figures."""
+def model_and_batch(args):
+    """(net, inputs, targets, criterion, seconds of its first forward) for `--model`, `--data`,
+    `--loss`, `--dtype` (built-in names or the user's `file.py:name`), with one-line errors."""
     from hos.cli.usercode import first_forward, is_spec
 
-    _use_agg()
-    from hos import plotting
-
-    out = _out_dir(args.out)
     own_model, own_data = is_spec(args.model), is_spec(args.data)
     log.info("loading --data %s and building --model %s", args.data, args.model)
     if own_data:
@@ -350,7 +350,26 @@ def cmd_summary(args) -> int:
         net = _build(args.model, dataset, args.seed, args.dtype)
     criterion = getattr(torch.nn, CRITERIA[args.loss])()
     forward_seconds = first_forward(net, criterion, inputs, targets)
-    partition = _partition(args, net)
+    return net, inputs, targets, criterion, forward_seconds
+
+
+def run_names(args, net) -> tuple[str, str]:
+    """How the figures name the model and the data."""
+    from hos.cli.usercode import is_spec
+
+    own_model, own_data = is_spec(args.model), is_spec(args.data)
+    model_name = f"{_spec_name(args.model)} ({type(net).__name__})" if own_model else args.model
+    return model_name, _spec_name(args.data) if own_data else args.data
+
+
+def cmd_summary(args) -> int:
+    """`hos summary`: the summary of a model on one batch, its files and figures."""
+    _use_agg()
+    from hos import plotting
+
+    out = _out_dir(args.out)
+    net, inputs, targets, criterion, forward_seconds = model_and_batch(args)
+    partition = partition_of(args, net)
     run = compute_summary(
         net, inputs, targets, criterion=criterion, partition=partition, order=args.order,
         name=args.model, direction=args.direction, seed=args.seed, backend=args.backend,
@@ -358,8 +377,7 @@ def cmd_summary(args) -> int:
     )  # fmt: skip
     part, summary = run.partition, run.summary
     summary.save(out)
-    model_name = f"{_spec_name(args.model)} ({type(net).__name__})" if own_model else args.model
-    data_name = _spec_name(args.data) if own_data else args.data
+    model_name, data_name = run_names(args, net)
     partition_name = args.partition if isinstance(partition, str) else "custom groups"
     meta = {
         "command": "summary",

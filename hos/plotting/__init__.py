@@ -1,4 +1,5 @@
-r"""Figures of summaries: interaction maps, D^(3) slices, diagonals, snapshots, Taylor validity.
+r"""Figures of summaries: interaction maps, D^(3) slices, diagonals, snapshots, Taylor validity,
+the Hessian's spectrum.
 
 matplotlib is imported inside each function (`pip install 'hos[plot]'`), so
 `import hos.plotting` costs nothing. Every plotting function takes an optional
@@ -30,7 +31,10 @@ __all__ = [
     "module_boundaries",
     "normalized_interactions",
     "readable_labels",
+    "sharpness_curve",
+    "sharpness_split",
     "snapshots",
+    "spectral_density",
     "summary_slice",
     "taylor_error",
     "taylor_models",
@@ -47,6 +51,7 @@ from hos.plotting.heatmaps import (
     readable_labels,
 )
 from hos.plotting.log import heatmap_page, log_heatmaps, log_offdiagonal_share, log_series
+from hos.plotting.spectrum import sharpness_curve, sharpness_split, spectral_density
 from hos.plotting.summaries import diagonals, snapshots, summary_slice
 from hos.plotting.taylor import taylor_error, taylor_models, taylor_validity
 from hos.plotting.training import training_curves

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 
+def _drawn_ticks(axis) -> list:
+    """The tick labels matplotlib draws: those of ticks inside the axis' view limits (the
+    locator also places ticks beyond them, whose labels are kept but never drawn)."""
+    low, high = sorted(axis.get_view_interval())
+    span = high - low
+    return [
+        tick.label1
+        for tick in axis.get_major_ticks()
+        if low - 1e-9 * span <= tick.get_loc() <= high + 1e-9 * span
+    ]
+
+
 def _texts(fig, renderer):
     found = []
     if fig._suptitle is not None and fig._suptitle.get_text():
@@ -11,7 +23,7 @@ def _texts(fig, renderer):
         for kind, t in (("title", ax.title), ("title", ax._left_title), ("title", ax._right_title),
                         ("xlabel", ax.xaxis.label), ("ylabel", ax.yaxis.label)):  # fmt: skip
             found.append((kind, t, ax))
-        found += [("tick", t, ax) for t in ax.get_xticklabels() + ax.get_yticklabels()]
+        found += [("tick", t, ax) for t in _drawn_ticks(ax.xaxis) + _drawn_ticks(ax.yaxis)]
     return [
         (kind, t.get_text(), t.get_window_extent(renderer), ax)
         for kind, t, ax in found
