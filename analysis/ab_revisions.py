@@ -6,7 +6,9 @@
 Each round runs one process per checkout, in turn; a process times the default backend's
 ``summarize``, ``summary_tensor(order=3)`` and ``summary_diagonal(order=4)`` on the paper MLP
 and LeNet-5 (batch 100, float32, 2 threads) as ratios to a gradient timed just before each
-measurement (5 interleaved measurements, median). The report is the median over rounds of
+measurement (5 interleaved measurements, median; the problems of each checkout's
+``analysis/problems.py``, or of its ``bench_summaries.py`` before the split, the timing of
+this one's ``toolkit.best_time``). The report is the median over rounds of
 each checkout, and the relative change. Writes analysis/results/ab_revisions.json.
 """
 
@@ -22,23 +24,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
 
-ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
-import sys, json
-root = sys.argv[1]; sys.path[:0] = [root, root + "/analysis"]
+import sys, json, importlib.util
+root, here = sys.argv[1], sys.argv[2]; sys.path[:0] = [root, root + "/analysis"]
 import torch; torch.set_num_threads(2)
-import hos, bench_summaries as B
+import hos
 assert hos.__file__.startswith(root), hos.__file__
+try:  # the checkout's own problems
+    from problems import build_problem, gradient_fn
+except ImportError:  # a checkout from before bench_summaries.py was split
+    from bench_summaries import build_problem, gradient_fn
+spec = importlib.util.spec_from_file_location("ab_toolkit", here + "/toolkit.py")
+toolkit = importlib.util.module_from_spec(spec); spec.loader.exec_module(toolkit)
 out = {}
 for name in ("mlp", "lenet"):
-    model, loss, params, u, part = B.build_problem(name, 100)
-    grad = B.gradient_fn(loss, params)
+    model, loss, params, u, part = build_problem(name, 100)
+    grad = gradient_fn(loss, params)
     fns = {"summarize": lambda: hos.summarize(loss, params, u, part),
            "D3": lambda: hos.summary_tensor(loss, params, u, part, 3),
            "diag4": lambda: hos.summary_diagonal(loss, params, u, part, 4)}
     for op, fn in fns.items():
         fn()
-        ratios = sorted(B.best_time(fn, 1) / B.best_time(grad, 3) for _ in range(5))
+        best = lambda f, n: toolkit.best_time(f, n, collect=True)  # the same timing for both
+        ratios = sorted(best(fn, 1) / best(grad, 3) for _ in range(5))
         out[f"{name} {op}"] = ratios[2]
 print(json.dumps(out))
 """
@@ -55,8 +63,8 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for label in ("old", "new"):
             root = str(getattr(args, label).resolve())
-            done = subprocess.run([sys.executable, "-c", CHILD, root], capture_output=True,
-                                  text=True, check=True)  # fmt: skip
+            cmd = [sys.executable, "-c", CHILD, root, str(Path(__file__).resolve().parent)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
     report = {}
     for key in runs["old"][0]:
@@ -64,11 +72,8 @@ def main(argv=None) -> None:
         new = statistics.median(r[key] for r in runs["new"])
         report[key] = {"old": old, "new": new, "change": new / old - 1}
         print(f"{key:16s} old {old:6.2f}x  new {new:6.2f}x  {100 * (new / old - 1):+5.1f} %")
-    args.results.write_text(
-        json.dumps(
-            {"rounds": runs, "report": report, "old": str(args.old), "new": str(args.new)}, indent=1
-        )
-    )
+    payload = {"rounds": runs, "report": report, "old": str(args.old), "new": str(args.new)}
+    print(f"wrote {toolkit.save_json(payload, args.results)}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,7 +35,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 from hos.datasets import load_dataset
 from hos.models import build_model
-from hos.provenance import environment as _environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -58,9 +55,7 @@ def _slowest(seconds: float) -> float:
 def _timed(fn) -> float:
     if dist.is_initialized():
         dist.barrier()
-    start = time.perf_counter()
-    fn()
-    return _slowest(time.perf_counter() - start)
+    return _slowest(toolkit.timed(fn)[1])
 
 
 def measure(name: str, samples: int, batch: int, repeats: int, rank: int, world: int) -> dict:
@@ -125,12 +120,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _max_rel(a, b) -> float:
     a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     return float((a - b).abs().max() / b.abs().max())
@@ -141,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = [measure(m, args.samples, args.batch, args.repeats, 0, 1) for m in args.models]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
-        torch.multiprocessing.spawn(_worker, args=(2, _free_port(), args, path), nprocs=2)
+        torch.multiprocessing.spawn(_worker, args=(2, toolkit.free_port(), args, path), nprocs=2)
         two = json.loads(Path(path).read_text())
     for row, one in zip(two, rows):
         # float32 models: the shards batch the samples differently, so agreement is
@@ -150,7 +139,6 @@ def run(args: argparse.Namespace) -> dict:
             k: _max_rel(row["summary"][k], one["summary"][k]) for k in ("g", "H", "d3")
         }
     return {
-        "environment": _environment(threads_per_process=1),
         "config": {
             "data": "digits",
             "dtype": "float32",
@@ -221,8 +209,7 @@ def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> list[Path]:
     fig.tight_layout()
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = fig_dir / f"{stem}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    toolkit.save_figure(fig, path, dpi=120)
     return [path]
 
 
@@ -246,8 +233,7 @@ def main(argv=None) -> None:
         results = json.loads(out.read_text())
     else:
         results = run(args)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        toolkit.save_json(results, out, threads_per_process=1)
     for path in plot(results, stem, args.fig_dir):
         print(path)
     print(out)

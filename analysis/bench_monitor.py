@@ -34,7 +34,6 @@ from torch import nn
 import hos
 from hos.datasets import load_dataset
 from hos.models import build_model
-from hos.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -82,21 +81,18 @@ def run(model_name, dataset, steps, period, seed=0):
 def gradient_seconds(model_name, dataset, repeats=5):
     net = build_model(model_name, dataset.input_shape, dataset.num_classes, seed=0)
     x, y = dataset.train.tensors
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.autograd.grad(
-            nn.functional.cross_entropy(net(x[:100]), y[:100]), list(net.parameters())
-        )
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    def gradient():
+        loss = nn.functional.cross_entropy(net(x[:100]), y[:100])
+        torch.autograd.grad(loss, list(net.parameters()))
+
+    return toolkit.best_time(gradient, repeats, warm=False)
 
 
 def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     dataset = data()
-    out = {"environment": environment(dtype="float32"), "data": dataset.name, "steps": args.steps,
-           "rounds": args.rounds, "models": {}}  # fmt: skip
+    out = {"data": dataset.name, "steps": args.steps, "rounds": args.rounds, "models": {}}
     for model_name in ("mlp", "lenet"):
         run(model_name, dataset, 5, 2)  # warm up: first-sight checks, allocator
         times = {p: [] for p in (None, *PERIODS)}
@@ -168,8 +164,7 @@ def plot(result: dict, path: Path) -> None:
         f"{env.get('threads', '?')} threads)", fontsize=10,
     )  # fmt: skip
     ax.legend(fontsize=8, ncol=2, loc="upper center")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    toolkit.save_figure(fig, path, dpi=130)
 
 
 def main() -> None:
@@ -186,9 +181,7 @@ def main() -> None:
         results = RESULTS.with_name("bench_monitor_quick.json")
         figure = FIGURE.with_name("bench_monitor_quick.png")
     if not args.plot_only:
-        result = measure(args)
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(result, indent=1))
+        toolkit.save_json(measure(args), results, dtype="float32")
     plot(json.loads(results.read_text()), figure)
     print(f"wrote {results} and {figure}")
 

@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -50,37 +49,19 @@ class Meter:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def __call__(self, fn) -> tuple[float, float]:
+        if self.device.type != "cuda":  # the rise of the resident set
+            return toolkit.rss_peak(fn)
         gc.collect()
-        self._sync()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-        else:
-            before = _rss_kib("VmRSS") * 1024
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         start = time.perf_counter()
         fn()
-        self._sync()
+        torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_kib("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated(self.device)
         return (peak - before) / 2**20, seconds
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _case(model, x, y, device, meter, sharded: bool) -> dict:
@@ -154,12 +135,6 @@ def _single(_, world, spec, out):
     Path(out, "single.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> None:
     import tempfile
 
@@ -183,7 +158,7 @@ def main(argv=None) -> None:
     }
     with tempfile.TemporaryDirectory() as out:
         torch.multiprocessing.spawn(
-            _worker, args=(args.world, _free_port(), spec, out), nprocs=args.world
+            _worker, args=(args.world, toolkit.free_port(), spec, out), nprocs=args.world
         )
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.world)]
     with tempfile.TemporaryDirectory() as out:  # the unsharded model, in a fresh process too
@@ -193,11 +168,7 @@ def main(argv=None) -> None:
     params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     report = {"spec": spec, "world": args.world, "params_mib": params_mib, "ranks": ranks,
               "unsharded": single}  # fmt: skip
-    from hos.provenance import environment
-
-    report["environment"] = environment()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    toolkit.save_json(report, args.out)
     worst = max(r["summarize_mib"] for r in ranks)
     print(f"parameters {params_mib:.1f} MiB; unsharded summarize +{single['summarize_mib']:.0f} MiB "
           f"({single['summarize_gradients']:.1f} gradients); FSDP2 x{args.world} summarize "

@@ -19,13 +19,12 @@ differentiates (hos._exact.DECOMPOSITIONS). Ops that hos already decomposes are 
     python analysis/fused_kernel_survey.py            # ~10 min on 2 threads
     python analysis/fused_kernel_survey.py --quick    # a few ops
 
-Writes analysis/results/fused_kernel_survey.json.
+Writes analysis/results/fused_kernel_survey.json (``--quick``: fused_kernel_survey_quick.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -36,7 +35,6 @@ import torch
 from torch.func import jacfwd
 
 from hos._exact import DECOMPOSITIONS
-from hos.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -139,6 +137,8 @@ def main(argv=None) -> None:
     ops = [op for op in op_db if DT in op.supported_dtypes("cpu")]
     if args.quick:
         ops = ops[:25]
+        if args.results == RESULTS:  # never over the full survey's results
+            args.results = RESULTS.with_name("fused_kernel_survey_quick.json")
     gen = torch.Generator().manual_seed(0)
     findings, started = [], time.time()
     checked = 0
@@ -171,15 +171,13 @@ def main(argv=None) -> None:
                     })  # fmt: skip
     wrong = [f for f in findings if f["raises"] is None]
     summary = {
-        "environment": environment(),
         "samples_checked": checked,
         "ops": len(ops),
         "seconds": time.time() - started,
         "silently_wrong": sorted({(f["op"], f["order"], f["mode"]) for f in wrong}),
         "findings": findings,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(summary, indent=1))
+    toolkit.save_json(summary, args.results)
     print(f"{checked} samples of {len(ops)} ops in {summary['seconds']:.0f} s; "
           f"silently wrong: {summary['silently_wrong']}")  # fmt: skip
 

@@ -39,7 +39,6 @@ from torch import nn
 import hos
 from hos.datasets import load_dataset
 from hos.models import build_model
-from hos.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -85,13 +84,10 @@ def labels(model: nn.Module, names, model_name: str = "") -> list[str]:
 
 
 def grad_seconds(loss, params, repeats=3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        p = {k: v.detach().requires_grad_() for k, v in params.items()}
-        start = time.perf_counter()
-        torch.autograd.grad(loss(p), list(p.values()))
-        best = min(best, time.perf_counter() - start)
-    return best
+    p = {k: v.detach().requires_grad_() for k, v in params.items()}
+    return toolkit.best_time(
+        lambda: torch.autograd.grad(loss(p), list(p.values())), repeats, warm=False
+    )
 
 
 def summary_at(model, x, y):
@@ -102,9 +98,7 @@ def summary_at(model, x, y):
     g_sec = grad_seconds(loss, params)
     p = {k: v.detach().requires_grad_() for k, v in params.items()}
     u = dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
-    start = time.perf_counter()
-    s = hos.summarize(loss, params, u, part, backend="reverse")
-    seconds = time.perf_counter() - start
+    s, seconds = toolkit.timed(lambda: hos.summarize(loss, params, u, part, backend="reverse"))
     return part, s, seconds, g_sec
 
 
@@ -256,8 +250,7 @@ def plot(results: dict, suffix: str) -> list[Path]:
             fontsize=10,
         )
         path = FIGURES / f"interaction_{name}{suffix}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        toolkit.save_figure(fig, path, dpi=120)
         written.append(path)
     if "training" not in results:
         return written
@@ -275,8 +268,7 @@ def plot(results: dict, suffix: str) -> list[Path]:
         fontsize=10,
     )
     path = FIGURES / f"interaction_training_{tr['model']}{suffix}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    toolkit.save_figure(fig, path, dpi=120)
     written.append(path)
     return written
 
@@ -302,8 +294,7 @@ def main(argv=None) -> None:
                 results[part] = value
             else:
                 results.setdefault(part, {})[key] = value
-            results["environment"] = environment()
-            path.write_text(json.dumps(results, indent=1) + "\n")
+            toolkit.save_json(results, path)
 
         start = time.perf_counter()
         if args.part in ("maps", "all"):

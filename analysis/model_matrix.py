@@ -14,7 +14,8 @@ torch.nn; random weights, nothing downloaded):
   and `summary_diagonal(order=3)` as multiples of one gradient timed in the same run
   (best of 3 after a warm-up), and summarize per group, `ratio / S`.
 
-Writes analysis/results/model_matrix.json and docs/models.md (the table in the docs).
+Writes analysis/results/model_matrix.json and docs/models.md (the table in the docs; both under
+$HOS_ANALYSIS_OUT when it is set).
 
     python analysis/model_matrix.py [--only NAME ...] [--skip-cost]
 """
@@ -36,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hos  # noqa: E402
-from hos import provenance  # noqa: E402
 from hos._loss import _adapted  # noqa: E402
 from tests.helpers import fd  # noqa: E402
 from tests.helpers import realmodels as R  # noqa: E402
@@ -45,12 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
 
 RESULTS = toolkit.RESULTS / "model_matrix.json"
-DOCS = ROOT / "docs" / "models.md"
+DOCS = toolkit.OUT / "models.md" if toolkit.OUT else ROOT / "docs" / "models.md"
 FD_TOL = {"g": 1e-7, "H": 1e-4, "d3": 1e-3}
 
 
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+_log = toolkit.log
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, mask=None) -> float:
@@ -131,16 +130,6 @@ def pytorch_nested(b: R.Built, exact) -> dict:
 
 
 # --------------------------------------------------------------------------- cost
-def _best(fn, repeats=3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def cost(b: R.Built) -> dict:
     model = copy.deepcopy(b.model).float()
     loss = b.loss
@@ -156,10 +145,10 @@ def cost(b: R.Built) -> dict:
         p = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in params.items())}
         torch.autograd.grad(f32(p), list(p.values()))
 
-    grad_s = _best(gradient)
-    summarize_s = _best(lambda: hos.summarize(f32, params, u, part), repeats=1)
+    grad_s = toolkit.best_time(gradient, 3)
+    summarize_s = toolkit.best_time(lambda: hos.summarize(f32, params, u, part), 1)
     fallback = hos.last_fallback()
-    diag_s = _best(lambda: hos.summary_diagonal(f32, params, u, part, 3), repeats=1)
+    diag_s = toolkit.best_time(lambda: hos.summary_diagonal(f32, params, u, part, 3), 1)
     S = len(part)
     return {
         "S": S,
@@ -251,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
-    results = {"environment": provenance.environment(), "models": dict(previous["models"])}
+    results = {"models": dict(previous["models"])}
     for entry in R.ENTRIES:
         if args.only and entry.name not in args.only:
             continue
@@ -273,10 +262,10 @@ def main() -> None:
         row["notes"] = b.notes if b is not None else ""
         results["models"][entry.name] = row
         _log(f"{entry.name}: {time.perf_counter() - t:.0f} s {json.dumps(row)[:400]}")
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        toolkit.save_json(results, RESULTS)
     order = [e.name for e in R.ENTRIES]
     results["models"] = {k: results["models"][k] for k in order if k in results["models"]}
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    toolkit.save_json(results, RESULTS)
     write_docs(results)
     _log(f"wrote {RESULTS} and {DOCS}")
 

@@ -38,7 +38,6 @@ from torch import nn
 import hos
 from hos.datasets import load_dataset
 from hos.models import build_model
-from hos.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -160,7 +159,6 @@ def run(args) -> dict:
     x, y = x_all[idx].double(), y_all[idx]
     tensors = QUICK_TENSORS if args.quick else FULL_TENSORS
     results = {
-        "environment": environment(),
         "settings": {
             "dataset": "digits",
             "model": "resnet (hos.models, width 16, one block per stage)",
@@ -234,8 +232,7 @@ def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> list[Path]:
         fontsize=9,
     )
     path = fig_dir / f"{stem}_heatmaps.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    toolkit.save_figure(fig, path, dpi=130)
     paths.append(path)
 
     metrics = [
@@ -264,8 +261,7 @@ def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> list[Path]:
     fig.suptitle("A diagonal block would give 0 in every panel", fontsize=9)
     fig.tight_layout()
     path = fig_dir / f"{stem}_shares.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    toolkit.save_figure(fig, path, dpi=130)
     paths.append(path)
 
     fig, axes = plt.subplots(1, len(ckpts), figsize=(4.2 * len(ckpts), 3.8), squeeze=False)
@@ -295,8 +291,7 @@ def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> list[Path]:
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
     path = fig_dir / f"{stem}_rowsum_vs_diag.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    toolkit.save_figure(fig, path, dpi=130)
     paths.append(path)
     return paths
 
@@ -325,8 +320,7 @@ def main(argv=None) -> None:
         results = json.loads(out.read_text())
     else:
         results = run(args)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        toolkit.save_json(results, out)
     for path in plot(results, stem, args.fig_dir):
         print(path)
     print(out)

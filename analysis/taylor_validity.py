@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,6 @@ from torch import nn
 import hos
 from hos.datasets import load_dataset
 from hos.models import build_model
-from hos.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -105,10 +103,12 @@ def case(model, data, batch, points) -> dict:
     part = hos.Partition.per_layer(model)
     p = {k: v.detach().requires_grad_() for k, v in params.items()}
     u = dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
-    start = time.perf_counter()
-    s = hos.summarize(loss, params, u, part)
-    D3 = hos.summary_tensor(loss, params, u, part, order=3)
-    seconds = time.perf_counter() - start
+    (s, D3), seconds = toolkit.timed(
+        lambda: (
+            hos.summarize(loss, params, u, part),
+            hos.summary_tensor(loss, params, u, part, order=3),
+        )
+    )
     base = float(s.loss)
     ts = np.logspace(*T_RANGE, points)
     out = {"groups": list(part.names), "loss": base, "summary_seconds": seconds, "etas": {}}
@@ -192,8 +192,7 @@ def plot(results: dict, suffix: str) -> list[Path]:
             fontsize=11,
         )
         path = FIGURES / f"taylor_{model}{suffix}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        toolkit.save_figure(fig, path, dpi=120)
         written.append(path)
     return written
 
@@ -206,12 +205,9 @@ def main(argv=None) -> None:
     suffix = "_quick" if args.quick else ""
     path = RESULTS / f"taylor{suffix}.json"
     if not args.plot_only:
-        start = time.perf_counter()
-        results = run(QUICK if args.quick else FULL)
-        results["total_seconds"] = time.perf_counter() - start
-        results["environment"] = environment()
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        results, results_seconds = toolkit.timed(lambda: run(QUICK if args.quick else FULL))
+        results["total_seconds"] = results_seconds
+        toolkit.save_json(results, path)
     results = json.loads(path.read_text())
     FIGURES.mkdir(exist_ok=True)
     for written in plot(results, suffix):

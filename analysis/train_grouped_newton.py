@@ -20,9 +20,7 @@ figures/grouped_newton_curves.png and figures/grouped_newton_eta.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from collections import Counter
@@ -58,23 +56,12 @@ def _optimizers(model_name: str, gn_lr: float | None):
     return specs
 
 
-def _evaluate(model, crit, x, y, chunk=1000):
-    with torch.no_grad():
-        losses, correct = [], 0
-        for i in range(0, len(x), chunk):
-            out = model(x[i : i + chunk])
-            losses.append(float(crit(out, y[i : i + chunk])) * len(out))
-            correct += int((out.argmax(1) == y[i : i + chunk]).sum())
-    return sum(losses) / len(x), correct / len(x)
-
-
 def _grad_seconds(model, crit, x, y, repeats=5):
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    def gradient():
         model.zero_grad()
         crit(model(x[:BATCH]), y[:BATCH]).backward()
-        best = min(best, time.perf_counter() - t)
+
+    best = toolkit.best_time(gradient, repeats, warm=False)
     model.zero_grad()
     return best
 
@@ -119,9 +106,9 @@ def run_one(model_name, opt_name, lr, seed, data, epochs, quick=False):
         epoch_seconds=[],
         refreshes=[],
     )
-    loss0, acc0 = _evaluate(model, crit, x_tr, y_tr)
+    loss0, acc0 = toolkit.evaluate(model, crit, x_tr, y_tr)
     record["train_loss"].append(loss0)
-    record["test_acc"].append(_evaluate(model, crit, x_te, y_te)[1])
+    record["test_acc"].append(toolkit.evaluate(model, crit, x_te, y_te)[1])
     step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
@@ -153,22 +140,12 @@ def run_one(model_name, opt_name, lr, seed, data, epochs, quick=False):
         record["epoch_seconds"].append(time.perf_counter() - t0)
         if scheduler is not None:
             scheduler.step(float(np.mean(batch_losses)))
-        record["train_loss"].append(_evaluate(model, crit, x_tr, y_tr)[0])
-        record["test_acc"].append(_evaluate(model, crit, x_te, y_te)[1])
+        record["train_loss"].append(toolkit.evaluate(model, crit, x_tr, y_tr)[0])
+        record["test_acc"].append(toolkit.evaluate(model, crit, x_te, y_te)[1])
     if isinstance(opt, GroupedNewton):
         record["group_names"] = list(opt.partition.names)
     record["grad_seconds"] = _grad_seconds(model, crit, x_tr, y_tr)
     return record
-
-
-def _environment():
-    return dict(
-        torch=torch.__version__,
-        python=platform.python_version(),
-        threads=torch.get_num_threads(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=platform.machine(),
-    )
 
 
 def _data(quick):
@@ -186,12 +163,12 @@ def check_lenet_lr(lrs, epochs, quick):
     for lr in lrs:
         rec = run_one("lenet", "GroupedNewton", lr, 0, data, epochs, quick)
         rows.append(dict(lr=lr, train_loss=rec["train_loss"], test_acc=rec["test_acc"]))
-    path = RESULTS / "grouped_newton_lenet_lr_check.json"
+    path = RESULTS / f"grouped_newton_lenet_lr_check{'_quick' if quick else ''}.json"
     if path.exists() and not quick:  # merge with earlier checks (other λ₁ values)
         old = json.loads(path.read_text())["runs"]
         rows = sorted([r for r in old if r["lr"] not in lrs] + rows, key=lambda r: r["lr"])
-    out = dict(environment=_environment(), epochs=epochs, seed=0, runs=rows)
-    path.write_text(json.dumps(out, indent=1))
+    out = dict(epochs=epochs, seed=0, runs=rows)
+    toolkit.save_json(out, path)
     return out
 
 
@@ -214,7 +191,6 @@ def main_run(args):
                     flush=True,
                 )
     out = dict(
-        environment=_environment(),
         settings=dict(
             batch=BATCH,
             n_train=len(data[0]),
@@ -236,7 +212,7 @@ def main_run(args):
         summary=summarize_runs(runs),
     )
     name = "grouped_newton_quick.json" if args.quick else "grouped_newton.json"
-    (RESULTS / name).write_text(json.dumps(out, indent=1))
+    toolkit.save_json(out, name)
     return out
 
 
@@ -270,7 +246,7 @@ def summarize_runs(runs):
 
 
 # --------------------------------------------------------------------------- solver
-def solver_check(n_per_family=200, oracle_every=10, seed=0):
+def solver_check(n_per_family=200, oracle_every=10, seed=0, name="grouped_newton_solver.json"):
     """Random cubic models by family: statuses, finiteness, stationarity, BFGS gaps."""
     from scipy.optimize import minimize
 
@@ -324,12 +300,11 @@ def solver_check(n_per_family=200, oracle_every=10, seed=0):
             max_model_gap_vs_bfgs=max(gaps) if gaps else None,
         )
     out = dict(
-        environment=_environment(),
         families=families,
         note="gap = (m(eta*) - best multi-start BFGS value) / (1 + |best|); "
         "negative = hos lower. Residual = |(H + lam/2 r D^2) eta - g|_inf / (1 + |g|_inf).",
     )
-    (RESULTS / "grouped_newton_solver.json").write_text(json.dumps(out, indent=1))
+    toolkit.save_json(out, name)
     return out
 
 
@@ -376,8 +351,7 @@ def plot(results, suffix=""):
         axes[row, 2].set_ylabel("training seconds per epoch / SGD-m's (same seed)")
         axes[row, 2].set_title(f"{model_name}: wall-clock per epoch, relative to SGD-m")
     fig.tight_layout()
-    fig.savefig(FIGURES / f"grouped_newton_curves{suffix}.png", dpi=110)
-    plt.close(fig)
+    toolkit.save_figure(fig, FIGURES / f"grouped_newton_curves{suffix}.png", dpi=110)
 
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
     for col, model_name in enumerate(models):
@@ -406,8 +380,7 @@ def plot(results, suffix=""):
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(FIGURES / f"grouped_newton_eta{suffix}.png", dpi=110)
-    plt.close(fig)
+    toolkit.save_figure(fig, FIGURES / f"grouped_newton_eta{suffix}.png", dpi=110)
 
 
 def main(argv=None):
@@ -426,7 +399,10 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(parents=True, exist_ok=True)
     if args.solver_check:
-        print(json.dumps(solver_check(20 if args.quick else 200), indent=1))
+        if args.quick:
+            print(json.dumps(solver_check(20, name="grouped_newton_solver_quick.json"), indent=1))
+        else:
+            print(json.dumps(solver_check(200), indent=1))
         return
     if args.check_lenet_lr:
         out = check_lenet_lr(args.check_lenet_lr, 1 if args.quick else 2, args.quick)

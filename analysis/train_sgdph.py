@@ -31,7 +31,6 @@ from torch.utils.data import TensorDataset
 from hos.datasets import load_dataset
 from hos.models import build_model
 from hos.optim import SGDPH, CurvatureMode
-from hos.provenance import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -71,14 +70,6 @@ def train_step(opt, model, crit, x, y) -> float:
     return loss.item()
 
 
-@torch.no_grad()
-def evaluate(model, x, y, crit) -> tuple[float, float]:
-    model.eval()
-    out = model(x)
-    model.train()
-    return crit(out, y).item(), (out.argmax(1) == y).double().mean().item()
-
-
 def run_one(name: str, seed: int, data, epochs: int, batch: int) -> dict:
     model = build_model("resnet", data.input_shape, data.num_classes, seed=seed)
     opt = make_optimizer(name, model)
@@ -95,21 +86,12 @@ def run_one(name: str, seed: int, data, epochs: int, batch: int) -> dict:
         for i in range(0, x_tr.shape[0] - batch + 1, batch):
             idx = order[i : i + batch]
             losses.append(train_step(opt, model, crit, x_tr[idx], y_tr[idx]))
-        test_loss, test_acc = evaluate(model, x_te, y_te, crit)
+        test_loss, test_acc = toolkit.evaluate(model, crit, x_te, y_te)
         history["train_loss"].append(sum(losses) / len(losses))
         history["test_loss"].append(test_loss)
         history["test_acc"].append(test_acc)
         history["seconds"].append(time.perf_counter() - start)
     return history
-
-
-def _min_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def measure_costs(data, batch: int, repeats: int, max_round: int | None = None) -> dict:
@@ -123,7 +105,7 @@ def measure_costs(data, batch: int, repeats: int, max_round: int | None = None) 
         torch.autograd.grad(crit(model(x), y), params)
 
     gradient()
-    t_grad = _min_time(gradient, 5 * repeats)
+    t_grad = toolkit.best_time(gradient, 5 * repeats, warm=False)
     out = {"gradient_seconds": t_grad, "batch": batch, "ratio_to_gradient": {}}
     for name in OPTIMIZERS:
         model_k = build_model("resnet", data.input_shape, data.num_classes, seed=0)
@@ -134,10 +116,9 @@ def measure_costs(data, batch: int, repeats: int, max_round: int | None = None) 
         train_step(opt, model_k, crit, x, y)  # warm-up; SGD-PH moves on by one tensor
         for _ in range(repeats):
             for i in range(rounds):
-                t = time.perf_counter()
-                train_step(opt, model_k, crit, x, y)
+                _, seconds = toolkit.timed(lambda: train_step(opt, model_k, crit, x, y))
                 j = (i + 1) % rounds
-                per_step[j] = min(per_step[j], time.perf_counter() - t)
+                per_step[j] = min(per_step[j], seconds)
         out["ratio_to_gradient"][name] = {
             "mean_over_round": sum(per_step) / rounds / t_grad,
             "max_step": max(per_step) / t_grad,
@@ -154,7 +135,6 @@ def run(args) -> dict:
             data, train=TensorDataset(*(t[: 4 * args.batch] for t in data.train.tensors))
         )
     results = {
-        "environment": environment(),
         "settings": {
             "dataset": "digits (1437 train / 360 test, 8x8)",
             "model": "resnet (hos.models, BatchNorm, width 16)",
@@ -235,8 +215,7 @@ def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> Path:
         fontsize=10,
     )
     path = fig_dir / f"{stem}_training.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    toolkit.save_figure(fig, path, dpi=130)
     return path
 
 
@@ -262,8 +241,7 @@ def main(argv=None) -> None:
         results = json.loads(out.read_text())
     else:
         results = run(args)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        toolkit.save_json(results, out)
     print(plot(results, stem, args.fig_dir))
     print(out)
 

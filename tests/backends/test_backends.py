@@ -115,7 +115,7 @@ def case(request):
 
 
 @pytest.mark.parametrize("backend", TESTED)
-def test_summarize_matches_oracle(case, backend):
+def test_summarize_matches_oracle_on_tiny_models(case, backend):
     name, loss, params, u, part, oracle = case
     s = hos.summarize(loss, params, u, part, backend=backend)
     _close(s.g, oracle[1], f"{name} g [{backend}]")
@@ -169,18 +169,30 @@ def test_reverse_orders_groups_by_first_use():
 
 @pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
+    """analysis/bench_summaries.py, bench_memory.py and bench_large_models.py --quick into a
+    temporary folder (HOS_ANALYSIS_OUT): each writes only its own sections of the one JSON."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "analysis" / "bench_summaries.py"
-    results = tmp_path / "bench.json"
-    cmd = [sys.executable, str(script), "all", "--quick", "--results", str(results)]
-    subprocess.run(cmd + ["--figures", str(tmp_path)], check=True, timeout=900)
-    data = json.loads(results.read_text())
+    analysis = Path(__file__).resolve().parents[2] / "analysis"
+    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
+    for script in ("bench_summaries.py", "bench_memory.py", "bench_large_models.py"):
+        cmd = [sys.executable, str(analysis / script), "--quick"]
+        subprocess.run(cmd, check=True, timeout=900, env=env)
+    data = json.loads((tmp_path / "results" / "bench_summaries_quick.json").read_text())
     assert data["ratios"]["mlp"]["ratio"]["hos.reverse"]["summarize"] > 0
-    assert (tmp_path / "bench_ratios_quick.png").exists()
+    assert data["certificate"]["mlp"]["summarize"]["repeated"]["ratio"] > 0
+    assert data["scaling"]["by_S"]["S"] == [4, 6]
+    assert all(case["peak_mib"] > 0 for case in data["memory"]["mlp"].values())
+    (large,) = data["large"].values()
+    assert large["summarize"]["hos.taylor"]["seconds"] > 0 and large["bounds"]["rows"] > 0
+    for section in ("", "certificate_", "memory_", "large_"):
+        assert data[f"{section}environment"]["torch"] == torch.__version__
+    names = {p.name for p in (tmp_path / "figures").glob("*.png")}
+    assert {f"bench_{n}_quick.png" for n in ("ratios", "scaling", "certificate", "memory")} <= names
 
 
 @pytest.mark.slow
