@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hos
-from tests.helpers.tolerances import EXACT
+from tests.helpers.tolerances import EXACT, FLOAT32_LOADER, SAME_OPS
 
 #: float64 agreement of a loader summary with the full-data oracle (the brief's 1e-10).
 TOL = EXACT["rtol"]
@@ -145,10 +145,10 @@ def test_float32_model_accumulates_in_float64():
     assert all(p.H.dtype == torch.float32 for p in parts)
     sizes = [len(b[1]) for b in batches]
     by_hand = sum(n * p.H.double() for n, p in zip(sizes, parts)) / sum(sizes)
-    assert_close(got.H, by_hand, "float32 batches accumulated in float64", tol=1e-14)
+    assert_close(got.H, by_hand, "float32 batches accumulated in float64", tol=SAME_OPS)
     # and, to float32 accuracy, the float64 full-data answer
     want = oracle("summarize")
-    assert_close(got.H, want.H, "float32 model vs float64 oracle", tol=1e-4)
+    assert_close(got.H, want.H, "float32 model vs float64 oracle", tol=FLOAT32_LOADER)
 
 
 def test_bfloat16_model_returns_float64():

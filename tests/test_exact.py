@@ -22,7 +22,7 @@ from hos._refusals import (
     RandomLossError,
 )
 from tests.helpers.cases import build, oracle_diagonal, oracle_tensor
-from tests.helpers.tolerances import DT, assert_close, relative_error
+from tests.helpers.tolerances import DT, IDENTICAL, ROUNDOFF, assert_close, relative_error
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -311,7 +311,7 @@ def test_decomposition_matches_op(func, args, kwargs):
     with ExactOps():
         got = func(*fresh, **kwargs)
     for e, g in zip(_as_list(expected), _as_list(got)):
-        assert_close(g, e, f"{_key(func)} {kwargs}", rtol=1e-12, atol=1e-12)
+        assert_close(g, e, f"{_key(func)} {kwargs}", **ROUNDOFF)
     for before, after in zip(args, fresh):  # the decomposition writes to no input
         if torch.is_tensor(before):
             assert torch.equal(before, after), f"{_key(func)} modified an input in place"
@@ -360,7 +360,7 @@ def test_multi_head_attention_decomposition_matches_module(kwargs, call, batch_f
     for e, g in zip(expected, got):
         assert (e is None) == (g is None)
         if e is not None:
-            assert_close(g, e, f"MultiheadAttention {kwargs} {call}", rtol=1e-12, atol=1e-12)
+            assert_close(g, e, f"MultiheadAttention {kwargs} {call}", **ROUNDOFF)
 
 
 def test_transformer_layer_in_eval_mode_skips_the_fast_path():
@@ -373,7 +373,7 @@ def test_transformer_layer_in_eval_mode_skips_the_fast_path():
         expected = layer(x)
         with ExactOps():
             got = layer(x)
-    assert_close(got, expected, "TransformerEncoderLayer eval", rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, "TransformerEncoderLayer eval", **ROUNDOFF)
 
 
 @pytest.mark.parametrize("func", sorted(FAST_PATHS, key=_key), ids=_key)
@@ -411,7 +411,7 @@ def test_recurrent_dropout_is_off_during_summaries(kind):
     with ExactOps():
         first, second = rnn(x)[0], rnn(x)[0]
     assert rnn.training
-    assert_close(first, expected, f"{kind} train-mode under ExactOps", rtol=1e-12, atol=1e-12)
+    assert_close(first, expected, f"{kind} train-mode under ExactOps", **ROUNDOFF)
     assert torch.equal(first, second)
     packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
     rnn.eval()
@@ -419,7 +419,7 @@ def test_recurrent_dropout_is_off_during_summaries(kind):
     rnn.train()
     with ExactOps():
         got = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0])[0]
-    assert_close(got, expected, f"packed {kind} under ExactOps", rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, f"packed {kind} under ExactOps", **ROUNDOFF)
 
 
 def test_spectral_norm_power_iteration_is_held_during_summaries():
@@ -434,7 +434,7 @@ def test_spectral_norm_power_iteration_is_held_during_summaries():
     before = {k: b.clone() for k, b in layer.named_buffers()}
     with ExactOps():
         got = layer(x)
-    assert_close(got, expected, "spectral_norm train mode under ExactOps", rtol=1e-12, atol=1e-12)
+    assert_close(got, expected, "spectral_norm train mode under ExactOps", **ROUNDOFF)
     for k, b in layer.named_buffers():
         assert torch.equal(b, before[k]), f"buffer {k} written"
 
@@ -482,7 +482,7 @@ def test_guarded_ops_refuse_a_moving_input(func):
     args = (x,) if "polynomial" not in func.__name__ else (x, 3)
     expected = func(*args)
     with ExactOps():
-        assert_close(func(*args), expected, func.__name__, rtol=0, atol=0)
+        assert_close(func(*args), expected, func.__name__, **IDENTICAL)
         moving = (x.clone().requires_grad_(),) + args[1:]
         with pytest.raises(NoDerivativeError, match="has no derivative in PyTorch"):
             func(*moving)
@@ -502,4 +502,4 @@ def test_forward_unsound_ops_are_refused_under_torch_func_only(func):
         with pytest.raises(NoDerivativeError, match="wrong forward-mode derivatives"):
             torch.func.jvp(lambda m: func(m, *args[1:]), (args[0],), (torch.ones_like(args[0]),))
     for e, g in zip(_as_list(expected), _as_list(got)):
-        assert_close(g, e, func.__name__, rtol=0, atol=0)
+        assert_close(g, e, func.__name__, **IDENTICAL)

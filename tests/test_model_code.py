@@ -25,6 +25,7 @@ import hos
 from hos import _ordinary, _outcome
 from hos.backends import certificate as _certificate
 from tests.helpers import fd
+from tests.helpers.tolerances import FD_MODEL, FLOAT32_ISLAND, ROUNDOFF, SAME_OPS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,10 +51,9 @@ def _setup(model, x, y, criterion=None, part=None, scale=0.3, seed=1, output=Non
 
 def _against_differences(s, loss, params, u, part, keys=("g", "H", "d3"), inner_grad=False):
     path = fd.Path(loss, params, u, part, inner_grad=inner_grad)
-    tol = {"g": 1e-7, "H": 1e-5, "d3": 1e-3}
     for key in keys:
-        oracle, trusted = fd.trusted_oracle(path, key, tol[key])
-        fd.close(getattr(s, key), oracle, tol[key], f"{key} vs finite differences", trusted)
+        oracle, trusted = fd.trusted_oracle(path, key, FD_MODEL[key])
+        fd.close(getattr(s, key), oracle, FD_MODEL[key], f"{key} vs finite differences", trusted)
 
 
 class _Net(nn.Module):
@@ -108,10 +108,17 @@ def test_compiled_models_give_the_summaries_of_the_function_they_compute(
         for backend in ("auto", "reverse", "forward"):
             s = hos.summarize(c_loss, c_params, c_u, c_part, backend=backend)
             for key in ("g", "H", "d3"):
-                fd.close(getattr(s, key), getattr(expected, key), 1e-12, f"{how} {backend} {key}")
+                fd.close(
+                    getattr(s, key),
+                    getattr(expected, key),
+                    ROUNDOFF["rtol"],
+                    f"{how} {backend} {key}",
+                )
         D3 = hos.summary_tensor(c_loss, c_params, c_u, c_part, 3)
     assert hos.last_fallback() is None
-    fd.close(D3, hos.summary_tensor(loss, params, u, part, 3, backend="reverse"), 1e-12, "D3")
+    fd.close(
+        D3, hos.summary_tensor(loss, params, u, part, 3, backend="reverse"), ROUNDOFF["rtol"], "D3"
+    )
     said = [r.message for r in caplog.records if "compiled" in r.message]
     assert len(said) == 1 and "the function the compiled one computes" in said[0], said
     # nothing was compiled for the summaries (no minutes of inductor): eager throughout
@@ -176,7 +183,9 @@ def test_a_known_parameter_cache_is_cleared_for_the_summary(first_call):
     assert float(s.g[0]) != 0.0 and float(s.H[0, 0]) != 0.0
     _against_differences(s, loss, params, u, part)
     for backend in ("reverse", "forward"):
-        fd.close(hos.summarize(loss, params, u, part, backend=backend).H, s.H, 1e-12, backend)
+        fd.close(
+            hos.summarize(loss, params, u, part, backend=backend).H, s.H, ROUNDOFF["rtol"], backend
+        )
     # the model's own cache is as it was: nothing hos computed stays in it
     assert model.attention_bias_cache.keys() == before.keys()
     assert all(model.attention_bias_cache[k] is v for k, v in before.items())
@@ -304,7 +313,7 @@ def test_attention_means_what_pytorch_means_on_every_mask(mask, causal, scale, g
     expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
     got = scaled_dot_product_attention(q, k, v, **kwargs)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected, **ROUNDOFF)
 
 
 class _PaddedAttention(nn.Module):
@@ -332,12 +341,17 @@ def test_padded_attention_has_finite_exact_derivatives_on_every_backend():
     with torch.no_grad():
         plain = F.cross_entropy(model(x, keep), y)
     loss, params, u, part = _setup(model, (x, keep), y)
-    assert float(loss(params)) == pytest.approx(float(plain), rel=1e-14)
+    assert float(loss(params)) == pytest.approx(float(plain), rel=SAME_OPS)
     s = hos.summarize(loss, params, u, part)
     assert hos.last_fallback() is None
     _against_differences(s, loss, params, u, part)
     for backend in ("reverse", "forward"):
-        fd.close(hos.summarize(loss, params, u, part, backend=backend).d3, s.d3, 1e-11, backend)
+        fd.close(
+            hos.summarize(loss, params, u, part, backend=backend).d3,
+            s.d3,
+            ROUNDOFF["rtol"],
+            backend,
+        )
 
 
 # --------------------------------------------------------------------------- return_types
@@ -379,10 +393,12 @@ def test_return_types_are_followed_by_both_taylor_algebras():
     assert hos.last_fallback() is None
     reverse = hos.summarize(loss, params, u, part, backend="reverse")
     for key in ("g", "H", "d3"):
-        fd.close(getattr(rows, key), getattr(reverse, key), 1e-12, f"rows path {key}")
-    fd.close(D3, hos.summary_tensor(loss, params, u, part, 3, backend="reverse"), 1e-12, "D3")
+        fd.close(getattr(rows, key), getattr(reverse, key), ROUNDOFF["rtol"], f"rows path {key}")
+    fd.close(
+        D3, hos.summary_tensor(loss, params, u, part, 3, backend="reverse"), ROUNDOFF["rtol"], "D3"
+    )
     unchecked = hos.summarize(loss, params, u, part, verify=False)
-    fd.close(unchecked.H, reverse.H, 1e-12, "verify=False")
+    fd.close(unchecked.H, reverse.H, ROUNDOFF["rtol"], "verify=False")
 
 
 def test_the_certificate_names_the_op_that_went_wrong_not_the_next_one(monkeypatch):
@@ -399,7 +415,12 @@ def test_the_certificate_names_the_op_that_went_wrong_not_the_next_one(monkeypat
     loss, params, u, part = _router()
     with pytest.warns(hos.TaylorModeWarning, match=r"first at \S*topk: taken as constant"):
         s = hos.summarize(loss, params, u, part)
-    fd.close(s.H, hos.summarize(loss, params, u, part, backend="reverse").H, 1e-12, "recomputed")
+    fd.close(
+        s.H,
+        hos.summarize(loss, params, u, part, backend="reverse").H,
+        ROUNDOFF["rtol"],
+        "recomputed",
+    )
 
 
 # --------------------------------------------------------------------------- precision
@@ -435,9 +456,9 @@ def test_a_float32_island_is_stated_once_and_trusted_at_its_precision():
     assert not [w for w in caught if issubclass(w.category, hos.TaylorModeWarning)]
     assert torch.equal(first.H, again.H)
     reverse = hos.summarize(loss, params, u, part, backend="reverse")
-    fd.close(first.H, reverse.H, 1e-5, "taylor vs reverse at float32 precision")
+    fd.close(first.H, reverse.H, FLOAT32_ISLAND["agree"], "taylor vs reverse at float32 precision")
     path = fd.Path(loss, params, u, part)
-    fd.close(first.g, path.g(), 1e-4, "g vs finite differences at float32 precision")
+    fd.close(first.g, path.g(), FLOAT32_ISLAND["g"], "g vs finite differences at float32 precision")
 
 
 class _Autocast(nn.Module):
@@ -506,9 +527,9 @@ def test_losses_that_differentiate_inside_are_exact_on_reverse_and_auto(kind):
         auto = hos.summarize(loss, params, u, part)
     assert "derivative inside" in " ".join(hos.last_fallback().reasons)
     for key in ("g", "H", "d3"):
-        fd.close(getattr(auto, key), getattr(reverse, key), 1e-12, f"auto {key}")
+        fd.close(getattr(auto, key), getattr(reverse, key), ROUNDOFF["rtol"], f"auto {key}")
     D3 = hos.summary_tensor(loss, params, u, part, 3, backend="reverse")
-    fd.close(D3.diagonal(0, 0, 1).diagonal(0, 0, 1), reverse.d3, 1e-12, "D3 diagonal")
+    fd.close(D3.diagonal(0, 0, 1).diagonal(0, 0, 1), reverse.d3, ROUNDOFF["rtol"], "D3 diagonal")
 
 
 @pytest.mark.parametrize("kind", ["maml", "gradient penalty"])

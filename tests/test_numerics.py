@@ -17,13 +17,10 @@ from torch import nn
 import hos
 from hos import reference
 from hos._refusals import RandomLossError
-from tests.helpers.tolerances import EXACT, FLOAT32
+from tests.helpers.tolerances import EXACT, EXACT_AT_ANY_SCALE, FLOAT32
 
 F64 = torch.float64
 BACKENDS = ("reverse", "forward", "reference")
-#: float32 against a float64 oracle at the same (rounded) point
-RTOL_F32 = FLOAT32["rtol"]
-RTOL_F64 = EXACT["rtol"]
 
 
 def _quartic(p):
@@ -89,7 +86,7 @@ def test_underflow_in_float32_warns_and_float64_is_exact():
         warnings.simplefilter("error", hos.NonFiniteWarning)
         tiny = hos.summary_diagonal(_quartic, params, small, part, 3)
     unit = reference.summary_diagonal(_quartic, params, u, part, 3)
-    torch.testing.assert_close(tiny, c**3 * unit, rtol=RTOL_F64, atol=0)
+    torch.testing.assert_close(tiny, c**3 * unit, **EXACT_AT_ANY_SCALE)
 
 
 def test_finite_summary_does_not_warn():
@@ -124,7 +121,7 @@ def test_half_precision_model_is_summarised_in_float32(dtype):
     loss64 = hos.model_loss(twin, nn.CrossEntropyLoss(), x.double(), y)
     for k, expected in zip((1, 2), (s.g, s.H)):
         oracle = reference.summary_tensor(loss64, p64, u64, part, k)
-        torch.testing.assert_close(expected.double(), oracle, rtol=RTOL_F32, atol=RTOL_F32)
+        torch.testing.assert_close(expected.double(), oracle, **FLOAT32)
     assert all(p.dtype == dtype for p in net.parameters())  # the model is not converted
 
 
@@ -309,8 +306,8 @@ def test_caller_grad_mode_does_not_change_the_result(backend, context):
     with getattr(torch, context)():
         got = hos.summarize(loss, params, u, part, backend=backend)
     assert got.H.abs().max() > 0
-    torch.testing.assert_close(got.H, expected.H, rtol=RTOL_F64, atol=RTOL_F64)
-    torch.testing.assert_close(got.d3, expected.d3, rtol=RTOL_F64, atol=RTOL_F64)
+    torch.testing.assert_close(got.H, expected.H, **EXACT)
+    torch.testing.assert_close(got.d3, expected.d3, **EXACT)
 
 
 #: Loss calls per summary: reverse and reference evaluate the loss once (one graph,

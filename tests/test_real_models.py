@@ -24,25 +24,17 @@ import hos
 from tests.helpers import fd
 from tests.helpers import realmodels as R
 from tests.helpers.thirdparty import needs
+from tests.helpers.tolerances import AGREE, FD_DEEP, FLOAT32_INSIDE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-#: float64 losses of deep networks are themselves noisy at ~1e-13, which second and third
-#: differences amplify: the oracle is good to ~1e-8 (ḡ), ~1e-5 (H̄) and ~1e-4 (diag D³) here.
-FD_TOL = {"g": 1e-7, "H": 1e-4, "d3": 1e-3}
-AGREE = 1e-10
-#: ... and where the model computes in float32 inside (Hugging Face's RMSNorm): differences of the
-#: float64 loss see float32 rounding (~1e-7 of L / h), the backends round differently
-FD_TOL_FLOAT32 = {"g": 5e-3}
-AGREE_FLOAT32 = 1e-4
-
 
 def _fd_tol(b, key: str) -> float:
-    return FD_TOL[key] if b.precision == torch.float64 else FD_TOL_FLOAT32[key]
+    return FD_DEEP[key] if b.precision == torch.float64 else FLOAT32_INSIDE[key]
 
 
 def _agree(b) -> float:
-    return AGREE if b.precision == torch.float64 else AGREE_FLOAT32
+    return AGREE if b.precision == torch.float64 else FLOAT32_INSIDE["agree"]
 
 
 #: the models whose finite-difference check takes more than a few seconds: -m slow

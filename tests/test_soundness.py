@@ -25,7 +25,7 @@ from hos.backends import certificate as _certificate
 from hos.backends import certificate as certify
 from tests.helpers import fd
 from tests.helpers.constructs import BY_ID, CONSTRUCTS, DT, KINKED, Base
-from tests.helpers.tolerances import EXACT, FD
+from tests.helpers.tolerances import EXACT, FD, FD_CLOSED_FORM
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,13 +51,13 @@ def test_finite_differences_on_a_closed_form(order):
         4: a**4 * e * (c**4 - 6 * s * c * c - 4 * c * c + 3 * s * s + s),
     }[order]
     got = fd.line_derivative(lambda t: math.exp(math.sin(a * t + b)), order)
-    assert abs(got - exact) <= {1: 1e-11, 2: 1e-8, 3: 1e-7, 4: 1e-6}[order] * abs(exact)
+    assert abs(got - exact) <= FD_CLOSED_FORM[order] * abs(exact)
 
 
 def test_mixed_finite_difference_on_a_closed_form():
     """∂²/∂a∂b exp(a·b + 2a − b) at 0 = 1 + 2·(−1) = −1."""
     got = fd.mixed_derivative(lambda a, b: math.exp(a * b + 2 * a - b))
-    assert abs(got + 1.0) <= 1e-8
+    assert abs(got + 1.0) <= FD_CLOSED_FORM[2]
 
 
 def test_finite_differences_on_a_polynomial_loss():
@@ -73,12 +73,17 @@ def test_finite_differences_on_a_polynomial_loss():
     wv = float(w @ v)
     g = torch.tensor([float((w**3).sum()) + 2 * wv * float(v.sum()),
                       2 * wv * float(w.sum())], dtype=DT)  # fmt: skip
-    fd.close(path.g(), g, 1e-10, "fd ḡ")
+    fd.close(path.g(), g, FD_CLOSED_FORM[1], "fd ḡ")
     H01 = 2 * float(w.sum()) * float(v.sum()) + 2 * wv * 2
     H = torch.tensor([[3 * float((w**2).sum()) + 2 * float(v.sum()) ** 2, H01],
                       [H01, 2 * float(w.sum()) ** 2]], dtype=DT)  # fmt: skip
-    fd.close(path.H(), H, 1e-8, "fd H̄")
-    fd.close(path.diagonal(3), torch.tensor([6 * float(w.sum()), 0.0], dtype=DT), 1e-7, "fd d3")
+    fd.close(path.H(), H, FD_CLOSED_FORM[2], "fd H̄")
+    fd.close(
+        path.diagonal(3),
+        torch.tensor([6 * float(w.sum()), 0.0], dtype=DT),
+        FD_CLOSED_FORM[3],
+        "fd d3",
+    )
 
 
 # --------------------------------------------------------------------------- the matrix

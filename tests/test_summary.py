@@ -49,7 +49,7 @@ def test_diagonal_order4_matches_oracle(case_id, backend):
     assert_close(got, oracle_diagonal(case.id, 4), f"{case.id} diag D^(4) [{backend}]")
 
 
-def test_summarize_matches_oracle(case, backend):
+def test_summarize_matches_oracle_on_every_case(case, backend):
     s = hos.summarize(case.loss, case.params, case.direction, case.partition, backend=backend)
     assert s.names == case.partition.names and len(s) == case.S
     assert_close(s.g, oracle_tensor(case.id, 1), f"{case.id} g [{backend}]")
@@ -101,7 +101,7 @@ def test_symmetry(case_id, backend):
 
 
 @pytest.mark.parametrize("case_id", INVARIANT_CASES)
-def test_direction_scaling(case_id, backend):
+def test_direction_scaling_against_the_oracle(case_id, backend):
     """u → c·u scales D^(d) by c^d (checked against the oracle at u)."""
     case = build(case_id)
     c = -1.5
@@ -128,7 +128,7 @@ def test_per_group_rescaling(case_id, backend):
 
 
 @pytest.mark.parametrize("case_id", INVARIANT_CASES)
-def test_merging_groups_sums_entries(case_id, backend):
+def test_merging_groups_sums_the_oracle_entries(case_id, backend):
     """Merging groups 0 and 1 sums the matching entries: D' = D ×_k M on every index."""
     case = build(case_id)
     names, groups = case.partition.names, case.partition.groups

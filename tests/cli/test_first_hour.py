@@ -21,6 +21,7 @@ import hos
 from hos import cli
 from hos.plotting import interaction_heatmap, module_blocks, readable_labels
 from tests.helpers.thirdparty import needs, torchvision_models
+from tests.helpers.tolerances import ROUNDOFF_ENTRYWISE
 
 matplotlib.use("Agg")
 
@@ -125,7 +126,7 @@ def test_gradient_direction_is_the_gradient_and_reads_only():
     net.zero_grad()
     nn.CrossEntropyLoss()(net(x), y).backward()
     for name, p in net.named_parameters():
-        assert torch.allclose(u[name], p.grad, rtol=1e-12, atol=1e-15), name
+        assert torch.allclose(u[name], p.grad, **ROUNDOFF_ENTRYWISE), name
         assert not u[name].requires_grad
         assert torch.equal(params[name], before[name])
 

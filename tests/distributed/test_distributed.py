@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 import hos
 import hos.optim
+from tests.helpers.tolerances import RANKS
 from tests.test_data import TOL, N, assert_close, full_data, make_problem, oracle
 
 pytestmark = pytest.mark.skipif(
@@ -203,8 +204,8 @@ def test_grouped_newton_ranks_stay_in_sync_and_match_one_process(ranks):
     single, single_mult = grouped_newton_run(None, 1)
     assert bool((multipliers[-1] > 0).any()), "no update happened; the test would be vacuous"
     assert not torch.equal(trajectory[0], trajectory[-1])
-    assert_close(multipliers, single_mult, "GroupedNewton relu(η*)", tol=1e-9)
-    assert_close(trajectory, single, "GroupedNewton parameters, 2 ranks vs 1", tol=1e-10)
+    assert_close(multipliers, single_mult, "GroupedNewton relu(η*)", tol=RANKS["rtol"])
+    assert_close(trajectory, single, "GroupedNewton parameters, 2 ranks vs 1", tol=RANKS["rtol"])
 
 
 # --------------------------------------------------------------------------- slow smoke runs

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import hos
 from tests.distributed.test_sharded import N, _free_port, _grouped_newton, _oracle, _problem
-from tests.helpers.tolerances import assert_close
+from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -134,7 +134,7 @@ def oracle():
 
 def _assert_summary(got: hos.Summary, want: hos.Summary, what: str, scale: float = 1.0):
     for name in ("g", "H", "d3", "loss"):
-        assert_close(getattr(got, name), scale * getattr(want, name), f"{what} {name}", rtol=1e-10)
+        assert_close(getattr(got, name), scale * getattr(want, name), f"{what} {name}", **RANKS)
 
 
 def test_the_model_really_is_on_a_2d_mesh(ranks):
@@ -150,10 +150,10 @@ def test_fsdp2_with_tensor_parallel_equals_the_unsharded_model(ranks, oracle):
     for res in ranks:
         assert "sharded model" in res["fallback"].reasons[0]
         _assert_summary(res["summarize"], oracle["summarize"], "FSDP2+TP")
-        assert_close(res["tensor3"], oracle["tensor3"], "FSDP2+TP D3", rtol=1e-10)
-        assert_close(res["diag4"], oracle["diag4"], "FSDP2+TP diag D4", rtol=1e-10)
+        assert_close(res["tensor3"], oracle["tensor3"], "FSDP2+TP D3", **RANKS)
+        assert_close(res["diag4"], oracle["diag4"], "FSDP2+TP diag D4", **RANKS)
         for k, g in oracle["gradient"].items():
-            assert_close(res["gradient"][k], g, f"FSDP2+TP gradient {k}", rtol=1e-12)
+            assert_close(res["gradient"][k], g, f"FSDP2+TP gradient {k}", **RANKS_GRADIENT)
 
 
 def test_a_sum_reduced_loss_counts_each_batch_once_not_once_per_tensor_parallel_rank(ranks, oracle):
@@ -178,7 +178,7 @@ def test_grouped_newton_on_fsdp2_with_tensor_parallel_follows_the_unsharded_step
     start = torch.cat([p.detach().reshape(-1) for p in _problem()[0].parameters()])
     assert (oracle["gn"] - start).abs().max() > 1e-3, "no step moved: the test would be vacuous"
     for res in ranks:
-        assert_close(res["gn"], oracle["gn"], "GroupedNewton, FSDP2+TP vs one process", rtol=1e-10)
+        assert_close(res["gn"], oracle["gn"], "GroupedNewton, FSDP2+TP vs one process", **RANKS)
 
 
 def test_the_monitor_on_the_2d_mesh_and_the_model_left_as_it_was(ranks):
@@ -188,5 +188,5 @@ def test_the_monitor_on_the_2d_mesh_and_the_model_left_as_it_was(ranks):
     want = hos.summarize(loss, params, hos.gradient_direction(loss, params), part)
     for res in ranks:
         assert res["untouched"]
-        assert_close(torch.from_numpy(res["monitor"].H), want.H, "monitor H", rtol=1e-10)
+        assert_close(torch.from_numpy(res["monitor"].H), want.H, "monitor H", **RANKS)
     assert len(hos.load_log(ranks[0]["log_dir"])) == 1

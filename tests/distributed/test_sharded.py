@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 import hos.optim
 from hos import reference
-from tests.helpers.tolerances import assert_close
+from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -266,9 +266,9 @@ def test_fsdp2_summaries_equal_the_unsharded_model_on_all_samples(ranks, oracle)
         for backend in ("summarize", "reverse"):
             for name in ("g", "H", "d3", "loss"):
                 got = getattr(res[backend], name)
-                assert_close(got, getattr(want, name), f"FSDP2 {backend} {name}", rtol=1e-10)
-        assert_close(res["tensor3"], oracle["tensor3"], "FSDP2 D3", rtol=1e-10)
-        assert_close(res["diag4"], oracle["diag4"], "FSDP2 diag D4", rtol=1e-10)
+                assert_close(got, getattr(want, name), f"FSDP2 {backend} {name}", **RANKS)
+        assert_close(res["tensor3"], oracle["tensor3"], "FSDP2 D3", **RANKS)
+        assert_close(res["diag4"], oracle["diag4"], "FSDP2 diag D4", **RANKS)
 
 
 def test_the_default_backend_says_why_it_is_reverse_mode_and_taylor_says_what_works(ranks):
@@ -283,7 +283,7 @@ def test_fsdp2_gradient_direction_is_the_full_batch_gradient_laid_out_like_the_p
     for res in ranks:
         assert res["gradient_is_sharded"]
         for k, g in oracle["gradient"].items():
-            assert_close(res["gradient"][k], g, f"gradient {k}", rtol=1e-12)
+            assert_close(res["gradient"][k], g, f"gradient {k}", **RANKS_GRADIENT)
 
 
 def test_fsdp2_loader_over_a_distributed_sampler(ranks, oracle):
@@ -291,7 +291,7 @@ def test_fsdp2_loader_over_a_distributed_sampler(ranks, oracle):
     for res in ranks:
         for name in ("g", "H", "d3", "loss"):
             assert_close(
-                getattr(res["loader"], name), getattr(want, name), f"loader {name}", rtol=1e-10
+                getattr(res["loader"], name), getattr(want, name), f"loader {name}", **RANKS
             )
 
 
@@ -301,11 +301,9 @@ def test_tensor_parallel_summaries_equal_the_unsharded_model(ranks, oracle):
         tp = res["tensor_parallel"]
         assert "sharded model" in tp["fallback"].reasons[0]
         for name in ("g", "H", "d3", "loss"):
-            assert_close(
-                getattr(tp["summarize"], name), getattr(want, name), f"TP {name}", rtol=1e-10
-            )
-        assert_close(tp["tensor3"], oracle["tensor3"], "TP D3", rtol=1e-10)
-        assert_close(tp["diag4"], oracle["diag4"], "TP diag D4", rtol=1e-10)
+            assert_close(getattr(tp["summarize"], name), getattr(want, name), f"TP {name}", **RANKS)
+        assert_close(tp["tensor3"], oracle["tensor3"], "TP D3", **RANKS)
+        assert_close(tp["diag4"], oracle["diag4"], "TP diag D4", **RANKS)
 
 
 def test_a_transformer_block_with_its_heads_split_over_the_ranks(ranks):
@@ -316,7 +314,7 @@ def test_a_transformer_block_with_its_heads_split_over_the_ranks(ranks):
     for res in ranks:
         for name in ("g", "H", "d3", "loss"):
             got = getattr(res["attention_tp"], name)
-            assert_close(got, getattr(want, name), f"TP attention {name}", rtol=1e-10)
+            assert_close(got, getattr(want, name), f"TP attention {name}", **RANKS)
 
 
 def test_the_monitor_records_an_fsdp2_model_on_every_rank_and_logs_once(ranks, tmp_path_factory):
@@ -327,10 +325,10 @@ def test_the_monitor_records_an_fsdp2_model_on_every_rank_and_logs_once(ranks, t
     params = {k: p.detach() for k, p in model.named_parameters()}
     want = hos.summarize(loss, params, hos.gradient_direction(loss, params), part)
     for res in ranks:
-        assert_close(torch.from_numpy(res["monitor"].H), want.H, "monitor H", rtol=1e-10)
+        assert_close(torch.from_numpy(res["monitor"].H), want.H, "monitor H", **RANKS)
     log = hos.load_log(ranks[0]["log_dir"])
     assert len(log) == 1
-    assert_close(torch.from_numpy(log.H[0]), want.H, "logged H", rtol=1e-10)
+    assert_close(torch.from_numpy(log.H[0]), want.H, "logged H", **RANKS)
 
 
 def test_fsdp2_model_is_left_sharded_with_no_gradients(ranks):
@@ -342,7 +340,7 @@ def test_grouped_newton_on_fsdp2_follows_the_unsharded_steps(ranks, oracle):
     assert (oracle["gn"] - start).abs().max() > 1e-3, "no step moved: the test would be vacuous"
     for res in ranks:
         assert_close(
-            res["gn"], oracle["gn"], "GroupedNewton parameters, FSDP2 vs one process", rtol=1e-10
+            res["gn"], oracle["gn"], "GroupedNewton parameters, FSDP2 vs one process", **RANKS
         )
 
 

@@ -24,6 +24,7 @@ from hos.taylor.decompositions import REWRITES
 from hos.taylor.inplace import assigned, copied
 from hos.taylor.ops import RULE_KINDS
 from hos.taylor.trees import tree_flatten, tree_unflatten
+from tests.helpers.tolerances import OPINFO
 
 DT = torch.float64
 K = 4
@@ -193,7 +194,7 @@ def _compare(tracker, outs, floating, leaves, moving, jets, at) -> str | None:
 
 
 def _close(a, b) -> bool:
-    rtol = 1e-8 if b.dtype == DT else 1e-4
+    rtol = OPINFO["float64"] if b.dtype == DT else OPINFO["lower"]
     a, b = torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT)
     if a.shape != b.shape:
         return False

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import hos
 from hos import reference
-from tests.helpers.tolerances import assert_close
+from tests.helpers.tolerances import ROUNDOFF, assert_close
 
 DT = torch.float64
 
@@ -103,7 +103,7 @@ def test_snapshots_match_the_reference_oracle_at_the_recorded_parameters(tmp_pat
         d4 = reference.summary_diagonal(loss, theta, u, part, order=4)
         assert_close(torch.from_numpy(run.d3[t]), d3, "oracle")
         assert_close(torch.from_numpy(run.d4[t]), d4, "oracle")
-        assert run.loss[t] == pytest.approx(float(loss(theta)), rel=1e-12)
+        assert run.loss[t] == pytest.approx(float(loss(theta)), rel=ROUNDOFF["rtol"])
 
 
 def test_in_memory_snapshots_and_the_loaded_log_agree(tmp_path):
@@ -123,7 +123,7 @@ def test_in_memory_snapshots_and_the_loaded_log_agree(tmp_path):
     assert share.shape == (3,) and np.all((share >= 0) & (share <= 1))
     H = run.H[0]
     expected = np.linalg.norm(H - np.diag(np.diag(H))) / np.linalg.norm(H)
-    assert share[0] == pytest.approx(expected, rel=1e-12)
+    assert share[0] == pytest.approx(expected, rel=ROUNDOFF["rtol"])
 
 
 def test_momentum_direction_reads_the_optimizer_buffer(tmp_path):

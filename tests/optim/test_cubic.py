@@ -13,11 +13,17 @@ import torch
 from scipy.optimize import minimize
 
 from hos.optim import CubicStatus, cubic_model, grouped_newton_lrs, solve_cubic
+from tests.helpers.tolerances import (
+    CUBIC_ETA,
+    CUBIC_EXACT,
+    CUBIC_MODEL,
+    CUBIC_PSD,
+    CUBIC_VALUE,
+    IDENTICAL,
+    NEWTON_LIMIT,
+    SAME_OPS,
+)
 
-# tolerances, in one place
-MODEL_ATOL = 1e-9  # m(η*) may exceed the oracle's best by at most this (relative to 1 + |m|)
-ETA_RTOL = 1e-5  # η* vs the BFGS minimiser (BFGS stops at ~1e-6 relative on flat, large cases)
-EXACT_RTOL = 1e-10  # closed forms and the stationarity equation
 DT = torch.float64
 
 
@@ -66,11 +72,11 @@ def _solve(g, H, d3, lam):
 def _assert_global(sol, g, H, d3, lam, unique=True, **oracle_kw):
     eta_o, m_o = _oracle(g, H, d3, lam, **oracle_kw)
     assert math.isfinite(sol.model_value)
-    assert sol.model_value <= m_o + MODEL_ATOL * (1 + abs(m_o)), (sol, m_o, eta_o)
-    assert abs(sol.model_value - _m(sol.eta.numpy(), g, H, d3, lam)) <= 1e-12 * (1 + abs(m_o))
+    assert sol.model_value <= m_o + CUBIC_MODEL * (1 + abs(m_o)), (sol, m_o, eta_o)
+    assert abs(sol.model_value - _m(sol.eta.numpy(), g, H, d3, lam)) <= CUBIC_VALUE * (1 + abs(m_o))
     if unique:
         np.testing.assert_allclose(
-            sol.eta.numpy(), eta_o, rtol=ETA_RTOL, atol=ETA_RTOL * (1 + np.abs(eta_o).max())
+            sol.eta.numpy(), eta_o, rtol=CUBIC_ETA, atol=CUBIC_ETA * (1 + np.abs(eta_o).max())
         )
 
 
@@ -79,10 +85,10 @@ def _assert_stationary(sol, g, H, d3, lam):
     D2 = np.abs(d3) ** (2.0 / 3.0)
     eta = sol.eta.numpy()
     r = np.linalg.norm(np.sqrt(D2) * eta)
-    assert abs(r - sol.r) <= 1e-11 * (1 + r)
+    assert abs(r - sol.r) <= CUBIC_VALUE * (1 + r)
     M = H + lam / 2 * r * np.diag(D2)
-    np.testing.assert_allclose(M @ eta, g, rtol=0, atol=EXACT_RTOL * (1 + np.abs(g).max() + r))
-    assert np.linalg.eigvalsh(M)[0] >= -1e-9 * (1 + np.abs(M).max())
+    np.testing.assert_allclose(M @ eta, g, rtol=0, atol=CUBIC_EXACT * (1 + np.abs(g).max() + r))
+    assert np.linalg.eigvalsh(M)[0] >= -CUBIC_PSD * (1 + np.abs(M).max())
 
 
 @pytest.mark.parametrize("kind", ["pd", "indefinite"])
@@ -111,7 +117,7 @@ def test_dense_grid_for_two_groups():
         D = np.abs(d3) ** (1 / 3)
         vals = -pts @ g + 0.5 * np.einsum("ni,ij,nj->n", pts, H, pts)
         vals += lam / 6 * np.linalg.norm(pts * D, axis=1) ** 3
-        assert sol.model_value <= vals.min() + 1e-12
+        assert sol.model_value <= vals.min() + CUBIC_VALUE
         assert np.abs(pts[vals.argmin()] - e).max() <= 2 * (a[1] - a[0])
 
 
@@ -127,16 +133,16 @@ def test_one_group_closed_form():
         c = lam * abs(d3) / 2
         expected = math.copysign((-h + math.sqrt(h * h + 4 * c * abs(g))) / (2 * c), g)
         assert sol.status is CubicStatus.CONVERGED
-        assert float(sol.eta[0]) == pytest.approx(expected, rel=EXACT_RTOL)
+        assert float(sol.eta[0]) == pytest.approx(expected, rel=CUBIC_EXACT)
 
 
 def test_vanishing_damping_gives_newton():
     rng = np.random.default_rng(3)
     g, H, d3, _ = _random_case(rng, 4, "pd")
     newton = np.linalg.solve(H, g)
-    for lam, rtol in [(1e-6, 1e-4), (1e-10, 1e-8)]:
+    for lam in (1e-6, 1e-10):
         eta = grouped_newton_lrs(torch.tensor(g), torch.tensor(H), torch.tensor(d3), lam)
-        np.testing.assert_allclose(eta.numpy(), newton, rtol=rtol)
+        np.testing.assert_allclose(eta.numpy(), newton, rtol=NEWTON_LIMIT * lam)
 
 
 def test_zero_gradient_with_positive_curvature():
@@ -154,8 +160,10 @@ def test_zero_gradient_with_negative_curvature_escapes():
     lam = 0.5
     sol = _solve(np.zeros(2), H, d3, lam)
     assert sol.status is CubicStatus.HARD_CASE
-    assert sol.r == pytest.approx(2 * 2.0 / lam, rel=EXACT_RTOL)
-    np.testing.assert_allclose(np.abs(D * sol.eta.numpy()), [2 * 2.0 / lam, 0.0], atol=1e-12)
+    assert sol.r == pytest.approx(2 * 2.0 / lam, rel=CUBIC_EXACT)
+    np.testing.assert_allclose(
+        np.abs(D * sol.eta.numpy()), [2 * 2.0 / lam, 0.0], rtol=CUBIC_EXACT, atol=CUBIC_VALUE
+    )
     assert float(sol.eta.sum()) >= 0  # the documented sign
     _assert_global(sol, np.zeros(2), H, d3, lam, unique=False)
 
@@ -168,8 +176,8 @@ def test_hard_case_with_gradient():
     lam = 1.0
     sol = _solve(g, H, d3, lam)
     assert sol.status is CubicStatus.HARD_CASE
-    assert sol.r == pytest.approx(2.0, rel=EXACT_RTOL)
-    np.testing.assert_allclose(sol.eta.numpy()[1:], [0.1, 0.1], rtol=EXACT_RTOL)
+    assert sol.r == pytest.approx(2.0, rel=CUBIC_EXACT)
+    np.testing.assert_allclose(sol.eta.numpy()[1:], [0.1, 0.1], rtol=CUBIC_EXACT)
     _assert_global(sol, g, H, d3, lam, unique=False)
     _assert_stationary(sol, g, H, d3, lam)
 
@@ -202,7 +210,7 @@ def test_all_third_derivatives_zero_gives_newton():
     g, H, _, lam = _random_case(rng, 3, "pd")
     sol = _solve(g, H, np.zeros(3), lam)
     assert sol.status is CubicStatus.CONVERGED and sol.kernel == (0, 1, 2)
-    np.testing.assert_allclose(sol.eta.numpy(), np.linalg.solve(H, g), rtol=EXACT_RTOL)
+    np.testing.assert_allclose(sol.eta.numpy(), np.linalg.solve(H, g), rtol=CUBIC_EXACT)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -222,7 +230,7 @@ def test_singular_D_indefinite_on_kernel_is_unbounded(seed):
     assert _m(far, g, H, d3, lam) < sol.model_value - 1e6
     # documented answer: the global minimiser over {η_K = 0}
     _, m_o = _oracle(g, H, d3, lam, fixed_zero=K)
-    assert sol.model_value <= m_o + MODEL_ATOL * (1 + abs(m_o))
+    assert sol.model_value <= m_o + CUBIC_MODEL * (1 + abs(m_o))
 
 
 def test_all_zero_d3_and_indefinite_H_is_unbounded_zero_step():
@@ -247,7 +255,7 @@ def test_model_helper_matches_written_out_model():
     g, H, d3, lam = _random_case(rng, 3, "indefinite")
     eta = rng.normal(size=3)
     assert float(cubic_model(torch.tensor(eta), g, H, d3, lam)) == pytest.approx(
-        _m(eta, g, H, d3, lam), rel=1e-14
+        _m(eta, g, H, d3, lam), rel=SAME_OPS
     )
 
 
@@ -288,4 +296,4 @@ def test_null_group_is_left_out():
     alone = _solve(g, H, d3, lam)
     assert sol.status is CubicStatus.CONVERGED and sol.kernel == (1,)
     assert float(sol.eta[1]) == 0.0
-    torch.testing.assert_close(sol.eta[[0, 2, 3]], alone.eta, rtol=0, atol=0)
+    torch.testing.assert_close(sol.eta[[0, 2, 3]], alone.eta, **IDENTICAL)

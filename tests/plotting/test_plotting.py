@@ -15,15 +15,12 @@ import torch
 
 import hos
 from hos import plotting
+from tests.helpers.tolerances import ROUNDOFF, TAYLOR_SLOPE
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-
-#: tolerances, in one place
-EXACT_RTOL = 1e-12  # cubic loss vs order-3 model (float64 round-off)
-SLOPE_TOL = 0.25  # observed log-log error slope vs k + 1
 
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
@@ -161,7 +158,7 @@ def test_taylor_models_error_shrinks_like_t_to_the_k_plus_1():
     for k in (1, 2, 3):
         err = np.abs(true - models[k])
         slopes = np.diff(np.log(err)) / np.diff(np.log(ts))
-        np.testing.assert_allclose(slopes, k + 1, atol=SLOPE_TOL, err_msg=f"order {k}: {err}")
+        np.testing.assert_allclose(slopes, k + 1, atol=TAYLOR_SLOPE, err_msg=f"order {k}: {err}")
     # wrong sign convention (a step θ + tΣηu) would not shrink the order-1 error this way
     flipped = plotting.taylor_models(ts, -eta, tensors[1], tensors[2], loss=float(loss(params)))
     assert np.all(np.abs(true - flipped[1]) > 10 * np.abs(true - models[1]))
@@ -186,7 +183,7 @@ def test_taylor_models_reproduce_a_cubic_exactly():
     model = plotting.taylor_models(
         ts, eta, tensors[1], tensors[2], tensors[3], loss=float(cubic(params))
     )[3]
-    np.testing.assert_allclose(model, true, rtol=EXACT_RTOL, atol=EXACT_RTOL)
+    np.testing.assert_allclose(model, true, **ROUNDOFF)
 
 
 def test_taylor_validity_figure():
@@ -209,7 +206,7 @@ def test_taylor_validity_figure():
     "script, result",
     [("interaction_maps", "interactions_quick.json"), ("taylor_validity", "taylor_quick.json")],
 )
-def test_analysis_script_quick(script, result, tmp_path):
+def test_figure_analysis_script_quick(script, result, tmp_path):
     """The script's quick mode, its outputs in a temporary folder (HOS_ANALYSIS_OUT), never
     in the tree: a stale file there cannot make it pass."""
     import json

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import hos
 from hos import reference
 from tests.helpers.fd import close
+from tests.helpers.tolerances import AGREE
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -125,7 +126,7 @@ def test_random_chains_match_the_oracle(chain):
     D3 = hos.summary_tensor(loss, params, u, part, 3)
     assert hos.last_fallback() is None, (names, hos.last_fallback())
     expected = [reference.summary_tensor(loss, params, u, part, k) for k in (1, 2, 3)]
-    tol = 1e-10
+    tol = AGREE
     close(s.g, expected[0], tol, f"{names} g")
     close(s.H, expected[1], tol, f"{names} H")
     close(s.d3, torch.einsum("iii->i", expected[2]), tol, f"{names} d3")
