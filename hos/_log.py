@@ -5,7 +5,7 @@ A log is a folder:
     run/
       meta.json           format version, group names and members, the monitor's settings
       index.jsonl         one JSON line per snapshot: step, wall time, loss, file, seconds
-      snapshots/step-0000000010.npz   g, H, d3 (+ d4, D3 when recorded), float64
+      snapshots/step-0000000010.npz   g, H, d3 (+ d4, D3, split, trace when recorded), float64
 
 Why this shape rather than one HDF5/zarr/Parquet file: it is append-only and crash-safe
 with nothing but numpy. Each snapshot is written to a temporary file and renamed into
@@ -42,7 +42,7 @@ META = "meta.json"
 INDEX = "index.jsonl"
 SNAPSHOTS = "snapshots"
 #: arrays a snapshot may hold, in the order `SummaryLog` exposes them
-ARRAYS = ("g", "H", "d3", "d4", "D3")
+ARRAYS = ("g", "H", "d3", "d4", "D3", "split", "trace")
 
 
 def _read_meta(path: Path) -> dict:
@@ -154,6 +154,10 @@ class SummaryLog:
         d3: shape (T, S), diag D³.
         d4: shape (T, S), diag D⁴, or None when not recorded.
         D3: shape (T, S, S, S), the full D³, or None when not recorded.
+        sharpness: shape (T,), λ_max of the Hessian, or None when not recorded.
+        split: shape (T, S, S), λ_max split into group pairs, or None.
+        trace: shape (T, S), the traces of the Hessian's diagonal blocks, or None.
+        lr: shape (T,), the optimizer's learning rate (NaN where unknown), or None.
     """
 
     path: Path
@@ -170,6 +174,10 @@ class SummaryLog:
     d3: np.ndarray
     d4: np.ndarray | None = None
     D3: np.ndarray | None = None
+    sharpness: np.ndarray | None = None
+    split: np.ndarray | None = None
+    trace: np.ndarray | None = None
+    lr: np.ndarray | None = None
     records: tuple[dict, ...] = field(default=(), repr=False)
 
     def __len__(self) -> int:
@@ -251,6 +259,10 @@ def load_log(path: str | os.PathLike) -> SummaryLog:
         return np.stack(values)
 
     column = lambda key: np.array([float(r.get(key, np.nan)) for r in records])  # noqa: E731
+
+    def optional(key: str) -> np.ndarray | None:  # a column some snapshots may lack
+        return column(key) if any(key in r for r in records) else None
+
     return SummaryLog(
         path=path,
         names=names,
@@ -266,5 +278,9 @@ def load_log(path: str | os.PathLike) -> SummaryLog:
         d3=stacked("d3", (S,)),
         d4=stacked("d4", (S,)),
         D3=stacked("D3", (S, S, S)),
+        sharpness=optional("sharpness"),
+        split=stacked("split", (S, S)),
+        trace=stacked("trace", (S,)),
+        lr=optional("lr"),
         records=tuple(records),
     )

@@ -54,6 +54,10 @@ class Snapshot:
         d3: diag D³, shape (S,).
         d4: diag D⁴, shape (S,), when `diag_d4=True`.
         D3: the full D³, shape (S, S, S), when `full_d3=True`.
+        sharpness: λ_max of the Hessian on the monitor's batch, when `sharpness=True`.
+        split: λ_max split into group pairs v_sᵀ H_st v_t (sums to λ_max), shape (S, S).
+        trace: the traces of the Hessian's diagonal blocks, shape (S,) (Hutch++, or exact).
+        lr: the optimizer's learning rate at this step (first parameter group), when known.
     """
 
     step: int
@@ -66,11 +70,16 @@ class Snapshot:
     d3: np.ndarray
     d4: np.ndarray | None = None
     D3: np.ndarray | None = None
+    sharpness: float | None = None
+    split: np.ndarray | None = None
+    trace: np.ndarray | None = None
+    lr: float | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays that were recorded, by name."""
         out = {"g": self.g, "H": self.H, "d3": self.d3}
-        out.update({k: v for k, v in (("d4", self.d4), ("D3", self.D3)) if v is not None})
+        optional = (("d4", self.d4), ("D3", self.D3), ("split", self.split), ("trace", self.trace))
+        out.update({k: v for k, v in optional if v is not None})
         return out
 
 
@@ -119,6 +128,11 @@ class SummaryMonitor:
         output: passed to [`hos.model_loss`][hos.model_loss] (`"logits"`, `"loss"`, a callable).
         diag_d4: also record diag D⁴.
         full_d3: also record the full D³ (S³ entries).
+        sharpness: also record λ_max of the Hessian on the batch and its split into group
+            pairs ([`hos.sharpness`][hos.sharpness], Lanczos to 1e-6), the traces of the
+            Hessian's diagonal blocks ([`hos.hessian_trace`][hos.hessian_trace]) and the
+            optimizer's learning rate: `hos plot` draws λ_max against 2/η.
+        trace_budget: Hessian-vector products per trace estimate (exact when P is smaller).
         backend: the summary backend (see [`hos.Backend`][hos.Backend]).
         seed: seed of the `"random"` direction.
         keep: keep snapshots in `monitor.snapshots` (default: only when there is no log_dir).
@@ -154,6 +168,8 @@ class SummaryMonitor:
         output: Any = None,
         diag_d4: bool = False,
         full_d3: bool = False,
+        sharpness: bool = False,
+        trace_budget: int = 30,
         backend: str = "auto",
         seed: int = 0,
         keep: bool | None = None,
@@ -181,6 +197,10 @@ class SummaryMonitor:
             )
         self.names = tuple(self.partition.names)
         self.diag_d4, self.full_d3 = bool(diag_d4), bool(full_d3)
+        if not isinstance(sharpness, bool):
+            raise TypeError(f"sharpness must be True or False, got {sharpness!r:.60}.")
+        self.sharpness = sharpness
+        self.trace_budget = check_int("trace_budget", trace_budget, 3, "Hessian-vector products")
         self.backend = backend
         self.optimizer = optimizer
         self.seed = check_int("seed", seed, 0)
@@ -210,6 +230,8 @@ class SummaryMonitor:
             "backend": str(getattr(self.backend, "value", self.backend)),
             "diag_d4": self.diag_d4,
             "full_d3": self.full_d3,
+            "sharpness": self.sharpness,
+            "trace_budget": self.trace_budget,
             "seed": self.seed,
             "parameters": sum(self._params[p].numel() for p in self.partition.parameter_names),
             "environment": environment(),
@@ -311,6 +333,8 @@ class SummaryMonitor:
     def record(self, step: int, inputs: Any, targets: Any = None) -> Snapshot | None:
         """Record now, whatever the period (None when the direction is not available yet)."""
         from hos._outcome import last_fallback
+        from hos._sharpness import sharpness
+        from hos._spectrum import hessian_trace
         from hos._summary import summarize, summary_diagonal, summary_tensor
 
         rank = _rank()
@@ -333,6 +357,11 @@ class SummaryMonitor:
             if self.full_d3:
                 D3 = summary_tensor(loss, theta, u, self.partition, 3, backend=self.backend)
                 fallbacks["D3"] = last_fallback()
+            sharp = trace = None
+            if self.sharpness:
+                sharp = sharpness(loss, theta, partition=self.partition, tol=1e-6, seed=self.seed)
+                trace = hessian_trace(loss, theta, partition=self.partition,
+                                      budget=self.trace_budget, seed=self.seed)  # fmt: skip
         snap = Snapshot(
             step=int(step),
             time=time.time(),
@@ -344,11 +373,17 @@ class SummaryMonitor:
             d3=_np(s.d3),
             d4=None if d4 is None else _np(d4),
             D3=None if D3 is None else _np(D3),
+            sharpness=None if sharp is None else float(sharp.value),
+            split=None if sharp is None else _np(sharp.split),
+            trace=None if trace is None else _np(trace.values),
+            lr=self._lr(),
         )
         if rank != 0:  # a sharded model: every rank computed (a collective), rank 0 writes
             return snap
         if self.writer is not None:
             record = {"time": snap.time, "loss": snap.loss, "seconds": snap.seconds}
+            record.update({k: v for k, v in (("sharpness", snap.sharpness), ("lr", snap.lr))
+                           if v is not None})  # fmt: skip
             fell = {k: f for k, f in fallbacks.items() if f is not None}
             if fell:
                 record["fallback"] = {
@@ -365,6 +400,13 @@ class SummaryMonitor:
             step, len(self.names), snap.seconds, snap.loss,
         )  # fmt: skip
         return snap
+
+    def _lr(self) -> float | None:
+        """The optimizer's learning rate (its first parameter group's), None without one."""
+        if self.optimizer is None or not self.optimizer.param_groups:
+            return None
+        lr = self.optimizer.param_groups[0].get("lr")
+        return float(lr) if isinstance(lr, int | float | torch.Tensor) else None
 
     def close(self) -> None:
         """Close the sinks (the log folder needs no closing: every snapshot is on disk)."""

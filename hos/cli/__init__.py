@@ -26,7 +26,8 @@
 
 `hos plot LOG --out DIR`
 :   The figures of a [`hos.SummaryMonitor`][hos.SummaryMonitor] log: `heatmaps.png` (a strip
-    over training), `g.png`, `d3.png` (`d4.png`), `offdiagonal_share.png`, and
+    over training), `g.png`, `d3.png` (`d4.png`), `offdiagonal_share.png`, `sharpness.png` (λ_max
+    against 2/η, from `SummaryMonitor(sharpness=True)`), and
     `heatmaps.html` (every snapshot with a step slider; opens from disk).
 
 `hos train --model NAME --data NAME --optimizer NAME --epochs N --out DIR`

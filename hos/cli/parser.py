@@ -138,9 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         "is left out, it costs S^d forward passes)",
     )
 
-    from hos.cli.spectrum import add_parser as add_spectrum
-
-    add_spectrum(sub, model_and_data)
+    spectrum = sub.add_parser(
+        "spectrum", help="the Hessian's top eigenvalues, traces, density and sharpness split"
+    )
+    model_and_data(spectrum)
+    spectrum.add_argument("--k", type=_positive_int, default=3, help="top eigenvalues")
+    spectrum.add_argument(
+        "--budget", type=_positive_int, default=100,
+        help="Hessian-vector products for the traces (exact when P is at most this)",
+    )  # fmt: skip
+    spectrum.add_argument("--steps", type=_positive_int, default=40, help="Lanczos steps")
+    spectrum.add_argument("--repeats", type=_positive_int, default=3, help="Lanczos runs")
 
     plot = sub.add_parser("plot", help="figures of a SummaryMonitor log")
     plot.add_argument("log", help="the monitor's log_dir")

@@ -12,6 +12,7 @@ def cmd_plot(args) -> int:
 
     _use_agg()
     from hos import plotting
+    from hos.plotting.log import log_title
 
     out = _out_dir(args.out)
     run = hos.load_log(args.log)
@@ -22,6 +23,12 @@ def cmd_plot(args) -> int:
         if getattr(run, quantity) is not None:
             _save_figure(plotting.log_series(run, quantity), out / f"{quantity}.png")
     _save_figure(plotting.log_offdiagonal_share(run), out / "offdiagonal_share.png")
+    if run.sharpness is not None:  # SummaryMonitor(sharpness=True)
+        _save_figure(
+            plotting.sharpness_curve(run.steps, run.sharpness, lr=run.lr,
+                                     title=f"{log_title(run)}: sharpness"),
+            out / "sharpness.png",
+        )  # fmt: skip
     plotting.heatmap_page(run, out / "heatmaps.html")
     _done(out, f"{len(run)} snapshots of {len(run.names)} groups, steps "
                f"{int(run.steps[0])}-{int(run.steps[-1])}")  # fmt: skip

@@ -87,20 +87,3 @@ def cmd_spectrum(args) -> int:
     _done(out, f"λ_max = {sharp.value:.4g} (top {args.k}: {top}), tr H = {trace.total:.4g} "
                f"({trace.method}) of {P} parameters")  # fmt: skip
     return 0
-
-
-def add_parser(sub, common_model_arguments) -> None:
-    """The `hos spectrum` sub-parser (its model and data arguments as `hos summary`'s)."""
-    from hos.cli.parser import _positive_int
-
-    spectrum = sub.add_parser(
-        "spectrum", help="the Hessian's top eigenvalues, traces, density and sharpness split"
-    )
-    common_model_arguments(spectrum)
-    spectrum.add_argument("--k", type=_positive_int, default=3, help="top eigenvalues")
-    spectrum.add_argument(
-        "--budget", type=_positive_int, default=100,
-        help="Hessian-vector products for the traces (exact when P is at most this)",
-    )  # fmt: skip
-    spectrum.add_argument("--steps", type=_positive_int, default=40, help="Lanczos steps")
-    spectrum.add_argument("--repeats", type=_positive_int, default=3, help="Lanczos runs")

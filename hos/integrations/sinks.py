@@ -14,7 +14,9 @@ def scalars(snapshot: Snapshot, prefix: str = "hos") -> dict[str, float]:
     """The scalars of a snapshot under `prefix/...` tags.
 
     `loss`, `offdiagonal_share` (see [`hos.SummaryLog.offdiagonal_share`][hos.SummaryLog.offdiagonal_share]),
-    and per group `g/<name>`, `H_diag/<name>`, `d3/<name>` (+ `d4/<name>`).
+    and per group `g/<name>`, `H_diag/<name>`, `d3/<name>` (+ `d4/<name>`); with
+    `SummaryMonitor(sharpness=True)` also `sharpness`, `two_over_lr` (when the learning rate is
+    known) and `trace/<name>`.
     """
     out = {
         f"{prefix}/loss": snapshot.loss,
@@ -24,6 +26,11 @@ def scalars(snapshot: Snapshot, prefix: str = "hos") -> dict[str, float]:
     series = {"g": snapshot.g, "H_diag": snapshot.H.diagonal(), "d3": snapshot.d3}
     if snapshot.d4 is not None:
         series["d4"] = snapshot.d4
+    if snapshot.sharpness is not None:
+        out[f"{prefix}/sharpness"] = snapshot.sharpness
+        series["trace"] = snapshot.trace
+        if snapshot.lr:
+            out[f"{prefix}/two_over_lr"] = 2.0 / snapshot.lr
     for key, values in series.items():
         for name, value in zip(snapshot.names, values):
             out[f"{prefix}/{key}/{name}"] = float(value)
