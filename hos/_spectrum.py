@@ -117,27 +117,41 @@ class HessianOperator:
     def hvp_tensors(self, vector: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """H v with v a dict over `names`, as a list of tensors (the batches' weighted mean,
         summed over the ranks)."""
-        total = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
+        total: list[torch.Tensor | None] = [None] * len(self.names)
         for index, weight in enumerate(self._weights):
             leaves, grads = self._gradient_graph(index)
             live = [(g, vector[n]) for g, n in zip(grads, self.names) if g is not None]
-            if live:
-                outs = torch.autograd.grad(
-                    [g for g, _ in live], leaves, grad_outputs=[v for _, v in live],
-                    retain_graph=self.keep, allow_unused=True,
-                )  # fmt: skip
-                for acc, out in zip(total, outs):
-                    if out is not None:
-                        acc.add_(out.detach(), alpha=weight)
+            if not live:
+                continue
+            outs = torch.autograd.grad(
+                [g for g, _ in live], leaves, grad_outputs=[v for _, v in live],
+                retain_graph=self.keep, allow_unused=True,
+            )  # fmt: skip
+            for k, out in enumerate(outs):
+                if out is None:
+                    continue
+                out = out.detach()
+                total[k] = out * weight if total[k] is None else total[k].add_(out, alpha=weight)
+        total = [
+            torch.zeros(s, dtype=self.dtype, device=self.device) if t is None else t
+            for t, s in zip(total, self.shapes)
+        ]
         weight = torch.tensor(sum(self._weights), dtype=self.dtype, device=self.device)
         if world_size() > 1:  # data parallel: every rank's batches
             *total, weight = all_reduce_sum([*total, weight])
         self.products += 1
         return [t / weight for t in total] if self._mean else total
 
+    def apply(self, flat: torch.Tensor) -> torch.Tensor:
+        """H v for a flat vector on the parameters' device, in the parameters' dtype."""
+        parts = torch.split(flat.to(self.dtype), self.sizes)
+        vector = {n: p.reshape(s) for n, p, s in zip(self.names, parts, self.shapes)}
+        return torch.cat([o.reshape(-1) for o in self.hvp_tensors(vector)])
+
     def matvec(self, flat: np.ndarray) -> np.ndarray:
-        out = self.hvp_tensors(self.unflatten(np.ravel(flat)))
-        return torch.cat([o.reshape(-1) for o in out]).to(torch.float64).cpu().numpy()
+        """H v on float64 NumPy vectors (scipy's side)."""
+        vector = torch.as_tensor(np.ravel(flat), dtype=torch.float64, device=self.device)
+        return self.apply(vector).to(torch.float64).cpu().numpy()
 
     def dense(self) -> np.ndarray:
         """The matrix, one product per column (symmetrised)."""
@@ -324,42 +338,53 @@ def hessian_trace(
         else check_partition(partition, params)
     )
     op = HessianOperator(losses, params)
-    masks = _group_masks(op, partition)
     S = len(partition)
+    owner = _group_of_each_coordinate(op, partition)
+    # per-group sums in float64; the vectors in the parameters' dtype (no conversion per product)
+    sums = lambda v: torch.bincount(owner, weights=v.to(torch.float64), minlength=S)  # noqa: E731
+    as_float64 = {"dtype": torch.float64, "device": op.device}
+    work = {"dtype": op.dtype, "device": op.device}
     if op.size <= budget:
-        eye = np.eye(op.size)
-        diag = np.array([op.matvec(eye[:, j])[j] for j in range(op.size)])
-        values, stderr, method = masks @ diag, np.zeros(S), "exact"
+        diag = torch.empty(op.size, **as_float64)
+        unit = torch.zeros(op.size, **work)
+        for j in range(op.size):
+            unit[j] = 1.0
+            diag[j] = op.apply(unit)[j]
+            unit[j] = 0.0
+        values, stderr, method = sums(diag), torch.zeros(S, **as_float64), "exact"
     else:
-        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same on every rank
+
+        def rademacher(k):
+            signs = torch.randint(0, 2, (k, op.size), generator=gen, dtype=op.dtype)
+            return signs.mul_(2.0).sub_(1.0).to(op.device)
+
         sketch = budget // 3
         rest = budget - 2 * sketch if sketch else budget
         if sketch:
-            signs = rng.choice([-1.0, 1.0], size=(op.size, sketch))
-            q, _ = np.linalg.qr(np.stack([op.matvec(signs[:, j]) for j in range(sketch)], 1))
-            hq = np.stack([op.matvec(q[:, j]) for j in range(q.shape[1])], 1)
-            exact_part = masks @ np.einsum("ij,ij->i", q, hq)  # Σ_j q_j ∘ (H q_j), masked
+            sketched = torch.stack([op.apply(row) for row in rademacher(sketch)])
+            q = torch.linalg.qr(sketched.T).Q.T  # orthonormal rows spanning H S
+            hq = torch.stack([op.apply(row) for row in q])
+            exact_part = sums((q * hq).sum(0))  # Σ_j q_j ∘ (H q_j), per group
         else:
-            q, exact_part = np.zeros((op.size, 0)), np.zeros(S)
-        z = rng.choice([-1.0, 1.0], size=(op.size, rest))
-        residual = z - q @ (q.T @ z)
-        samples = np.stack([masks @ (z[:, j] * op.matvec(residual[:, j])) for j in range(rest)])
+            q, exact_part = torch.zeros(0, op.size, **work), torch.zeros(S, **as_float64)
+        z = rademacher(rest)
+        residual = z - (z @ q.T) @ q
+        samples = torch.stack([sums(zj * op.apply(rj)) for zj, rj in zip(z, residual)])
         values = exact_part + samples.mean(0)
-        stderr = samples.std(0, ddof=1) / math.sqrt(rest) if rest > 1 else np.full(S, np.inf)
+        stderr = (
+            samples.std(0, correction=1) / math.sqrt(rest)
+            if rest > 1
+            else torch.full((S,), math.inf, **as_float64)
+        )
         method = "hutch++" if sketch else "hutchinson"
-    as_tensor = lambda a: torch.as_tensor(a, dtype=op.dtype, device=op.device)  # noqa: E731
-    return Trace(partition.names, as_tensor(values), as_tensor(stderr), method, op.products)
+    return Trace(partition.names, values.to(op.dtype), stderr.to(op.dtype), method, op.products)
 
 
-def _group_masks(op: HessianOperator, partition: Partition) -> np.ndarray:
-    """(S, P) 0/1 rows: which flat coordinates belong to each group."""
-    start, where = 0, {}
-    for name, size in zip(op.names, op.sizes):
-        where[name] = (start, start + size)
-        start += size
-    masks = np.zeros((len(partition), op.size))
-    for s, group in enumerate(partition.groups):
-        for name in group:
-            lo, hi = where[name]
-            masks[s, lo:hi] = 1.0
-    return masks
+def _group_of_each_coordinate(op: HessianOperator, partition: Partition) -> torch.Tensor:
+    """The group index of each flat coordinate (P integers, for per-group sums)."""
+    group_of = {name: s for s, group in enumerate(partition.groups) for name in group}
+    return torch.cat([
+        torch.full((size,), group_of[name], dtype=torch.long, device=op.device)
+        for name, size in zip(op.names, op.sizes)
+    ])  # fmt: skip
