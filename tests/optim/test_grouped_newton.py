@@ -267,3 +267,24 @@ def test_training_script_quick_mode_runs(tmp_path):
     gn = [r for r in result["runs"] if r["optimizer"] == "GroupedNewton"]
     assert gn and all(any(f["phase"] == "update" for f in r["refreshes"]) for r in gn)
     assert (tmp_path / "figures/grouped_newton_curves_quick.png").exists()
+
+
+@pytest.mark.slow
+def test_partition_sweep_quick(tmp_path):
+    """analysis/partition_sweep.py --quick runs every setting of the dial into a temporary
+    folder (the full study is issue 31's)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
+    cmd = [sys.executable, str(root / "analysis/partition_sweep.py"), "--quick"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "results" / "partition_sweep_quick.json").read_text())
+    methods = {row["method"] for row in report["rows"]}
+    assert {"Adam", "SGD-m", "GN S = 1", "GN per neuron", "GN S = P"} <= methods
+    assert (tmp_path / "figures" / "partition_sweep_quick.png").exists()
