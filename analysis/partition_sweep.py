@@ -21,8 +21,9 @@ of learning rates by the final training loss. Three seeds each; batch 100; loss 
 training set and test accuracy every 20 steps, against steps and against wall time (as multiples
 of one SGD step of the same model); the η* statistics and the solver's statuses.
 
-    python analysis/partition_sweep.py            # ~15 min on 2 CPU cores
+    python analysis/partition_sweep.py            # ~4 min on 2 CPU cores
     python analysis/partition_sweep.py --quick    # seconds: tiny run, one seed
+    python analysis/partition_sweep.py --plot-only
 
 Writes `analysis/results/partition_sweep.json` and `figures/partition_sweep.png`.
 """
@@ -30,6 +31,7 @@ Writes `analysis/results/partition_sweep.json` and `figures/partition_sweep.png`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -275,8 +277,10 @@ def plot(payload: dict, quick: bool) -> None:
     axes[1].set(xlabel="wall time in SGD steps", ylabel="training loss", xscale="log")
     axes[2].set(xlabel="step", ylabel="test accuracy")
     axes[2].legend(fontsize=7)
-    fig.suptitle("GroupedNewton's dial on a 64-12-10 MLP, 8×8 digits (S = 1 … S = P = 910)",
-                 fontsize=10)  # fmt: skip
+    h = payload["hidden"]
+    P = 64 * h + h + h * 10 + 10
+    fig.suptitle(f"GroupedNewton's dial on a 64-{h}-10 MLP, 8×8 digits (S = 1 … S = P = {P}), "
+                 "mean of 3 seeds", fontsize=10)  # fmt: skip
     toolkit.save_figure(fig, "partition_sweep_quick.png" if quick else "partition_sweep.png")
 
 
@@ -284,7 +288,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--plot-only", action="store_true", help="redraw from the JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        name = "partition_sweep_quick.json" if args.quick else "partition_sweep.json"
+        plot(json.loads((toolkit.RESULTS / name).read_text()), args.quick)
+        return
     plot(run_all(args), args.quick)
 
 
