@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from hos._collective import all_reduce_sum, world_size
 from hos._exact import ExactOps
 from hos._partition import Partition
 from hos._spectrum import HessianOperator, _checked, _solve
@@ -46,7 +45,7 @@ def _third_along(losses: list, weights_of: HessianOperator, params: Params, v: P
     weighted over the batches and summed over the ranks like the Hessian-vector products."""
     names = list(v)
     totals = [torch.zeros_like(params[n]) for n in names]
-    for loss, weight in zip(losses, weights_of._weights):
+    for loss, weight in zip(losses, weights_of.weights):
         leaves = {n: params[n].detach().clone().requires_grad_() for n in names}
         with ExactOps():
             value = loss({**{k: t.detach() for k, t in params.items()}, **leaves})
@@ -58,11 +57,7 @@ def _third_along(losses: list, weights_of: HessianOperator, params: Params, v: P
         for acc, t in zip(totals, third):
             if t is not None:
                 acc.add_(t.detach(), alpha=weight)
-    weight = torch.tensor(sum(weights_of._weights), dtype=totals[0].dtype)
-    if world_size() > 1:
-        *totals, weight = all_reduce_sum([*totals, weight])
-    if weights_of._mean:
-        totals = [t / weight for t in totals]
+    totals = weights_of.combined(totals)
     gradient = dict(zip(names, totals))
     cubic = float(sum((gradient[n] * v[n]).sum() for n in names))
     return gradient, cubic

@@ -85,7 +85,8 @@ class HessianOperator:
         self._graphs: dict[int, tuple] = {}
         self.products = 0
         weights = [rank_weight(loss) for loss in self.losses]
-        self._weights = [w for w, _ in weights]
+        #: each batch loss's weight (`hos._collective.rank_weight`: its samples for a mean)
+        self.weights = [w for w, _ in weights]
         self._mean = all(mean for _, mean in weights)
 
     # -- flat vectors <-> parameter dicts
@@ -118,7 +119,7 @@ class HessianOperator:
         """H v with v a dict over `names`, as a list of tensors (the batches' weighted mean,
         summed over the ranks)."""
         total: list[torch.Tensor | None] = [None] * len(self.names)
-        for index, weight in enumerate(self._weights):
+        for index, weight in enumerate(self.weights):
             leaves, grads = self._gradient_graph(index)
             live = [(g, vector[n]) for g, n in zip(grads, self.names) if g is not None]
             if not live:
@@ -136,11 +137,16 @@ class HessianOperator:
             torch.zeros(s, dtype=self.dtype, device=self.device) if t is None else t
             for t, s in zip(total, self.shapes)
         ]
-        weight = torch.tensor(sum(self._weights), dtype=self.dtype, device=self.device)
-        if world_size() > 1:  # data parallel: every rank's batches
-            *total, weight = all_reduce_sum([*total, weight])
         self.products += 1
-        return [t / weight for t in total] if self._mean else total
+        return self.combined(total)
+
+    def combined(self, weighted: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Σ_batches weight · value (this rank's, as `weights` says) → the quantity of all the
+        ranks' batches: summed over the ranks, divided by the total weight for a mean."""
+        weight = torch.tensor(sum(self.weights), dtype=weighted[0].dtype, device=self.device)
+        if world_size() > 1:  # data parallel: every rank's batches
+            *weighted, weight = all_reduce_sum([*weighted, weight])
+        return [t / weight for t in weighted] if self._mean else list(weighted)
 
     def apply(self, flat: torch.Tensor) -> torch.Tensor:
         """H v for a flat vector on the parameters' device, in the parameters' dtype."""
