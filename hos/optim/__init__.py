@@ -16,6 +16,7 @@ from hos.optim._grouped_newton import (
     grouped_newton_step,
     plateau_scheduler,
 )
+from hos.optim._quadratic import damped_quadratic_model, solve_damped_quadratic
 from hos.optim._sgdph import SGDPH, CurvatureMode, block_curvature, sgdph_direction
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "cubic_model",
     "grouped_newton_lrs",
     "solve_cubic",
+    # its ablation with the third-order term off
+    "damped_quadratic_model",
+    "solve_damped_quadratic",
     # GroupedNewton
     "GroupedNewton",
     "GroupedNewtonStep",

@@ -84,6 +84,9 @@ class CubicStatus(str, enum.Enum):
     ZERO_GRADIENT = "zero_gradient"
     HARD_CASE = "hard_case"
     UNBOUNDED = "unbounded"
+    #: the damped quadratic model only ([`hos.optim.solve_damped_quadratic`][hos.optim.solve_damped_quadratic]):
+    #: H̄ was not positive definite and the damping was raised by −Λ_1
+    SHIFTED = "shifted"
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ def _as_float64(value, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _check(g, H, d3, damping):
+def check_inputs(g, H, d3, damping):
+    """ḡ, H̄ (symmetrised), d3 in float64 and λ, or a clear error naming the argument."""
     gt = torch.as_tensor(g)
     if gt.dim() != 1 or gt.numel() == 0:
         raise ValueError(
@@ -317,7 +321,7 @@ def solve_cubic(g, H, d3, damping: float = 1.0) -> CubicSolution:
         >>> round(float(sol.eta[0]) * 12 ** 0.5, 12), sol.status.value
         (1.0, 'converged')
     """
-    g, H, d3, damping = _check(g, H, d3, damping)
+    g, H, d3, damping = check_inputs(g, H, d3, damping)
     S = g.numel()
     kernel = tuple(int(i) for i in torch.nonzero(d3 == 0.0).flatten())
     # groups with ḡ_s = 0, H̄_s· = 0 and d3_s = 0 (e.g. u_s = 0) do not enter m: η_s = 0

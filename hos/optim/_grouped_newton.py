@@ -44,6 +44,7 @@ from hos._validate import check_int as _check_int
 from hos._validate import check_number as _check_number
 from hos.backends import Backend, resolve
 from hos.optim._cubic import CubicSolution, solve_cubic
+from hos.optim._quadratic import solve_damped_quadratic
 
 __all__ = [
     "GroupedNewton",
@@ -56,6 +57,9 @@ __all__ = [
 ]
 
 LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+#: the models of the loss change whose minimiser gives η* (`GroupedNewton(model=...)`)
+MODELS = ("cubic", "quadratic")
 
 
 # --------------------------------------------------------------------------- one call
@@ -208,6 +212,10 @@ class GroupedNewton(Optimizer):
         partition: the S groups (default `Partition.per_tensor`); each becomes
             one param group, named by `group["name"]`.
         backend: the [`hos.Backend`][hos.Backend] of [`hos.summarize`][hos.summarize].
+        model: `"cubic"` (the paper's anisotropic cubic model) or `"quadratic"`, the ablation
+            with the third-order term off: Levenberg–Marquardt damping λ_int·|H̄_ss| on the
+            quadratic model, shifted to be positive definite
+            ([`solve_damped_quadratic`][hos.optim.solve_damped_quadratic]).
 
     Usage (`step` takes an optional closure that calls `backward`, as in
     `torch.optim.SGD`)::
@@ -241,6 +249,7 @@ class GroupedNewton(Optimizer):
         *,
         partition: Partition | None = None,
         backend: Backend | str = Backend.AUTO,
+        model: str = "cubic",
     ) -> None:
         named = _named_parameters(params)
         if not callable(refresh_loss):
@@ -254,6 +263,12 @@ class GroupedNewton(Optimizer):
         _check_int("period", period, 1, "the paper refreshes every 10 steps.")
         _check_int("average", average, 1, "the paper averages the last 3 to 5 refreshes.")
         _check_int("warmup", warmup, 0, "the paper uses 3 warm-up refreshes.")
+        if model not in MODELS:
+            raise ValueError(
+                f"model must be one of {tuple(MODELS)}, got {model!r}; 'cubic' is the paper's "
+                "step, 'quadratic' the ablation with the third-order term off."
+            )
+        self.model = model
         if partition is None:
             partition = Partition.per_tensor(named)
         if not isinstance(partition, Partition):
@@ -313,7 +328,10 @@ class GroupedNewton(Optimizer):
             if self._refreshes <= self.warmup:
                 phase, multipliers = RefreshPhase.WARMUP, [0.0] * len(summary)
             else:
-                solution = solve_cubic(averaged.g, averaged.H, averaged.d3, self.damping)
+                if self.model == "cubic":
+                    solution = solve_cubic(averaged.g, averaged.H, averaged.d3, self.damping)
+                else:  # d3 is computed (and logged) all the same; the step ignores it
+                    solution = solve_damped_quadratic(averaged.g, averaged.H, self.damping)
                 phase = RefreshPhase.UPDATE
                 multipliers = [max(float(e), 0.0) for e in solution.eta]
         for group, m in zip(self.param_groups, multipliers):

@@ -235,6 +235,11 @@ def _bad_args():
             (dict(params=list(model.parameters())), TypeError, r"params must be an nn.Module or"),
             (dict(partition="per_layer"), TypeError, r"partition must be a hos.Partition"),
             (dict(backend="fast"), ValueError, r"backend must be one of .*got .fast."),
+            (
+                dict(model="newton"),
+                ValueError,
+                r"model must be one of \('cubic', 'quadratic'\), got 'newton'",
+            ),
         ],
         model,
         loss,
@@ -285,6 +290,13 @@ def test_partition_sweep_quick(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "results" / "partition_sweep_quick.json").read_text())
-    methods = {row["method"] for row in report["rows"]}
-    assert {"Adam", "SGD-m", "GN S = 1", "GN per neuron", "GN S = P"} <= methods
-    assert (tmp_path / "figures" / "partition_sweep_quick.png").exists()
+    digits, mnist = report["datasets"]["digits"], report["datasets"]["mnist5k"]
+    methods = {row["method"] for row in digits["rows"]}
+    dials = ("S = 1", "per layer", "per tensor", "per neuron", "S = P")
+    assert {"Adam", "SGD-m"} | {f"GN {d}{v}" for d in dials for v in ("", " · d3 = 0")} == methods
+    assert "GN S = P" not in {row["method"] for row in mnist["rows"]}
+    assert any(r["statuses"].get("shifted") for r in digits["rows"])  # the ablation's solver ran
+    assert len(digits["interactions"]["steps"]) >= 2  # the monitor followed the per-neuron run
+    for name in ("partition_sweep_digits_quick", "partition_sweep_mnist5k_quick",
+                 "partition_sweep_interactions_quick"):  # fmt: skip
+        assert (tmp_path / "figures" / f"{name}.png").exists()

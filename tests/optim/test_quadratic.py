@@ -1,0 +1,122 @@
+"""The damped quadratic model (GroupedNewton with the third-order term off) against oracles.
+
+Oracles: multi-start BFGS (scipy) on q(η) written out in numpy with the damping the solver
+reports; the generalized eigenproblem H̄ v = ν Diag|H̄_ss| v (scipy, not the solver's scaled
+matrix) for the shift; Newton's step as λ → 0; the invariance to rescaling a group's direction.
+"""
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import eigh
+from scipy.optimize import minimize
+
+import hos
+from hos.optim import CubicStatus, GroupedNewton, RefreshPhase, solve_damped_quadratic
+from tests.helpers.tolerances import CUBIC_ETA, CUBIC_EXACT, CUBIC_MODEL, EXACT, NEWTON_LIMIT
+
+DT = torch.float64
+
+
+def _q(eta, g, H, mu):
+    return -g @ eta + 0.5 * eta @ H @ eta + 0.5 * mu * np.sum(np.abs(np.diag(H)) * eta**2)
+
+
+def _bfgs(g, H, mu, seed=0):
+    rng = np.random.default_rng(seed)
+    best = None
+    for k in range(6):
+        x0 = np.zeros(len(g)) if k == 0 else rng.normal(size=len(g)) * 2.0**k
+        res = minimize(lambda x: _q(x, g, H, mu), x0, method="BFGS", options=dict(gtol=1e-12))
+        best = res if best is None or res.fun < best.fun else best
+    return best
+
+
+def _case(seed, S, definite):
+    rng = np.random.default_rng(seed)
+    M = rng.normal(size=(S, S)) * 10.0 ** rng.uniform(-1, 1, size=S)
+    H = M @ M.T + 0.05 * np.eye(S) if definite else (M + M.T) / 2
+    return rng.normal(size=S), H
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("definite", [True, False])
+def test_minimiser_and_shift_against_bfgs_and_the_generalized_eigenproblem(seed, definite):
+    g, H = _case(seed, 5, definite)
+    lam = 0.3
+    sol = solve_damped_quadratic(torch.tensor(g), torch.tensor(H), lam)
+    # the shift: the smallest ν of H v = ν Diag|H_ss| v, from scipy, not from the solver
+    lowest = eigh(H, np.diag(np.abs(np.diag(H))), eigvals_only=True)[0]
+    assert sol.r == pytest.approx(lam + max(0.0, -lowest), rel=CUBIC_EXACT)
+    assert sol.status is (CubicStatus.CONVERGED if lowest >= 0 else CubicStatus.SHIFTED)
+    assert definite or sol.status is CubicStatus.SHIFTED  # the drawn indefinite cases are
+    best = _bfgs(g, H, sol.r, seed)
+    np.testing.assert_allclose(sol.eta.numpy(), best.x, rtol=CUBIC_ETA, atol=CUBIC_ETA)
+    assert sol.model_value <= best.fun + CUBIC_MODEL * (1 + abs(best.fun))
+
+
+def test_newton_step_in_the_limit_of_no_damping():
+    rng = np.random.default_rng(7)
+    M = rng.normal(size=(4, 4))
+    g, H = rng.normal(size=4), M @ M.T + 4.0 * np.eye(4)  # well conditioned: the gap is O(λ·κ)
+    newton = np.linalg.solve(H, g)
+    for lam in (1e-4, 1e-6):
+        eta = solve_damped_quadratic(torch.tensor(g), torch.tensor(H), lam).eta.numpy()
+        assert np.abs(eta - newton).max() <= NEWTON_LIMIT * lam * np.abs(newton).max()
+
+
+def test_rescaling_a_groups_direction_rescales_its_rate_inversely():
+    """u_s → c_s u_s multiplies ḡ_s by c_s and H̄_st by c_s c_t; the step Σ η_s u_s is unchanged."""
+    g, H = _case(3, 4, False)
+    c = np.array([2.0, -0.5, 3.0, 0.1])
+    base = solve_damped_quadratic(torch.tensor(g), torch.tensor(H), 1.0).eta.numpy()
+    scaled = solve_damped_quadratic(torch.tensor(c * g), torch.tensor(np.outer(c, c) * H), 1.0)
+    np.testing.assert_allclose(scaled.eta.numpy() * c, base, rtol=CUBIC_EXACT, atol=0)
+
+
+def test_groups_without_curvature_get_zero_and_are_listed():
+    g = torch.tensor([1.0, 2.0, -1.0], dtype=DT)
+    H = torch.tensor([[2.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.5, 0.0, 1.0]], dtype=DT)
+    sol = solve_damped_quadratic(g, H, 1.0)
+    assert sol.kernel == (1,) and sol.eta[1] == 0.0
+    rest = np.array([0, 2])
+    best = _bfgs(g.numpy()[rest], H.numpy()[np.ix_(rest, rest)], sol.r)
+    np.testing.assert_allclose(sol.eta.numpy()[rest], best.x, rtol=CUBIC_ETA, atol=CUBIC_ETA)
+    zero = solve_damped_quadratic(torch.zeros(2, dtype=DT), torch.eye(2, dtype=DT), 1.0)
+    assert zero.status is CubicStatus.ZERO_GRADIENT and not zero.eta.any()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.ones(2), torch.eye(2), 0.0), r"damping must be a finite number > 0"),
+        ((torch.ones(2), torch.tensor([[1.0, 2.0], [0.0, 1.0]]), 1.0), r"H must be symmetric"),
+        ((torch.ones(2), torch.eye(3), 1.0), r"H must have shape \(2, 2\), got \(3, 3\)"),
+    ],
+)
+def test_bad_input_is_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        solve_damped_quadratic(*args)
+
+
+def test_optimizer_with_the_quadratic_model_applies_its_minimiser():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    x, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    crit = torch.nn.CrossEntropyLoss()
+    opt = GroupedNewton(model, hos.model_loss(model, crit, x, y), lr=0.5, period=1, warmup=1,
+                        average=1, model="quadratic")  # fmt: skip
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+    rec = opt.last_refresh
+    assert rec.phase is RefreshPhase.UPDATE
+    expect = solve_damped_quadratic(rec.averaged.g, rec.averaged.H, 1.0)
+    assert rec.solution.eta.tolist() == expect.eta.tolist()
+    assert any(float(e) > 0 for e in expect.eta)  # the step moves something
+    for s, (p, b) in enumerate(zip(model.parameters(), before)):  # per tensor: group s is p
+        rate = 0.5 * max(float(expect.eta[s]), 0.0)
+        torch.testing.assert_close(p, b - rate * opt.state[p]["momentum_buffer"], **EXACT)
