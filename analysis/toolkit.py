@@ -56,12 +56,16 @@ if str(ROOT) not in sys.path:
 OUT = Path(os.environ["HOS_ANALYSIS_OUT"]) if os.environ.get("HOS_ANALYSIS_OUT") else None
 RESULTS = OUT / "results" if OUT else ROOT / "analysis" / "results"
 FIGURES = OUT / "figures" if OUT else ROOT / "figures"
+#: markdown tables the docs include (`--8<-- "name.md"`), written from the JSON by the script
+#: that measured it, so the docs' numbers cannot drift from the results
+TABLES = RESULTS / "tables"
 
 __all__ = [
     "FIGURES",
     "OUT",
     "RESULTS",
     "ROOT",
+    "TABLES",
     "best_time",
     "evaluate",
     "free_port",
@@ -69,6 +73,7 @@ __all__ = [
     "rss_peak",
     "save_figure",
     "save_json",
+    "save_table",
     "timed",
     "update_json",
 ]
@@ -109,6 +114,14 @@ def update_json(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, default=float))
     return record
+
+
+def save_table(markdown: str, name: str) -> Path:
+    """Write a markdown table to `TABLES/name` (the docs include it as a snippet)."""
+    path = TABLES / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown.rstrip("\n") + "\n")
+    return path
 
 
 def save_figure(fig, name: str | Path, dpi: int = 120) -> Path:
