@@ -293,7 +293,8 @@ def test_partition_sweep_quick(tmp_path):
     digits, mnist = report["datasets"]["digits"], report["datasets"]["mnist5k"]
     methods = {row["method"] for row in digits["rows"]}
     dials = ("S = 1", "per layer", "per tensor", "per neuron", "S = P")
-    assert {"Adam", "SGD-m"} | {f"GN {d}{v}" for d in dials for v in ("", " · d3 = 0")} == methods
+    expected = {"Adam", "SGD-m", "GN S = P · D floor 0.1"}
+    assert expected | {f"GN {d}{v}" for d in dials for v in ("", " · d3 = 0")} == methods
     assert "GN S = P" not in {row["method"] for row in mnist["rows"]}
     assert any(r["statuses"].get("shifted") for r in digits["rows"])  # the ablation's solver ran
     assert len(digits["interactions"]["steps"]) >= 2  # the monitor followed the per-neuron run

@@ -120,3 +120,58 @@ def test_optimizer_with_the_quadratic_model_applies_its_minimiser():
     for s, (p, b) in enumerate(zip(model.parameters(), before)):  # per tensor: group s is p
         rate = 0.5 * max(float(expect.eta[s]), 0.0)
         torch.testing.assert_close(p, b - rate * opt.state[p]["momentum_buffer"], **EXACT)
+
+
+# --------------------------------------------------------------------------- the floor on D
+def _cubic(eta, g, H, D, lam):
+    return -g @ eta + 0.5 * eta @ H @ eta + lam / 6.0 * np.linalg.norm(D * eta) ** 3
+
+
+def test_the_floor_bounds_the_step_where_d3_vanishes():
+    """A group with d3 = 0 and near-singular curvature: the paper's model steps 1e5 along it
+    (exact elimination of the kernel), the floored one stays bounded, and its η* is the minimiser
+    of the cubic model with D floored (BFGS on the model written out here)."""
+    from hos.optim import solve_cubic
+    from hos.optim._grouped_newton import floored
+
+    g = torch.tensor([1.0, 1e-3], dtype=DT)
+    H = torch.tensor([[1.0, 0.0], [0.0, 1e-8]], dtype=DT)
+    d3 = torch.tensor([8.0, 0.0], dtype=DT)
+    assert float(solve_cubic(g, H, d3, 1.0).eta[1]) == pytest.approx(1e5, rel=1e-6)
+    f = 0.1
+    sol = solve_cubic(g, H, floored(d3, f), 1.0)
+    D = np.maximum(np.abs(d3.numpy()) ** (1 / 3), f * 2.0)  # max |d3|^(1/3) = 2
+    best = minimize(lambda e: _cubic(e, g.numpy(), H.numpy(), D, 1.0), np.zeros(2),
+                    method="BFGS", options=dict(gtol=1e-12))  # fmt: skip
+    np.testing.assert_allclose(sol.eta.numpy(), best.x, rtol=CUBIC_ETA, atol=CUBIC_ETA)
+    assert abs(float(sol.eta[1])) < 100.0
+    assert torch.equal(floored(d3, 0.0), d3)  # f = 0: the paper's model, unchanged
+
+
+def test_optimizer_solves_with_the_floored_d3_and_records_the_measured_one():
+    from hos.optim import solve_cubic
+    from hos.optim._grouped_newton import floored
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    x, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
+    crit = torch.nn.CrossEntropyLoss()
+    opt = GroupedNewton(model, hos.model_loss(model, crit, x, y), lr=0.5, period=1, warmup=1,
+                        average=1, d3_floor=0.5)  # fmt: skip
+    for _ in range(3):
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+    rec = opt.last_refresh
+    raw = rec.averaged.d3
+    expect = solve_cubic(rec.averaged.g, rec.averaged.H, floored(raw, 0.5), 1.0)
+    assert rec.solution.eta.tolist() == expect.eta.tolist()
+    assert (
+        rec.solution.eta.tolist() != solve_cubic(rec.averaged.g, rec.averaged.H, raw).eta.tolist()
+    )
+    assert (raw.abs() < 0.5**3 * raw.abs().max()).any()  # the floor was active somewhere
+    with pytest.raises(
+        ValueError, match=r"d3_floor must be a finite number >= 0.0 and < 1.0, got 1.0"
+    ):
+        GroupedNewton(model, hos.model_loss(model, crit, x, y), d3_floor=1.0)
