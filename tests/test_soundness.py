@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 
 import pytest
@@ -497,8 +498,12 @@ def test_certificate_catches_a_broken_second_order_rule(broken_second_order, cal
 
     unchecked = run(verify=False)
     assert (d3_of(unchecked) - expected.d3).abs().max() > 1e-3 * expected.d3.abs().max()
-    with pytest.warns(hos.TaylorModeWarning, match=r"H̄|second-order"):
+    with pytest.warns(hos.TaylorModeWarning, match=r"H̄|second-order") as said:
         checked = run()
+    # every op's first coefficient is right: no op can be singled out, and the message says
+    # where the gap must be and at what scale of θ and u
+    assert any(re.search(r"no op singled out.*higher-order terms.*largest \|θ\| [0-9.e+-]+, "
+                         r"\|u\| [0-9.e+-]+", str(w.message)) for w in said), [str(w.message) for w in said]  # fmt: skip
     fd.close(d3_of(checked), expected.d3, AGREE, f"{call} d3 after the certificate")
     if isinstance(checked, hos.Summary):
         fd.close(checked.H, expected.H, AGREE, f"{call} H")

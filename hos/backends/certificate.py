@@ -110,10 +110,23 @@ def disagreeing(
     return [int(i) for i in bad.nonzero().flatten().tolist()]
 
 
-def warn_mismatch(signature: Hashable, what: str, names: Sequence[str], culprit: str | None):
-    """Warn once per op sequence that Taylor mode was wrong and reverse mode took over."""
+def warn_mismatch(
+    signature: Hashable, what: str, names: Sequence[str], culprit: str | None, scale: str = ""
+):
+    """Warn once per op sequence that Taylor mode was wrong and reverse mode took over.
+
+    `scale` (e.g. "largest |θ| 3.1, |u| 5.7e+16") is said when no op could be singled out: every
+    op's first coefficient agreed, so the gap is in higher-order terms — a rule's, or digits
+    both modes lose when the loss is badly conditioned at θ (a diverging run)."""
     reason = f"certificate: Taylor-mode {what} disagrees with reverse mode for " + ", ".join(names)
-    reason += f" ({culprit})" if culprit else " (the op could not be located)"
+    if culprit:
+        reason += f" ({culprit})"
+    else:
+        reason += (
+            " (no op singled out: every op's first coefficient agrees with forward-mode AD, so "
+            "the gap is in higher-order terms, a rule's or digits lost to a badly conditioned "
+            f"loss{': ' + scale if scale else ''})"
+        )
     remember(signature, False, reason)
     note(names, reason, certificate=True)
     if signature in _WARNED:
@@ -182,7 +195,12 @@ def locate(prob: Problem, group: int) -> str | None:
 
 def reject(prob: Problem, signature, what: str, groups: Sequence[int]) -> None:
     culprit = locate(prob, groups[0]) if groups else None
-    warn_mismatch(signature, what, prob.group_names(groups), culprit)
+    scale = ""
+    if culprit is None:
+        largest = [max((float(v.detach().abs().max()) for v in d.values() if v.numel()), default=0.0)
+                   for d in (prob.theta, prob.u)]  # fmt: skip
+        scale = f"largest |θ| {largest[0]:.2g}, |u| {largest[1]:.2g}"
+    warn_mismatch(signature, what, prob.group_names(groups), culprit, scale)
 
 
 def certify_first_coefficients(
