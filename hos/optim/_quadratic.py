@@ -62,7 +62,7 @@ def solve_damped_quadratic(g, H, damping: float = 1.0) -> CubicSolution:
 
         >>> import torch
         >>> sol = solve_damped_quadratic(torch.tensor([2.0]), torch.tensor([[2.0]]), 1.0)
-        >>> float(sol.eta[0]), sol.status.value
+        >>> round(float(sol.eta[0]), 12), sol.status.value
         (0.5, 'converged')
     """
     g, H, _, damping = check_inputs(g, H, torch.zeros_like(torch.as_tensor(g)), damping)

@@ -20,7 +20,7 @@ from hos._problem import Problem
 from hos.backends import BACKENDS, Backend
 from hos.backends.reverse import PathGraph
 from tests.helpers import twins
-from tests.helpers.tolerances import DT
+from tests.helpers.tolerances import DT, FLOAT32_SUMMARY
 from tests.helpers.tolerances import assert_close as _close
 
 TESTED = [b.value for b in BACKENDS if b is not Backend.REFERENCE]
@@ -209,3 +209,23 @@ def test_small_models_benchmark_quick(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick"], check=True, timeout=600, env=env)
     rows = json.loads((tmp_path / "results" / "bench_small_models_quick.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["ratio"] > 1 and r["fallback"] is None for r in rows.values())
+
+
+@pytest.mark.slow
+def test_hessian_alone_benchmark_quick(tmp_path):
+    """analysis/bench_hessian_alone.py --quick: every method's H̄ equals hos's (float32)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "analysis" / "bench_hessian_alone.py"
+    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
+    subprocess.run([sys.executable, str(script), "--quick"], check=True, timeout=600, env=env)
+    (mlp,) = json.loads((tmp_path / "results/bench_hessian_alone_quick.json").read_text())[
+        "models"
+    ].values()
+    assert set(mlp["methods"]) == {"hos H̄", "hos triple", "double backward", "torch.func"}
+    for method in mlp["methods"].values():
+        assert method["gradients"] > 0 and method["max_rel_diff_to_hos"] < FLOAT32_SUMMARY

@@ -62,6 +62,9 @@ FLOAT32_LOADER = 1e-4
 FLOAT32_LOSS = 1e-5
 #: A float64 scalar written as float32 (TensorBoard's events) and read back: 6e-8 rounding.
 FLOAT32_STORED = 1e-6
+#: H̄ of a float32 model by other routes (double backward, torch.func) against hos's, relative
+#: to its largest entry: float32 rounding of differently ordered sums (measured 5e-7).
+FLOAT32_SUMMARY = 1e-5
 
 # ------------------------------------------------------------ finite differences
 #: Richardson differences of smooth closed forms (a loss without noise), by order: the
