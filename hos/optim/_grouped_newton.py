@@ -38,11 +38,12 @@ from torch.optim import Optimizer
 from hos._collective import reduce_over_ranks
 from hos._partition import Partition
 from hos._sharded import is_sharded
-from hos._summary import Summary, summarize
+from hos._summary import Summary, summarize, summary_tensor
 from hos._validate import NonFiniteWarning
 from hos._validate import check_int as _check_int
 from hos._validate import check_number as _check_number
 from hos.backends import Backend, resolve
+from hos.backends.taylor import PAIR_MAX_GROUPS
 from hos.optim._cubic import CubicSolution, solve_cubic
 from hos.optim._quadratic import solve_damped_quadratic
 
@@ -181,6 +182,15 @@ def floored(d3: torch.Tensor, floor: float) -> torch.Tensor:
     return torch.clamp(d3.abs(), min=floor**3 * float(d3.abs().max()))
 
 
+def _second_order(loss, params, direction, partition, backend) -> Summary:
+    """ḡ and H̄ without diag D³ (recorded as 0: the quadratic model does not read it)."""
+    H = summary_tensor(loss, params, direction, partition, 2, backend=backend)
+    g = summary_tensor(loss, params, direction, partition, 1, backend=backend)
+    with torch.no_grad():
+        value = loss(params)
+    return Summary(g=g, H=H, d3=torch.zeros_like(g), names=partition.names, loss=value.detach())
+
+
 def _mean_of(summaries: list[Summary]) -> Summary:
     """The entrywise mean of several summaries (the refresh window)."""
     n = len(summaries)
@@ -223,7 +233,9 @@ class GroupedNewton(Optimizer):
         model: `"cubic"` (the paper's anisotropic cubic model) or `"quadratic"`, the ablation
             with the third-order term off: Levenberg–Marquardt damping λ_int·|H̄_ss| on the
             quadratic model, shifted to be positive definite
-            ([`solve_damped_quadratic`][hos.optim.solve_damped_quadratic]).
+            ([`solve_damped_quadratic`][hos.optim.solve_damped_quadratic]). Past 12 groups its
+            refresh computes ḡ and H̄ only (`summary_tensor` of orders 1 and 2; d3 recorded
+            as 0): the third-order Taylor passes are skipped.
         d3_floor: f in [0, 1), a floor on the cubic regulariser's scale relative to its largest:
             $D_s = \max(|d_{3,s}|^{1/3}, f \max_t |d_{3,t}|^{1/3})$ in the solve (the records
             keep the measured d3). 0 is the paper's model; f > 0 bounds the step along groups
@@ -323,9 +335,19 @@ class GroupedNewton(Optimizer):
 
     def _refresh(self) -> None:
         params = {n: p.detach() for n, p in self._names.items()}
-        summary = summarize(
-            self.refresh_loss, params, self._direction(), self.partition, backend=self.backend
-        )
+        if (
+            self.model == "quadratic"
+            and len(self.partition) > PAIR_MAX_GROUPS
+            and not is_sharded(self._names)
+        ):  # the quadratic model reads no d3: skip its Taylor passes (the pair pass of small S
+            # has d3 at no extra cost)
+            summary = _second_order(
+                self.refresh_loss, params, self._direction(), self.partition, self.backend
+            )
+        else:
+            summary = summarize(
+                self.refresh_loss, params, self._direction(), self.partition, backend=self.backend
+            )
         if not is_sharded(self._names):  # a sharded model's summary is over all ranks already
             summary = _all_reduce(summary, self.refresh_loss)
         finite = all(bool(torch.isfinite(t).all()) for t in (summary.g, summary.H, summary.d3))
@@ -349,7 +371,7 @@ class GroupedNewton(Optimizer):
                 if self.model == "cubic":
                     d3 = floored(averaged.d3, self.d3_floor)
                     solution = solve_cubic(averaged.g, averaged.H, d3, self.damping)
-                else:  # d3 is computed (and logged) all the same; the step ignores it
+                else:  # d3 is not read (nor computed past the pair pass's S)
                     solution = solve_damped_quadratic(averaged.g, averaged.H, self.damping)
                 phase = RefreshPhase.UPDATE
                 multipliers = [max(float(e), 0.0) for e in solution.eta]

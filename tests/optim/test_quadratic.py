@@ -175,3 +175,38 @@ def test_optimizer_solves_with_the_floored_d3_and_records_the_measured_one():
         ValueError, match=r"d3_floor must be a finite number >= 0.0 and < 1.0, got 1.0"
     ):
         GroupedNewton(model, hos.model_loss(model, crit, x, y), d3_floor=1.0)
+
+
+def test_quadratic_refresh_past_the_pair_pass_computes_no_d3(monkeypatch):
+    """S = 14 > 12: the refresh is ḡ and H̄ from summary_tensor (equal to summarize's), d3 is
+    recorded as 0, and summarize (whose Taylor passes compute d3) is not called."""
+    import hos.optim._grouped_newton as gn
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, 3) for _ in range(7)]  # 14 tensors
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())])
+    model = model.double()
+    x, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 3, (16,))
+    crit = torch.nn.CrossEntropyLoss()
+    loss = hos.model_loss(model, crit, x, y)
+    opt = GroupedNewton(model, loss, period=1, warmup=0, average=1, model="quadratic")
+    assert len(opt.partition) == 14
+    opt.zero_grad()
+    crit(model(x), y).backward()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("summarize called")
+
+    monkeypatch.setattr(gn, "summarize", refuse)
+    opt.step()
+    rec = opt.last_refresh
+    u = {n: opt.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    monkeypatch.undo()
+    full = hos.summarize(loss, theta, u, opt.partition)
+    torch.testing.assert_close(rec.summary.g, full.g, **EXACT)
+    torch.testing.assert_close(rec.summary.H, full.H, **EXACT)
+    torch.testing.assert_close(rec.summary.loss, full.loss, **EXACT)
+    assert not rec.summary.d3.any() and full.d3.abs().max() > 0
+    expect = solve_damped_quadratic(full.g, full.H, 1.0)
+    torch.testing.assert_close(rec.solution.eta, expect.eta, **EXACT)
