@@ -9,6 +9,8 @@ Issue 28 asks that hos be never slower than nested double backward for H̄ alone
 batch 4 of ``analysis/problems.py``; per tensor; float32; 1 thread), each in one process:
 
 * `hos H̄`: ``hos.summary_tensor(loss, θ, u, partition, order=2)`` (the default backend);
+* `hos ḡ, H̄`: GroupedNewton's refresh without the third-order term (`model="quadratic"` past
+  12 groups: ``summary_tensor`` of orders 1 and 2 and the loss);
 * `hos triple`: ``hos.summarize`` (ḡ, H̄, diag D³), for the cost of the third-order term;
 * `double backward`: one ``torch.autograd.grad(create_graph=True)`` then one backward per group
   of ⟨∇L, u_s⟩ through the kept graph (S Hessian-vector products), projected on every u_t;
@@ -37,11 +39,12 @@ import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
 from problems import build_problem  # noqa: E402
 
 import hos  # noqa: E402
+from hos.optim._grouped_newton import _second_order  # noqa: E402  (the quadratic refresh)
 
 MODELS = (("mlp", 100), ("lenet", 100), ("transformer6", 8), ("resnet18", 4))
 NAMES = {"mlp": "paper MLP", "lenet": "LeNet-5", "transformer6": "6-layer transformer",
          "resnet18": "ResNet-18 (BatchNorm)"}  # fmt: skip
-METHODS = ("hos H̄", "hos triple", "double backward", "torch.func")
+METHODS = ("hos H̄", "hos ḡ, H̄", "hos triple", "double backward", "torch.func")
 
 
 def _project(rows: list[dict[str, torch.Tensor]], u, part) -> torch.Tensor:
@@ -90,6 +93,7 @@ def measure(name: str, batch: int, repeats: int) -> dict:
 
     calls = {
         "hos H̄": lambda: hos.summary_tensor(loss, params, u, part, 2),
+        "hos ḡ, H̄": lambda: _second_order(loss, params, u, part, "auto").H,
         "hos triple": lambda: hos.summarize(loss, params, u, part).H,
         "double backward": lambda: double_backward(loss, params, u, part),
         "torch.func": lambda: func_vmap(loss, params, u, part),

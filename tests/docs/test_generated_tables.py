@@ -25,3 +25,12 @@ def test_a_changed_measurement_changes_the_table():
     before = bench_memory.memory_table(results["memory"])
     results["memory"]["mlp"]["hos.taylor summarize"]["peak_mib"] *= 2
     assert bench_memory.memory_table(results["memory"]) != before
+
+
+def test_hessian_alone_table_is_generated_from_the_committed_json():
+    from analysis import bench_hessian_alone
+
+    results = json.loads((ROOT / "analysis/results/bench_hessian_alone.json").read_text())
+    expected = bench_hessian_alone.table(results["models"]) + "\n"
+    assert (TABLES / "hessian_alone.md").read_text() == expected
+    assert '--8<-- "hessian_alone.md"' in (ROOT / "docs/benchmarks.md").read_text()
