@@ -248,6 +248,8 @@ def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
     if order == 1:
         return torch.stack([x.detach() for x in path.derivative(path.value, range(S), False)])
     first = path.derivative(path.value, range(S), keep=True)
+    if order == 2:  # the S pruned rows, one stacked row at a time (no per-entry assembly)
+        return hessian_rows(path, first, ())[0]
     indices: list[tuple[int, ...]] = []
     values: list[torch.Tensor] = []
     # one backward pass per sorted multi-index of length 1 .. order-1: count those
