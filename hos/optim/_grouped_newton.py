@@ -43,7 +43,6 @@ from hos._validate import NonFiniteWarning
 from hos._validate import check_int as _check_int
 from hos._validate import check_number as _check_number
 from hos.backends import Backend, resolve
-from hos.backends.taylor import PAIR_MAX_GROUPS
 from hos.optim._cubic import CubicSolution, solve_cubic
 from hos.optim._quadratic import solve_damped_quadratic
 
@@ -58,6 +57,11 @@ __all__ = [
 ]
 
 LossFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+#: up to this many groups the default backend's pair pass gives (ḡ, H̄, d3) in one forward, so
+#: the quadratic model's refresh computes them all (hos.backends.taylor.PAIR_MAX_GROUPS; the
+#: optimizer does not import a backend's module, tests/optim/test_quadratic.py checks the two)
+ONE_PASS_GROUPS = 12
 
 #: the models of the loss change whose minimiser gives η* (`GroupedNewton(model=...)`)
 MODELS = ("cubic", "quadratic")
@@ -337,7 +341,7 @@ class GroupedNewton(Optimizer):
         params = {n: p.detach() for n, p in self._names.items()}
         if (
             self.model == "quadratic"
-            and len(self.partition) > PAIR_MAX_GROUPS
+            and len(self.partition) > ONE_PASS_GROUPS
             and not is_sharded(self._names)
         ):  # the quadratic model reads no d3: skip its Taylor passes (the pair pass of small S
             # has d3 at no extra cost)

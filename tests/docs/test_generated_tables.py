@@ -34,3 +34,14 @@ def test_hessian_alone_table_is_generated_from_the_committed_json():
     expected = bench_hessian_alone.table(results["models"]) + "\n"
     assert (TABLES / "hessian_alone.md").read_text() == expected
     assert '--8<-- "hessian_alone.md"' in (ROOT / "docs/benchmarks.md").read_text()
+
+
+def test_partition_sweep_tables_are_generated_from_the_committed_json():
+    from analysis import partition_sweep
+
+    results = json.loads((ROOT / "analysis/results/partition_sweep.json").read_text())
+    page = (ROOT / "docs/results.md").read_text()
+    for name, payload in results["datasets"].items():
+        expected = partition_sweep.table(payload) + "\n"
+        assert (TABLES / f"partition_sweep_{name}.md").read_text() == expected
+        assert f'--8<-- "partition_sweep_{name}.md"' in page

@@ -210,3 +210,10 @@ def test_quadratic_refresh_past_the_pair_pass_computes_no_d3(monkeypatch):
     assert not rec.summary.d3.any() and full.d3.abs().max() > 0
     expect = solve_damped_quadratic(full.g, full.H, 1.0)
     torch.testing.assert_close(rec.solution.eta, expect.eta, **EXACT)
+
+
+def test_the_optimizers_one_pass_threshold_is_the_backends():
+    from hos.backends.taylor import PAIR_MAX_GROUPS
+    from hos.optim._grouped_newton import ONE_PASS_GROUPS
+
+    assert ONE_PASS_GROUPS == PAIR_MAX_GROUPS
