@@ -351,7 +351,8 @@ def table(payload: dict) -> str:
     for method in dict.fromkeys(r["method"] for r in payload["rows"]):
         runs = _group(payload["rows"], method)
         unit = payload["sgd_step_seconds"][runs[0]["space"]]
-        finals = ", ".join("diverged" if not np.isfinite(_final(r)) else f"{_final(r):.3f}"
+        finals = ", ".join("diverged" if not np.isfinite(_final(r)) else
+                           f"{_final(r):.3f}" if _final(r) < 1e3 else f"{_final(r):.1e}"
                            for r in runs)  # fmt: skip
         acc = np.median([r["curve"][-1]["test_accuracy"] for r in runs])
         per_step = np.median([r["curve"][-1]["seconds"] / max(r["curve"][-1]["step"], 1) / unit
