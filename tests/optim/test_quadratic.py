@@ -99,19 +99,26 @@ def test_bad_input_is_named(args, message):
         solve_damped_quadratic(*args)
 
 
-def test_optimizer_with_the_quadratic_model_applies_its_minimiser():
+def _three_steps(**options):
+    """A small tanh MLP after 3 GroupedNewton steps (a refresh each, one warm-up): (model,
+    optimizer, the parameters before the last step, the refresh loss)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     model = model.double()
     x, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
     crit = torch.nn.CrossEntropyLoss()
-    opt = GroupedNewton(model, hos.model_loss(model, crit, x, y), lr=0.5, period=1, warmup=1,
-                        average=1, model="quadratic")  # fmt: skip
+    loss = hos.model_loss(model, crit, x, y)
+    opt = GroupedNewton(model, loss, lr=0.5, period=1, warmup=1, average=1, **options)
     for _ in range(3):
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         crit(model(x), y).backward()
         opt.step()
+    return model, opt, before, loss
+
+
+def test_optimizer_with_the_quadratic_model_applies_its_minimiser():
+    model, opt, before, _ = _three_steps(model="quadratic")
     rec = opt.last_refresh
     assert rec.phase is RefreshPhase.UPDATE
     expect = solve_damped_quadratic(rec.averaged.g, rec.averaged.H, 1.0)
@@ -152,17 +159,7 @@ def test_optimizer_solves_with_the_floored_d3_and_records_the_measured_one():
     from hos.optim import solve_cubic
     from hos.optim._grouped_newton import floored
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    model = model.double()
-    x, y = torch.randn(16, 4, dtype=DT), torch.randint(0, 3, (16,))
-    crit = torch.nn.CrossEntropyLoss()
-    opt = GroupedNewton(model, hos.model_loss(model, crit, x, y), lr=0.5, period=1, warmup=1,
-                        average=1, d3_floor=0.5)  # fmt: skip
-    for _ in range(3):
-        opt.zero_grad()
-        crit(model(x), y).backward()
-        opt.step()
+    model, opt, _, loss = _three_steps(d3_floor=0.5)
     rec = opt.last_refresh
     raw = rec.averaged.d3
     expect = solve_cubic(rec.averaged.g, rec.averaged.H, floored(raw, 0.5), 1.0)
@@ -174,7 +171,7 @@ def test_optimizer_solves_with_the_floored_d3_and_records_the_measured_one():
     with pytest.raises(
         ValueError, match=r"d3_floor must be a finite number >= 0.0 and < 1.0, got 1.0"
     ):
-        GroupedNewton(model, hos.model_loss(model, crit, x, y), d3_floor=1.0)
+        GroupedNewton(model, loss, d3_floor=1.0)
 
 
 def test_quadratic_refresh_past_the_pair_pass_computes_no_d3(monkeypatch):
