@@ -317,18 +317,10 @@ def test_density_by_lanczos_quadrature_against_the_dense_spectrum(mlp):
 @pytest.mark.slow
 def test_bench_spectrum_quick(tmp_path):
     """The side-by-side script runs (the peers' columns say why when they are not installed)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.helpers.analysis import result, run_quick
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
-    cmd = [sys.executable, str(root / "analysis/bench_spectrum.py"), "--quick"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "results" / "bench_spectrum_quick.json").read_text())
+    run_quick("bench_spectrum.py", tmp_path, timeout=600)
+    report = result(tmp_path, "bench_spectrum_quick.json")
     for row in report["rows"]:
         assert row["hos"]["lambda_max"] > 0 and row["hos"]["eigen_gradients"] > 0
         for peer in ("pyhessian", "curvlinops"):

@@ -20,6 +20,8 @@ from hos._problem import Problem
 from hos.backends import BACKENDS, Backend
 from hos.backends.reverse import PathGraph
 from tests.helpers import twins
+from tests.helpers.analysis import result as analysis_result
+from tests.helpers.analysis import run_quick
 from tests.helpers.tolerances import DT, FLOAT32_SUMMARY
 from tests.helpers.tolerances import assert_close as _close
 
@@ -171,18 +173,9 @@ def test_reverse_orders_groups_by_first_use():
 def test_benchmark_quick_runs(tmp_path):
     """analysis/bench_summaries.py, bench_memory.py and bench_large_models.py --quick into a
     temporary folder (HOS_ANALYSIS_OUT): each writes only its own sections of the one JSON."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    analysis = Path(__file__).resolve().parents[2] / "analysis"
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
     for script in ("bench_summaries.py", "bench_memory.py", "bench_large_models.py"):
-        cmd = [sys.executable, str(analysis / script), "--quick"]
-        subprocess.run(cmd, check=True, timeout=900, env=env)
-    data = json.loads((tmp_path / "results" / "bench_summaries_quick.json").read_text())
+        run_quick(script, tmp_path)
+    data = analysis_result(tmp_path, "bench_summaries_quick.json")
     assert data["ratios"]["mlp"]["ratio"]["hos.reverse"]["summarize"] > 0
     assert data["certificate"]["mlp"]["summarize"]["repeated"]["ratio"] > 0
     assert data["scaling"]["by_S"]["S"] == [4, 6]
@@ -198,34 +191,16 @@ def test_benchmark_quick_runs(tmp_path):
 @pytest.mark.slow
 def test_small_models_benchmark_quick(tmp_path):
     """analysis/bench_small_models.py --quick, its JSON in a temporary folder."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "analysis" / "bench_small_models.py"
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
-    subprocess.run([sys.executable, str(script), "--quick"], check=True, timeout=600, env=env)
-    rows = json.loads((tmp_path / "results" / "bench_small_models_quick.json").read_text())["rows"]
+    run_quick("bench_small_models.py", tmp_path, timeout=600)
+    rows = analysis_result(tmp_path, "bench_small_models_quick.json")["rows"]
     assert len(rows) == 4 and all(r["ratio"] > 1 and r["fallback"] is None for r in rows.values())
 
 
 @pytest.mark.slow
 def test_hessian_alone_benchmark_quick(tmp_path):
     """analysis/bench_hessian_alone.py --quick: every method's H̄ equals hos's (float32)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "analysis" / "bench_hessian_alone.py"
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
-    subprocess.run([sys.executable, str(script), "--quick"], check=True, timeout=600, env=env)
-    (mlp,) = json.loads((tmp_path / "results/bench_hessian_alone_quick.json").read_text())[
-        "models"
-    ].values()
+    run_quick("bench_hessian_alone.py", tmp_path, timeout=600)
+    (mlp,) = analysis_result(tmp_path, "bench_hessian_alone_quick.json")["models"].values()
     assert set(mlp["methods"]) == {
         "hos H̄",
         "hos ḡ, H̄",

@@ -9,19 +9,27 @@ ROOT = Path(__file__).resolve().parents[2]
 TABLES = ROOT / "analysis" / "results" / "tables"
 
 
+def _committed(name: str) -> dict:
+    return json.loads((ROOT / "analysis" / "results" / name).read_text())
+
+
+def _check(table: str, markdown: str, page: str) -> None:
+    """`TABLES/table` is `markdown` and the docs page `page` includes it."""
+    assert (TABLES / table).read_text() == markdown + "\n"
+    assert f'--8<-- "{table}"' in (ROOT / "docs" / page).read_text()
+
+
 def test_memory_table_is_generated_from_the_committed_json():
     from analysis import bench_memory
 
-    results = json.loads((ROOT / "analysis/results/bench_summaries.json").read_text())
-    expected = bench_memory.memory_table(results["memory"]) + "\n"
-    assert (TABLES / "memory.md").read_text() == expected
-    assert '--8<-- "memory.md"' in (ROOT / "docs/benchmarks.md").read_text()
+    memory = _committed("bench_summaries.json")["memory"]
+    _check("memory.md", bench_memory.memory_table(memory), "benchmarks.md")
 
 
 def test_a_changed_measurement_changes_the_table():
     from analysis import bench_memory
 
-    results = json.loads((ROOT / "analysis/results/bench_summaries.json").read_text())
+    results = _committed("bench_summaries.json")
     before = bench_memory.memory_table(results["memory"])
     results["memory"]["mlp"]["hos.taylor summarize"]["peak_mib"] *= 2
     assert bench_memory.memory_table(results["memory"]) != before
@@ -30,18 +38,12 @@ def test_a_changed_measurement_changes_the_table():
 def test_hessian_alone_table_is_generated_from_the_committed_json():
     from analysis import bench_hessian_alone
 
-    results = json.loads((ROOT / "analysis/results/bench_hessian_alone.json").read_text())
-    expected = bench_hessian_alone.table(results["models"]) + "\n"
-    assert (TABLES / "hessian_alone.md").read_text() == expected
-    assert '--8<-- "hessian_alone.md"' in (ROOT / "docs/benchmarks.md").read_text()
+    models = _committed("bench_hessian_alone.json")["models"]
+    _check("hessian_alone.md", bench_hessian_alone.table(models), "benchmarks.md")
 
 
 def test_partition_sweep_tables_are_generated_from_the_committed_json():
     from analysis import partition_sweep
 
-    results = json.loads((ROOT / "analysis/results/partition_sweep.json").read_text())
-    page = (ROOT / "docs/results.md").read_text()
-    for name, payload in results["datasets"].items():
-        expected = partition_sweep.table(payload) + "\n"
-        assert (TABLES / f"partition_sweep_{name}.md").read_text() == expected
-        assert f'--8<-- "partition_sweep_{name}.md"' in page
+    for name, payload in _committed("partition_sweep.json")["datasets"].items():
+        _check(f"partition_sweep_{name}.md", partition_sweep.table(payload), "results.md")

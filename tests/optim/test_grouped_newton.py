@@ -21,6 +21,8 @@ from hos.optim import (
     plateau_scheduler,
     solve_cubic,
 )
+from tests.helpers.analysis import result as analysis_result
+from tests.helpers.analysis import run_quick
 from tests.helpers.tolerances import EXACT  # noqa: E402
 
 DT = torch.float64
@@ -257,18 +259,8 @@ def test_bad_hyperparameters_are_rejected():
 
 @pytest.mark.slow
 def test_training_script_quick_mode_runs(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    script = root / "analysis" / "train_grouped_newton.py"
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}  # outputs there, not in the tree
-    subprocess.run([sys.executable, str(script), "--quick"], check=True, cwd=root, timeout=600,
-                   env=env)  # fmt: skip
-    result = json.loads((tmp_path / "results/grouped_newton_quick.json").read_text())
+    run_quick("train_grouped_newton.py", tmp_path, timeout=600)
+    result = analysis_result(tmp_path, "grouped_newton_quick.json")
     gn = [r for r in result["runs"] if r["optimizer"] == "GroupedNewton"]
     assert gn and all(any(f["phase"] == "update" for f in r["refreshes"]) for r in gn)
     assert (tmp_path / "figures/grouped_newton_curves_quick.png").exists()
@@ -278,18 +270,8 @@ def test_training_script_quick_mode_runs(tmp_path):
 def test_partition_sweep_quick(tmp_path):
     """analysis/partition_sweep.py --quick runs every setting of the dial into a temporary
     folder (the full study is issue 31's)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
-    cmd = [sys.executable, str(root / "analysis/partition_sweep.py"), "--quick"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=root)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "results" / "partition_sweep_quick.json").read_text())
+    run_quick("partition_sweep.py", tmp_path)
+    report = analysis_result(tmp_path, "partition_sweep_quick.json")
     digits, mnist = report["datasets"]["digits"], report["datasets"]["mnist5k"]
     methods = {row["method"] for row in digits["rows"]}
     dials = ("S = 1", "per layer", "per tensor", "per neuron", "S = P")

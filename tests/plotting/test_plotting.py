@@ -209,16 +209,10 @@ def test_taylor_validity_figure():
 def test_figure_analysis_script_quick(script, result, tmp_path):
     """The script's quick mode, its outputs in a temporary folder (HOS_ANALYSIS_OUT), never
     in the tree: a stale file there cannot make it pass."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.helpers.analysis import result as analysis_result
+    from tests.helpers.analysis import run_quick
 
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "HOS_ANALYSIS_OUT": str(tmp_path)}
-    cmd = [sys.executable, str(root / "analysis" / f"{script}.py"), "--quick"]
-    subprocess.run(cmd, check=True, timeout=900, env=env, cwd=root)
-    payload = json.loads((tmp_path / "results" / result).read_text())
+    run_quick(f"{script}.py", tmp_path)
+    payload = analysis_result(tmp_path, result)
     assert payload["environment"]["torch"] == torch.__version__
     assert list((tmp_path / "figures").glob("*_quick.png"))
