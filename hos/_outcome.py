@@ -20,7 +20,9 @@ import torch
 
 from hos._errors import PrecisionWarning
 
-__all__ = ["Fallback", "last_fallback", "note", "outside_hos", "start_call", "state_precision"]
+__all__ = [
+    "Fallback", "combined", "last_fallback", "note", "outside_hos", "start_call", "state_precision",
+]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
 
@@ -82,6 +84,18 @@ def last_fallback() -> Fallback | None:
         groups.update(dict.fromkeys(names))
         reasons[reason] = None
     return Fallback(tuple(groups), tuple(reasons), any(c for _, _, c in records))
+
+
+def combined(*records: Fallback | None) -> Fallback | None:
+    """One record for a result that several public calls computed (None when none fell back)."""
+    found = [r for r in records if r is not None]
+    if not found:
+        return None
+    return Fallback(
+        tuple(dict.fromkeys(g for r in found for g in r.groups)),
+        tuple(dict.fromkeys(why for r in found for why in r.reasons)),
+        any(r.certificate for r in found),
+    )
 
 
 _PRECISION_SAID: set[tuple] = set()

@@ -36,6 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hos._collective import reduce_over_ranks
+from hos._outcome import combined, last_fallback
 from hos._partition import Partition
 from hos._sharded import is_sharded
 from hos._summary import Summary, summarize, summary_tensor
@@ -187,12 +188,17 @@ def floored(d3: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def _second_order(loss, params, direction, partition, backend) -> Summary:
-    """ḡ and H̄ without diag D³ (recorded as 0: the quadratic model does not read it)."""
+    """ḡ and H̄ without diag D³ (recorded as 0: the quadratic model does not read it); the
+    fallback records of both calls stay with the result."""
     H = summary_tensor(loss, params, direction, partition, 2, backend=backend)
+    first = last_fallback()
     g = summary_tensor(loss, params, direction, partition, 1, backend=backend)
     with torch.no_grad():
         value = loss(params)
-    return Summary(g=g, H=H, d3=torch.zeros_like(g), names=partition.names, loss=value.detach())
+    return Summary(
+        g=g, H=H, d3=torch.zeros_like(g), names=partition.names, loss=value.detach(),
+        fallback=combined(first, last_fallback()),
+    )  # fmt: skip
 
 
 def _mean_of(summaries: list[Summary]) -> Summary:

@@ -12,6 +12,7 @@ from scipy.linalg import eigh
 from scipy.optimize import minimize
 
 import hos
+from hos._outcome import Fallback, combined
 from hos.optim import CubicStatus, GroupedNewton, RefreshPhase, solve_damped_quadratic
 from tests.helpers.tolerances import CUBIC_ETA, CUBIC_EXACT, CUBIC_MODEL, EXACT, NEWTON_LIMIT
 
@@ -214,3 +215,64 @@ def test_the_optimizers_one_pass_threshold_is_the_backends():
     from hos.optim._grouped_newton import ONE_PASS_GROUPS
 
     assert ONE_PASS_GROUPS == PAIR_MAX_GROUPS
+
+
+class _Doubled(torch.autograd.Function):
+    """A custom autograd.Function: Taylor mode hands it to reverse mode (a recorded fallback)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2.0 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2.0 * grad
+
+
+def test_quadratic_refresh_keeps_the_fallback_record_of_its_calls():
+    """Past the pair pass the refresh is two summary_tensor calls; their records (reverse mode
+    computes both here: none) stay on the refresh's Summary, unlike summarize's (Taylor mode
+    hands the custom Function to reverse mode, and says so), and the numbers are equal."""
+    torch.manual_seed(1)
+    layers = [torch.nn.Linear(3, 3) for _ in range(7)]  # 14 tensors
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(_Doubled.apply(layer(x)))
+            return x
+
+    model = Net().double()
+    x, y = torch.randn(16, 3, dtype=DT), torch.randint(0, 3, (16,))
+    crit = torch.nn.CrossEntropyLoss()
+    loss = hos.model_loss(model, crit, x, y)
+    opt = GroupedNewton(model, loss, period=1, warmup=0, average=1, model="quadratic")
+    opt.zero_grad()
+    crit(model(x), y).backward()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    rec = opt.last_refresh.summary
+    u = {n: opt.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
+    records = []
+    for order in (2, 1):
+        hos.summary_tensor(loss, theta, u, opt.partition, order)
+        records.append(hos.last_fallback())
+    assert rec.fallback == combined(*records) and records == [None, None]
+    full = hos.summarize(loss, theta, u, opt.partition)
+    assert any("custom autograd.Function" in why for why in full.fallback.reasons)
+    torch.testing.assert_close(rec.H, full.H, **EXACT)
+    torch.testing.assert_close(rec.g, full.g, **EXACT)
+
+
+def test_combined_fallback_records_keep_every_group_and_reason_once():
+    a = Fallback(("l1", "l2"), ("custom autograd.Function",), False)
+    b = Fallback(("l2", "l3"), ("certificate: l3 disagrees",), True)
+    assert combined(None, None) is None
+    assert combined(a, None) == a
+    assert combined(a, b) == Fallback(
+        ("l1", "l2", "l3"), ("custom autograd.Function", "certificate: l3 disagrees"), True
+    )
