@@ -39,6 +39,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -47,9 +48,11 @@ from hos._errors import ModelMismatchError, UnreadParametersWarning
 from hos._exact import SEMANTICS, inline_checkpoints
 from hos._injection import caches_cleared, eager
 from hos._loss import ModelLoss, _adapted, _promote
+from hos._ordinary_sharded import observe_sharded, on_any_rank
 from hos._outcome import outside_hos, state_precision
 from hos._problem import Problem
 from hos._refusals import module_path
+from hos._sharded import is_dtensor
 from hos._stochastic import stochastic_depth_off
 from hos.backends.certificate import tolerance
 
@@ -148,11 +151,6 @@ def _gradients(prob: Problem, points: list[dict]) -> tuple[list[dict], tuple | N
     held = {k: named[k].data for k in keys}
     flags = {k: named[k].requires_grad for k in keys}
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    if isinstance(loss.inputs, Mapping):
-        args, kwargs = (), {k: _promote(v, prob.dtype) for k, v in loss.inputs.items()}
-    else:
-        inputs = loss.inputs if isinstance(loss.inputs, tuple) else (loss.inputs,)
-        args, kwargs = tuple(_promote(x, prob.dtype) for x in inputs), {}
     mode = _Ordinary(prob.dtype)
     results = []
     try:
@@ -160,11 +158,7 @@ def _gradients(prob: Problem, points: list[dict]) -> tuple[list[dict], tuple | N
             for k in keys:
                 named[k].data = point[k]
                 named[k].requires_grad_(True)
-            with (
-                torch.random.fork_rng(), torch.enable_grad(), inline_checkpoints(),
-                stochastic_depth_off(), eager(), caches_cleared(model), mode,
-            ):  # fmt: skip
-                value = loss.criterion(_adapted(model(*args, **kwargs), loss.output), loss.targets)
+            value = ordinary_run(loss, prob.dtype, mode)
             if value.requires_grad:
                 grads = torch.autograd.grad(value, [named[k] for k in keys], allow_unused=True)
             else:  # the forward read no parameter at all
@@ -183,6 +177,48 @@ def _gradients(prob: Problem, points: list[dict]) -> tuple[list[dict], tuple | N
                 if k in buffers and b.shape == buffers[k].shape:
                     b.copy_(buffers[k])
     return results, mode.precision
+
+
+class Observed(NamedTuple):
+    """The model's gradient at one point, seen through u: `values[s]` = ⟨∇L, u_s⟩, `sizes[s]` =
+    Σ|∇L|·|u_s| (what the rounding of `values[s]` is relative to), `unread` the groups with a
+    nonzero direction whose parameters the forward never read."""
+
+    values: torch.Tensor
+    sizes: torch.Tensor
+    unread: list[int]
+
+
+def _observe(prob: Problem, steps: list[float]) -> tuple[list[Observed], tuple | None]:
+    """The model run the ordinary way at θ + t u for each t of `steps` (a sharded model's:
+    `hos._ordinary_sharded`, combined over the ranks as the summaries are); returns the
+    observations and the lowest precision seen."""
+    if prob.placed is not None:
+        loss, mode = model_loss_of(prob.loss), _Ordinary(prob.dtype)
+        seen, precision = observe_sharded(prob, loss, steps, mode, _CannotRun, ordinary_run)
+        return [Observed(*s) for s in seen], precision
+    points = [{k: v + t * prob.u[k] if t else v for k, v in prob.theta.items()} for t in steps]
+    grads, precision = _gradients(prob, points)
+    seen = [Observed(_contract(prob, g), _contract(prob, g, absolute=True), _unread(prob, g))
+            for g in grads]  # fmt: skip
+    return seen, precision
+
+
+def _inputs(loss: ModelLoss, dtype: torch.dtype) -> tuple[tuple, dict]:
+    if isinstance(loss.inputs, Mapping):
+        return (), {k: _promote(v, dtype) for k, v in loss.inputs.items()}
+    inputs = loss.inputs if isinstance(loss.inputs, tuple) else (loss.inputs,)
+    return tuple(_promote(x, dtype) for x in inputs), {}
+
+
+def ordinary_run(loss: ModelLoss, dtype: torch.dtype, mode: TorchFunctionMode) -> torch.Tensor:
+    """The loss of the user's module run as it is, under what defines a summary (`mode`)."""
+    args, kwargs = _inputs(loss, dtype)
+    with (
+        torch.random.fork_rng(), torch.enable_grad(), inline_checkpoints(),
+        stochastic_depth_off(), eager(), caches_cleared(loss.model), mode,
+    ):  # fmt: skip
+        return loss.criterion(_adapted(loss.model(*args, **kwargs), loss.output), loss.targets)
 
 
 def _contract(prob: Problem, grads: dict, absolute: bool = False) -> torch.Tensor:
@@ -210,10 +246,16 @@ def _unread(prob: Problem, grads: dict) -> list[int]:
     ]
 
 
+def _abs_max(v: torch.Tensor) -> float:
+    """max |v|, the same on every rank for a DTensor (a collective then)."""
+    top = v.detach().abs().max()
+    return float(top.full_tensor() if is_dtensor(top) else top)
+
+
 def _step(prob: Problem, precision: torch.dtype) -> float:
     """h of the central difference along u: ε^(1/3) of the precision, in units of θ's scale."""
-    theta = max(max(float(v.abs().max()) for v in prob.theta.values() if v.numel()), 1.0)
-    u = max(float(v.abs().max()) for v in prob.u.values() if v.numel())
+    theta = max(max(_abs_max(v) for v in prob.theta.values() if v.numel()), 1.0)
+    u = max(_abs_max(v) for v in prob.u.values() if v.numel())
     return torch.finfo(precision).eps ** (1 / 3) * theta / max(u, 1e-300)
 
 
@@ -238,13 +280,9 @@ class _Differences:
         self.scale = 1e-300  # the largest |⟨∇L, u_s⟩| seen: the rounding of the differences
 
     def _level(self, h: float) -> torch.Tensor:
-        prob = self.prob
-        points = [{k: v + s * h * prob.u[k] for k, v in prob.theta.items()} for s in (1.0, -1.0)]
-        grads, _ = _gradients(prob, points)
-        plus, minus = (_contract(prob, g) for g in grads)
-        sizes = [_contract(prob, g, absolute=True) for g in grads]
-        self.scale = max(self.scale, *(float(s.max()) for s in sizes))
-        return (plus - minus) / (2 * h)
+        (plus, minus), _ = _observe(self.prob, [h, -h])
+        self.scale = max(self.scale, float(plus.sizes.max()), float(minus.sizes.max()))
+        return (plus.values - minus.values) / (2 * h)
 
     def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(H̄·1, its error bound per group)."""
@@ -289,12 +327,15 @@ def check_against_model(
     key = _setting(prob)
     with _LOCK:
         seen = _CHECKED.setdefault(model, set())
-        if key in seen:
-            return
-    if not any(bool(v.any()) for v in prob.u.values()):
+        done = key in seen
+    if prob.placed is not None:  # a collective: every rank runs it if one has not seen it
+        done = not on_any_rank(not done)
+    if done:
+        return
+    if not any(_abs_max(v) > 0 for v in prob.u.values() if v.numel()):
         return  # u = 0: every summary is 0, nothing to compare
     try:
-        base, precision = _gradients(prob, [prob.theta])
+        (base,), precision = _observe(prob, [0.0])
         low = precision[0] if precision is not None else prob.dtype
         rows_model, rows_error = _Differences(prob, low).estimate()
     except _CannotRun as why:
@@ -304,14 +345,13 @@ def check_against_model(
         return
     if precision is not None:
         state_precision(precision[0], precision[1], prob.dtype)
-    g_model = _contract(prob, base[0])
+    g_model = base.values
     if g is None or row_sums is None:
         g_inj, rows_inj = injected(prob)
         g = g_inj if g is None else g
         row_sums = rows_inj if row_sums is None else row_sums
     g_scale = max(float(g_model.abs().max()), float(g.abs().max()), 1e-300)
-    sizes = _contract(prob, base[0], absolute=True)  # per group: what ḡ_s's rounding is relative to
-    g_bound = tolerance(low) * torch.clamp(sizes, min=g_scale)
+    g_bound = tolerance(low) * torch.clamp(base.sizes, min=g_scale)  # ḡ_s's rounding: at its terms
     row_scale = max(float(rows_model.abs().max()), float(row_sums.abs().max()), 1e-300)
     rows_bound = rows_error + tolerance(low) * row_scale
     _LOG.debug(
@@ -323,7 +363,7 @@ def check_against_model(
     bad_rows = _mismatch(row_sums.detach().to(rows_model.dtype), rows_model, rows_bound)
     if bad_g or bad_rows:
         raise ModelMismatchError(_explain(prob, g, g_model, row_sums, rows_model, bad_g, bad_rows))
-    unread = _unread(prob, base[0])
+    unread = base.unread
     if unread:
         warnings.warn(
             f"hos: the model's forward never reads the parameters of {prob.group_names(unread)}, "

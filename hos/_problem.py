@@ -51,6 +51,9 @@ class Problem:
         self.sharded: str | None = None
         #: how many ranks hold this rank's batch (the tensor-parallel mesh's size), 1 otherwise
         self.copies = 1
+        #: a sharded model's θ and u as the user passed them (DTensors laid out like the
+        #: parameters), for the check against the model run the ordinary way; None otherwise
+        self.placed: tuple[dict, dict] | None = None
 
     @classmethod
     def validated(
@@ -64,15 +67,16 @@ class Problem:
                 "Taylor mode against one gradient per new op sequence, False skips that check."
             )
         sharded = layout(loss, params) if is_sharded(params) or is_sharded(direction) else None
-        replicas = 1
+        replicas, placed = 1, None
         if sharded:  # FSDP2's DTensors: the tensors its forward computes with
             replicas = copies(getattr(getattr(loss, "wrapped", loss), "model", None), params)
+            placed = (dict(params), dict(direction))
             params, direction = for_backends(loss, params), for_backends(loss, direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel
         )
         prob = cls(loss, theta, u, partition, verify=verify)
-        prob.sharded, prob.copies = sharded, replicas
+        prob.sharded, prob.copies, prob.placed = sharded, replicas, placed
         return prob
 
     @property

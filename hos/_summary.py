@@ -121,13 +121,18 @@ def _computing(prob: Problem, params) -> Iterator[None]:
         yield
 
 
+def _from_local_differentiable(prob: Problem) -> contextlib.AbstractContextManager:
+    """`hos._sharded.differentiable_from_local` where tensor parallel runs in the forward."""
+    if prob.sharded in (Layout.TENSOR_PARALLEL, Layout.FSDP_TENSOR_PARALLEL):
+        return differentiable_from_local()
+    return contextlib.nullcontext()
+
+
 def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compared=None):
     """Run `compute()` read-only and check what it returns; for a model's loss, on first sight
     of the setting, against the model run the ordinary way (`hos._ordinary`): `compared(results)`
     gives the (ḡ, H̄·1) of the results to compare, None where the results do not hold them."""
-    differentiable = prob.sharded in (Layout.TENSOR_PARALLEL, Layout.FSDP_TENSOR_PARALLEL)
-    patched = differentiable_from_local() if differentiable else contextlib.nullcontext()
-    with _computing(prob, params), patched:
+    with _computing(prob, params), _from_local_differentiable(prob):
         try:
             results = compute()
         except (RuntimeError, NotImplementedError) as err:
@@ -138,18 +143,31 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compar
         tensors = results if isinstance(results, tuple) else (results,)
         if all_zero(*tensors[:3]):
             check_depends(prob.loss, prob.theta)
-    g, rows = compared(results) if compared is not None else (None, None)
-
-    def injected(p: Problem):
-        with _computing(p, params):
-            return gradient_and_row_sums(p)
-
-    with guarded(prob.device):
-        check_against_model(prob, g, rows, injected)
     if prob.sharded and reducing():  # each rank summarised its own batch: combine them
         reduced = reduce_over_ranks(list(tensors), prob.loss, copies=prob.copies)
         results = tuple(reduced) if isinstance(results, tuple) else reduced[0]
+    g, rows = compared(results) if compared is not None else (None, None)
+    if prob.sharded and not reducing():  # the check compares the ranks' combination
+        g, rows = _combined(prob, g, rows)
+
+    def injected(p: Problem):
+        with _computing(p, params), _from_local_differentiable(p):
+            found = gradient_and_row_sums(p)
+        return _combined(p, *found) if p.sharded else found
+
+    with guarded(prob.device):
+        check_against_model(prob, g, rows, injected)
     return results
+
+
+def _combined(prob: Problem, *tensors: torch.Tensor | None) -> tuple:
+    """A sharded model's per-rank `tensors` (None kept) combined over the ranks' batches as the
+    summaries are: what its check compares with the model's own backward, which combines them."""
+    given = [t for t in tensors if t is not None]
+    if not given:
+        return tensors
+    reduced = iter(reduce_over_ranks(given, prob.loss, copies=prob.copies))
+    return tuple(None if t is None else next(reduced) for t in tensors)
 
 
 def summary_tensor(

@@ -150,6 +150,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["monitor"] = monitor.record(0, x[mine], y[mine])
         res["tensor_parallel"] = _tensor_parallel(mesh)
         res["attention_tp"] = _attention_tensor_parallel(mesh)
+        res["ordinary"] = _ordinary_check(mesh, rank)
         res["log_dir"] = log
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -240,6 +241,77 @@ def _attention_tensor_parallel(mesh) -> hos.Summary:
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
     params = dict(model.named_parameters())
     return hos.summarize(loss, params, _laid_out(u, params), part)
+
+
+def _ordinary_check(mesh, rank: int) -> dict:
+    """The check against the model run the ordinary way on sharded models: how often it ran
+    the model (uneven batches, 5 and 7 samples), whether it left the shards and `.grad` as they
+    were, and what it says when the injection is broken on purpose (mutants: FSDP's own
+    gathered weights kept, the silent failure PyTorch gives; tensor parallel without the
+    differentiable `from_local` backward)."""
+    import contextlib
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    import hos._loss
+    import hos._ordinary
+    import hos._summary
+
+    def fsdp():
+        model, x, y, u, part = _problem()
+        for layer in (model.l1, model.l2, model.l3):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = dict(model.named_parameters())
+        u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+        mine = slice(0, 5) if rank == 0 else slice(5, N)
+        return hos.model_loss(model, nn.CrossEntropyLoss(), x[mine], y[mine]), params, u, part
+
+    def outcome(loss, params, u, part):
+        try:
+            return hos.summarize(loss, params, u, part)
+        except hos.ModelMismatchError as err:
+            return str(err)
+
+    out, runs = {}, []
+    observe = hos._ordinary.observe_sharded
+    hos._ordinary.observe_sharded = lambda *a: runs.append(a[2]) or observe(*a)
+    try:
+        loss, params, u, part = fsdp()
+        shards = {k: p.to_local().clone() for k, p in params.items()}
+        first = params["l1.weight"]
+        first.grad = held = torch.zeros_like(first)
+        out["uneven"] = outcome(loss, params, u, part)
+        out["runs"] = list(runs)
+        outcome(loss, params, u, part)  # the setting was seen: no second check
+        out["runs_again"] = len(runs) - len(out["runs"])
+        out["shards_kept"] = all(torch.equal(shards[k], p.to_local()) for k, p in params.items())
+        out["grad_kept"] = first.grad is held
+    finally:
+        hos._ordinary.observe_sharded = observe
+    injected = hos._loss.fsdp_injected
+    hos._loss.fsdp_injected = lambda model, params: contextlib.nullcontext()
+    try:
+        out["fsdp_mutant"] = outcome(*fsdp())
+    finally:
+        hos._loss.fsdp_injected = injected
+    model, x, y, u, part = _problem()
+    parallelize_module(model, mesh, {"l2": ColwiseParallel(), "l3": RowwiseParallel()})
+    params = dict(model.named_parameters())
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    patched = hos._summary.differentiable_from_local
+    hos._summary.differentiable_from_local = contextlib.nullcontext
+    try:
+        out["tp_mutant"] = outcome(loss, params, _laid_out(u, params), part)
+    finally:
+        hos._summary.differentiable_from_local = patched
+    return out
 
 
 def _free_port() -> int:
@@ -333,6 +405,29 @@ def test_the_monitor_records_an_fsdp2_model_on_every_rank_and_logs_once(ranks, t
 
 def test_fsdp2_model_is_left_sharded_with_no_gradients(ranks):
     assert all(res["untouched"] for res in ranks)
+
+
+def test_the_check_against_the_model_runs_it_as_fsdp2_does_and_leaves_it_as_it_was(ranks, oracle):
+    want = oracle["summarize"]
+    for res in ranks:
+        check = res["ordinary"]
+        assert check["runs"][0] == [0.0] and len(check["runs"]) >= 3, check["runs"]
+        assert check["runs_again"] == 0
+        assert check["shards_kept"] and check["grad_kept"]
+        for name in ("g", "H", "d3", "loss"):  # 5 + 7 samples: weighted by sample count
+            got = getattr(check["uneven"], name)
+            assert_close(got, getattr(want, name), f"uneven batches {name}", **RANKS)
+
+
+def test_the_check_against_the_model_catches_a_broken_injection_on_every_rank(ranks):
+    """FSDP's own weights kept (PyTorch's silent ḡ = 0) and tensor parallel's lost higher-order
+    terms: every rank raises the same ModelMismatchError naming the groups."""
+    for mutant, what in (("fsdp_mutant", "ḡ 0 here"), ("tp_mutant", "(H̄·1)")):
+        messages = [res["ordinary"][mutant] for res in ranks]
+        assert isinstance(messages[0], str), f"{mutant}: no error, {messages[0]}"
+        assert messages[0] == messages[1]
+        assert "disagrees with the model run the ordinary way" in messages[0]
+        assert what in messages[0], messages[0]
 
 
 def test_grouped_newton_on_fsdp2_follows_the_unsharded_steps(ranks, oracle):
