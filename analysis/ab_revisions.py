@@ -5,8 +5,9 @@
 
 Each round runs one process per checkout, in turn; a process times the default backend's
 ``summarize``, ``summary_tensor(order=3)`` and ``summary_diagonal(order=4)`` on the paper MLP
-and LeNet-5 (batch 100, float32, 2 threads) as ratios to a gradient timed just before each
-measurement (5 interleaved measurements, median; the problems of each checkout's
+and LeNet-5 (batch 100, float32, 2 threads) as ratios to a plain ``loss.backward()`` on the
+module timed just before each measurement (not through ``hos.model_loss``: a unit that does
+not change with the checkout) (5 interleaved measurements, median; the problems of each checkout's
 ``analysis/problems.py``, or of its ``bench_summaries.py`` before the split, the timing of
 this one's ``toolkit.best_time``). ``--large`` times ``summarize`` on the large-model
 section's ResNet-18 (batch 4, S = 62) and 6-layer transformer (batch 8, S = 79) instead (3
@@ -35,16 +36,19 @@ import torch; torch.set_num_threads(2)
 import hos
 assert hos.__file__.startswith(root), hos.__file__
 try:  # the checkout's own problems
-    from problems import build_problem, gradient_fn
+    from problems import build_problem
 except ImportError:  # a checkout from before bench_summaries.py was split
-    from bench_summaries import build_problem, gradient_fn
+    from bench_summaries import build_problem
 spec = importlib.util.spec_from_file_location("ab_toolkit", here + "/toolkit.py")
 toolkit = importlib.util.module_from_spec(spec); spec.loader.exec_module(toolkit)
 out = {}
 cases = [("resnet18", 4), ("transformer6", 8)] if large else [("mlp", 100), ("lenet", 100)]
 for name, batch in cases:
     model, loss, params, u, part = build_problem(name, batch)
-    grad = gradient_fn(loss, params)
+
+    def grad():  # the unit: a plain backward on the module, the same code for both checkouts
+        model.zero_grad(set_to_none=True)
+        loss.criterion(model(loss.inputs), loss.targets).backward()
     fns = {"summarize": lambda: hos.summarize(loss, params, u, part)}
     if not large:
         fns["D3"] = lambda: hos.summary_tensor(loss, params, u, part, 3)
