@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from hos._collective import all_reduce_sum, rank_weight, world_size
-from hos._exact import ExactOps
+from hos._exact import ExactOps, second_order_reverse
 from hos._partition import Partition
 from hos._sharded import is_sharded
 from hos._validate import check_int, check_params, check_partition, checked_loss
@@ -106,7 +106,7 @@ class HessianOperator:
             return self._graphs[index]
         leaves = {n: self.theta[n].clone().requires_grad_() for n in self.names}
         full = {**self.theta, **leaves}
-        with ExactOps():
+        with ExactOps(), second_order_reverse():  # differentiated twice: fused norms are right
             value = self.losses[index](full)
         grads = torch.autograd.grad(value, list(leaves.values()), create_graph=True,
                                     allow_unused=True)  # fmt: skip

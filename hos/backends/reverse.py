@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from hos._exact import ExactOps
+from hos._exact import ExactOps, second_order_reverse
 from hos._problem import Problem
 from hos._progress import bar, counter
 from hos._sharded import is_dtensor, replicated
@@ -151,10 +152,15 @@ class _PathMode(TorchFunctionMode):
 
 
 class PathGraph:
-    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order."""
+    """φ evaluated once at η = 0 with S scalar leaves, and the groups' first-use order.
 
-    def __init__(self, prob: Problem):
+    `max_order`: the most derivatives that will be taken through this graph; at 2, the fused
+    kernels exact to that order run as they are (`hos._exact.second_order_reverse`).
+    """
+
+    def __init__(self, prob: Problem, max_order: int | None = None):
         self.prob = prob
+        self.max_order = max_order
         self.eta = [
             torch.zeros((), dtype=prob.dtype, device=prob.device, requires_grad=True)
             for _ in range(prob.S)
@@ -181,7 +187,10 @@ class PathGraph:
                 moved[n] = shifted
                 marked[id(shifted)] = (theta, u, self.eta[s], s)
         mode = _PathMode(marked, factor)
-        with torch.enable_grad(), mode, ExactOps():
+        kernels = (
+            second_order_reverse() if self.max_order and self.max_order <= 2 else nullcontext()
+        )
+        with torch.enable_grad(), mode, ExactOps(), kernels:
             self.value = prob.loss(moved)
         return mode
 
@@ -208,7 +217,7 @@ class PathGraph:
 
 def gradient_and_row_sums(prob: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """(ḡ, H̄·1) by reverse mode: one graph, one backward with a graph, one more backward."""
-    path = PathGraph(prob)
+    path = PathGraph(prob, max_order=2)
     g = path.derivative(path.value, range(prob.S), keep=True)
     total = torch.stack([x.reshape(()) for x in g]).sum()
     row_sums = path.derivative(total, range(prob.S), keep=False)
@@ -244,7 +253,7 @@ def reverse_summarize(prob: Problem) -> tuple[torch.Tensor, ...]:
 def reverse_tensor(prob: Problem, order: int) -> torch.Tensor:
     """D^(d) over sorted multi-indices (in first-use order), depth first."""
     S = prob.S
-    path = PathGraph(prob)
+    path = PathGraph(prob, max_order=order)
     if order == 1:
         return torch.stack([x.detach() for x in path.derivative(path.value, range(S), False)])
     first = path.derivative(path.value, range(S), keep=True)

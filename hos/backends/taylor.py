@@ -151,7 +151,9 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
             return reverse_summarize(prob)
     done, failed, signatures = jet_diagonals(prob, 3, range(S), chunk)
     d3 = prob.zeros(S)
-    path = PathGraph(prob)
+    # groups Taylor mode could not follow get d3 from the rows' graph (a third derivative);
+    # without them the graph is differentiated twice and keeps PyTorch's fused norm kernels
+    path = PathGraph(prob, max_order=3 if failed else 2)
     g = path.derivative(path.value, range(S), keep=True)
     g_exact = torch.stack([x.detach() for x in g])
     backward = set(failed)
@@ -166,8 +168,12 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
     for s, derivs in done.items():
         if s not in backward:
             d3[s] = derivs[2]
-    H, d3_backward = hessian_rows(path, g, backward)
-    d3[sorted(backward)] = d3_backward[sorted(backward)]
+    riding = backward if path.max_order >= 3 else set()
+    H, d3_backward = hessian_rows(path, g, riding)
+    d3[sorted(riding)] = d3_backward[sorted(riding)]
+    late = sorted(backward - riding)  # the certificate's rejections on a twice-only graph
+    if late:
+        d3[late] = reverse_diagonal(prob, 3, late)[late]
     if prob.verify and done:  # ... and H̄_ss against twice the second coefficient
         groups = [s for s in sorted(done) if s not in backward]
         if groups:
