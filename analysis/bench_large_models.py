@@ -6,8 +6,9 @@
 Four networks with many groups (``analysis/problems.py``): ResNet-18 (BatchNorm), a 6-layer
 transformer, and torchvision's MobileNetV3-small and EfficientNet-B0 (the ``vision`` extra),
 per tensor, float32, 2 threads. Every number of a case comes from a fresh process
-(``bench_memory.run_child``: one run, cold, the first call of its process; memory as that
-process's peak rise of resident memory): a gradient, ``summarize`` by ``taylor`` and
+(``bench_memory.run_child``: a first call, then the repeated call that the numbers are of --
+memory as the peak rise of resident memory during it; the first call's, which includes the
+one-time checks against the model run the ordinary way, under ``first_call_*``): a gradient, ``summarize`` by ``taylor`` and
 ``reverse``, diag D³ by ``taylor``. ``bounds`` (warm, one process) splits ``summarize``'s time:
 the Taylor passes for diag D³, one full Hessian-vector product and the S pruned rows of H̄,
 in gradients.
@@ -18,6 +19,7 @@ Writes the section ``large`` (with ``large_environment``) of
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,7 +49,7 @@ def bounds(name: str, batch: int, threads: int) -> dict:
     with ExactOps():
         passes.jet_diagonals(prob, 3, range(prob.S), None)  # warm
         _, jets = toolkit.timed(lambda: passes.jet_diagonals(prob, 3, range(prob.S), None))
-        path = rev.PathGraph(prob)
+        path = rev.PathGraph(prob, max_order=2)  # as summarize builds it (no group fell back)
         g = path.derivative(path.value, range(prob.S), keep=True)
         first = path.order[0]
         _, hvp = toolkit.timed(lambda: path.derivative(g[first], path.later(first), keep=False))
@@ -70,6 +72,8 @@ QUICK = [("transformer6", 2)]
 def large(args) -> dict:
     """Per model: S, parameters, batch, each case in a fresh process, and the bounds."""
     cases = QUICK if args.quick else LARGE
+    if args.only:  # rerun some models, keep the others' committed numbers
+        cases = [(name, batch) for name, batch in cases if name in args.only]
     out = {}
     for name, batch in cases:
         grad = run_child(
@@ -80,6 +84,7 @@ def large(args) -> dict:
                 "method": "gradient",
                 "op": "summarize",
                 "gn_ref": None,
+                "warm": True,
             }
         )
         summ = {
@@ -91,6 +96,7 @@ def large(args) -> dict:
                     "method": method,
                     "op": "summarize",
                     "gn_ref": None,
+                    "warm": True,
                 }
             )
             for method in ("hos.taylor", "hos.reverse")
@@ -103,6 +109,7 @@ def large(args) -> dict:
                 "method": "hos.taylor",
                 "op": "diag3",
                 "gn_ref": None,
+                "warm": True,
             }
         )
         _, _, params, _, part = build_problem(name, 1)
@@ -119,12 +126,75 @@ def large(args) -> dict:
     return out
 
 
+#: the docs' names of the models
+LABELS = {"resnet18": "ResNet-18 (BatchNorm)", "transformer6": "6-layer transformer",
+          "mobilenet_v3_small": "MobileNetV3-small", "efficientnet_b0": "EfficientNet-B0"}  # fmt: skip
+
+
+def table(large: dict) -> str:
+    """The docs' table of the large-model section (time in gradients and in units of S,
+    memory as a multiple of the gradient's), from the JSON."""
+    lines = [
+        "| model | groups S | parameters | batch | gradient | `taylor` `summarize` "
+        "| `reverse` `summarize` | `taylor` diag D³ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, case in large.items():
+        grad = case["gradient"]
+        S = case["S"]
+
+        def cell(rec, per_s=False):
+            ratio = rec["seconds"] / grad["seconds"]
+            time = f"{rec['seconds']:.2f} s ({ratio:.0f}×" + (
+                f" = {ratio / S:.2f}·S)" if per_s else ")"
+            )
+            return f"{time}, {rec['peak_mib']:.0f} MiB ({rec['peak_mib'] / grad['peak_mib']:.1f}×)"
+
+        size = f"{case['parameters']:,}".replace(",", "\u202f")
+        lines.append(
+            f"| {LABELS.get(name, name)} | {S} | {size} | {case['batch']} | "
+            f"{grad['seconds']:.3f} s, {grad['peak_mib']:.0f} MiB | "
+            f"{cell(case['summarize']['hos.taylor'], True)} | "
+            f"{cell(case['summarize']['hos.reverse'])} | {cell(case['diag3'])} |"
+        )
+    return "\n".join(lines)
+
+
+def bounds_table(large: dict) -> str:
+    """The docs' table of where `summarize`'s time goes, from the JSON's `bounds`."""
+    lines = ["| model | Taylor passes (diag D³) | one full Hessian-vector product | "
+             "S pruned rows of H̄ | rows per group |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name, case in large.items():
+        b, S = case["bounds"], case["S"]
+        lines.append(
+            f"| {LABELS.get(name, name).removesuffix(' (BatchNorm)')} | "
+            f"{b['taylor_passes']:.0f} ({b['taylor_passes'] / S:.2f}·S) | {b['full_hvp']:.2f} | "
+            f"{b['rows']:.0f} | {b['rows_per_group']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    args = parse(parser(__doc__.splitlines()[0], ["run"]), argv)
+    options = parser(__doc__.splitlines()[0], ["run"])
+    options.add_argument(
+        "--only", nargs="+", default=None, help="models to rerun (the others kept)"
+    )
+    args = parse(options, argv)
     torch.set_num_threads(args.threads)
-    toolkit.update_json(args.results, {"large": large(args)}, "large_environment",
+    section = large(args)
+    if args.only and args.results.exists():
+        kept = json.loads(args.results.read_text()).get("large", {})
+        section = {
+            name: section.get(name, kept.get(name))
+            for name, _ in LARGE
+            if name in section or name in kept
+        }
+    toolkit.update_json(args.results, {"large": section}, "large_environment",
                         dtype="float32")  # fmt: skip
     _log(f"wrote the large section of {args.results}")
+    if not args.quick:  # the docs include these tables: written from the JSON, never by hand
+        toolkit.save_table(table(section), "large_models.md")
+        toolkit.save_table(bounds_table(section), "large_models_bounds.md")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,11 @@ def test_partition_sweep_tables_are_generated_from_the_committed_json():
 
     for name, payload in _committed("partition_sweep.json")["datasets"].items():
         _check(f"partition_sweep_{name}.md", partition_sweep.table(payload), "results.md")
+
+
+def test_large_model_tables_are_generated_from_the_committed_json():
+    from analysis import bench_large_models
+
+    large = _committed("bench_summaries.json")["large"]
+    _check("large_models.md", bench_large_models.table(large), "benchmarks.md")
+    _check("large_models_bounds.md", bench_large_models.bounds_table(large), "benchmarks.md")
