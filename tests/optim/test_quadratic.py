@@ -14,6 +14,7 @@ from scipy.optimize import minimize
 import hos
 from hos._outcome import Fallback, combined
 from hos.optim import CubicStatus, GroupedNewton, RefreshPhase, solve_damped_quadratic
+from tests.helpers.constructs import Cube
 from tests.helpers.tolerances import CUBIC_ETA, CUBIC_EXACT, CUBIC_MODEL, EXACT, NEWTON_LIMIT
 
 DT = torch.float64
@@ -217,18 +218,6 @@ def test_the_optimizers_one_pass_threshold_is_the_backends():
     assert ONE_PASS_GROUPS == PAIR_MAX_GROUPS
 
 
-class _Doubled(torch.autograd.Function):
-    """A custom autograd.Function: Taylor mode hands it to reverse mode (a recorded fallback)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return 2.0 * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2.0 * grad
-
-
 def test_quadratic_refresh_keeps_the_fallback_record_of_its_calls():
     """Past the pair pass the refresh is two summary_tensor calls; their records (reverse mode
     computes both here: none) stay on the refresh's Summary, unlike summarize's (Taylor mode
@@ -243,7 +232,7 @@ def test_quadratic_refresh_keeps_the_fallback_record_of_its_calls():
 
         def forward(self, x):
             for layer in self.layers:
-                x = torch.tanh(_Doubled.apply(layer(x)))
+                x = torch.tanh(Cube.apply(layer(x)))
             return x
 
     model = Net().double()
