@@ -286,6 +286,40 @@ def test_a_kink_within_the_float32_steps_is_confirmed_on_a_float64_copy_not_repo
         hos.summarize(loss, params, u, hos.Partition.per_tensor(params))
 
 
+class _HiddenCurvature(nn.Module):
+    """lin(x) + (x · w)² where the square reads w through a reference hos cannot see (a list
+    holding the Parameter): at θ, x · w = 0, so ḡ is the same either way and only H̄ misses
+    the square's 2 (x · u)²."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        self._hidden = [self.lin.weight]
+
+    def forward(self, x):
+        return self.lin(x) + F.linear(x, self._hidden[0]).square()
+
+
+def test_a_true_float32_disagreement_survives_the_float64_confirmation(monkeypatch):
+    confirmed = []
+    original = _ordinary._confirmed_in_float64
+    monkeypatch.setattr(
+        _ordinary,
+        "_confirmed_in_float64",
+        lambda *a: confirmed.append(original(*a)) or confirmed[-1],
+    )
+    model = _HiddenCurvature()
+    x = torch.tensor([[0.0, 1.0]])
+    loss = hos.model_loss(model, lambda out, y: out.sum(), x, None)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.ones_like(p) for k, p in params.items()}
+    with pytest.raises(hos.ModelMismatchError, match=r"\(H̄·1\) 0 here, 2 by a central"):
+        hos.summarize(loss, params, u, hos.Partition.per_tensor(params))
+    assert confirmed == [[0]]  # flagged in float32, confirmed on the float64 copy
+
+
 def test_the_check_runs_once_per_setting_leaves_the_model_as_it_was_and_can_be_skipped(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Dropout(0.3), nn.Tanh(),
