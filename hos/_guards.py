@@ -23,7 +23,8 @@ from hos._errors import NonFiniteWarning, SummaryMemoryError
 from hos._validate import _nbytes_text, _short
 
 __all__ = [
-    "all_zero", "check_depends", "check_output_size", "check_result", "guarded", "upcast_errors",
+    "all_zero", "available_bytes", "check_depends", "check_output_size", "check_result", "guarded",
+    "upcast_errors",
 ]  # fmt: skip
 
 Params = Mapping[str, torch.Tensor]
@@ -50,7 +51,7 @@ def check_output_size(
     itemsize = torch.empty((), dtype=dtype).element_size()
     entries = S**order
     need = entries * itemsize * (1 + batched_params)
-    available = _available_bytes(device)
+    available = available_bytes(device)
     if available is None or need <= MEMORY_FRACTION * available:
         return
     work = f" (with the reference backend's {batched_params} batched parameters)" * bool(
@@ -64,7 +65,8 @@ def check_output_size(
     )
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` in bytes (None where it cannot be read)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type == "cpu":

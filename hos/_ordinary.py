@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 
 from hos._errors import ModelMismatchError, UnreadParametersWarning
 from hos._exact import SEMANTICS, inline_checkpoints
+from hos._guards import available_bytes
 from hos._injection import caches_cleared, eager
 from hos._loss import ModelLoss, _adapted, _promote
 from hos._ordinary_sharded import observe_sharded, on_any_rank
@@ -388,9 +389,19 @@ def _confirmed_in_float64(prob: Problem, row_sums: torch.Tensor, groups: list[in
     smaller scale (kinks of ReLU and hard-swish in squeeze-excitation blocks, BatchNorm on a
     few samples) can make successive steps agree while all are far off (measured:
     MobileNetV3-small, -0.009 against a derivative of 0.112). In float64 the steps are 10⁻⁵
-    of that. A sharded model, or one that cannot be copied, keeps the float32 verdict."""
+    of that. A sharded model, one that cannot be copied, or one whose float64 copy would take
+    more than a quarter of the free memory keeps the float32 verdict."""
     loss = model_loss_of(prob.loss)
     if prob.placed is not None:
+        return groups
+    state = [t for t in (*loss.model.parameters(), *loss.model.buffers()) if t.is_floating_point()]
+    need = 3 * 8 * sum(t.numel() for t in state)  # the copy, its gradient, a point
+    available = available_bytes(prob.device)
+    if available is not None and need > available // 4:
+        _LOG.info(
+            "hos: ordinary check: no float64 copy of the model to confirm with (it needs about "
+            "%d MiB, a quarter of the %d MiB available)", need >> 20, available >> 20,
+        )  # fmt: skip
         return groups
     try:
         twin = copy.deepcopy(loss.model).double()

@@ -286,6 +286,17 @@ def test_a_kink_within_the_float32_steps_is_confirmed_on_a_float64_copy_not_repo
         hos.summarize(loss, params, u, hos.Partition.per_tensor(params))
 
 
+def test_no_float64_copy_when_it_would_not_fit_the_float32_verdict_stands(monkeypatch, caplog):
+    monkeypatch.setattr(_ordinary, "available_bytes", lambda device: 0)  # nothing free
+    model = _KinkNear(torch.float32)
+    loss = hos.model_loss(model, lambda out, y: out.sum(), torch.ones(1, 1), None)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.ones_like(p) for k, p in params.items()}
+    with caplog.at_level(logging.INFO, logger="hos"), pytest.raises(hos.ModelMismatchError):
+        hos.summarize(loss, params, u, hos.Partition.per_tensor(params))
+    assert "no float64 copy of the model" in caplog.text
+
+
 class _HiddenCurvature(nn.Module):
     """lin(x) + (x · w)² where the square reads w through a reference hos cannot see (a list
     holding the Parameter): at θ, x · w = 0, so ḡ is the same either way and only H̄ misses
