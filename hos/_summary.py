@@ -147,10 +147,13 @@ def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compar
         reduced = reduce_over_ranks(list(tensors), prob.loss, copies=prob.copies)
         results = tuple(reduced) if isinstance(results, tuple) else reduced[0]
     g, rows = compared(results) if compared is not None else (None, None)
-    if prob.sharded and not reducing():  # the check compares the ranks' combination
-        g, rows = _combined(prob, g, rows)
+    mine = None
+    if prob.sharded and not reducing():  # the check compares the ranks' combination: made
+        mine, g, rows = (g, rows), None, None  # below, only when the check runs
 
     def injected(p: Problem):
+        if mine is not None and None not in mine:
+            return _combined(p, *mine)
         with _computing(p, params), _from_local_differentiable(p):
             found = gradient_and_row_sums(p)
         return _combined(p, *found) if p.sharded else found
