@@ -87,6 +87,17 @@ def large(args) -> dict:
                 "warm": True,
             }
         )
+        plain = run_child(
+            {
+                "model": name,
+                "batch": batch,
+                "threads": args.threads,
+                "method": "plain gradient",
+                "op": "summarize",
+                "gn_ref": None,
+                "warm": True,
+            }
+        )
         summ = {
             method: run_child(
                 {
@@ -118,6 +129,7 @@ def large(args) -> dict:
             "parameters": sum(v.numel() for v in params.values()),
             "batch": batch,
             "gradient": grad,
+            "plain_gradient": plain,
             "summarize": summ,
             "diag3": diag3,
             "bounds": bounds(name, batch, args.threads),
@@ -160,6 +172,24 @@ def table(large: dict) -> str:
     return "\n".join(lines)
 
 
+def plain_table(large: dict) -> str:
+    """`summarize` against a plain `loss.backward()` on the module (issue 28's unit), from the
+    JSON."""
+    lines = ["| model | plain backward | `taylor` `summarize` | memory |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for name, case in large.items():
+        plain = case.get("plain_gradient")
+        if not plain or "seconds" not in plain:
+            continue
+        rec, S = case["summarize"]["hos.taylor"], case["S"]
+        ratio = rec["seconds"] / plain["seconds"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {plain['seconds']:.3f} s, {plain['peak_mib']:.0f} MiB | "
+            f"{ratio:.0f}× = {ratio / S:.2f}·S | {rec['peak_mib'] / plain['peak_mib']:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
 def bounds_table(large: dict) -> str:
     """The docs' table of where `summarize`'s time goes, from the JSON's `bounds`."""
     lines = ["| model | Taylor passes (diag D³) | one full Hessian-vector product | "
@@ -195,6 +225,7 @@ def main(argv=None) -> None:
     if not args.quick:  # the docs include these tables: written from the JSON, never by hand
         toolkit.save_table(table(section), "large_models.md")
         toolkit.save_table(bounds_table(section), "large_models_bounds.md")
+        toolkit.save_table(plain_table(section), "large_models_plain.md")
 
 
 if __name__ == "__main__":

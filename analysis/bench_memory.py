@@ -39,6 +39,7 @@ from problems import (  # noqa: E402  (analysis/problems.py: the shared problems
     load_gn,
     parse,
     parser,
+    plain_backward_fn,
 )
 
 _log = toolkit.log
@@ -53,6 +54,9 @@ def memory_child(spec: dict) -> dict:
     method, op = spec["method"], spec["op"]
     if method == "gradient":
         fn = grad_fn
+    elif method == "plain gradient":
+        fn = plain_backward_fn(loss)
+        fn()
     elif method == "GroupedNewton":
         fn = gn_fns(load_gn(spec["gn_ref"]), model, loss, u)[op]
     else:

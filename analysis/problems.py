@@ -112,6 +112,24 @@ def gradient_fn(loss, params):
     return run
 
 
+def plain_backward_fn(loss):
+    """One plain `criterion(model(x), y).backward()` on the module, as a call: the unit that
+    does not go through `hos.model_loss` (PyTorch's fused kernels, no hos mode)."""
+    model = loss.model
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        inputs = loss.inputs
+        if isinstance(inputs, dict):
+            out = model(**inputs)
+        else:
+            out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        loss.criterion(out, loss.targets).backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
 def _phi(loss, params, u, part):
     return hos.reference.path_function(loss, params, u, part)
 

@@ -55,3 +55,4 @@ def test_large_model_tables_are_generated_from_the_committed_json():
     large = _committed("bench_summaries.json")["large"]
     _check("large_models.md", bench_large_models.table(large), "benchmarks.md")
     _check("large_models_bounds.md", bench_large_models.bounds_table(large), "benchmarks.md")
+    _check("large_models_plain.md", bench_large_models.plain_table(large), "benchmarks.md")
