@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hos._collective import all_reduce_sum, rank_weight, reduce_over_ranks
-from hos._sharded import Layout, fsdp_units, is_dtensor
+from hos._sharded import Layout, fsdp_param_groups, fsdp_units, is_dtensor
 
 __all__ = ["observe_sharded", "on_any_rank"]
 
@@ -61,16 +61,6 @@ def _why_not(prob, named: dict[str, nn.Parameter]) -> str | None:
         if not p.requires_grad:
             return f"parameter {k!r} does not require grad (FSDP2 gathers no gradient for it)"
     return None
-
-
-def _fsdp_groups(model: nn.Module) -> list:
-    """FSDP2's parameter groups (one per `fully_shard`-ed module that owns parameters)."""
-    groups = []
-    for unit in fsdp_units(model):
-        group = getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)
-        if group is not None:
-            groups.append(group)
-    return groups
 
 
 def _divide_factor(groups: list) -> float:
@@ -111,20 +101,22 @@ def _loss_scale(prob, groups: list) -> float:
     return factor * weight / float(total)
 
 
-def _contracted(prob, grads: dict, absolute: bool) -> torch.Tensor:
-    """Per group, Σ_p ⟨grads_p, u_p⟩ (or Σ |grads_p|·|u_p|) summed over the shards."""
+def _contracted(prob, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, Σ_p ⟨grads_p, u_p⟩ and Σ_p |grads_p|·|u_p|, summed over the shards (one
+    reduction per parameter for both)."""
     _, u = prob.placed
-    out = []
+    values, sizes = [], []
     for names in prob.groups:
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64)
         for n in names:
             if grads[n] is None:
                 continue
             product = grads[n] * u[n]
-            piece = (product.abs() if absolute else product).sum()
+            piece = torch.stack([product.sum(), product.abs().sum()])
             total = total + (piece.full_tensor() if is_dtensor(piece) else piece).to(total)
-        out.append(total)
-    return torch.stack(out).to(prob.dtype)
+        values.append(total[0])
+        sizes.append(total[1])
+    return torch.stack(values).to(prob.dtype), torch.stack(sizes).to(prob.dtype)
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +150,7 @@ def observe_sharded(
         raise cannot_run(why or "another rank cannot run the model as it is")
     theta, u = prob.placed
     keys = list(theta)
-    groups = _fsdp_groups(model)
+    groups = fsdp_param_groups(model)
     scale = _loss_scale(prob, groups)
     held = {k: _local(named[k]).clone() for k in keys}
     # θ is often the parameters themselves, written below: its shards and u's, copied first
@@ -178,8 +170,7 @@ def observe_sharded(
                 value = run(loss, prob.dtype, mode)
                 (value * scale).backward()
                 grads = {k: named[k].grad for k in keys}
-                values = _contracted(prob, grads, absolute=False)
-                sizes = _contracted(prob, grads, absolute=True)
+                values, sizes = _contracted(prob, grads)
                 if prob.sharded == Layout.TENSOR_PARALLEL:  # each group's batch: combine them
                     values, sizes = reduce_over_ranks(
                         [values, sizes], prob.loss, copies=prob.copies

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Layout", "copies", "differentiable_from_local", "for_backends", "fsdp_injected", "fsdp_units",
+    "Layout", "copies", "differentiable_from_local", "for_backends", "fsdp_injected",
+    "fsdp_param_groups", "fsdp_units",
     "gathered", "is_dtensor", "is_sharded", "layout", "like", "model_layout", "per_rank",
     "reducing", "replicated",
 ]  # fmt: skip
@@ -113,13 +114,22 @@ class Layout:
     FSDP_TENSOR_PARALLEL = "fsdp with tensor parallel"
 
 
+def fsdp_param_groups(model: nn.Module) -> list:
+    """FSDP2's parameter group (`FSDPParamGroup`) of each unit of `model` that owns parameters."""
+    groups = []
+    for unit in fsdp_units(model):
+        group = getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)
+        if group is not None:
+            groups.append(group)
+    return groups
+
+
 def _fsdp_params(model: nn.Module) -> dict[str, object]:
     """FSDP2's record of each parameter it manages (`FSDPParam`), by name in `model`."""
     paths = {id(module): name for name, module in model.named_modules()}
     found = {}
-    for unit in fsdp_units(model):
-        group = getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)
-        for record in getattr(group, "fsdp_params", ()):
+    for group in fsdp_param_groups(model):
+        for record in group.fsdp_params:
             info = record._module_info
             prefix = paths.get(id(info.module))
             if prefix is not None:
