@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
 from bench_memory import run_child  # noqa: E402  (a case in a fresh process)
-from problems import build_problem, gradient_fn, parse, parser  # noqa: E402
+from bench_summaries import write_readme  # noqa: E402  (the README's cost paragraph)
+from problems import build_problem, parse, parser, plain_backward_fn  # noqa: E402
 
 _log = toolkit.log
 
@@ -36,7 +37,8 @@ _log = toolkit.log
 def bounds(name: str, batch: int, threads: int) -> dict:
     """Where `summarize`'s time goes at large S, in gradients (warm, one process): the Taylor
     passes for diag D³, and the S pruned rows of H̄ (reverse over reverse) next to one full
-    Hessian-vector product (the row of the first group used, which prunes nothing)."""
+    Hessian-vector product (the row of the first group used, which prunes nothing); the unit
+    is one plain ``criterion(model(x), y).backward()`` on the module."""
     from hos._exact import ExactOps
     from hos._summary import _prepare
     from hos.backends import passes
@@ -44,7 +46,7 @@ def bounds(name: str, batch: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     _, loss, params, u, part = build_problem(name, batch)
-    grad = toolkit.best_time(gradient_fn(loss, params), 3, collect=True)
+    grad = toolkit.best_time(plain_backward_fn(loss), 3, collect=True)
     prob = _prepare(loss, params, u, part, 3, "summarize", False)
     with ExactOps():
         passes.jet_diagonals(prob, 3, range(prob.S), None)  # warm
@@ -55,6 +57,7 @@ def bounds(name: str, batch: int, threads: int) -> dict:
         _, hvp = toolkit.timed(lambda: path.derivative(g[first], path.later(first), keep=False))
         _, rows = toolkit.timed(lambda: rev.hessian_rows(path, g, set()))
     return {
+        "unit": "plain backward",
         "gradient_s": grad,
         "taylor_passes": jets / grad,
         "full_hvp": hvp / grad,
@@ -144,54 +147,40 @@ LABELS = {"resnet18": "ResNet-18 (BatchNorm)", "transformer6": "6-layer transfor
 
 
 def table(large: dict) -> str:
-    """The docs' table of the large-model section (time in gradients and in units of S,
-    memory as a multiple of the gradient's), from the JSON."""
+    """The docs' table of the large-model section, from the JSON: time as a multiple of one
+    plain ``criterion(model(x), y).backward()`` on the module (and per group, ·S), memory as a
+    multiple of that backward's; a gradient through ``hos.model_loss`` for reference."""
     lines = [
-        "| model | groups S | parameters | batch | gradient | `taylor` `summarize` "
-        "| `reverse` `summarize` | `taylor` diag D³ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | groups S | parameters | batch | plain gradient | gradient through "
+        "`model_loss` | `taylor` `summarize` | `reverse` `summarize` | `taylor` diag D³ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, case in large.items():
-        grad = case["gradient"]
+        unit = case["plain_gradient"]
         S = case["S"]
 
         def cell(rec, per_s=False):
-            ratio = rec["seconds"] / grad["seconds"]
+            ratio = rec["seconds"] / unit["seconds"]
             time = f"{rec['seconds']:.2f} s ({ratio:.0f}×" + (
                 f" = {ratio / S:.2f}·S)" if per_s else ")"
             )
-            return f"{time}, {rec['peak_mib']:.0f} MiB ({rec['peak_mib'] / grad['peak_mib']:.1f}×)"
+            return f"{time}, {rec['peak_mib']:.0f} MiB ({rec['peak_mib'] / unit['peak_mib']:.1f}×)"
 
         size = f"{case['parameters']:,}".replace(",", "\u202f")
+        via = case["gradient"]
         lines.append(
             f"| {LABELS.get(name, name)} | {S} | {size} | {case['batch']} | "
-            f"{grad['seconds']:.3f} s, {grad['peak_mib']:.0f} MiB | "
+            f"{unit['seconds']:.3f} s, {unit['peak_mib']:.0f} MiB | "
+            f"{via['seconds'] / unit['seconds']:.2f}×, {via['peak_mib'] / unit['peak_mib']:.1f}× | "
             f"{cell(case['summarize']['hos.taylor'], True)} | "
             f"{cell(case['summarize']['hos.reverse'])} | {cell(case['diag3'])} |"
         )
     return "\n".join(lines)
 
 
-def plain_table(large: dict) -> str:
-    """`summarize` against a plain `loss.backward()` on the module (issue 28's unit), from the
-    JSON."""
-    lines = ["| model | plain backward | `taylor` `summarize` | memory |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
-    for name, case in large.items():
-        plain = case.get("plain_gradient")
-        if not plain or "seconds" not in plain:
-            continue
-        rec, S = case["summarize"]["hos.taylor"], case["S"]
-        ratio = rec["seconds"] / plain["seconds"]
-        lines.append(
-            f"| {LABELS.get(name, name)} | {plain['seconds']:.3f} s, {plain['peak_mib']:.0f} MiB | "
-            f"{ratio:.0f}× = {ratio / S:.2f}·S | {rec['peak_mib'] / plain['peak_mib']:.1f}× |"
-        )
-    return "\n".join(lines)
-
-
 def bounds_table(large: dict) -> str:
-    """The docs' table of where `summarize`'s time goes, from the JSON's `bounds`."""
+    """The docs' table of where `summarize`'s time goes (in plain gradients), from the JSON's
+    `bounds`."""
     lines = ["| model | Taylor passes (diag D³) | one full Hessian-vector product | "
              "S pruned rows of H̄ | rows per group |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, case in large.items():
@@ -219,13 +208,13 @@ def main(argv=None) -> None:
             for name, _ in LARGE
             if name in section or name in kept
         }
-    toolkit.update_json(args.results, {"large": section}, "large_environment",
-                        dtype="float32")  # fmt: skip
+    res = toolkit.update_json(args.results, {"large": section}, "large_environment",
+                              dtype="float32", unit="plain backward")  # fmt: skip
     _log(f"wrote the large section of {args.results}")
     if not args.quick:  # the docs include these tables: written from the JSON, never by hand
         toolkit.save_table(table(section), "large_models.md")
         toolkit.save_table(bounds_table(section), "large_models_bounds.md")
-        toolkit.save_table(plain_table(section), "large_models_plain.md")
+        write_readme(res)
 
 
 if __name__ == "__main__":

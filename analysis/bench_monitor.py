@@ -127,6 +127,25 @@ def measure(args) -> dict:
     return out
 
 
+def table(result: dict) -> str:
+    """The docs' table: a training step, a snapshot (and in plain gradients), and the overhead
+    measured and predicted per period, from the JSON."""
+    names = {"mlp": "paper MLP", "lenet": "LeNet-5"}
+    head = " | ".join(f"every {p}: measured / predicted" for p in PERIODS)
+    lines = [
+        f"| model | step | snapshot | {head} |",
+        "| --- | --- | --- |" + " --- |" * len(PERIODS),
+    ]
+    for model, rec in result["models"].items():
+        snapshot = rec["periods"][str(PERIODS[0])]["snapshot_seconds_median"]
+        cells = " | ".join(f"{rec['periods'][str(p)]['measured_overhead']:.2f}× / "
+                           f"{rec['periods'][str(p)]['predicted_overhead']:.2f}×" for p in PERIODS)  # fmt: skip
+        lines.append(f"| {names.get(model, model)} | {rec['step_seconds'] * 1e3:.1f} ms | "
+                     f"{snapshot * 1e3:.0f} ms ({rec['snapshot_in_gradients']:.1f} gradients) | "
+                     f"{cells} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -182,7 +201,10 @@ def main() -> None:
         figure = FIGURE.with_name("bench_monitor_quick.png")
     if not args.plot_only:
         toolkit.save_json(measure(args), results, dtype="float32")
-    plot(json.loads(results.read_text()), figure)
+    result = json.loads(results.read_text())
+    if not args.quick:  # the docs include this table: written from the JSON, never by hand
+        toolkit.save_table(table(result), "monitor.md")
+    plot(result, figure)
     print(f"wrote {results} and {figure}")
 
 

@@ -69,7 +69,9 @@ __all__ = [
     "best_time",
     "evaluate",
     "free_port",
+    "generated_block",
     "log",
+    "replace_block",
     "rss_peak",
     "save_figure",
     "save_json",
@@ -121,6 +123,25 @@ def save_table(markdown: str, name: str) -> Path:
     path = TABLES / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown.rstrip("\n") + "\n")
+    return path
+
+
+def generated_block(text: str, name: str) -> str:
+    """`text` between the markers of the generated block `name` (see `replace_block`)."""
+    return f"<!-- generated: {name} -->\n{text.rstrip()}\n<!-- end generated: {name} -->"
+
+
+def replace_block(path: Path, name: str, text: str) -> Path:
+    """Put `text` in the generated block `name` of the markdown file `path` (the lines between
+    ``<!-- generated: name -->`` and ``<!-- end generated: name -->``), for prose that quotes a
+    benchmark's numbers (the README): written from the JSON, never by hand."""
+    source = path.read_text()
+    start, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
+    if source.count(start) != 1 or source.count(end) != 1:
+        raise ValueError(f"{path} needs one {start!r} and one {end!r}")
+    head, rest = source.split(start)
+    _, tail = rest.split(end)
+    path.write_text(head + generated_block(text, name) + tail)
     return path
 
 

@@ -180,6 +180,10 @@ def test_benchmark_quick_runs(tmp_path):
     assert data["certificate"]["mlp"]["summarize"]["repeated"]["ratio"] > 0
     assert data["scaling"]["by_S"]["S"] == [4, 6]
     assert all(case["peak_mib"] > 0 for case in data["memory"]["mlp"].values())
+    # one unit everywhere: a plain criterion(model(x), y).backward() on the module
+    assert "plain" in data["ratios"]["mlp"]["unit"] and "plain" in data["environment"]["unit"]
+    assert data["ratios"]["mlp"]["model_loss_gradient_s"] > 0
+    assert "plain gradient summarize" in data["memory"]["mlp"]
     (large,) = data["large"].values()
     assert large["summarize"]["hos.taylor"]["seconds"] > 0 and large["bounds"]["rows"] > 0
     for section in ("", "certificate_", "memory_", "large_"):

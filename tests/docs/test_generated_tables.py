@@ -5,6 +5,8 @@ regenerates it, so a number in the docs cannot drift from the measurement."""
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = ROOT / "analysis" / "results" / "tables"
 
@@ -55,4 +57,57 @@ def test_large_model_tables_are_generated_from_the_committed_json():
     large = _committed("bench_summaries.json")["large"]
     _check("large_models.md", bench_large_models.table(large), "benchmarks.md")
     _check("large_models_bounds.md", bench_large_models.bounds_table(large), "benchmarks.md")
-    _check("large_models_plain.md", bench_large_models.plain_table(large), "benchmarks.md")
+
+
+def test_summaries_tables_are_generated_from_the_committed_json():
+    from analysis import bench_summaries
+
+    results = _committed("bench_summaries.json")
+    _check("summaries.md", bench_summaries.ratios_table(results["ratios"]), "benchmarks.md")
+    _check("summaries_scaling.md", bench_summaries.scaling_table(results["scaling"]),
+           "benchmarks.md")  # fmt: skip
+    _check("summaries_order.md", bench_summaries.order_table(results["scaling"]), "benchmarks.md")
+    _check("summaries_certificate.md", bench_summaries.certificate_table(results["certificate"]),
+           "howto/soundness.md")  # fmt: skip
+
+
+def test_every_ratio_of_the_committed_benchmarks_is_in_plain_gradients():
+    """Issue 28 item 5: one unit everywhere, a plain criterion(model(x), y).backward()."""
+    results = _committed("bench_summaries.json")
+    for section in ("environment", "certificate_environment", "large_environment"):
+        assert "plain" in results[section]["unit"], section
+    assert all("plain" in block["unit"] for block in results["ratios"].values())
+    assert "plain" in results["scaling"]["unit"]
+    assert all("plain gradient summarize" in cases for cases in results["memory"].values())
+    assert all(case["bounds"]["unit"] == "plain backward" for case in results["large"].values())
+
+
+def test_readme_cost_paragraph_is_generated_from_the_committed_json():
+    """The README quotes the benchmarks' numbers in a block the script writes from the JSON."""
+    from analysis import bench_summaries, toolkit
+
+    text = bench_summaries.readme_cost(_committed("bench_summaries.json"))
+    assert toolkit.generated_block(text, "cost") in (ROOT / "README.md").read_text()
+
+
+def test_replace_block_rewrites_only_its_block(tmp_path):
+    from analysis import toolkit
+
+    page = tmp_path / "page.md"
+    page.write_text("before\n" + toolkit.generated_block("old 1.0×", "cost") + "\nafter\n")
+    toolkit.replace_block(page, "cost", "new 2.0×")
+    assert (
+        page.read_text() == "before\n" + toolkit.generated_block("new 2.0×", "cost") + "\nafter\n"
+    )
+    page.write_text("no markers\n")
+    with pytest.raises(ValueError, match="generated: cost"):
+        toolkit.replace_block(page, "cost", "x")
+
+
+def test_small_models_spectrum_and_monitor_tables_are_generated_from_the_committed_json():
+    from analysis import bench_monitor, bench_small_models, bench_spectrum
+
+    _check("small_models.md", bench_small_models.table(_committed("bench_small_models.json")),
+           "benchmarks.md")  # fmt: skip
+    _check("spectrum.md", bench_spectrum.table(_committed("bench_spectrum.json")), "benchmarks.md")
+    _check("monitor.md", bench_monitor.table(_committed("bench_monitor.json")), "benchmarks.md")
