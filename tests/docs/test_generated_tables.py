@@ -111,3 +111,17 @@ def test_small_models_spectrum_and_monitor_tables_are_generated_from_the_committ
            "benchmarks.md")  # fmt: skip
     _check("spectrum.md", bench_spectrum.table(_committed("bench_spectrum.json")), "benchmarks.md")
     _check("monitor.md", bench_monitor.table(_committed("bench_monitor.json")), "benchmarks.md")
+
+
+def test_loader_table_is_generated_from_the_committed_json():
+    from analysis import bench_loader
+
+    _check("loader.md", bench_loader.table(_committed("bench_loader.json")), "benchmarks.md")
+
+
+def test_sharded_table_is_generated_from_the_committed_json():
+    from analysis import bench_sharded
+
+    record = _committed("bench_sharded.json")
+    assert {"world2", "world4"} <= set(record)
+    _check("sharded.md", bench_sharded.table(record), "benchmarks.md")
