@@ -411,12 +411,17 @@ def _multi_head_attention_forward(*args, **kwargs):
     """Route `nn.MultiheadAttention` through its explicit-softmax branch.
 
     That branch (`need_weights=True`) is made of `bmm`/`softmax` whose
-    derivatives are exact; `training=False` turns its internal dropout off.
+    derivatives are exact; `training=False` turns its internal dropout off. When the caller
+    did not ask for the weights (`nn.TransformerEncoderLayer`), they are not averaged over
+    the heads either: that mean would only be thrown away (on Taylor coefficients it cost
+    ~5 % of a transformer's passes).
     """
     bound = _MHA_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     wanted_weights = bound.arguments["need_weights"]
     bound.arguments["need_weights"] = True
+    if not wanted_weights:
+        bound.arguments["average_attn_weights"] = False
     bound.arguments["training"] = False
     out, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
     return out, (weights if wanted_weights else None)

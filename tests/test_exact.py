@@ -363,6 +363,29 @@ def test_multi_head_attention_decomposition_matches_module(kwargs, call, batch_f
             assert_close(g, e, f"MultiheadAttention {kwargs} {call}", **ROUNDOFF)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attention_weights_nobody_asked_for_are_not_averaged(need_weights, monkeypatch):
+    """The explicit-softmax branch returns the weights; averaging them over the heads is work
+    only a caller who asked for them should pay (on Taylor coefficients it is T×T adds per
+    head and order): no `mean` over the heads without `need_weights`, the same output."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
+    x = _r(2, 5, 4, seed=35)
+    expected = mha(x, x, x, need_weights=need_weights)
+    means, mean = [], torch.Tensor.mean
+
+    def spy(self, *args, **kwargs):
+        means.append(tuple(self.shape))
+        return mean(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "mean", spy)
+    with ExactOps():
+        got = mha(x, x, x, need_weights=need_weights)
+    assert_close(got[0], expected[0], "MultiheadAttention", **ROUNDOFF)
+    assert (got[1] is None) == (not need_weights)
+    assert bool(means) == need_weights, means
+
+
 def test_transformer_layer_in_eval_mode_skips_the_fast_path():
     """Under ExactOps the inference fast path is never taken; values match the fast path."""
     torch.manual_seed(0)

@@ -39,20 +39,20 @@ def softmax_dim(x, dim):
 def exp_series(delta: Coeffs) -> Coeffs:
     r"""Coefficients w_1..w_K of exp(δ(t)) for δ(0) = 0 (w_0 = 1).
 
-    From w' = δ'w: $w_k = \tfrac1k \\sum_{j=1}^k j\,\delta_j w_{k-j}$.
+    From w' = δ'w: $w_k = \delta_k + \sum_{j=1}^{k-1} \tfrac{j}{k}\,\delta_j w_{k-j}$ — one
+    fused `addcmul` per product (these run on attention's T×T coefficients). ``w_1`` is ``δ_1``
+    itself, not a copy: callers never write into a coefficient.
     """
     K = len(delta)
     w: Coeffs = [None] * K
     for k in range(1, K + 1):
-        acc = None
-        for j in range(1, k + 1):
-            d = delta[j - 1]
-            prev = None if k == j else w[k - j - 1]
-            if d is None or (k != j and prev is None):
+        acc = delta[k - 1]  # the j = k term: (k/k) δ_k w_0
+        for j in range(1, k):
+            d, prev = delta[j - 1], w[k - j - 1]
+            if d is None or prev is None:
                 continue
-            term = d * j if k == j else d * prev * j
-            acc = term if acc is None else acc + term
-        w[k - 1] = None if acc is None else acc / k
+            acc = d * prev * (j / k) if acc is None else torch.addcmul(acc, d, prev, value=j / k)
+        w[k - 1] = acc
     return w
 
 
@@ -65,8 +65,10 @@ def log_series(E: Coeffs) -> Coeffs:
         for j in range(1, k):
             if ell[j - 1] is None or E[k - j - 1] is None:
                 continue
-            term = ell[j - 1] * E[k - j - 1] * (j / k)
-            acc = -term if acc is None else acc - term
+            if acc is None:
+                acc = ell[j - 1] * E[k - j - 1] * (-j / k)
+            else:
+                acc = torch.addcmul(acc, ell[j - 1], E[k - j - 1], value=-j / k)
         ell[k - 1] = acc
     return ell
 
