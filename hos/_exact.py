@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 from torch.overrides import TorchFunctionMode
 
+from hos._depthwise import depthwise_conv2d
 from hos._refusals import (
     FORWARD_UNSOUND,
     NOT_DIFFERENTIABLE,
@@ -534,6 +535,12 @@ NATIVE_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
     F.layer_norm: F.layer_norm,
 }
 
+#: Native kernels whose double backward is slow, written out for graphs differentiated twice
+#: (`second_order_reverse`): depthwise convolutions (`hos._depthwise`).
+REWRITTEN_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.conv2d: depthwise_conv2d,
+}
+
 _SECOND_ORDER_REVERSE: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "hos_second_order_reverse", default=False
 )
@@ -563,6 +570,9 @@ class ExactOps(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         replacement = DECOMPOSITIONS.get(func)
         if replacement is None:
+            rewrite = REWRITTEN_AT_SECOND_ORDER.get(func)
+            if rewrite is not None and _SECOND_ORDER_REVERSE.get():
+                return rewrite(*args, **(kwargs or {}))
             return func(*args, **(kwargs or {}))
         if _SECOND_ORDER_REVERSE.get():
             replacement = NATIVE_AT_SECOND_ORDER.get(func, replacement)

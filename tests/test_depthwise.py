@@ -1,0 +1,149 @@
+"""Depthwise convolutions written out for graphs differentiated twice (hos._depthwise).
+
+PyTorch's double backward of a grouped convolution loops over the groups, one convolution per
+channel for a depthwise layer; inside `second_order_reverse()` `ExactOps` writes such a call as
+shifted multiply-adds. Checked against PyTorch's own convolution (values, and its first and
+second derivatives in float64: a different route to the same function), against Richardson
+finite differences of the loss (no autograd) on a MobileNet-style block, and for staying out of
+every call it does not cover.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hos
+import hos._exact as exact
+from hos._depthwise import depthwise_conv2d
+from tests.helpers.fd import Path, close
+from tests.helpers.tolerances import DT, EXACT, FD_MODEL, ROUNDOFF
+
+CALLS = [
+    {"stride": 1, "padding": 1},
+    {"stride": 2, "padding": 1},
+    {"stride": (2, 1), "padding": (0, 2)},
+    {"stride": 1, "padding": 2, "dilation": 2},
+    {"stride": 3, "padding": 0, "dilation": (1, 2)},
+]
+
+
+def _inputs(kernel=(3, 3), channels=5, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels, 9, 11, generator=gen, dtype=DT)
+    w = torch.randn(channels, 1, *kernel, generator=gen, dtype=DT)
+    b = torch.randn(channels, generator=gen, dtype=DT) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (1, 3)])
+@pytest.mark.parametrize("call", CALLS)
+def test_values_equal_pytorchs_convolution(kernel, call):
+    x, w, b = _inputs(kernel)
+    torch.testing.assert_close(
+        depthwise_conv2d(x, w, b, groups=5, **call), F.conv2d(x, w, b, groups=5, **call), **ROUNDOFF
+    )
+
+
+@pytest.mark.parametrize("call", CALLS[:3])
+def test_first_and_second_derivatives_equal_pytorchs(call):
+    """∇ and a Hessian-vector product in (x, w, b) of Σ c·tanh(conv), native against written."""
+    x, w, b = _inputs()
+    v = [torch.randn_like(t) for t in (x, w, b)]
+
+    def derivatives(conv):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        out = conv(*leaves, groups=5, **call)
+        value = (torch.tanh(out) * torch.linspace(-1, 1, out.numel(), dtype=DT).view_as(out)).sum()
+        grads = torch.autograd.grad(value, leaves, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, v)), leaves)
+        return grads, hvp
+
+    for ours, theirs in zip(derivatives(depthwise_conv2d), derivatives(F.conv2d)):
+        for a, c in zip(ours, theirs):
+            torch.testing.assert_close(a, c, **ROUNDOFF)
+
+
+@pytest.mark.parametrize(
+    "shape, groups, kwargs",
+    [
+        ((4, 2, 3, 3), 2, {}),  # grouped, not depthwise
+        ((8, 1, 3, 3), 4, {}),  # channel multiplier 2
+        ((4, 4, 3, 3), 1, {}),  # dense
+        ((4, 1, 3, 3), 4, {"padding": "same"}),  # a padding string
+    ],
+)
+def test_other_convolutions_run_pytorchs_kernel(shape, groups, kwargs, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=DT)
+    w = torch.randn(*shape, generator=gen, dtype=DT)
+    sliced = []
+    monkeypatch.setattr(torch.Tensor, "__getitem__", _spy(sliced, torch.Tensor.__getitem__))
+    got = depthwise_conv2d(x, w, None, groups=groups, **kwargs)
+    assert not sliced  # no shifted views: the native kernel ran
+    torch.testing.assert_close(got, F.conv2d(x, w, None, groups=groups, **kwargs), **EXACT)
+
+
+def test_an_impossible_shape_gets_pytorchs_error():
+    x, w, b = _inputs(kernel=(3, 3))
+    with pytest.raises(RuntimeError) as theirs:
+        F.conv2d(x[:, :, :2], w, b, groups=5)
+    with pytest.raises(RuntimeError) as ours:
+        depthwise_conv2d(x[:, :, :2], w, b, groups=5)
+    assert str(ours.value) == str(theirs.value)
+
+
+def _spy(seen: list, fn):
+    def spy(*args, **kwargs):
+        seen.append(1)
+        return fn(*args, **kwargs)
+
+    return spy
+
+
+class _Inverted(nn.Module):
+    """A MobileNet block: expand, depthwise (stride 2), BatchNorm, project."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(2, 6, 1)
+        self.depthwise = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = F.silu(self.bn(self.depthwise(torch.tanh(self.expand(x)))))
+        return self.head(h.flatten(1))
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = _Inverted().to(DT).train()
+    x, y = torch.randn(5, 2, 6, 6, dtype=DT), torch.randint(0, 3, (5,))
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.randn_like(v) for k, v in params.items()}
+    return loss, params, u, hos.Partition.per_tensor(params)
+
+
+def test_rows_of_h_use_it_and_equal_finite_differences(monkeypatch):
+    written = []
+    monkeypatch.setitem(exact.REWRITTEN_AT_SECOND_ORDER, F.conv2d, _spy(written, depthwise_conv2d))
+    loss, params, u, part = _problem()
+    H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    assert written  # the rows' graph went through the written-out convolution
+    close(H, Path(loss, params, u, part).H(), FD_MODEL["H"], "H̄ against FD")
+    monkeypatch.setattr(exact, "REWRITTEN_AT_SECOND_ORDER", {})
+    native = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    torch.testing.assert_close(H, native, **EXACT)
+
+
+def test_third_order_and_taylor_mode_keep_pytorchs_kernel(monkeypatch):
+    written = []
+    monkeypatch.setitem(exact.REWRITTEN_AT_SECOND_ORDER, F.conv2d, _spy(written, depthwise_conv2d))
+    loss, params, u, part = _problem()
+    hos.summary_tensor(loss, params, u, part, 3, backend="reverse", verify=False)
+    hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", verify=False)
+    assert not written
