@@ -186,3 +186,32 @@ def test_rows_path_per_tensor_on_resnet18():
     assert hos.last_fallback() is None, hos.last_fallback()
     d3 = hos.summary_diagonal(b.loss, b.params, b.direction, part, 3, backend="reverse")
     fd.close(s.d3, d3, AGREE, "resnet18 per-tensor d3, taylor rows vs reverse")
+
+
+@pytest.mark.slow
+@pytest.mark.thirdparty
+@needs("torchvision")
+def test_rows_path_per_tensor_on_mobilenet_writes_out_the_depthwise_convolutions(monkeypatch):
+    """Per-tensor groups (S > 12) on torchvision's MobileNetV3: the rows of H̄ go through the
+    written-out depthwise convolutions (hos._depthwise) and equal PyTorch's own double backward
+    of the grouped convolution (the rewrite off)."""
+    import torch.nn.functional as F
+
+    import hos._exact as exact
+    from hos._depthwise import depthwise_conv2d
+
+    b = _built("mobilenet_v3_small")
+    part = hos.Partition.per_tensor(b.model)
+    assert len(part) > 12
+    written = []
+
+    def counted(*args, **kwargs):
+        written.append(1)
+        return depthwise_conv2d(*args, **kwargs)
+
+    monkeypatch.setitem(exact.REWRITTEN_AT_SECOND_ORDER, F.conv2d, counted)
+    H = hos.summary_tensor(b.loss, b.params, b.direction, part, 2, backend="reverse")
+    assert written
+    monkeypatch.setattr(exact, "REWRITTEN_AT_SECOND_ORDER", {})
+    native = hos.summary_tensor(b.loss, b.params, b.direction, part, 2, backend="reverse")
+    fd.close(H, native, AGREE, "mobilenet per-tensor H̄, written out vs PyTorch's kernel")
