@@ -35,23 +35,44 @@ def _depthwise(input: torch.Tensor, weight: torch.Tensor, padding, groups: int) 
     )
 
 
+def _valid(size: int, out: int, stride: int, offset: int) -> tuple[int, int]:
+    """The output positions [lo, hi) whose input position o·stride + offset lies in [0, size)."""
+    lo = (-offset + stride - 1) // stride if offset < 0 else 0
+    hi = min(out, (size - 1 - offset) // stride + 1) if size - 1 - offset >= 0 else 0
+    return lo, max(lo, hi)
+
+
 def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """`F.conv2d` with the same meaning; a depthwise call as shifted multiply-adds."""
+    """`F.conv2d` with the same meaning; a depthwise call as shifted multiply-adds.
+
+    No padded copy of the input is made (the products keep views of the input the graph holds
+    anyway): each tap multiplies the input positions it reaches and its product is padded to
+    the output's shape.
+    """
     if not _depthwise(input, weight, padding, groups):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     (kh, kw), (sh, sw) = weight.shape[-2:], _pair(stride)
     (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
-    x = F.pad(input, (pw, pw, ph, ph)) if ph or pw else input
-    h_out = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    w_out = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    height, width = input.shape[-2:]
+    h_out = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if h_out < 1 or w_out < 1:  # PyTorch's own error message
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     taps = weight.reshape(weight.shape[0], kh * kw)
     out = None
     for i in range(kh):
-        rows = slice(i * dh, i * dh + sh * (h_out - 1) + 1, sh)
+        r0, r1 = _valid(height, h_out, sh, i * dh - ph)
         for j in range(kw):
-            patch = x[:, :, rows, j * dw : j * dw + sw * (w_out - 1) + 1 : sw]
-            tap = taps[:, i * kw + j].reshape(1, -1, 1, 1)
-            out = patch * tap if out is None else torch.addcmul(out, patch, tap)
+            c0, c1 = _valid(width, w_out, sw, j * dw - pw)
+            if r0 == r1 or c0 == c1:  # this tap only ever sees the zero padding
+                continue
+            row, col = r0 * sh + i * dh - ph, c0 * sw + j * dw - pw
+            patch = input[:, :, row : row + sh * (r1 - r0 - 1) + 1 : sh,
+                          col : col + sw * (c1 - c0 - 1) + 1 : sw]  # fmt: skip
+            term = patch * taps[:, i * kw + j].reshape(1, -1, 1, 1)
+            if (r0, r1, c0, c1) != (0, h_out, 0, w_out):
+                term = F.pad(term, (c0, w_out - c1, r0, h_out - r1))
+            out = term if out is None else out + term
+    if out is None:  # every tap only in the padding (a dilated kernel on a tiny input)
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return out if bias is None else out + bias.reshape(1, -1, 1, 1)
