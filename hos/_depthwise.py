@@ -3,15 +3,16 @@
 PyTorch's double backward of a grouped convolution (`_convolution_double_backward`) loops
 over the groups: for a depthwise layer (one group per channel) every Hessian-vector product
 runs thousands of one-channel convolutions (EfficientNet-B0: 7 392 per product, 70 % of its
-time, a product costing 3.6 gradients). Written as a sum of shifted products,
+time). Written as a sum of shifted products,
 
-    y[n, c, h, w] = b[c] + Σ_{i,j} w[c, 0, i, j] · x_pad[n, c, h·s_h + i·d_h, w·s_w + j·d_w],
+    y[n, c, h, w] = b[c] + Σ_{i,j} w[c, 0, i, j] · x[n, c, h·s_h + i·d_h − p_h, w·s_w + j·d_w − p_w]
 
-the same function is k_h·k_w fused multiply-adds of strided views whose derivatives of every
-order are elementwise. `ExactOps` uses it for `F.conv2d` inside `second_order_reverse()` (the
-rows of H̄, the checks' ḡ and H̄·1, the spectrum's products); everywhere else, and for any
-convolution that is not depthwise (channel multiplier 1, numeric padding, 4-D input), the
-native kernel runs.
+(the terms whose input position falls in the zero padding left out), the same function is
+k_h·k_w products of strided views of x whose derivatives of every order are elementwise; each
+product is padded to the output's shape, so no padded copy of x joins the graph. `ExactOps`
+uses it for `F.conv2d` inside `second_order_reverse()` (the rows of H̄, the checks' ḡ and
+H̄·1, the spectrum's products); everywhere else, and for any convolution that is not
+depthwise (channel multiplier 1, numeric padding, 4-D input), the native kernel runs.
 """
 
 from __future__ import annotations
