@@ -12,16 +12,17 @@ k_h·k_w products of strided views of x whose derivatives of every order are ele
 product is padded to the output's shape, so no padded copy of x joins the graph. `ExactOps`
 uses it for `F.conv2d` inside `second_order_reverse()` (the rows of H̄, the checks' ḡ and
 H̄·1, the spectrum's products); everywhere else, and for any convolution that is not
-depthwise (channel multiplier 1, numeric padding, 4-D input), the native kernel runs.
+depthwise (channel multiplier 1, numeric padding, 4-D input), the native kernel runs;
+`F.conv1d` likewise, as the 2-D case on a height of one.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _single
 
-__all__ = ["depthwise_conv2d"]
+__all__ = ["depthwise_conv1d", "depthwise_conv2d"]
 
 
 def _depthwise(input: torch.Tensor, weight: torch.Tensor, padding, groups: int) -> bool:
@@ -77,3 +78,14 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     if out is None:  # every tap only in the padding (a dilated kernel on a tiny input)
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
+def depthwise_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """`F.conv1d` with the same meaning; a depthwise call (Mamba's and wav2vec's short causal
+    convolutions) as the 2-D rewrite on a height of one."""
+    if isinstance(padding, str) or input.dim() != 3 or weight.dim() != 3:
+        return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
+    (s,), (p,), (d,) = (_single(v) for v in (stride, padding, dilation))
+    out = depthwise_conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p), (1, d),
+                           groups)  # fmt: skip
+    return out.squeeze(-2)

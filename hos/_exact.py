@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 from torch.overrides import TorchFunctionMode
 
-from hos._depthwise import depthwise_conv2d
+from hos._depthwise import depthwise_conv1d, depthwise_conv2d
 from hos._refusals import (
     FORWARD_UNSOUND,
     NOT_DIFFERENTIABLE,
@@ -538,6 +538,7 @@ NATIVE_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
 #: Native kernels whose double backward is slow, written out for graphs differentiated twice
 #: (`second_order_reverse`): depthwise convolutions (`hos._depthwise`).
 REWRITTEN_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.conv1d: depthwise_conv1d,
     F.conv2d: depthwise_conv2d,
 }
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import hos
 import hos._exact as exact
-from hos._depthwise import depthwise_conv2d
+from hos._depthwise import depthwise_conv1d, depthwise_conv2d
 from tests.helpers.fd import Path, close
 from tests.helpers.tolerances import DT, EXACT, FD_MODEL, ROUNDOFF
 
@@ -168,3 +168,52 @@ def test_third_order_and_taylor_mode_keep_pytorchs_kernel(monkeypatch):
     hos.summary_tensor(loss, params, u, part, 3, backend="reverse", verify=False)
     hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", verify=False)
     assert not written
+
+
+def test_one_dimensional_calls_equal_pytorchs_and_keep_its_kernel_otherwise():
+    gen = torch.Generator().manual_seed(8)
+    checked = 0
+    for length, k, s, p, d in itertools.product((1, 3, 8), (1, 2, 4), (1, 2), (0, 1, 3), (1, 2)):
+        x = torch.randn(2, 3, length, generator=gen, dtype=DT)
+        w, b = (
+            torch.randn(3, 1, k, generator=gen, dtype=DT),
+            torch.randn(3, generator=gen, dtype=DT),
+        )
+        try:
+            expected = F.conv1d(x, w, b, s, p, d, 3)
+        except RuntimeError:
+            continue
+        torch.testing.assert_close(depthwise_conv1d(x, w, b, s, p, d, 3), expected, **ROUNDOFF)
+        checked += 1
+    assert checked > 60
+    x, w = torch.randn(2, 4, 6, dtype=DT), torch.randn(4, 2, 3, dtype=DT)  # grouped, not depthwise
+    torch.testing.assert_close(depthwise_conv1d(x, w, None, groups=2), F.conv1d(x, w, groups=2))
+
+
+class _CausalConv(nn.Module):
+    """Mamba's short causal convolution over a sequence, then a readout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.conv = nn.Conv1d(4, 4, 3, padding=2, groups=4)
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x):
+        h = self.conv(torch.tanh(self.inp(x)).transpose(1, 2))[..., : x.shape[1]]
+        return self.head(F.silu(h).flatten(1))
+
+
+def test_a_causal_sequence_convolution_equals_finite_differences(monkeypatch):
+    written = []
+    monkeypatch.setitem(exact.REWRITTEN_AT_SECOND_ORDER, F.conv1d, _spy(written, depthwise_conv1d))
+    torch.manual_seed(0)
+    model = _CausalConv().to(DT)
+    x, y = torch.randn(6, 5, 3, dtype=DT), torch.randint(0, 3, (6,))
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.randn_like(v) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    assert written
+    close(H, Path(loss, params, u, part).H(), FD_MODEL["H"], "H̄ against FD")
