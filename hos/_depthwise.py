@@ -26,9 +26,12 @@ __all__ = ["depthwise_conv1d", "depthwise_conv2d"]
 
 
 def _depthwise(input: torch.Tensor, weight: torch.Tensor, padding, groups: int) -> bool:
-    """Whether the call is a depthwise convolution this module writes out."""
+    """Whether the call is a depthwise convolution this module writes out (plain tensors only:
+    a DTensor or another subclass keeps the kernel it defines)."""
     return (
-        not isinstance(padding, str)
+        type(input) is torch.Tensor
+        and type(weight) is torch.Tensor
+        and not isinstance(padding, str)
         and input.dim() == 4
         and weight.dim() == 4
         and groups > 1

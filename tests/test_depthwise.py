@@ -94,17 +94,24 @@ def test_first_and_second_derivatives_equal_pytorchs(call):
         ((8, 1, 3, 3), 4, {}),  # channel multiplier 2
         ((4, 4, 3, 3), 1, {}),  # dense
         ((4, 1, 3, 3), 4, {"padding": "same"}),  # a padding string
+        ((4, 1, 3, 3), 4, {"subclass": True}),  # a tensor subclass (a DTensor's kind)
     ],
 )
 def test_other_convolutions_run_pytorchs_kernel(shape, groups, kwargs, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 7, 7, generator=gen, dtype=DT)
     w = torch.randn(*shape, generator=gen, dtype=DT)
+    if kwargs.pop("subclass", False):
+        x = x.as_subclass(_Marked)
     sliced = []
     monkeypatch.setattr(torch.Tensor, "__getitem__", _spy(sliced, torch.Tensor.__getitem__))
     got = depthwise_conv2d(x, w, None, groups=groups, **kwargs)
     assert not sliced  # no shifted views: the native kernel ran
     torch.testing.assert_close(got, F.conv2d(x, w, None, groups=groups, **kwargs), **EXACT)
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass: its own kernels, never the rewrite."""
 
 
 def test_an_impossible_shape_gets_pytorchs_error():
