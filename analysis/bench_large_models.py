@@ -166,7 +166,7 @@ def table(large: dict) -> str:
             )
             return f"{time}, {rec['peak_mib']:.0f} MiB ({rec['peak_mib'] / unit['peak_mib']:.1f}×)"
 
-        size = f"{case['parameters']:,}".replace(",", "\u202f")
+        size = toolkit.thousands(case["parameters"])
         via = case["gradient"]
         lines.append(
             f"| {LABELS.get(name, name)} | {S} | {size} | {case['batch']} | "

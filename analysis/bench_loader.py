@@ -165,7 +165,7 @@ def table(results: dict) -> str:
     for model, rows in by_model.items():
         first = next(iter(rows.values()))
         cells = " | ".join(f"{rows[w]['ratio']:.1f}×" if w in rows else "—" for w in (1, 2))
-        size = f"{first['parameters']:,}".replace(",", "\u202f")
+        size = toolkit.thousands(first["parameters"])
         lines.append(f"| {_LABELS.get(model, model)} | {first['groups']} | {size} | {cells} |")
     return "\n".join(lines)
 

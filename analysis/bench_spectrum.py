@@ -190,9 +190,7 @@ def table(payload: dict) -> str:
 
         traces = " / ".join(f"{row[t]['trace_gradients']:.0f}" if "trace_gradients" in row[t]
                             else "—" for t in TOOLS)  # fmt: skip
-        name = f"{_LABELS.get(row['model'], row['model'])} ({row['parameters']:,})".replace(
-            ",", "\u202f"
-        )
+        name = f"{_LABELS.get(row['model'], row['model'])} ({toolkit.thousands(row['parameters'])})"
         lines.append(f"| {name} | {eigen('hos')} gradients | {eigen('pyhessian')} | "
                      f"{eigen('curvlinops')} | {traces} gradients |")  # fmt: skip
     return "\n".join(lines)

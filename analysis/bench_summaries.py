@@ -286,7 +286,7 @@ _OPS = (
 def _cell(value, best: bool = False) -> str:
     if value is None:
         return "—"
-    text = f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+    text = _ratio(value)
     return f"**{text}**" if best else text
 
 

@@ -76,6 +76,7 @@ __all__ = [
     "save_figure",
     "save_json",
     "save_table",
+    "thousands",
     "timed",
     "update_json",
 ]
@@ -124,6 +125,11 @@ def save_table(markdown: str, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown.rstrip("\n") + "\n")
     return path
+
+
+def thousands(n: int) -> str:
+    """`n` with thin spaces between thousands (the docs' tables: 11 173 962)."""
+    return f"{n:,}".replace(",", "\u202f")
 
 
 def generated_block(text: str, name: str) -> str:
