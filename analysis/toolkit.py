@@ -217,6 +217,20 @@ def rss_peak(fn: Callable[[], object], trim: bool = False) -> tuple[float, float
     return (_rss_kib("VmHWM") - before) / 1024, seconds
 
 
+def spawn_ranks(worker: Callable, args: tuple, nprocs: int, results: list[Path]) -> None:
+    """`torch.multiprocessing.spawn(worker, args, nprocs)`, tolerating one failure only: a rank
+    that aborts after every file of `results` was written (gloo's teardown in
+    `destroy_process_group` sometimes ends a finished process with SIGABRT); logged."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(worker, args=args, nprocs=nprocs)
+    except mp.ProcessExitedException as err:
+        if not all(Path(path).exists() for path in results):
+            raise
+        log(f"a rank ended abnormally after writing its results ({err}); results kept")
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for a process group's `MASTER_PORT`)."""
     import socket

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from hos._partition import Partition
-from hos._sharded import copies, for_backends, is_sharded, layout
+from hos._sharded import Layout, copies, for_backends, is_sharded, layout
 from hos._validate import check_summary_args
 
 __all__ = ["Problem"]
@@ -68,10 +68,11 @@ class Problem:
             )
         sharded = layout(loss, params) if is_sharded(params) or is_sharded(direction) else None
         replicas, placed = 1, None
-        if sharded:  # FSDP2's DTensors: the tensors its forward computes with
+        if sharded:
             replicas = copies(getattr(getattr(loss, "wrapped", loss), "model", None), params)
             placed = (dict(params), dict(direction))
-            params, direction = for_backends(loss, params), for_backends(loss, direction)
+            if sharded != Layout.FSDP:  # FSDP2 alone: the shards, gathered layer by layer
+                params, direction = for_backends(loss, params), for_backends(loss, direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel
         )

@@ -5,15 +5,16 @@ A summary is a derivative of $\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)$ wit
 a layer's weights in its pre-forward hook, putting its own gathered tensors in the parameters'
 place: `functional_call` is ignored there. So, for such a model:
 
-* θ and u (DTensors, laid out like the parameters) are gathered into full tensors once
-  (`gathered`), and every backend computes on them as on an unsharded model;
-* the loss evaluates the model with a forward pre-hook on every FSDP unit that runs *after*
-  FSDP's own (FSDP prepends its hook) and swaps each gathered weight the unit owns for the
-  backend's moved tensor θ_p + η_s u_p, and a forward hook that runs *before* FSDP's post-forward
-  (prepended) and gives FSDP its own tensors back, so that FSDP reshards as usual
-  (`fsdp_injected`);
+* θ and u stay the DTensor shards they are; each FSDP unit's forward pre-hook, which runs
+  *after* FSDP's own (FSDP prepends its hook), gathers the weights the unit owns and swaps them
+  in place of FSDP's gathered tensors: for a summary, θ_p + η_s u_p built from that unit's
+  gathered θ_p and u_p (`gathering`, `hos._regather.LayerGather`: saved-tensor hooks keep the
+  graph's gathered tensors as shards and gather them again in each backward pass, so a rank
+  holds a few layers' weights at a time, not the model); a forward hook that runs *before*
+  FSDP's post-forward (prepended) gives FSDP its own tensors back, so that FSDP reshards as
+  usual (`fsdp_injected`);
 * FSDP's re-gathering in backward is off during a summary (`set_unshard_in_backward(False)`:
-  the moved weights are in the graph already), and FSDP reduces no gradient (no parameter's
+  the graph gathers what it needs itself), and FSDP reduces no gradient (no parameter's
   `.grad` is asked for);
 * each rank evaluates its own batch: the summaries of the union of the ranks' batches are the
   sample-weighted mean over the ranks, one all-reduce (`hos._collective.reduce_over_ranks`).
@@ -22,7 +23,8 @@ With tensor parallel (`parallelize_module`), θ, u and the moved tensors θ + η
 with η replicated on the mesh, and the forward runs on them as it is. With both on a 2-D mesh
 (FSDP2 over the data-parallel dimension of a tensor-parallel model), θ and u are gathered over
 the data-parallel dimension only, into the tensor-parallel DTensors FSDP itself gives the forward
-(`for_backends`), and injected after FSDP's hook as above. The ranks of one tensor-parallel group
+(`for_backends`) once per call, and injected after FSDP's hook as above (not yet layer by
+layer). The ranks of one tensor-parallel group
 share one batch: a sum over the ranks counts it once per rank of that group (`copies`).
 
 Every rank must make the same calls: a summary of a sharded model is a collective, and its
@@ -39,10 +41,12 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from hos._regather import LayerGather
+
 __all__ = [
     "Layout", "copies", "differentiable_from_local", "for_backends", "fsdp_injected",
     "fsdp_param_groups", "fsdp_units",
-    "gathered", "is_dtensor", "is_sharded", "layout", "like", "model_layout", "per_rank",
+    "gathered", "gathering", "is_dtensor", "is_sharded", "layout", "like", "model_layout", "per_rank",
     "reducing", "replicated",
 ]  # fmt: skip
 
@@ -305,6 +309,30 @@ def _owned(unit: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return found
 
 
+_GATHER: contextvars.ContextVar[LayerGather | None] = contextvars.ContextVar(
+    "hos_gather", default=None
+)
+
+
+@contextlib.contextmanager
+def gathering(gather: LayerGather) -> Iterator[None]:
+    """Inside the block, `fsdp_injected` gathers an FSDP unit's weights given as shards through
+    `gather` (`hos._regather`: one layer at a time, again in backward) and computes with
+    `gather.weight(name, shard)`; outside, with the shard's differentiable `full_tensor()`."""
+    token = _GATHER.set(gather)
+    try:
+        with gather.saving():
+            yield
+    finally:
+        _GATHER.reset(token)
+
+
+def _unit_mesh(unit: nn.Module):
+    """The device mesh FSDP2 shards `unit`'s parameters over (None: it owns none)."""
+    group = getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)
+    return None if group is None else group.mesh_info.mesh
+
+
 @contextlib.contextmanager
 def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Within the block, each forward of `model` computes with `params[name]` in place of the
@@ -320,16 +348,24 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
 
     def before(unit, args):
         swapped = []
+        mesh = _unit_mesh(unit)
         for module, attr, relative in _owned(unit):
             name = full_name(unit, relative)
             if name in params:
+                value = params[name]
+                if is_dtensor(value) and value.device_mesh == mesh:  # FSDP's shard: gather it
+                    gather = _GATHER.get()
+                    value = value.full_tensor() if gather is None else gather.weight(name, value)
                 swapped.append((module, attr, module._parameters[attr]))
-                module._parameters[attr] = params[name]
+                module._parameters[attr] = value
         saved[unit] = swapped
 
     def after(unit, args, output):
         for module, attr, own in saved.pop(unit, ()):
             module._parameters[attr] = own
+        gather = _GATHER.get()
+        if gather is not None and gather.released is not None:
+            gather.released()
         return output
 
     backward_flags = []

@@ -22,7 +22,7 @@ Three things make it cheap:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -32,7 +32,8 @@ from torch.overrides import TorchFunctionMode
 from hos._exact import ExactOps, second_order_reverse
 from hos._problem import Problem
 from hos._progress import bar, counter
-from hos._sharded import is_dtensor, replicated
+from hos._regather import LayerGather
+from hos._sharded import Layout, gathering, is_dtensor, replicated
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
 
@@ -177,9 +178,17 @@ class PathGraph:
         """φ at η = 0 (`self.value`), each parameter as θ_p + η_s u_p."""
         prob = self.prob
         marked, moved = {}, {}
+        self.gather = None
+        if prob.sharded == Layout.FSDP:
+            self.gather = LayerGather()
+            self.gather.released = marked.clear  # first uses are noted by then
         for s, names in enumerate(prob.groups):
             for n in names:
                 theta, u = prob.theta[n], prob.u[n]
+                if self.gather is not None and is_dtensor(theta):  # FSDP2: its unit's forward
+                    moved[n] = theta  # gathers θ_p and u_p and moves them (`_moving`)
+                    self.gather.moving[n] = (u, self._moving(s, marked))
+                    continue
                 if is_dtensor(theta):  # tensor parallel: a DTensor moving with a replicated η
                     moved[n] = theta + replicated(self.eta[s], theta) * u
                     continue
@@ -190,9 +199,27 @@ class PathGraph:
         kernels = (
             second_order_reverse() if self.max_order and self.max_order <= 2 else nullcontext()
         )
-        with torch.enable_grad(), mode, ExactOps(), kernels:
+        gathered = gathering(self.gather) if self.gather is not None else nullcontext()
+        with torch.enable_grad(), mode, ExactOps(), kernels, gathered:
             self.value = prob.loss(moved)
         return mode
+
+    def _moving(self, group: int, marked: dict) -> Callable:
+        """For an FSDP2 parameter of `group`: its gathered θ_p, u_p -> θ_p + η u_p at η = 0,
+        marked for `_PathMode` like the others while its unit runs (the mark holds the gathered
+        tensors: it is dropped after the unit's forward, `LayerGather.released`)."""
+        eta = self.eta[group]
+
+        def move(theta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            shifted = _Shift.apply(eta, theta, u)
+            marked[id(shifted)] = (theta, u, eta, group)
+            return shifted
+
+        return move
+
+    def _saving(self):
+        """The graph's gathered weights saved as shards (FSDP2, `hos._regather`)."""
+        return self.gather.saving() if self.gather is not None else nullcontext()
 
     def later(self, group: int) -> list[int]:
         """The groups used at or after `group`, `group` first."""
@@ -202,7 +229,7 @@ class PathGraph:
         """[∂ value/∂η_k for k in groups]; `keep` builds a graph for one more order."""
         if not value.requires_grad:
             return [torch.zeros_like(value) for _ in groups]
-        with torch.enable_grad():
+        with torch.enable_grad(), self._saving():
             return list(
                 torch.autograd.grad(
                     value,

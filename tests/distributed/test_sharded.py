@@ -151,6 +151,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["tensor_parallel"] = _tensor_parallel(mesh)
         res["attention_tp"] = _attention_tensor_parallel(mesh)
         res["ordinary"] = _ordinary_check(mesh, rank)
+        res["layerwise"] = _layer_at_a_time(mesh, rank)
         res["log_dir"] = log
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -314,6 +315,59 @@ def _ordinary_check(mesh, rank: int) -> dict:
     return out
 
 
+DEPTH, WIDTH = 8, 12  # the deep MLP of the layer-at-a-time test: 8 FSDP units
+
+
+def _deep():
+    torch.manual_seed(3)
+    layers = []
+    for _ in range(DEPTH):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(WIDTH, 3)).to(DT)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(N, WIDTH, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (N,), generator=gen)
+    u = {k: torch.randn(p.shape, generator=gen, dtype=DT) for k, p in model.named_parameters()}
+    return model, x, y, u
+
+
+def _layer_at_a_time(mesh, rank: int) -> dict:
+    """`summarize` and D³ of a deep FSDP2 MLP (one unit per layer), with the most gathered
+    weight storage any rank held at one time (`hos._regather.LayerGather.peak_bytes`)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from hos import _regather
+
+    model, x, y, u = _deep()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = dict(model.named_parameters())
+    u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+    part = hos.Partition.per_layer(model)
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[rank::WORLD], y[rank::WORLD])
+    made = []
+    original = _regather.LayerGather.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    _regather.LayerGather.__init__ = recording
+    try:
+        out = {
+            "summarize": hos.summarize(loss, params, u, part),
+            "tensor3": hos.summary_tensor(loss, params, u, part, 3),
+        }
+    finally:
+        _regather.LayerGather.__init__ = original
+    out["peak_bytes"] = max(g.peak_bytes for g in made)
+    out["gathers"] = sum(g.gathers for g in made)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -341,6 +395,27 @@ def test_fsdp2_summaries_equal_the_unsharded_model_on_all_samples(ranks, oracle)
                 assert_close(got, getattr(want, name), f"FSDP2 {backend} {name}", **RANKS)
         assert_close(res["tensor3"], oracle["tensor3"], "FSDP2 D3", **RANKS)
         assert_close(res["diag4"], oracle["diag4"], "FSDP2 diag D4", **RANKS)
+
+
+def test_fsdp2_holds_a_few_layers_gathered_at_a_time_and_stays_exact(ranks):
+    """The graph of a summary keeps FSDP2's weights as shards: a rank holds a few gathered
+    layers at a time (θ_p and u_p of the layer in use, those reused), never the model."""
+    model, x, y, u = _deep()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    part = hos.Partition.per_layer(model)
+    want = hos.summarize(loss, params, u, part, backend="reverse")
+    want3 = reference.summary_tensor(loss, params, u, part, 3)
+    layer = (WIDTH * WIDTH + WIDTH) * DT.itemsize
+    total = sum(v.numel() for v in params.values()) * DT.itemsize
+    for res in ranks:
+        got = res["layerwise"]
+        for name in ("g", "H", "d3", "loss"):
+            assert_close(getattr(got["summarize"], name), getattr(want, name), name, **RANKS)
+        assert_close(got["tensor3"], want3, "D3", **RANKS)
+        # θ and u of all 9 layers would be 2 * total; the layer in use and the reused ones:
+        assert got["peak_bytes"] <= 6 * layer < total, (got["peak_bytes"], layer, total)
+        assert got["gathers"] > 2 * len(part)  # gathered again in the backward passes
 
 
 def test_the_default_backend_says_why_it_is_reverse_mode_and_taylor_says_what_works(ranks):

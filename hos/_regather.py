@@ -1,0 +1,129 @@
+r"""One FSDP2 layer's full weights at a time, in the forward and in every backward.
+
+A summary of an FSDP2 model differentiates $\varphi(\eta) = L(\theta + \sum_s \eta_s u_s)$ up
+to three times. Each FSDP unit's forward needs its full weights θ_p and directions u_p, which a
+rank holds only as shards; autograd would keep the gathered tensors in the graph (the
+weight of every linear map is saved for its input gradient, u_p for ⟨ȳ, u_p⟩), so the graph of a
+summary would hold the whole model on every rank. Here:
+
+* the forward gathers one unit's θ_p and u_p (`full`, an all-gather each, no gradient) and
+  records each gathered storage with the shard it came from;
+* saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`, active while the graph is
+  built and during every backward pass through it) store, for a saved tensor on such a storage,
+  the shard and the view's geometry instead of the tensor (`pack`), and gather it again when a
+  backward pass needs it (`unpack`); autograd reattaches the saved tensor's own history, so
+  the nested passes see the dependence on η as before. Tensors unpacked this way are recorded
+  too: the graph a backward pass builds for the next order saves them again as shards;
+* the last `keep` gathered tensors are reused (a backward pass reads a layer's θ_p and u_p in
+  neighbouring nodes), so memory is the shards, the activations and about `keep` layers.
+
+Every rank must unpack in the same order, since each gather is a collective: the ranks run the
+same graph (one model, one batch each), which autograd's engine walks in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+__all__ = ["LayerGather"]
+
+#: gathered tensors reused across neighbouring unpacks (a linear layer's θ_W, θ_b, u_W, u_b)
+KEEP = 4
+
+
+class _Saved:
+    """A saved tensor on a gathered storage, as the shard and the view of the full tensor."""
+
+    __slots__ = ("offset", "shard", "size", "stride")
+
+    def __init__(self, shard: torch.Tensor, view: torch.Tensor):
+        self.shard = shard
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+
+class LayerGather:
+    r"""Full tensors of DTensor shards, gathered one layer at a time and again in backward.
+
+    `moving[name]` (set by the backend) turns a parameter's gathered θ_p and u_p into the
+    tensor the forward computes with, e.g. $\theta_p + \eta_s u_p$ at η = 0.
+    """
+
+    def __init__(self, keep: int = KEEP):
+        self.keep = keep
+        #: name -> (u_p's shard, f(θ_p, u_p) -> the weight the forward uses)
+        self.moving: dict[str, tuple[torch.Tensor, Callable]] = {}
+        #: called after each unit's forward: whoever kept its gathered tensors lets them go
+        self.released: Callable[[], None] | None = None
+        self._recorded: dict[int, tuple[StorageWeakRef, torch.Tensor, int]] = {}
+        self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+        #: all-gathers made, and the most bytes of gathered storage alive at one time
+        self.gathers = 0
+        self.peak_bytes = 0
+
+    # ------------------------------------------------------------------ gathering
+    def full(self, shard: torch.Tensor) -> torch.Tensor:
+        """The full tensor of the DTensor `shard` (an all-gather unless one of the last `keep`
+        was of the same shard), recorded so that autograd saves it as the shard."""
+        found = self._recent.pop(id(shard), None)
+        if found is None or found[0] is not shard:
+            with torch.no_grad():
+                found = (shard, shard.full_tensor())
+            self.gathers += 1
+            self._record(found[1], shard)
+        self._recent[id(shard)] = found
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+        return found[1]
+
+    def weight(self, name: str, shard: torch.Tensor) -> torch.Tensor:
+        """What the forward computes with for the parameter `name` held as `shard`."""
+        theta = self.full(shard)
+        entry = self.moving.get(name)
+        if entry is None:
+            return theta
+        u, move = entry
+        return move(theta, self.full(u))
+
+    def _record(self, full: torch.Tensor, shard: torch.Tensor) -> None:
+        storage = full.untyped_storage()
+        self._recorded[storage.data_ptr()] = (StorageWeakRef(storage), shard, storage.nbytes())
+        live = 0
+        for key, (ref, _, size) in list(self._recorded.items()):
+            if ref.expired():
+                del self._recorded[key]
+            else:
+                live += size
+        self.peak_bytes = max(self.peak_bytes, live)
+
+    # ------------------------------------------------------------------ saved tensors
+    def pack(self, tensor: torch.Tensor):
+        if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+            return tensor  # a DTensor or another subclass: saved as it is
+        if tensor.layout != torch.strided:
+            return tensor
+        storage = tensor.untyped_storage()
+        entry = self._recorded.get(storage.data_ptr())
+        if entry is None or entry[0].expired() or entry[2] != storage.nbytes():
+            return tensor
+        return _Saved(entry[1], tensor)
+
+    def unpack(self, packed):
+        if not isinstance(packed, _Saved):
+            return packed
+        full = self.full(packed.shard)
+        return full.as_strided(packed.size, packed.stride, packed.offset)
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Saved tensors on gathered storages are kept as shards inside the block."""
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            yield
+
+    def forget(self) -> None:
+        """Drop the reused tensors (the graph still gathers what it needs)."""
+        self._recent.clear()
