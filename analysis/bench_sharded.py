@@ -6,8 +6,9 @@
 
 A deep MLP (`--depth` layers of `--width`², float32, one FSDP unit per layer) on a batch per rank;
 each rank measures the rise of its peak memory (resident memory on CPU, after
-`/proc/self/clear_refs`; `torch.cuda.max_memory_allocated` on a GPU, after
-`torch.cuda.synchronize()`) and the time of `hos.summarize` (per layer, S = depth + 1), of one
+`/proc/self/clear_refs`, with glibc returning freed memory at once; `torch.cuda.max_memory_allocated` on a GPU, after
+`torch.cuda.synchronize()`) and the time of `hos.summarize` (per layer, S = depth + 1) and the
+memory of H̄ alone (`summary_tensor(order=2)`), of one
 gradient, and of the same on the unsharded model in one process. Ratios are to the gradient of
 the same run. Writes analysis/results/bench_sharded.json.
 """
@@ -33,6 +34,7 @@ import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = toolkit.RESULTS / "bench_sharded.json"
+DEPTH = 6  # layers of the default model; another depth gets its own section of the JSON
 
 
 def _model(depth: int, width: int) -> nn.Module:
@@ -91,6 +93,9 @@ def _case(model, x, y, device, meter, sharded: bool) -> dict:
     mem_sum, t_sum = meter(
         lambda: hos.summarize(loss, params, u, part, backend="reverse", verify=False)
     )  # the summary itself: the one-time check against the model is measured next
+    mem_rows, t_rows = meter(  # H̄ alone: its rows keep no third-order graph
+        lambda: hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    )
     checked = {}  # first sight of the setting with the check, then a repeated call
     for call in ("first", "again"):
         start = time.perf_counter()
@@ -99,6 +104,7 @@ def _case(model, x, y, device, meter, sharded: bool) -> dict:
     check_s = checked["first"] - checked["again"]
     return {"gradient_mib": mem_grad, "gradient_s": t_grad, "summarize_mib": mem_sum,
             "summarize_s": t_sum, "summarize_gradients": t_sum / t_grad, "S": len(part),
+            "hessian_mib": mem_rows, "hessian_gradients": t_rows / t_grad,
             "check_s": check_s, "check_gradients": check_s / t_grad}  # fmt: skip
 
 
@@ -146,7 +152,7 @@ def main(argv=None) -> None:
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--depth", type=int, default=DEPTH)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--world", type=int, default=2)
@@ -163,9 +169,13 @@ def main(argv=None) -> None:
     spec = {
         k: getattr(args, k) for k in ("depth", "width", "batch", "threads", "device", "backend")
     }
+    # the ranks' allocator returns freed tensors to the system at once, so that the resident
+    # set follows the live tensors (glibc otherwise keeps freed pages: ±20–40 MiB of noise)
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     with tempfile.TemporaryDirectory() as out:
-        torch.multiprocessing.spawn(
-            _worker, args=(args.world, toolkit.free_port(), spec, out), nprocs=args.world
+        files = [Path(out, f"rank{r}.json") for r in range(args.world)]
+        toolkit.spawn_ranks(
+            _worker, (args.world, toolkit.free_port(), spec, out), args.world, files
         )
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.world)]
     with tempfile.TemporaryDirectory() as out:  # the unsharded model, in a fresh process too
@@ -176,7 +186,8 @@ def main(argv=None) -> None:
     report = {"spec": spec, "world": args.world, "params_mib": params_mib, "ranks": ranks,
               "unsharded": single}  # fmt: skip
     # one section per world size (the docs' table has a row pair for each), the others kept
-    record = toolkit.update_json(args.out, {f"world{args.world}": report}, "environment")
+    key = f"world{args.world}" + ("" if args.depth == DEPTH else f"_depth{args.depth}")
+    record = toolkit.update_json(args.out, {key: report}, "environment")
     if not args.quick and args.out == RESULTS:  # the docs include it: from the JSON, not by hand
         toolkit.save_table(table(record), "sharded.md")
     worst = max(r["summarize_mib"] for r in ranks)
@@ -190,8 +201,9 @@ def table(record: dict) -> str:
     """The docs' table: per world size, the summary's memory and its time in plain gradients
     (`verify=False`), unsharded on the union batch and per FSDP2 rank (the range over the
     ranks), and the first-sight check's cost, from the JSON."""
-    lines = ["| | summary's memory per process | summary / one plain gradient (same run) | "
-             "check against the model, first sight |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| | `summarize`: memory per process | `summarize` / one plain gradient (same run) | "
+             "H̄ alone: memory | check against the model, first sight |",
+             "| --- | --- | --- | --- | --- |"]  # fmt: skip
 
     def span(values, fmt):
         low, high = min(values), max(values)
@@ -199,17 +211,19 @@ def table(record: dict) -> str:
             f"{fmt.format(low)}–{fmt.format(high)}")  # fmt: skip
 
     runs = sorted((rec for key, rec in record.items() if key.startswith("world")),
-                  key=lambda rec: rec["world"])  # fmt: skip
+                  key=lambda rec: (rec["spec"]["depth"], rec["world"]))  # fmt: skip
     for rec in runs:
         one, ranks, world = rec["unsharded"], rec["ranks"], rec["world"]
-        batch = rec["spec"]["batch"]
-        lines.append(f"| unsharded, one process, batch {batch * world} | "
+        batch, depth = rec["spec"]["batch"], rec["spec"]["depth"]
+        lines.append(f"| unsharded, one process, {depth} layers, batch {batch * world} | "
                      f"+{one['summarize_mib']:.0f} MiB | {one['summarize_gradients']:.1f} | "
+                     f"+{one['hessian_mib']:.0f} MiB | "
                      f"{one['check_s']:.2f} s, {one['check_gradients']:.1f} gradients |")  # fmt: skip
         lines.append(
-            f"| FSDP2, {world} ranks, batch {batch} each | "
+            f"| FSDP2, {world} ranks, {depth} layers, batch {batch} each | "
             f"+{span([r['summarize_mib'] for r in ranks], '{:.0f}')} MiB per rank | "
             f"{span([r['summarize_gradients'] for r in ranks], '{:.1f}')} | "
+            f"+{span([r['hessian_mib'] for r in ranks], '{:.0f}')} MiB per rank | "
             f"{span([r['check_s'] for r in ranks], '{:.2f}')} s, "
             f"{span([r['check_gradients'] for r in ranks], '{:.1f}')} gradients |"
         )

@@ -57,8 +57,9 @@ class LayerGather:
         self.keep = keep
         #: name -> (u_p's shard, f(θ_p, u_p) -> the weight the forward uses)
         self.moving: dict[str, tuple[torch.Tensor, Callable]] = {}
-        #: called after each unit's forward: whoever kept its gathered tensors lets them go
-        self.released: Callable[[], None] | None = None
+        #: called with the tensors a unit computed with, after its forward: whoever kept them
+        #: lets them go
+        self.released: Callable[[list[torch.Tensor]], None] | None = None
         self._recorded: dict[int, tuple[StorageWeakRef, torch.Tensor, int]] = {}
         self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
         #: all-gathers made, and the most bytes of gathered storage alive at one time

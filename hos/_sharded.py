@@ -361,11 +361,13 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
         saved[unit] = swapped
 
     def after(unit, args, output):
+        used = []
         for module, attr, own in saved.pop(unit, ()):
+            used.append(module._parameters[attr])
             module._parameters[attr] = own
         gather = _GATHER.get()
         if gather is not None and gather.released is not None:
-            gather.released()
+            gather.released(used)
         return output
 
     backward_flags = []

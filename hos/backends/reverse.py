@@ -21,6 +21,7 @@ Three things make it cheap:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -181,7 +182,7 @@ class PathGraph:
         self.gather = None
         if prob.sharded == Layout.FSDP:
             self.gather = LayerGather()
-            self.gather.released = marked.clear  # first uses are noted by then
+            self.gather.released = functools.partial(_unmark, marked)
         for s, names in enumerate(prob.groups):
             for n in names:
                 theta, u = prob.theta[n], prob.u[n]
@@ -240,6 +241,12 @@ class PathGraph:
                     materialize_grads=True,
                 )
             )
+
+
+def _unmark(marked: dict, used: list[torch.Tensor]) -> None:
+    """Forget the marks of an FSDP unit's moved weights once its forward is done."""
+    for tensor in used:
+        marked.pop(id(tensor), None)
 
 
 def gradient_and_row_sums(prob: Problem) -> tuple[torch.Tensor, torch.Tensor]:
