@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from hos._collective import reduce_over_ranks
-from hos._sharded import copies, for_backends, gathered, is_sharded, like
+from hos._ordinary import sharded_gradient
+from hos._sharded import Layout, copies, for_backends, gathered, is_sharded, layout, like
 
 __all__ = ["gradient_direction", "momentum_direction", "random_direction"]
 
@@ -34,6 +35,10 @@ def gradient_direction(loss: Callable[[Params], torch.Tensor], params: Params) -
         {'w': tensor([ 2., -4.])}
     """
     if is_sharded(params):  # the gradient of all ranks' samples, laid out like params
+        if layout(loss, params) in (Layout.FSDP, Layout.FSDP_TENSOR_PARALLEL):
+            found = sharded_gradient(loss, params)  # FSDP's own backward: a layer at a time
+            if found is not None:
+                return found
         model = getattr(getattr(loss, "wrapped", loss), "model", None)
         grads = _gradient(loss, for_backends(loss, params))
         names = list(grads)

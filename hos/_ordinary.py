@@ -50,15 +50,18 @@ from hos._exact import SEMANTICS, inline_checkpoints
 from hos._guards import available_bytes
 from hos._injection import caches_cleared, eager
 from hos._loss import ModelLoss, _adapted, _promote
-from hos._ordinary_sharded import observe_sharded, on_any_rank
+from hos._ordinary_sharded import model_gradient, observe_sharded, on_any_rank
 from hos._outcome import outside_hos, state_precision
+from hos._partition import Partition
 from hos._problem import Problem
 from hos._refusals import module_path
 from hos._sharded import is_dtensor
 from hos._stochastic import stochastic_depth_off
 from hos.backends.certificate import tolerance
 
-__all__ = ["ModelMismatchError", "UnreadParametersWarning", "check_against_model"]
+__all__ = [
+    "ModelMismatchError", "UnreadParametersWarning", "check_against_model", "sharded_gradient",
+]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
 
@@ -221,6 +224,27 @@ def ordinary_run(loss: ModelLoss, dtype: torch.dtype, mode: TorchFunctionMode) -
         stochastic_depth_off(), eager(), caches_cleared(loss.model), mode,
     ):  # fmt: skip
         return loss.criterion(_adapted(loss.model(*args, **kwargs), loss.output), loss.targets)
+
+
+def sharded_gradient(loss, params: dict) -> dict | None:
+    """∇L at θ over all ranks' samples for an FSDP2 model (`params` its DTensors), by the
+    model's own forward and backward (`hos._ordinary_sharded.model_gradient`: FSDP's layer
+    at a time and its reduce-scatter), laid out like θ; None where the model cannot be run as
+    it is at θ (said at INFO level; every rank alike)."""
+    model = model_loss_of(loss)
+    if model is None:
+        return None
+    whole = Partition(names=("all",), groups=(tuple(params),))
+    prob = Problem.validated(loss, params, params, whole, verify=False)
+
+    def run(f: ModelLoss) -> torch.Tensor:
+        return ordinary_run(f, prob.dtype, _Ordinary(prob.dtype))
+
+    try:
+        return model_gradient(prob, model, _CannotRun, run)
+    except _CannotRun as why:
+        _LOG.info("hos: gradient of the sharded model gathered in full instead (%s)", why)
+        return None
 
 
 def _contract(prob: Problem, grads: dict, absolute: bool = False) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 from hos._collective import all_reduce_sum, rank_weight, reduce_over_ranks
 from hos._sharded import Layout, fsdp_param_groups, fsdp_units, is_dtensor
 
-__all__ = ["observe_sharded", "on_any_rank"]
+__all__ = ["model_gradient", "observe_sharded", "on_any_rank"]
 
 
 def on_any_rank(flag: bool) -> bool:
@@ -135,12 +135,12 @@ def _moves(u: dict, names) -> bool:
     return False
 
 
-def observe_sharded(
-    prob, loss, steps: list[float], mode, cannot_run: type, run: Callable
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor, list[int]]], tuple | None]:
-    """`hos._ordinary._observe` for a sharded model: its own forward and backward (`run(loss,
-    dtype, mode)`, `loss` the `hos.model_loss`) at θ + t u for each t of `steps`, contracted
-    with u and combined over the ranks: per step (⟨∇L, u_s⟩, Σ|∇L|·|u_s|, unread groups)."""
+@contextlib.contextmanager
+def _model_run(prob, loss, cannot_run: type, run: Callable) -> Iterator[Callable]:
+    """Within the block, `gradients(t)` runs the model as it is (`run(loss)`) at θ + t u and
+    returns its parameters' gradients (FSDP2: already combined over the ranks, laid out like θ;
+    tensor parallel: this tensor-parallel group's). The shards, `.grad`, the buffers and FSDP's
+    flags are put back after. A collective: raises `cannot_run` on every rank when one cannot."""
     model = loss.model
     for unit in fsdp_units(model):  # a root left gathered by a forward holds plain tensors
         unit.reshard()
@@ -158,29 +158,21 @@ def observe_sharded(
     along = {k: _local(u[k]) for k in keys}
     grads_held = {k: p.grad for k, p in named.items()}
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    seen = []
+
+    def gradients(t: float) -> dict:
+        with torch.no_grad():
+            for k in keys:
+                _local(named[k]).copy_(base[k] + t * along[k] if t else base[k])
+            for p in named.values():
+                p.grad = None
+        value = run(loss)
+        (value * scale).backward()
+        _restore(model, buffers)
+        return {k: named[k].grad for k in keys}
+
     try:
         with _reducing_gradients(groups):
-            for t in steps:
-                with torch.no_grad():
-                    for k in keys:
-                        _local(named[k]).copy_(base[k] + t * along[k] if t else base[k])
-                    for p in named.values():
-                        p.grad = None
-                value = run(loss, prob.dtype, mode)
-                (value * scale).backward()
-                grads = {k: named[k].grad for k in keys}
-                values, sizes = _contracted(prob, grads)
-                if prob.sharded == Layout.TENSOR_PARALLEL:  # each group's batch: combine them
-                    values, sizes = reduce_over_ranks(
-                        [values, sizes], prob.loss, copies=prob.copies
-                    )
-                unread = [
-                    s for s, names in enumerate(prob.groups)
-                    if all(grads[n] is None for n in names) and _moves(u, names)
-                ]  # fmt: skip
-                seen.append((values, sizes, unread))
-                _restore(model, buffers)
+            yield gradients
     finally:
         with torch.no_grad():
             for k in keys:
@@ -188,7 +180,43 @@ def observe_sharded(
             for k, p in named.items():
                 p.grad = grads_held[k]
         _restore(model, buffers)
+
+
+def observe_sharded(
+    prob, loss, steps: list[float], mode, cannot_run: type, run: Callable
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, list[int]]], tuple | None]:
+    """`hos._ordinary._observe` for a sharded model: its own forward and backward (`run(loss,
+    dtype, mode)`, `loss` the `hos.model_loss`) at θ + t u for each t of `steps`, contracted
+    with u and combined over the ranks: per step (⟨∇L, u_s⟩, Σ|∇L|·|u_s|, unread groups)."""
+    _, u = prob.placed
+    seen = []
+    with _model_run(prob, loss, cannot_run, lambda f: run(f, prob.dtype, mode)) as gradients:
+        for t in steps:
+            grads = gradients(t)
+            values, sizes = _contracted(prob, grads)
+            if prob.sharded == Layout.TENSOR_PARALLEL:  # each group's batch: combine them
+                values, sizes = reduce_over_ranks([values, sizes], prob.loss, copies=prob.copies)
+            unread = [
+                s for s, names in enumerate(prob.groups)
+                if all(grads[n] is None for n in names) and _moves(u, names)
+            ]  # fmt: skip
+            seen.append((values, sizes, unread))
     return seen, mode.precision
+
+
+def model_gradient(prob, loss, cannot_run: type, run: Callable) -> dict:
+    """The gradient at θ of the loss of all ranks' samples, by the FSDP2 model's own forward
+    and backward (`run(loss)`): FSDP's reduce-scatter combines the ranks, so each rank holds
+    only its shards and FSDP's layer at a time; laid out like θ. FSDP2 layouts only."""
+    if prob.sharded not in (Layout.FSDP, Layout.FSDP_TENSOR_PARALLEL):
+        raise ValueError(f"model_gradient: an FSDP2 model, not {prob.sharded!r}")
+    with _model_run(prob, loss, cannot_run, run) as gradients:
+        grads = gradients(0.0)
+        theta, _ = prob.placed
+        return {
+            k: torch.zeros_like(theta[k]) if g is None else g.detach().clone()
+            for k, g in grads.items()
+        }
 
 
 def _restore(model: nn.Module, buffers: dict) -> None:

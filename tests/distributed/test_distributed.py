@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 import hos
 import hos.optim
+from tests.helpers.ranks import spawned
 from tests.helpers.tolerances import RANKS
 from tests.test_data import TOL, N, assert_close, full_data, make_problem, oracle
 
@@ -144,8 +145,7 @@ class _Failing:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawned(_worker, (WORLD, _free_port(), str(out)), WORLD, out)
 
 
 def _values(result):

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import hos
 from tests.distributed.test_sharded import N, _free_port, _grouped_newton, _oracle, _problem
+from tests.helpers.ranks import spawned
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -123,8 +124,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh2d")
-    torch.multiprocessing.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawned(_worker, (WORLD, _free_port(), str(out)), WORLD, out)
 
 
 @pytest.fixture(scope="module")

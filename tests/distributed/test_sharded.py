@@ -7,6 +7,7 @@ with the unsharded oracle (reverse mode and `hos.reference` on the full batch) a
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import timedelta
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 import hos.optim
 from hos import reference
+from tests.helpers.ranks import spawned
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -124,7 +126,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["reverse"] = hos.summarize(loss, params, u, part, backend="reverse")
         res["tensor3"] = hos.summary_tensor(loss, params, u, part, 3)
         res["diag4"] = hos.summary_diagonal(loss, params, u, part, 4)
+        records = []
+        catcher = logging.Handler(logging.INFO)
+        catcher.emit = records.append
+        logging.getLogger("hos").addHandler(catcher)
+        logging.getLogger("hos").setLevel(logging.INFO)
         grad = hos.gradient_direction(loss, params)
+        logging.getLogger("hos").removeHandler(catcher)
+        res["gradient_log"] = [r.getMessage() for r in records]
         res["gradient"] = {k: g.full_tensor() for k, g in grad.items()}
         res["gradient_is_sharded"] = all(type(g).__name__ == "DTensor" for g in grad.values())
         try:
@@ -377,8 +386,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    torch.multiprocessing.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawned(_worker, (WORLD, _free_port(), str(out)), WORLD, out)
 
 
 @pytest.fixture(scope="module")
@@ -429,6 +437,8 @@ def test_fsdp2_gradient_direction_is_the_full_batch_gradient_laid_out_like_the_p
 ):
     for res in ranks:
         assert res["gradient_is_sharded"]
+        # by FSDP2's own backward (a layer at a time), not gathered in full
+        assert not [m for m in res["gradient_log"] if "gathered in full" in m], res["gradient_log"]
         for k, g in oracle["gradient"].items():
             assert_close(res["gradient"][k], g, f"gradient {k}", **RANKS_GRADIENT)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 import hos
 from tests.distributed.test_sharded import _free_port
+from tests.helpers.ranks import spawned
 from tests.helpers.tolerances import RANKS, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -64,8 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("spectrum_ranks")
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawned(_worker, (2, _free_port(), str(out)), 2, out)
 
 
 def test_data_parallel_spectrum_equals_one_process_on_the_whole_batch(ranks):
