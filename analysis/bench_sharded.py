@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = toolkit.RESULTS / "bench_sharded.json"
 DEPTH = 6  # layers of the default model; another depth gets its own section of the JSON
+QUICK_DEPTH = 2  # --quick's (its own JSON)
 
 
 def _model(depth: int, width: int) -> nn.Module:
@@ -163,7 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.depth, args.width, args.batch = 2, 64, 8
+        args.depth, args.width, args.batch = QUICK_DEPTH, 64, 8
         if args.out == RESULTS:
             args.out = RESULTS.with_name("bench_sharded_quick.json")
     spec = {
@@ -186,7 +187,8 @@ def main(argv=None) -> None:
     report = {"spec": spec, "world": args.world, "params_mib": params_mib, "ranks": ranks,
               "unsharded": single}  # fmt: skip
     # one section per world size (the docs' table has a row pair for each), the others kept
-    key = f"world{args.world}" + ("" if args.depth == DEPTH else f"_depth{args.depth}")
+    default = QUICK_DEPTH if args.quick else DEPTH
+    key = f"world{args.world}" + ("" if args.depth == default else f"_depth{args.depth}")
     record = toolkit.update_json(args.out, {key: report}, "environment")
     if not args.quick and args.out == RESULTS:  # the docs include it: from the JSON, not by hand
         toolkit.save_table(table(record), "sharded.md")

@@ -71,7 +71,7 @@ class Problem:
         if sharded:
             replicas = copies(getattr(getattr(loss, "wrapped", loss), "model", None), params)
             placed = (dict(params), dict(direction))
-            if sharded != Layout.FSDP:  # FSDP2 alone: the shards, gathered layer by layer
+            if sharded == Layout.TENSOR_PARALLEL:  # FSDP2: the shards, gathered layer by layer
                 params, direction = for_backends(loss, params), for_backends(loss, direction)
         loss, theta, u, partition = check_summary_args(
             loss, params, direction, partition, order=order, what=what, stacklevel=stacklevel

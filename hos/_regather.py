@@ -30,20 +30,35 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["LayerGather"]
+__all__ = ["LayerGather", "laid_out"]
 
 #: gathered tensors reused across neighbouring unpacks (a linear layer's θ_W, θ_b, u_W, u_b)
 KEEP = 4
 
 
 class _Saved:
-    """A saved tensor on a gathered storage, as the shard and the view of the full tensor."""
+    """A saved tensor on a gathered storage, as the shard and the view of the gathered tensor
+    (of its local tensor, with the DTensor's layout, for a tensor-parallel weight)."""
 
-    __slots__ = ("offset", "shard", "size", "stride")
+    __slots__ = ("layout", "offset", "shard", "size", "spec", "stride")
 
-    def __init__(self, shard: torch.Tensor, view: torch.Tensor):
-        self.shard = shard
+    def __init__(self, shard: torch.Tensor, spec, view: torch.Tensor, layout=None):
+        self.shard, self.spec, self.layout = shard, spec, layout
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor, a plain tensor itself."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+def laid_out(full: torch.Tensor, mesh, placements) -> torch.Tensor:
+    """The DTensor with `placements` on `mesh` whose full tensor is `full` (the same on every
+    rank): a local slice of a replicated DTensor (differentiable)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    everywhere = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return everywhere.redistribute(mesh, placements)
 
 
 class LayerGather:
@@ -60,41 +75,47 @@ class LayerGather:
         #: called with the tensors a unit computed with, after its forward: whoever kept them
         #: lets them go
         self.released: Callable[[list[torch.Tensor]], None] | None = None
-        self._recorded: dict[int, tuple[StorageWeakRef, torch.Tensor, int]] = {}
+        self._recorded: dict[int, tuple] = {}  # storage -> (weak ref, shard, bytes, spec)
         self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
         #: all-gathers made, and the most bytes of gathered storage alive at one time
         self.gathers = 0
         self.peak_bytes = 0
 
     # ------------------------------------------------------------------ gathering
-    def full(self, shard: torch.Tensor) -> torch.Tensor:
-        """The full tensor of the DTensor `shard` (an all-gather unless one of the last `keep`
-        was of the same shard), recorded so that autograd saves it as the shard."""
+    def full(self, shard: torch.Tensor, spec=None) -> torch.Tensor:
+        """The DTensor `shard` gathered: its full tensor, or with `spec` (FSDP2's layout of a
+        tensor-parallel weight after its gather: mesh and placements) that DTensor; an
+        all-gather unless one of the last `keep` was of the same shard. Recorded so that
+        autograd saves it as the shard."""
         found = self._recent.pop(id(shard), None)
-        if found is None or found[0] is not shard:
+        if found is None:
             with torch.no_grad():
-                found = (shard, shard.full_tensor())
+                whole = shard.full_tensor()
+                if spec is not None:
+                    whole = laid_out(whole, spec.mesh, spec.placements)
+            found = (shard, whole)
             self.gathers += 1
-            self._record(found[1], shard)
+            self._record(whole, shard, spec)
         self._recent[id(shard)] = found
         while len(self._recent) > self.keep:
             self._recent.popitem(last=False)
         return found[1]
 
-    def weight(self, name: str, shard: torch.Tensor) -> torch.Tensor:
+    def weight(self, name: str, shard: torch.Tensor, spec=None) -> torch.Tensor:
         """What the forward computes with for the parameter `name` held as `shard`."""
-        theta = self.full(shard)
+        theta = self.full(shard, spec)
         entry = self.moving.get(name)
         if entry is None:
             return theta
         u, move = entry
-        return move(theta, self.full(u))
+        return move(theta, self.full(u, spec))
 
-    def _record(self, full: torch.Tensor, shard: torch.Tensor) -> None:
-        storage = full.untyped_storage()
-        self._recorded[storage.data_ptr()] = (StorageWeakRef(storage), shard, storage.nbytes())
+    def _record(self, gathered: torch.Tensor, shard: torch.Tensor, spec) -> None:
+        storage = _local(gathered).untyped_storage()
+        entry = (StorageWeakRef(storage), shard, storage.nbytes(), spec)
+        self._recorded[storage.data_ptr()] = entry
         live = 0
-        for key, (ref, _, size) in list(self._recorded.items()):
+        for key, (ref, _, size, _) in list(self._recorded.items()):
             if ref.expired():
                 del self._recorded[key]
             else:
@@ -103,28 +124,37 @@ class LayerGather:
 
     # ------------------------------------------------------------------ saved tensors
     def pack(self, tensor: torch.Tensor):
-        if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
-            return tensor  # a DTensor or another subclass: saved as it is
-        if tensor.layout != torch.strided:
+        local = _local(tensor)
+        if type(local) is not torch.Tensor and not isinstance(local, torch.nn.Parameter):
+            return tensor  # another subclass: saved as it is
+        if local.layout != torch.strided:
             return tensor
-        storage = tensor.untyped_storage()
+        storage = local.untyped_storage()
         entry = self._recorded.get(storage.data_ptr())
         if entry is None or entry[0].expired() or entry[2] != storage.nbytes():
             return tensor
-        return _Saved(entry[1], tensor)
+        layout = None
+        if local is not tensor:  # a DTensor: its layout, to rebuild it around the local view
+            layout = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())
+        return _Saved(entry[1], entry[3], local, layout)
 
     def unpack(self, packed):
         if not isinstance(packed, _Saved):
             return packed
-        full = self.full(packed.shard)
-        return full.as_strided(packed.size, packed.stride, packed.offset)
+        gathered = self.full(packed.shard, packed.spec)
+        view = _local(gathered).as_strided(packed.size, packed.stride, packed.offset)
+        if packed.layout is None:
+            return view
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = packed.layout
+        with torch.no_grad():
+            return DTensor.from_local(
+                view, mesh, placements, run_check=False, shape=shape, stride=stride
+            )
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
         """Saved tensors on gathered storages are kept as shards inside the block."""
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
             yield
-
-    def forget(self) -> None:
-        """Drop the reused tensors (the graph still gathers what it needs)."""
-        self._recent.clear()

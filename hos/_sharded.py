@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from hos._regather import LayerGather
+from hos._regather import LayerGather, laid_out
 
 __all__ = [
     "Layout", "copies", "differentiable_from_local", "for_backends", "fsdp_injected",
@@ -196,7 +196,7 @@ def for_backends(loss, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         return full
     specs = _model_parallel_specs(_model_of(loss))
     return {
-        name: _laid_out(value, specs[name].mesh, specs[name].placements) if name in specs else value
+        name: laid_out(value, specs[name].mesh, specs[name].placements) if name in specs else value
         for name, value in full.items()
     }
 
@@ -282,16 +282,7 @@ def like(full: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
     slice, no communication), or `full` itself."""
     if not is_dtensor(template):
         return full
-    return _laid_out(full, template.device_mesh, template.placements)
-
-
-def _laid_out(full: torch.Tensor, mesh, placements) -> torch.Tensor:
-    """The DTensor with `placements` on `mesh` whose full tensor is `full` (the same on every
-    rank): a local slice of a replicated DTensor."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    everywhere = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return everywhere.redistribute(mesh, placements)
+    return laid_out(full, template.device_mesh, template.placements)
 
 
 def _owned(unit: nn.Module) -> list[tuple[nn.Module, str, str]]:
@@ -327,6 +318,22 @@ def gathering(gather: LayerGather) -> Iterator[None]:
         _GATHER.reset(token)
 
 
+def _gathered_shard(name: str, shard: torch.Tensor, spec) -> torch.Tensor:
+    """FSDP's shard of the parameter `name` as its forward computes with it: the full tensor,
+    or with `spec` the tensor-parallel DTensor; through the `gathering` block's gather (one
+    layer at a time), else differentiably."""
+    gather = _GATHER.get()
+    if gather is not None:
+        return gather.weight(name, shard, spec)
+    whole = shard.full_tensor()
+    return whole if spec is None else laid_out(whole, spec.mesh, spec.placements)
+
+
+def _sharded_meshes(spec) -> tuple:
+    """The meshes a tensor-parallel weight's FSDP shard can be on, not its gathered one."""
+    return () if spec is None else (spec.mesh._get_root_mesh(),)
+
+
 def _unit_mesh(unit: nn.Module):
     """The device mesh FSDP2 shards `unit`'s parameters over (None: it owns none)."""
     group = getattr(unit._get_fsdp_state(), "_fsdp_param_group", None)
@@ -340,6 +347,7 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
     FSDP's); FSDP gets its own tensors back after each unit's forward."""
     units = fsdp_units(model)
     paths = {module: name for name, module in model.named_modules()}
+    specs = _model_parallel_specs(model)  # tensor-parallel weights: FSDP gathers DTensors
     handles, saved = [], {}
 
     def full_name(unit, relative):
@@ -353,9 +361,9 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
             name = full_name(unit, relative)
             if name in params:
                 value = params[name]
-                if is_dtensor(value) and value.device_mesh == mesh:  # FSDP's shard: gather it
-                    gather = _GATHER.get()
-                    value = value.full_tensor() if gather is None else gather.weight(name, value)
+                spec = specs.get(name)  # a shard still laid out as FSDP keeps it: gather it
+                if is_dtensor(value) and value.device_mesh in (mesh, *_sharded_meshes(spec)):
+                    value = _gathered_shard(name, value, spec)
                 swapped.append((module, attr, module._parameters[attr]))
                 module._parameters[attr] = value
         saved[unit] = swapped

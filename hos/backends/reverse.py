@@ -65,6 +65,8 @@ class _Shift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (direction,) = ctx.saved_tensors
+        if is_dtensor(direction):  # a tensor-parallel weight: summed over its shards
+            return (grad_output * direction).sum(), grad_output, None
         contraction = torch.dot(grad_output.reshape(-1), direction.reshape(-1))
         return contraction, grad_output, None
 
@@ -180,7 +182,7 @@ class PathGraph:
         prob = self.prob
         marked, moved = {}, {}
         self.gather = None
-        if prob.sharded == Layout.FSDP:
+        if prob.sharded in (Layout.FSDP, Layout.FSDP_TENSOR_PARALLEL):
             self.gather = LayerGather()
             self.gather.released = functools.partial(_unmark, marked)
         for s, names in enumerate(prob.groups):
@@ -212,6 +214,8 @@ class PathGraph:
         eta = self.eta[group]
 
         def move(theta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            if is_dtensor(theta):  # tensor parallel's weight: η replicated on its mesh
+                return _Shift.apply(replicated(eta, theta), theta, u)
             shifted = _Shift.apply(eta, theta, u)
             marked[id(shifted)] = (theta, u, eta, group)
             return shifted

@@ -21,7 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import hos
-from tests.distributed.test_sharded import N, _free_port, _grouped_newton, _oracle, _problem
+from tests.distributed.test_sharded import (
+    DEPTH,
+    DT,
+    WIDTH,
+    N,
+    _deep,
+    _free_port,
+    _grouped_newton,
+    _oracle,
+    _problem,
+)
 from tests.helpers.ranks import spawned
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
@@ -55,6 +65,45 @@ def _fsdp_tp(mesh):
     fully_shard(model, mesh=mesh["dp"])
     params = dict(model.named_parameters())
     return model, x, y, _laid_out(u, params), part, params
+
+
+def _layer_at_a_time(mesh, dp: int) -> dict:
+    """The deep MLP of test_sharded with its layers column- and row-parallel in pairs over
+    "tp" and FSDP2 over "dp": `summarize` and the most gathered storage alive at once."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from hos import _regather
+
+    model, x, y, u = _deep()
+    plan = {str(i): ColwiseParallel() if i % 4 == 0 else RowwiseParallel() for i in range(0, 16, 2)}
+    parallelize_module(model, mesh["tp"], plan)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    params = dict(model.named_parameters())
+    part = hos.Partition.per_layer(model)
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[dp::DP], y[dp::DP])
+    made = []
+    original = _regather.LayerGather.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    _regather.LayerGather.__init__ = recording
+    try:
+        out = {"summarize": hos.summarize(loss, params, _laid_out(u, params), part)}
+    finally:
+        _regather.LayerGather.__init__ = original
+    out["peak_bytes"] = max(g.peak_bytes for g in made)
+    out["gathers"] = sum(g.gathers for g in made)
+    return out
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -116,6 +165,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         params = dict(model.named_parameters())
         summed = hos.model_loss(model, nn.CrossEntropyLoss(reduction="sum"), x[half], y[half])
         res["tp_summed"] = hos.summarize(summed, params, _laid_out(u, params), part)
+        res["layerwise"] = _layer_at_a_time(mesh, dp)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -190,3 +240,20 @@ def test_the_monitor_on_the_2d_mesh_and_the_model_left_as_it_was(ranks):
         assert res["untouched"]
         assert_close(torch.from_numpy(res["monitor"].H), want.H, "monitor H", **RANKS)
     assert len(hos.load_log(ranks[0]["log_dir"])) == 1
+
+
+def test_fsdp2_with_tensor_parallel_gathers_a_few_layers_at_a_time(ranks):
+    """FSDP2 over "dp" of a tensor-parallel deep MLP: the summary equals the unsharded model's,
+    and a rank holds a few gathered layers (tensor-parallel halves) at a time, not the model."""
+    model, x, y, u = _deep()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    want = hos.summarize(loss, params, u, hos.Partition.per_layer(model), backend="reverse")
+    layer = (WIDTH * WIDTH + WIDTH) * DT.itemsize
+    total = sum(v.numel() for v in params.values()) * DT.itemsize
+    for res in ranks:
+        got = res["layerwise"]
+        for name in ("g", "H", "d3", "loss"):
+            assert_close(getattr(got["summarize"], name), getattr(want, name), name, **RANKS)
+        assert got["peak_bytes"] <= 6 * layer < total, (got["peak_bytes"], layer, total)
+        assert got["gathers"] > 2 * DEPTH  # gathered again in the backward passes
