@@ -122,13 +122,30 @@ def _worker(rank, world, port, spec, out):
         device = (
             torch.device(spec["device"], rank) if spec["device"] == "cuda" else torch.device("cpu")
         )
-        mesh = init_device_mesh(device.type, (world,))
+        tp = spec["tp"]
         model = _model(spec["depth"], spec["width"]).to(device)
+        if tp == 1:
+            mesh = init_device_mesh(device.type, (world,))
+            group = rank
+        else:  # tensor parallel over "tp" (the hidden layers column- then row-parallel)
+            from torch.distributed.tensor.parallel import (
+                ColwiseParallel,
+                RowwiseParallel,
+                parallelize_module,
+            )
+
+            grid = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+            hidden = [i for i, layer in enumerate(model) if isinstance(layer, nn.Linear)][:-1]
+            pairs = hidden[: len(hidden) // 2 * 2]
+            plan = {str(i): ColwiseParallel() if k % 2 == 0 else RowwiseParallel()
+                    for k, i in enumerate(pairs)}  # fmt: skip
+            parallelize_module(model, grid["tp"], plan)
+            mesh, group = grid["dp"], grid["dp"].get_local_rank()
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        gen = torch.Generator().manual_seed(2 + rank)
+        gen = torch.Generator().manual_seed(2 + group)  # a tensor-parallel group shares a batch
         x = torch.randn(spec["batch"], spec["width"], generator=gen).to(device)
         y = torch.randint(0, 10, (spec["batch"],), generator=gen).to(device)
         result = _case(model, x, y, device, Meter(device), sharded=True)
@@ -143,8 +160,9 @@ def _single(_, world, spec, out):
     device = torch.device(spec["device"])
     model = _model(spec["depth"], spec["width"]).to(device)
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(spec["batch"] * world, spec["width"], generator=gen).to(device)
-    y = torch.randint(0, 10, (spec["batch"] * world,), generator=gen).to(device)
+    batch = spec["batch"] * world // spec["tp"]  # the union of the data-parallel batches
+    x = torch.randn(batch, spec["width"], generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     result = _case(model, x, y, device, Meter(device), sharded=False)
     Path(out, "single.json").write_text(json.dumps(result))
 
@@ -157,6 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (2-D mesh)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="gloo")
@@ -168,7 +187,8 @@ def main(argv=None) -> None:
         if args.out == RESULTS:
             args.out = RESULTS.with_name("bench_sharded_quick.json")
     spec = {
-        k: getattr(args, k) for k in ("depth", "width", "batch", "threads", "device", "backend")
+        k: getattr(args, k)
+        for k in ("depth", "width", "batch", "threads", "device", "backend", "tp")
     }
     # the ranks' allocator returns freed tensors to the system at once, so that the resident
     # set follows the live tensors (glibc otherwise keeps freed pages: ±20–40 MiB of noise)
@@ -189,6 +209,7 @@ def main(argv=None) -> None:
     # one section per world size (the docs' table has a row pair for each), the others kept
     default = QUICK_DEPTH if args.quick else DEPTH
     key = f"world{args.world}" + ("" if args.depth == default else f"_depth{args.depth}")
+    key += "" if args.tp == 1 else f"_tp{args.tp}"
     record = toolkit.update_json(args.out, {key: report}, "environment")
     if not args.quick and args.out == RESULTS:  # the docs include it: from the JSON, not by hand
         toolkit.save_table(table(record), "sharded.md")
@@ -197,6 +218,12 @@ def main(argv=None) -> None:
                 f"MiB ({single['summarize_gradients']:.1f} gradients); FSDP2 x{args.world} "
                 f"summarize +{worst:.0f} MiB per rank ({ranks[0]['summarize_gradients']:.1f} "
                 f"gradients); wrote {args.out}")  # fmt: skip
+
+
+def _sharding(world: int, tp: int) -> str:
+    if tp == 1:
+        return f"FSDP2, {world} ranks"
+    return f"FSDP2 × tensor parallel, {world // tp} × {tp} ranks"
 
 
 def table(record: dict) -> str:
@@ -213,16 +240,17 @@ def table(record: dict) -> str:
             f"{fmt.format(low)}–{fmt.format(high)}")  # fmt: skip
 
     runs = sorted((rec for key, rec in record.items() if key.startswith("world")),
-                  key=lambda rec: (rec["spec"]["depth"], rec["world"]))  # fmt: skip
+                  key=lambda rec: (rec["spec"].get("tp", 1), rec["spec"]["depth"],
+                                   rec["world"]))  # fmt: skip
     for rec in runs:
         one, ranks, world = rec["unsharded"], rec["ranks"], rec["world"]
-        batch, depth = rec["spec"]["batch"], rec["spec"]["depth"]
-        lines.append(f"| unsharded, one process, {depth} layers, batch {batch * world} | "
+        batch, depth, tp = rec["spec"]["batch"], rec["spec"]["depth"], rec["spec"].get("tp", 1)
+        lines.append(f"| unsharded, one process, {depth} layers, batch {batch * world // tp} | "
                      f"+{one['summarize_mib']:.0f} MiB | {one['summarize_gradients']:.1f} | "
                      f"+{one['hessian_mib']:.0f} MiB | "
                      f"{one['check_s']:.2f} s, {one['check_gradients']:.1f} gradients |")  # fmt: skip
         lines.append(
-            f"| FSDP2, {world} ranks, {depth} layers, batch {batch} each | "
+            f"| {_sharding(world, tp)}, {depth} layers, batch {batch} each | "
             f"+{span([r['summarize_mib'] for r in ranks], '{:.0f}')} MiB per rank | "
             f"{span([r['summarize_gradients'] for r in ranks], '{:.1f}')} | "
             f"+{span([r['hessian_mib'] for r in ranks], '{:.0f}')} MiB per rank | "

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["LayerGather", "laid_out"]
+__all__ = ["LayerGather", "gathered_to", "laid_out"]
 
 #: gathered tensors reused across neighbouring unpacks (a linear layer's θ_W, θ_b, u_W, u_b)
 KEEP = 4
@@ -50,6 +50,25 @@ class _Saved:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's local tensor, a plain tensor itself."""
     return getattr(tensor, "_local_tensor", tensor)
+
+
+def gathered_to(shard: torch.Tensor, spec) -> torch.Tensor:
+    """The DTensor `shard` as FSDP2 gathers it for a tensor-parallel forward: laid out as
+    `spec` (mesh and placements of the tensor-parallel dimension). One all-gather over the
+    other mesh dimensions where the meshes name their dimensions, else through the full tensor
+    (differentiable either way)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh, names = shard.device_mesh, shard.device_mesh.mesh_dim_names
+    inner = spec.mesh.mesh_dim_names
+    if not names or not inner or not set(inner) <= set(names):
+        return laid_out(shard.full_tensor(), spec.mesh, spec.placements)
+    target = [spec.placements[inner.index(n)] if n in inner else Replicate() for n in names]
+    partial = shard.redistribute(mesh, target)
+    return DTensor.from_local(
+        partial.to_local(), spec.mesh, spec.placements, run_check=False,
+        shape=partial.shape, stride=partial.stride(),
+    )  # fmt: skip
 
 
 def laid_out(full: torch.Tensor, mesh, placements) -> torch.Tensor:
@@ -90,9 +109,7 @@ class LayerGather:
         found = self._recent.pop(id(shard), None)
         if found is None:
             with torch.no_grad():
-                whole = shard.full_tensor()
-                if spec is not None:
-                    whole = laid_out(whole, spec.mesh, spec.placements)
+                whole = shard.full_tensor() if spec is None else gathered_to(shard, spec)
             found = (shard, whole)
             self.gathers += 1
             self._record(whole, shard, spec)

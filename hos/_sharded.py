@@ -21,11 +21,10 @@ place: `functional_call` is ignored there. So, for such a model:
 
 With tensor parallel (`parallelize_module`), θ, u and the moved tensors θ + η u stay DTensors
 with η replicated on the mesh, and the forward runs on them as it is. With both on a 2-D mesh
-(FSDP2 over the data-parallel dimension of a tensor-parallel model), θ and u are gathered over
-the data-parallel dimension only, into the tensor-parallel DTensors FSDP itself gives the forward
-(`for_backends`) once per call, and injected after FSDP's hook as above (not yet layer by
-layer). The ranks of one tensor-parallel group
-share one batch: a sum over the ranks counts it once per rank of that group (`copies`).
+(FSDP2 over the data-parallel dimension of a tensor-parallel model), each unit's hook gathers its
+shards into the tensor-parallel DTensors FSDP itself gives the forward (`laid_out` to FSDP's
+unsharded spec), a layer at a time as above. The ranks of one tensor-parallel group share one
+batch: a sum over the ranks counts it once per rank of that group (`copies`).
 
 Every rank must make the same calls: a summary of a sharded model is a collective, and its
 backend is reverse mode, whose sequence of collectives is the same on every rank (Taylor mode
@@ -41,7 +40,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from hos._regather import LayerGather, laid_out
+from hos._regather import LayerGather, gathered_to, laid_out
 
 __all__ = [
     "Layout", "copies", "differentiable_from_local", "for_backends", "fsdp_injected",
@@ -325,8 +324,7 @@ def _gathered_shard(name: str, shard: torch.Tensor, spec) -> torch.Tensor:
     gather = _GATHER.get()
     if gather is not None:
         return gather.weight(name, shard, spec)
-    whole = shard.full_tensor()
-    return whole if spec is None else laid_out(whole, spec.mesh, spec.placements)
+    return shard.full_tensor() if spec is None else gathered_to(shard, spec)
 
 
 def _sharded_meshes(spec) -> tuple:
