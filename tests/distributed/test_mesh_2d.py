@@ -32,7 +32,7 @@ from tests.distributed.test_sharded import (
     _oracle,
     _problem,
 )
-from tests.helpers.ranks import spawned
+from tests.helpers.ranks import layer_gathers, spawned
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -77,8 +77,6 @@ def _layer_at_a_time(mesh, dp: int) -> dict:
         parallelize_module,
     )
 
-    from hos import _regather
-
     model, x, y, u = _deep()
     plan = {str(i): ColwiseParallel() if i % 4 == 0 else RowwiseParallel() for i in range(0, 16, 2)}
     parallelize_module(model, mesh["tp"], plan)
@@ -89,18 +87,8 @@ def _layer_at_a_time(mesh, dp: int) -> dict:
     params = dict(model.named_parameters())
     part = hos.Partition.per_layer(model)
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[dp::DP], y[dp::DP])
-    made = []
-    original = _regather.LayerGather.__init__
-
-    def recording(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    _regather.LayerGather.__init__ = recording
-    try:
+    with layer_gathers() as made:
         out = {"summarize": hos.summarize(loss, params, _laid_out(u, params), part)}
-    finally:
-        _regather.LayerGather.__init__ = original
     out["peak_bytes"] = max(g.peak_bytes for g in made)
     out["gathers"] = sum(g.gathers for g in made)
     return out

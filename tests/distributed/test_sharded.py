@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 import hos.optim
 from hos import reference
-from tests.helpers.ranks import spawned
+from tests.helpers.ranks import layer_gathers, spawned
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -346,8 +346,6 @@ def _layer_at_a_time(mesh, rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    from hos import _regather
-
     model, x, y, u = _deep()
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -357,21 +355,11 @@ def _layer_at_a_time(mesh, rank: int) -> dict:
     u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
     part = hos.Partition.per_layer(model)
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[rank::WORLD], y[rank::WORLD])
-    made = []
-    original = _regather.LayerGather.__init__
-
-    def recording(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    _regather.LayerGather.__init__ = recording
-    try:
+    with layer_gathers() as made:
         out = {
             "summarize": hos.summarize(loss, params, u, part),
             "tensor3": hos.summary_tensor(loss, params, u, part, 3),
         }
-    finally:
-        _regather.LayerGather.__init__ = original
     out["peak_bytes"] = max(g.peak_bytes for g in made)
     out["gathers"] = sum(g.gathers for g in made)
     return out

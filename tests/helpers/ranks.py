@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,3 +26,23 @@ def spawned(worker: Callable, args: tuple, world: int, out: Path) -> list:
         if not all(f.exists() for f in files):
             raise
     return [torch.load(f, weights_only=False) for f in files]
+
+
+@contextlib.contextmanager
+def layer_gathers() -> Iterator[list]:
+    """Within the block, every `hos._regather.LayerGather` a summary makes is appended to the
+    list yielded (to read its `gathers` and `peak_bytes` after)."""
+    from hos import _regather
+
+    made: list = []
+    original = _regather.LayerGather.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    _regather.LayerGather.__init__ = recording
+    try:
+        yield made
+    finally:
+        _regather.LayerGather.__init__ = original
