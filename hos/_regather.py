@@ -95,7 +95,7 @@ class LayerGather:
         #: lets them go
         self.released: Callable[[list[torch.Tensor]], None] | None = None
         self._recorded: dict[int, tuple] = {}  # storage -> (weak ref, shard, bytes, spec)
-        self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._recent: OrderedDict[int, tuple] = OrderedDict()  # id(shard) -> (shard, gathered)
         #: all-gathers made, and the most bytes of gathered storage alive at one time
         self.gathers = 0
         self.peak_bytes = 0
