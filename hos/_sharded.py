@@ -347,10 +347,16 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
     paths = {module: name for name, module in model.named_modules()}
     specs = _model_parallel_specs(model)  # tensor-parallel weights: FSDP gathers DTensors
     handles, saved = [], {}
+    first: dict[int, str] = {}  # a tied parameter (GPT-2's lm_head.weight) by its first name
+    canonical = {
+        alias: first.setdefault(id(p), alias)
+        for alias, p in model.named_parameters(remove_duplicate=False)
+    }
 
     def full_name(unit, relative):
         prefix = paths[unit]
-        return f"{prefix}.{relative}" if prefix else relative
+        name = f"{prefix}.{relative}" if prefix else relative
+        return canonical.get(name, name)
 
     def before(unit, args):
         swapped = []
