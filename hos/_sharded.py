@@ -140,6 +140,16 @@ def _fsdp_params(model: nn.Module) -> dict[str, object]:
     return found
 
 
+def _mixed_precision(model: nn.Module) -> tuple[str, torch.dtype] | None:
+    """(a parameter, the dtype FSDP2 casts it to for the forward) where a unit's
+    `MixedPrecisionPolicy` sets a `param_dtype` other than the parameter's own; None if none."""
+    for name, record in _fsdp_params(model).items():
+        cast = getattr(getattr(record, "mp_policy", None), "param_dtype", None)
+        if cast is not None and cast != record.sharded_param.dtype:
+            return name, cast
+    return None
+
+
 def _model_parallel_specs(model: nn.Module) -> dict[str, object]:
     """For each FSDP2 parameter of a tensor-parallel layer, the DTensor layout FSDP gives the
     forward after its all-gather (mesh and placements of the tensor-parallel dimension)."""
@@ -170,6 +180,12 @@ def model_layout(model: nn.Module | None, params: Mapping[str, torch.Tensor]) ->
         reason = "the loss is a plain function of DTensors, not hos.model_loss(model, ...)"
     elif not fsdp_units(model):
         return Layout.TENSOR_PARALLEL
+    elif (cast := _mixed_precision(model)) is not None:
+        reason = (
+            f"FSDP2 mixed precision (MixedPrecisionPolicy(param_dtype={cast[1]}) on {cast[0]!r}): "
+            "FSDP casts the unit's inputs and weights to that dtype, which the summary's moved "
+            "weights are not; shard the model for the summary without a param_dtype"
+        )
     elif not _model_parallel_specs(model):
         return Layout.FSDP
     elif any(r.mesh_info.mesh.ndim > 1 for r in _fsdp_params(model).values()):

@@ -161,6 +161,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["attention_tp"] = _attention_tensor_parallel(mesh)
         res["ordinary"] = _ordinary_check(mesh, rank)
         res["layerwise"] = _layer_at_a_time(mesh, rank)
+        res["mixed_precision"] = _mixed_precision(mesh, rank)
         res["log_dir"] = log
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -324,6 +325,25 @@ def _ordinary_check(mesh, rank: int) -> dict:
     return out
 
 
+def _mixed_precision(mesh, rank: int) -> str:
+    """What `summarize` says of an FSDP2 model whose units cast to float32 for the forward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    model, x, y, u, part = _problem()
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+    for layer in (model.l1, model.l2, model.l3, model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    params = dict(model.named_parameters())
+    u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[rank::WORLD], y[rank::WORLD])
+    try:
+        hos.summarize(loss, params, u, part)
+    except NotImplementedError as err:
+        return str(err)
+    return "no error"
+
+
 DEPTH, WIDTH = 8, 12  # the deep MLP of the layer-at-a-time test: 8 FSDP units
 
 
@@ -412,6 +432,15 @@ def test_fsdp2_holds_a_few_layers_gathered_at_a_time_and_stays_exact(ranks):
         # θ and u of all 9 layers would be 2 * total; the layer in use and the reused ones:
         assert got["peak_bytes"] <= 6 * layer < total, (got["peak_bytes"], layer, total)
         assert got["gathers"] > 2 * len(part)  # gathered again in the backward passes
+
+
+def test_fsdp2_mixed_precision_is_refused_in_one_line_on_every_rank(ranks):
+    """FSDP casts a unit's inputs and weights to its param_dtype: the summary's moved weights
+    are not cast, so the model would fail with a raw dtype mismatch; hos says what it is."""
+    for res in ranks:
+        message = res["mixed_precision"]
+        assert "MixedPrecisionPolicy(param_dtype=torch.float32)" in message, message
+        assert "without a param_dtype" in message
 
 
 def test_the_default_backend_says_why_it_is_reverse_mode_and_taylor_says_what_works(ranks):
