@@ -40,10 +40,10 @@ class _Saved:
     """A saved tensor on a gathered storage, as the shard and the view of the gathered tensor
     (of its local tensor, with the DTensor's layout, for a tensor-parallel weight)."""
 
-    __slots__ = ("layout", "offset", "shard", "size", "spec", "stride")
+    __slots__ = ("cast", "layout", "offset", "shard", "size", "spec", "stride")
 
-    def __init__(self, shard: torch.Tensor, spec, view: torch.Tensor, layout=None):
-        self.shard, self.spec, self.layout = shard, spec, layout
+    def __init__(self, shard: torch.Tensor, spec, view: torch.Tensor, layout=None, cast=None):
+        self.shard, self.spec, self.layout, self.cast = shard, spec, layout, cast
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
 
@@ -94,7 +94,8 @@ class LayerGather:
         #: called with the tensors a unit computed with, after its forward: whoever kept them
         #: lets them go
         self.released: Callable[[list[torch.Tensor]], None] | None = None
-        self._recorded: dict[int, tuple] = {}  # storage -> (weak ref, shard, bytes, spec)
+        #: storage -> (weak ref, shard, bytes, spec, cast)
+        self._recorded: dict[int, tuple] = {}
         self._recent: OrderedDict[int, tuple] = OrderedDict()  # id(shard) -> (shard, gathered)
         #: all-gathers made, and the most bytes of gathered storage alive at one time
         self.gathers = 0
@@ -118,21 +119,25 @@ class LayerGather:
             self._recent.popitem(last=False)
         return found[1]
 
-    def weight(self, name: str, shard: torch.Tensor, spec=None) -> torch.Tensor:
-        """What the forward computes with for the parameter `name` held as `shard`."""
+    def weight(self, name: str, shard: torch.Tensor, spec=None, cast=None) -> torch.Tensor:
+        """What the forward computes with for the parameter `name` held as `shard`; `cast`:
+        the dtype FSDP2's mixed precision casts it to (the cast is recorded too: at η = 0 it
+        is the cast of the gathered θ_p, gathered and cast again when a backward needs it)."""
         theta = self.full(shard, spec)
         entry = self.moving.get(name)
-        if entry is None:
-            return theta
-        u, move = entry
-        return move(theta, self.full(u, spec))
+        value = theta if entry is None else entry[1](theta, self.full(entry[0], spec))
+        if cast is None or value.dtype == cast:
+            return value
+        value = value.to(cast)
+        self._record(value, shard, spec, cast)
+        return value
 
-    def _record(self, gathered: torch.Tensor, shard: torch.Tensor, spec) -> None:
+    def _record(self, gathered: torch.Tensor, shard: torch.Tensor, spec, cast=None) -> None:
         storage = _local(gathered).untyped_storage()
-        entry = (StorageWeakRef(storage), shard, storage.nbytes(), spec)
+        entry = (StorageWeakRef(storage), shard, storage.nbytes(), spec, cast)
         self._recorded[storage.data_ptr()] = entry
         live = 0
-        for key, (ref, _, size, _) in list(self._recorded.items()):
+        for key, (ref, _, size, *_) in list(self._recorded.items()):
             if ref.expired():
                 del self._recorded[key]
             else:
@@ -153,12 +158,16 @@ class LayerGather:
         layout = None
         if local is not tensor:  # a DTensor: its layout, to rebuild it around the local view
             layout = (tensor.device_mesh, tensor.placements, tensor.shape, tensor.stride())
-        return _Saved(entry[1], entry[3], local, layout)
+        return _Saved(entry[1], entry[3], local, layout, entry[4])
 
     def unpack(self, packed):
         if not isinstance(packed, _Saved):
             return packed
         gathered = self.full(packed.shard, packed.spec)
+        if packed.cast is not None:
+            with torch.no_grad():
+                gathered = gathered.to(packed.cast)
+            self._record(gathered, packed.shard, packed.spec, packed.cast)
         view = _local(gathered).as_strided(packed.size, packed.stride, packed.offset)
         if packed.layout is None:
             return view

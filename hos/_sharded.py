@@ -140,14 +140,15 @@ def _fsdp_params(model: nn.Module) -> dict[str, object]:
     return found
 
 
-def _mixed_precision(model: nn.Module) -> tuple[str, torch.dtype] | None:
-    """(a parameter, the dtype FSDP2 casts it to for the forward) where a unit's
-    `MixedPrecisionPolicy` sets a `param_dtype` other than the parameter's own; None if none."""
+def _casts(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype FSDP2's mixed precision (`MixedPrecisionPolicy(param_dtype=...)`) casts each
+    parameter to for the forward, where it casts one."""
+    out = {}
     for name, record in _fsdp_params(model).items():
         cast = getattr(getattr(record, "mp_policy", None), "param_dtype", None)
         if cast is not None and cast != record.sharded_param.dtype:
-            return name, cast
-    return None
+            out[name] = cast
+    return out
 
 
 def _model_parallel_specs(model: nn.Module) -> dict[str, object]:
@@ -180,12 +181,6 @@ def model_layout(model: nn.Module | None, params: Mapping[str, torch.Tensor]) ->
         reason = "the loss is a plain function of DTensors, not hos.model_loss(model, ...)"
     elif not fsdp_units(model):
         return Layout.TENSOR_PARALLEL
-    elif (cast := _mixed_precision(model)) is not None:
-        reason = (
-            f"FSDP2 mixed precision (MixedPrecisionPolicy(param_dtype={cast[1]}) on {cast[0]!r}): "
-            "FSDP casts the unit's inputs and weights to that dtype, which the summary's moved "
-            "weights are not; shard the model for the summary without a param_dtype"
-        )
     elif not _model_parallel_specs(model):
         return Layout.FSDP
     elif any(r.mesh_info.mesh.ndim > 1 for r in _fsdp_params(model).values()):
@@ -333,14 +328,15 @@ def gathering(gather: LayerGather) -> Iterator[None]:
         _GATHER.reset(token)
 
 
-def _gathered_shard(name: str, shard: torch.Tensor, spec) -> torch.Tensor:
+def _gathered_shard(name: str, shard: torch.Tensor, spec, cast) -> torch.Tensor:
     """FSDP's shard of the parameter `name` as its forward computes with it: the full tensor,
-    or with `spec` the tensor-parallel DTensor; through the `gathering` block's gather (one
-    layer at a time), else differentiably."""
+    or with `spec` the tensor-parallel DTensor, cast to `cast` (mixed precision) if given;
+    through the `gathering` block's gather (one layer at a time), else differentiably."""
     gather = _GATHER.get()
     if gather is not None:
-        return gather.weight(name, shard, spec)
-    return shard.full_tensor() if spec is None else gathered_to(shard, spec)
+        return gather.weight(name, shard, spec, cast)
+    value = shard.full_tensor() if spec is None else gathered_to(shard, spec)
+    return value if cast is None else value.to(cast)
 
 
 def _sharded_meshes(spec) -> tuple:
@@ -362,6 +358,7 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
     units = fsdp_units(model)
     paths = {module: name for name, module in model.named_modules()}
     specs = _model_parallel_specs(model)  # tensor-parallel weights: FSDP gathers DTensors
+    casts = _casts(model)  # mixed precision: FSDP casts its weights (and the unit's inputs)
     handles, saved = [], {}
     first: dict[int, str] = {}  # a tied parameter (GPT-2's lm_head.weight) by its first name
     canonical = {
@@ -383,7 +380,9 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
                 value = params[name]
                 spec = specs.get(name)  # a shard still laid out as FSDP keeps it: gather it
                 if is_dtensor(value) and value.device_mesh in (mesh, *_sharded_meshes(spec)):
-                    value = _gathered_shard(name, value, spec)
+                    value = _gathered_shard(name, value, spec, casts.get(name))
+                elif name in casts:
+                    value = value.to(casts[name])
                 swapped.append((module, attr, module._parameters[attr]))
                 module._parameters[attr] = value
         saved[unit] = swapped

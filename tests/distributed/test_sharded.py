@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -22,7 +23,7 @@ import hos
 import hos.optim
 from hos import reference
 from tests.helpers.ranks import layer_gathers, spawned
-from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
+from tests.helpers.tolerances import FLOAT32_RUN, RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -325,8 +326,10 @@ def _ordinary_check(mesh, rank: int) -> dict:
     return out
 
 
-def _mixed_precision(mesh, rank: int) -> str:
-    """What `summarize` says of an FSDP2 model whose units cast to float32 for the forward."""
+def _mixed_precision(mesh, rank: int) -> dict:
+    """`summarize` of an FSDP2 model whose units cast to float32 for the forward
+    (`MixedPrecisionPolicy(param_dtype=torch.float32)` on float64 parameters), with the warnings
+    it gave and the all-gathers made."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import distribute_tensor
 
@@ -337,11 +340,11 @@ def _mixed_precision(mesh, rank: int) -> str:
     params = dict(model.named_parameters())
     u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[rank::WORLD], y[rank::WORLD])
-    try:
-        hos.summarize(loss, params, u, part)
-    except NotImplementedError as err:
-        return str(err)
-    return "no error"
+    with warnings.catch_warnings(record=True) as seen, layer_gathers() as made:
+        warnings.simplefilter("always")
+        summary = hos.summarize(loss, params, u, part)  # with the check against the model
+    return {"summary": summary, "warnings": [str(w.message) for w in seen],
+            "gathers": sum(g.gathers for g in made)}  # fmt: skip
 
 
 DEPTH, WIDTH = 8, 12  # the deep MLP of the layer-at-a-time test: 8 FSDP units
@@ -434,13 +437,22 @@ def test_fsdp2_holds_a_few_layers_gathered_at_a_time_and_stays_exact(ranks):
         assert got["gathers"] > 2 * len(part)  # gathered again in the backward passes
 
 
-def test_fsdp2_mixed_precision_is_refused_in_one_line_on_every_rank(ranks):
+def test_fsdp2_mixed_precision_is_the_model_as_it_runs_in_float32(ranks):
     """FSDP casts a unit's inputs and weights to its param_dtype: the summary's moved weights
-    are not cast, so the model would fail with a raw dtype mismatch; hos says what it is."""
+    are cast the same way, so it is the summary of the float32 forward the model runs (against
+    the unsharded model in float32 on all samples), said once as a precision warning."""
+    model, x, y, u, part = _problem()
+    model = model.float()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x.float(), y)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    want = hos.summarize(loss, params, {k: v.float() for k, v in u.items()}, part)
     for res in ranks:
-        message = res["mixed_precision"]
-        assert "MixedPrecisionPolicy(param_dtype=torch.float32)" in message, message
-        assert "without a param_dtype" in message
+        got = res["mixed_precision"]
+        for name in ("g", "H", "d3"):
+            value = getattr(got["summary"], name)
+            assert_close(value, getattr(want, name).double(), name, **FLOAT32_RUN)
+        assert any("float32" in w and "precision" in w for w in got["warnings"]), got["warnings"]
+        assert got["gathers"] > 0  # a layer at a time
 
 
 def test_the_default_backend_says_why_it_is_reverse_mode_and_taylor_says_what_works(ranks):

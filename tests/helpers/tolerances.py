@@ -47,6 +47,9 @@ AGREE = 1e-10
 RANKS = {"rtol": 1e-10, "atol": 1e-11}
 #: A gradient all-reduced over gloo processes against one process's: one sum of a few terms.
 RANKS_GRADIENT = {"rtol": 1e-12, "atol": 1e-11}
+#: a summary computed in float32 (FSDP2's mixed precision) against a float32 one computed
+#: another way: float32 rounding, summed over a few thousand terms
+FLOAT32_RUN = {"rtol": 1e-4, "atol": 1e-6}
 
 # ------------------------------------------------------------ float32 inside
 #: Where a float64 model computes in float32 inside (an RMSNorm as Hugging Face writes it), on
