@@ -22,7 +22,7 @@ place: `functional_call` is ignored there. So, for such a model:
 With tensor parallel (`parallelize_module`), θ, u and the moved tensors θ + η u stay DTensors
 with η replicated on the mesh, and the forward runs on them as it is. With both on a 2-D mesh
 (FSDP2 over the data-parallel dimension of a tensor-parallel model), each unit's hook gathers its
-shards into the tensor-parallel DTensors FSDP itself gives the forward (`laid_out` to FSDP's
+shards into the tensor-parallel DTensors FSDP itself gives the forward (`gathered_to` FSDP's
 unsharded spec), a layer at a time as above. The ranks of one tensor-parallel group share one
 batch: a sum over the ranks counts it once per rank of that group (`copies`).
 
