@@ -339,9 +339,10 @@ def _gathered_shard(name: str, shard: torch.Tensor, spec, cast) -> torch.Tensor:
     return value if cast is None else value.to(cast)
 
 
-def _sharded_meshes(spec) -> tuple:
-    """The meshes a tensor-parallel weight's FSDP shard can be on, not its gathered one."""
-    return () if spec is None else (spec.mesh._get_root_mesh(),)
+def _fsdp_shard(value: torch.Tensor, mesh, spec) -> bool:
+    """Whether the DTensor `value` is laid out as FSDP2 keeps the parameter (on the unit's mesh,
+    or for a tensor-parallel weight anywhere but the tensor-parallel layout FSDP gathers to)."""
+    return value.device_mesh == mesh or (spec is not None and value.device_mesh != spec.mesh)
 
 
 def _unit_mesh(unit: nn.Module):
@@ -379,7 +380,7 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
             if name in params:
                 value = params[name]
                 spec = specs.get(name)  # a shard still laid out as FSDP keeps it: gather it
-                if is_dtensor(value) and value.device_mesh in (mesh, *_sharded_meshes(spec)):
+                if is_dtensor(value) and _fsdp_shard(value, mesh, spec):
                     value = _gathered_shard(name, value, spec, casts.get(name))
                 elif name in casts:
                     value = value.to(casts[name])
