@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 
 import hos
 import hos.optim
-from tests.helpers.ranks import spawned
+from tests.helpers.ranks import gloo_group, spawned
 from tests.helpers.tolerances import RANKS
 from tests.test_data import TOL, N, assert_close, full_data, make_problem, oracle
 
@@ -79,10 +78,7 @@ def first_refresh(refresh: slice, rank: int | None, world: int):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port, seconds=60):
         model, x, y, u, part = make_problem()
         data = TensorDataset(x, y)
         crit = nn.CrossEntropyLoss()
@@ -127,8 +123,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # a refresh batch per rank of different sizes (7 and 5): weighted by sample count
         res["refresh"] = first_refresh(slice(0, 7) if rank == 0 else slice(7, 12), rank, world)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 class _Failing:

@@ -12,7 +12,6 @@ model and the union of the ranks' batches (the model, groups and oracle of `test
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ from tests.distributed.test_sharded import (
     _oracle,
     _problem,
 )
-from tests.helpers.ranks import layer_gathers, spawned
+from tests.helpers.ranks import gloo_group, layer_gathers, spawned
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -95,10 +94,7 @@ def _layer_at_a_time(mesh, dp: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import (
@@ -155,8 +151,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["tp_summed"] = hos.summarize(summed, params, _laid_out(u, params), part)
         res["layerwise"] = _layer_at_a_time(mesh, dp)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 import hos.optim
 from hos import reference
-from tests.helpers.ranks import layer_gathers, spawned
+from tests.helpers.ranks import gloo_group, layer_gathers, spawned
 from tests.helpers.tolerances import FLOAT32_RUN, RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -99,10 +98,7 @@ def _grouped_newton(model, x, y, shard):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import distribute_tensor
@@ -165,8 +161,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["mixed_precision"] = _mixed_precision(mesh, rank)
         res["log_dir"] = log
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _laid_out(u: dict, params: dict) -> dict:

@@ -5,7 +5,6 @@ holding the unsharded model and the union of the ranks' batches."""
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 import hos
 from tests.distributed.test_sharded import _free_port
-from tests.helpers.ranks import layer_gathers, spawned
+from tests.helpers.ranks import gloo_group, layer_gathers, spawned
 from tests.helpers.thirdparty import needs
 from tests.helpers.tolerances import RANKS, RANKS_GRADIENT, assert_close
 
@@ -53,10 +52,7 @@ def _gpt2():
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import distribute_tensor
@@ -77,8 +73,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         grad = hos.gradient_direction(loss, params)
         res["gradient"] = {k: g.full_tensor() for k, g in grad.items()}
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 import hos
 from tests.distributed.test_sharded import _free_port
-from tests.helpers.ranks import spawned
+from tests.helpers.ranks import gloo_group, spawned
 from tests.helpers.tolerances import RANKS, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -44,10 +43,7 @@ def _spectrum(losses, params, part) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, world, port):
         model, x, y = _problem()
         crit = nn.CrossEntropyLoss()
         params = {k: p.detach() for k, p in model.named_parameters()}
@@ -58,8 +54,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         else:  # the other 9
             losses = hos.model_loss(model, crit, x[5:], y[5:])
         torch.save(_spectrum(losses, params, part), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

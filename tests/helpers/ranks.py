@@ -46,3 +46,21 @@ def layer_gathers() -> Iterator[list]:
         yield made
     finally:
         _regather.LayerGather.__init__ = original
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int, seconds: int = 120) -> Iterator[None]:
+    """This worker process in a gloo process group on 127.0.0.1:`port`, one thread, for the
+    block; the group is destroyed after it."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
