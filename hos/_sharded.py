@@ -140,22 +140,23 @@ def _fsdp_params(model: nn.Module) -> dict[str, object]:
     return found
 
 
-def _casts(model: nn.Module) -> dict[str, torch.dtype]:
+def _casts(records: dict[str, object]) -> dict[str, torch.dtype]:
     """The dtype FSDP2's mixed precision (`MixedPrecisionPolicy(param_dtype=...)`) casts each
-    parameter to for the forward, where it casts one."""
+    parameter to for the forward, where it casts one (`records`: `_fsdp_params`)."""
     out = {}
-    for name, record in _fsdp_params(model).items():
+    for name, record in records.items():
         cast = getattr(getattr(record, "mp_policy", None), "param_dtype", None)
         if cast is not None and cast != record.sharded_param.dtype:
             out[name] = cast
     return out
 
 
-def _model_parallel_specs(model: nn.Module) -> dict[str, object]:
+def _model_parallel_specs(model: nn.Module, records: dict | None = None) -> dict[str, object]:
     """For each FSDP2 parameter of a tensor-parallel layer, the DTensor layout FSDP gives the
-    forward after its all-gather (mesh and placements of the tensor-parallel dimension)."""
+    forward after its all-gather (mesh and placements of the tensor-parallel dimension);
+    `records`: `_fsdp_params(model)` when the caller has them."""
     out = {}
-    for name, record in _fsdp_params(model).items():
+    for name, record in (_fsdp_params(model) if records is None else records).items():
         spec = getattr(record, "_unsharded_dtensor_spec", None)
         if spec is not None:
             out[name] = spec
@@ -358,8 +359,9 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
     FSDP's); FSDP gets its own tensors back after each unit's forward."""
     units = fsdp_units(model)
     paths = {module: name for name, module in model.named_modules()}
-    specs = _model_parallel_specs(model)  # tensor-parallel weights: FSDP gathers DTensors
-    casts = _casts(model)  # mixed precision: FSDP casts its weights (and the unit's inputs)
+    records = _fsdp_params(model)
+    specs = _model_parallel_specs(model, records)  # tensor parallel: FSDP gathers DTensors
+    casts = _casts(records)  # mixed precision: FSDP casts its weights (and the unit's inputs)
     handles, saved = [], {}
     first: dict[int, str] = {}  # a tied parameter (GPT-2's lm_head.weight) by its first name
     canonical = {
