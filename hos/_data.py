@@ -38,7 +38,8 @@ from hos._guards import check_output_size
 from hos._loss import ModelLoss, model_loss
 from hos._partition import Partition
 from hos._progress import stderr_bar
-from hos._sharded import copies, per_rank
+from hos._rank_failure import agreed, sharded_phase
+from hos._sharded import copies, is_sharded, per_rank
 from hos._summary import Backend, Summary, summarize, summary_diagonal, summary_tensor
 from hos._validate import check_direction, check_order, check_partition
 
@@ -201,31 +202,6 @@ def _head(x: Any, keep: int) -> Any:
     return x
 
 
-def agreed(group: Any, what: str, run: Callable[[], Any]) -> Any:
-    """`run()`, then every rank learns whether every rank succeeded: a failure on one rank
-    makes all of them raise `RankFailure` naming it (instead of the others waiting in the next
-    collective until the process group's timeout). One `all_gather_object` per call."""
-    if group is None:
-        return run()
-    error: BaseException | None = None
-    try:
-        result = run()
-    except Exception as exc:  # reported to every rank below, then raised here too
-        error, result = exc, None
-    told = [None] * dist.get_world_size(group)
-    mine = (
-        None
-        if error is None
-        else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    )
-    dist.all_gather_object(told, mine, group=group)
-    failed = [(r, m) for r, m in enumerate(told) if m is not None]
-    if failed:
-        ranks = ", ".join(f"rank {r}: {m}" for r, m in failed)
-        raise RankFailure(f"hos {what}: {ranks}; every rank stops here.") from error
-    return result
-
-
 # --------------------------------------------------------------------------- the loop
 Compute = Callable[[ModelLoss, Params, Params, Partition], Sequence[torch.Tensor]]
 
@@ -292,7 +268,10 @@ def _accumulate(
                 bar.close()
 
     with per_rank():  # a sharded model's per-batch summaries: combined once, below
-        agreed(group, what, loop)
+        if is_sharded(params):  # collectives inside the loop (FSDP's gathers)
+            sharded_phase(what, loop)
+        else:
+            agreed(group, what, loop)
     if group is not None:
         counts = torch.tensor([samples, weight], dtype=ACCUMULATE_DTYPE, device=device)
         *sums, counts = all_reduce_sum([*sums, counts], group)

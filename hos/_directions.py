@@ -10,6 +10,7 @@ from torch import nn
 
 from hos._collective import reduce_over_ranks
 from hos._ordinary import sharded_gradient
+from hos._rank_failure import sharded_phase
 from hos._sharded import Layout, copies, for_backends, gathered, is_sharded, layout, like
 
 __all__ = ["gradient_direction", "momentum_direction", "random_direction"]
@@ -35,17 +36,22 @@ def gradient_direction(loss: Callable[[Params], torch.Tensor], params: Params) -
         {'w': tensor([ 2., -4.])}
     """
     if is_sharded(params):  # the gradient of all ranks' samples, laid out like params
-        if layout(loss, params) in (Layout.FSDP, Layout.FSDP_TENSOR_PARALLEL):
-            found = sharded_gradient(loss, params)  # FSDP's own backward: a layer at a time
-            if found is not None:
-                return found
-        model = getattr(getattr(loss, "wrapped", loss), "model", None)
-        grads = _gradient(loss, for_backends(loss, params))
-        names = list(grads)
-        full = gathered(grads)  # tensor parallel's DTensor gradients as full tensors
-        reduced = reduce_over_ranks([full[k] for k in names], loss, copies=copies(model, params))
-        return {k: like(g, params[k]) for k, g in zip(names, reduced)}
+        return sharded_phase("gradient_direction", lambda: _sharded_gradient(loss, params))
     return _gradient(loss, params)
+
+
+def _sharded_gradient(loss, params: Params) -> dict:
+    """`gradient_direction` of a sharded model (FSDP2, tensor parallel, both)."""
+    if layout(loss, params) in (Layout.FSDP, Layout.FSDP_TENSOR_PARALLEL):
+        found = sharded_gradient(loss, params)  # FSDP's own backward: a layer at a time
+        if found is not None:
+            return found
+    model = getattr(getattr(loss, "wrapped", loss), "model", None)
+    grads = _gradient(loss, for_backends(loss, params))
+    names = list(grads)
+    full = gathered(grads)  # tensor parallel's DTensor gradients as full tensors
+    reduced = reduce_over_ranks([full[k] for k in names], loss, copies=copies(model, params))
+    return {k: like(g, params[k]) for k, g in zip(names, reduced)}
 
 
 def _gradient(loss, params: Params) -> dict:

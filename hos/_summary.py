@@ -42,6 +42,7 @@ compositions of automatic differentiation; each is checked against
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -61,6 +62,7 @@ from hos._injection import eager
 from hos._ordinary import check_against_model
 from hos._partition import Partition
 from hos._problem import Problem
+from hos._rank_failure import sharded_phase
 from hos._record import Summary
 from hos._refusals import explain_missing_derivative
 from hos._sharded import Layout, differentiable_from_local, reducing
@@ -128,10 +130,17 @@ def _from_local_differentiable(prob: Problem) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-def _checked_run(prob: Problem, params, compute, backend: SummaryBackend, compared=None):
+def _checked_run(what: str, prob: Problem, params, compute, backend: SummaryBackend, compared=None):
     """Run `compute()` read-only and check what it returns; for a model's loss, on first sight
     of the setting, against the model run the ordinary way (`hos._ordinary`): `compared(results)`
-    gives the (ḡ, H̄·1) of the results to compare, None where the results do not hold them."""
+    gives the (ḡ, H̄·1) of the results to compare, None where the results do not hold them. A
+    sharded model's ranks fail together (`hos._rank_failure.sharded_phase`; the arguments were
+    validated before, alike on every rank, and a wrong one keeps its own error)."""
+    run = functools.partial(_run_and_check, prob, params, compute, backend, compared)
+    return sharded_phase(what, run) if prob.sharded else run()
+
+
+def _run_and_check(prob: Problem, params, compute, backend: SummaryBackend, compared):
     with _computing(prob, params), _from_local_differentiable(prob):
         try:
             results = compute()
@@ -216,7 +225,7 @@ def summary_tensor(
         batched_params=chosen.batched_params(prob),
     )  # fmt: skip
     out = _checked_run(
-        prob, params, lambda: chosen.tensor(prob, order), chosen,
+        "summary_tensor", prob, params, lambda: chosen.tensor(prob, order), chosen,
         lambda D: (D, None) if order == 1 else (None, D.sum(1) if order == 2 else None),
     )  # fmt: skip
     check_result("summary_tensor", prob.names, **{f"D^({order})": out})
@@ -265,7 +274,7 @@ def summary_diagonal(
             batched_params=chosen.batched_params(prob),
         )  # fmt: skip
     out = _checked_run(
-        prob, params, lambda: chosen.diagonal(prob, order, chunk), chosen,
+        "summary_diagonal", prob, params, lambda: chosen.diagonal(prob, order, chunk), chosen,
         lambda d: (d, None) if order == 1 else (None, None),
     )  # fmt: skip
     check_result("summary_diagonal", prob.names, **{f"diag D^({order})": out})
@@ -331,8 +340,9 @@ def summarize(
     prob = _prepare(loss, params, direction, partition, 3, "summarize", verify)
     chosen = _backend_for(prob, backend, chosen)
     g, H, d3, value = _checked_run(
-        prob, params, lambda: chosen.summarize(prob, chunk), chosen, lambda r: (r[0], r[1].sum(1))
-    )
+        "summarize", prob, params, lambda: chosen.summarize(prob, chunk), chosen,
+        lambda r: (r[0], r[1].sum(1)),
+    )  # fmt: skip
     check_result("summarize", prob.names, loss=value, g=g, H=H, d3=d3)
     return Summary(
         g=g.detach(), H=H.detach(), d3=d3.detach(), names=prob.names, loss=value.detach(),
