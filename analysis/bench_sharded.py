@@ -16,6 +16,7 @@ the same run. Writes analysis/results/bench_sharded.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -67,6 +68,57 @@ class Meter:
         return (peak - before) / 2**20, seconds
 
 
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of this rank's part of a (DTensor) parameter."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+@contextlib.contextmanager
+def _held_parts(found: dict):
+    """Within the block, what an FSDP2 summary holds beyond the shards, by kind: the gathered
+    weights alive at once (`LayerGather.peak_bytes`) and the tensors its graphs save as they are
+    (not as shards: activations and fresh products), their peak over the live storages, and the
+    largest of them. Slow (it sums the live storages at every save): not for the timed calls."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from hos import _regather
+
+    made, live = [], {}
+    found.update(saved_peak=0, largest_saved=0)
+    original_init, original_pack = _regather.LayerGather.__init__, _regather.LayerGather.pack
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    def pack(self, tensor):
+        packed = original_pack(self, tensor)
+        if packed is tensor and type(tensor) is torch.Tensor:
+            storage = tensor.untyped_storage()
+            live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+                del live[key]
+            found["saved_peak"] = max(found["saved_peak"], sum(n for _, n in live.values()))
+            found["largest_saved"] = max(found["largest_saved"], storage.nbytes())
+        return packed
+
+    _regather.LayerGather.__init__, _regather.LayerGather.pack = init, pack
+    try:
+        yield
+    finally:
+        _regather.LayerGather.__init__, _regather.LayerGather.pack = original_init, original_pack
+        found["gathered_peak"] = max((g.peak_bytes for g in made), default=0)
+
+
+def _parts(call) -> dict:
+    """`_held_parts` of one call, in MiB."""
+    found: dict = {}
+    with _held_parts(found):
+        call()
+    return {k: v / 2**20 for k, v in found.items()}
+
+
 def _case(model, x, y, device, meter, sharded: bool) -> dict:
     import hos
 
@@ -103,7 +155,17 @@ def _case(model, x, y, device, meter, sharded: bool) -> dict:
         hos.summarize(loss, params, u, part, backend="reverse")
         checked[call] = time.perf_counter() - start
     check_s = checked["first"] - checked["again"]
-    return {"gradient_mib": mem_grad, "gradient_s": t_grad, "summarize_mib": mem_sum,
+    held = {}
+    if sharded:  # what the memory above is made of (separate calls: the accounting is slow)
+        summary = _parts(
+            lambda: hos.summarize(loss, params, u, part, backend="reverse", verify=False)
+        )
+        rows = _parts(
+            lambda: hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+        )
+        shards = sum(_local_bytes(t) for t in [*params.values(), *u.values()]) / 2**20
+        held = {"shards_mib": shards, "summarize_parts": summary, "hessian_parts": rows}
+    return {**held, "gradient_mib": mem_grad, "gradient_s": t_grad, "summarize_mib": mem_sum,
             "summarize_s": t_sum, "summarize_gradients": t_sum / t_grad, "S": len(part),
             "hessian_mib": mem_rows, "hessian_gradients": t_rows / t_grad,
             "check_s": check_s, "check_gradients": check_s / t_grad}  # fmt: skip
@@ -213,6 +275,7 @@ def main(argv=None) -> None:
     record = toolkit.update_json(args.out, {key: report}, "environment")
     if not args.quick and args.out == RESULTS:  # the docs include it: from the JSON, not by hand
         toolkit.save_table(table(record), "sharded.md")
+        toolkit.save_table(held_table(record), "sharded_held.md")
     worst = max(r["summarize_mib"] for r in ranks)
     toolkit.log(f"parameters {params_mib:.1f} MiB; unsharded summarize +{single['summarize_mib']:.0f} "
                 f"MiB ({single['summarize_gradients']:.1f} gradients); FSDP2 x{args.world} "
@@ -256,6 +319,39 @@ def table(record: dict) -> str:
             f"+{span([r['hessian_mib'] for r in ranks], '{:.0f}')} MiB per rank | "
             f"{span([r['check_s'] for r in ranks], '{:.2f}')} s, "
             f"{span([r['check_gradients'] for r in ranks], '{:.1f}')} gradients |"
+        )
+    return "\n".join(lines)
+
+
+def held_table(record: dict) -> str:
+    """The docs' table of what one FSDP2 rank holds during a summary, by kind (rank 0, from
+    `_held_parts`): its shards of θ and u, the gathered weights alive at once, and the tensors
+    the graphs save as they are — in MiB and in units of one layer's weight (gathered) and one
+    activation of the rank's batch per layer (saved)."""
+    lines = ["| | one layer's weight / one activation | θ and u shards | gathered weights at most "
+             "| saved by the graphs at most: `summarize` | H̄ alone |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    runs = sorted((rec for key, rec in record.items() if key.startswith("world")),
+                  key=lambda rec: (rec["spec"].get("tp", 1), rec["spec"]["depth"],
+                                   rec["world"]))  # fmt: skip
+    for rec in runs:
+        rank = rec["ranks"][0]
+        if "summarize_parts" not in rank:  # a section from before this table
+            continue
+        spec, world, tp = rec["spec"], rec["world"], rec["spec"].get("tp", 1)
+        weight = spec["width"] ** 2 * 4 / 2**20
+        activation = spec["batch"] * spec["width"] * 4 / 2**20
+        gathered = rank["summarize_parts"]["gathered_peak"]
+
+        def saved(parts: dict) -> str:
+            per_layer = parts["saved_peak"] / activation / spec["depth"]
+            return f"{parts['saved_peak']:.1f} MiB (≈ {per_layer:.0f} activations per layer)"
+
+        lines.append(
+            f"| {_sharding(world, tp)}, {spec['depth']} layers, batch {spec['batch']} each | "
+            f"{weight:.1f} / {activation:.2f} MiB | {rank['shards_mib']:.1f} MiB | "
+            f"{gathered:.1f} MiB (= {gathered / weight:.1f} layers) | "
+            f"{saved(rank['summarize_parts'])} | {saved(rank['hessian_parts'])} |"
         )
     return "\n".join(lines)
 

@@ -269,7 +269,7 @@ def _accumulate(
 
     with per_rank():  # a sharded model's per-batch summaries: combined once, below
         if is_sharded(params):  # collectives inside the loop (FSDP's gathers)
-            sharded_phase(what, loop)
+            sharded_phase(what, loop, device)
         else:
             agreed(group, what, loop)
     if group is not None:

@@ -36,7 +36,8 @@ def gradient_direction(loss: Callable[[Params], torch.Tensor], params: Params) -
         {'w': tensor([ 2., -4.])}
     """
     if is_sharded(params):  # the gradient of all ranks' samples, laid out like params
-        return sharded_phase("gradient_direction", lambda: _sharded_gradient(loss, params))
+        device = next(iter(params.values())).device
+        return sharded_phase("gradient_direction", lambda: _sharded_gradient(loss, params), device)
     return _gradient(loss, params)
 
 

@@ -12,7 +12,7 @@ Two kinds of phase, two protocols:
   pending collective fails when that rank's process ends (gloo: "Connection closed by peer", well
   within a second; `ProcessGroup.abort()` does not unblock gloo peers in torch 2.13, measured), and
   the peer reads the stored error and raises the same `RankFailure`. Every rank of a phase that
-  ends well meets once at its end (a barrier), so a failure after the phase's last collective is
+  ends well meets once at its end (an all-reduce of one number), so a failure after the phase's last collective is
   also raised by hos, not by the next collective of the caller's code. The phases are numbered in
   the order a process enters them (only the outermost: a loader's per-batch summaries belong to
   the loader's phase); every rank enters the same sequence, as it makes the same collective calls.
@@ -26,8 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from hos._collective import all_reduce_sum
 from hos._errors import ModelMismatchError, RankFailure
 
 __all__ = ["agreed", "sharded_phase"]
@@ -112,31 +114,34 @@ def _posted(store, phase: int, wait_s: float) -> list[tuple[int, str]]:
 
 
 def _raised(what: str, phase: int, error: BaseException) -> RankFailure:
-    """The `RankFailure` this rank raises for `error`: a peer's stored error when there is one (the
-    collective this rank waited in failed because that peer stopped), else this rank's own,
-    stored for the peers."""
+    """The `RankFailure` this rank raises for `error`. A failed collective (gloo raises
+    `RuntimeError`) is most likely a peer that stopped: its stored error, when one comes within
+    `WAIT_FOR_CAUSE_S`. Otherwise this rank's own error, stored for the peers, with those of the
+    ranks that fail alike within `WAIT_FOR_PEERS_S` (the same bad batch everywhere), so that
+    every rank names the same ones. A store that cannot be reached (it lives in rank 0's process
+    unless torchrun hosts it) leaves this rank's own error."""
+    me = dist.get_rank()
+    mine = (me, _describe(error).replace("\n", " "))
     store = _store()
     if store is None:
-        return _failure(what, [(dist.get_rank(), _describe(error))], sharded=True)
-    # a failed collective (gloo raises RuntimeError) is most likely a peer that stopped: give the
-    # peer the moment between storing its error and its process ending
-    wait = WAIT_FOR_CAUSE_S if isinstance(error, RuntimeError) else 0.0
-    others = [(r, m) for r, m in _posted(store, phase, wait) if r != dist.get_rank()]
-    if others:
-        return _failure(what, others, sharded=True)
-    mine = (dist.get_rank(), _describe(error).replace("\n", " "))
-    store.append(_key(phase), f"{mine[0]} {mine[1]}\n")
-    # ranks failing alike (the same bad batch everywhere) post within a moment: name them all,
-    # so that every rank raises the same message
-    deadline = time.monotonic() + WAIT_FOR_PEERS_S
-    posted = _posted(store, phase, 0.0)
-    while len({r for r, _ in posted}) < dist.get_world_size() and time.monotonic() < deadline:
-        time.sleep(0.05)
+        return _failure(what, [mine], sharded=True)
+    try:
+        if isinstance(error, RuntimeError):
+            others = [(r, m) for r, m in _posted(store, phase, WAIT_FOR_CAUSE_S) if r != me]
+            if others:
+                return _failure(what, others, sharded=True)
+        store.append(_key(phase), f"{mine[0]} {mine[1]}\n")
+        deadline = time.monotonic() + WAIT_FOR_PEERS_S
         posted = _posted(store, phase, 0.0)
-    return _failure(what, posted, sharded=True)
+        while len({r for r, _ in posted}) < dist.get_world_size() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            posted = _posted(store, phase, 0.0)
+    except RuntimeError:  # the store went away with the process that hosted it
+        posted = [mine]
+    return _failure(what, posted if mine in posted else [*posted, mine], sharded=True)
 
 
-def sharded_phase(what: str, run: Callable[[], Any]) -> Any:
+def sharded_phase(what: str, run: Callable[[], Any], device: torch.device) -> Any:
     """`run()`, a computation with collectives inside (a sharded model's summary), on every rank:
     an error on one rank makes every rank raise the same `RankFailure` naming it, within a second
     of the failing rank's process ending, instead of the others waiting in a collective until the
@@ -153,9 +158,9 @@ def sharded_phase(what: str, run: Callable[[], Any]) -> Any:
             raise
         except Exception as error:
             raise _raised(what, phase, error) from error
-        if outermost:
+        if outermost:  # every rank meets once more: one number, on the computation's device
             try:
-                dist.barrier()
+                all_reduce_sum([torch.zeros(1, device=device)])
             except Exception as error:
                 raise _raised(what, phase, error) from error
         return result

@@ -137,7 +137,7 @@ def _checked_run(what: str, prob: Problem, params, compute, backend: SummaryBack
     sharded model's ranks fail together (`hos._rank_failure.sharded_phase`; the arguments were
     validated before, alike on every rank, and a wrong one keeps its own error)."""
     run = functools.partial(_run_and_check, prob, params, compute, backend, compared)
-    return sharded_phase(what, run) if prob.sharded else run()
+    return sharded_phase(what, run, prob.device) if prob.sharded else run()
 
 
 def _run_and_check(prob: Problem, params, compute, backend: SummaryBackend, compared):

@@ -42,6 +42,8 @@ class _FailsOnRank1(torch.autograd.Function):
             raise ValueError(f"a non-finite activation on rank {dist.get_rank()}")
         if where == "forward" and dist.get_rank() == 1:
             raise ValueError("a non-finite activation on rank 1")
+        if where == "rank0" and dist.get_rank() == 0:
+            raise ValueError("a non-finite activation on rank 0")
         return x.view_as(x)
 
     @staticmethod
@@ -127,10 +129,42 @@ def test_a_failure_on_one_rank_of_an_fsdp2_model_is_raised_by_every_rank_in_seco
     case, cause, tmp_path
 ):
     results = spawned(_worker, (WORLD, _free_port(), case, str(tmp_path)), WORLD, tmp_path)
-    what = "summarize_loader" if case.startswith("loader") else "summarize"
+    _check(results, "summarize_loader" if case.startswith("loader") else "summarize", cause)
+
+
+def _check(results: list, what: str, cause: str) -> None:
     for rank, (kind, message, elapsed) in enumerate(results):
         assert kind == "RankFailure", (rank, kind, message)
         assert message.startswith(f"hos {what}: {cause}; every rank stops here."), (rank, message)
         assert "destroy and re-create its process groups" in message
         assert elapsed < WITHIN_S, (rank, elapsed)
     assert results[0][1] == results[1][1]  # the same error on every rank
+
+
+def test_rank_0_failing_under_torchrun_is_raised_by_every_rank(tmp_path):
+    """torchrun's agent holds the store: the error of rank 0 (the store's host under
+    `mp.spawn`) can still be read after its process ends."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    cmd += [__file__, "rank0", str(tmp_path)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONPATH": str(root),
+    }
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    _check(results, "summarize", "rank 0: ValueError: a non-finite activation on rank 0")
+
+
+if __name__ == "__main__":  # one rank of the torchrun test
+    import sys
+
+    _worker(int(os.environ["RANK"]), WORLD, int(os.environ["MASTER_PORT"]), *sys.argv[1:])

@@ -125,3 +125,6 @@ def test_sharded_table_is_generated_from_the_committed_json():
     record = _committed("bench_sharded.json")
     assert {"world2", "world4"} <= set(record)
     _check("sharded.md", bench_sharded.table(record), "benchmarks.md")
+    _check("sharded_held.md", bench_sharded.held_table(record), "benchmarks.md")
+    # what a rank holds is measured on every FSDP2 run (a section without it would drop its row)
+    assert all("summarize_parts" in r["ranks"][0] for k, r in record.items() if k != "environment")
