@@ -327,7 +327,8 @@ def held_table(record: dict) -> str:
     """The docs' table of what one FSDP2 rank holds during a summary, by kind (rank 0, from
     `_held_parts`): its shards of θ and u, the gathered weights alive at once, and the tensors
     the graphs save as they are — in MiB and in units of one layer's weight (gathered) and one
-    activation of the rank's batch per layer (saved)."""
+    activation of the rank's batch per layer (saved; a saved tensor larger than an activation is
+    the weight-sized product of the row's own group, shown apart)."""
     lines = ["| | one layer's weight / one activation | θ and u shards | gathered weights at most "
              "| saved by the graphs at most: `summarize` | H̄ alone |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -344,8 +345,10 @@ def held_table(record: dict) -> str:
         gathered = rank["summarize_parts"]["gathered_peak"]
 
         def saved(parts: dict) -> str:
-            per_layer = parts["saved_peak"] / activation / spec["depth"]
-            return f"{parts['saved_peak']:.1f} MiB (≈ {per_layer:.0f} activations per layer)"
+            product = parts["largest_saved"] if parts["largest_saved"] > activation else 0.0
+            per_layer = (parts["saved_peak"] - product) / activation / spec["depth"]
+            plus = f"one {product:.0f} MiB product + " if product else ""
+            return f"{parts['saved_peak']:.1f} MiB ({plus}≈ {per_layer:.0f} activations per layer)"
 
         lines.append(
             f"| {_sharding(world, tp)}, {spec['depth']} layers, batch {spec['batch']} each | "

@@ -277,6 +277,7 @@ def hessian_rows(
         H[later, i] = values
         if i in third:
             d3[i] = path.derivative(row[0], [i], keep=False)[0].detach()
+        del row  # this row's graph goes before the next row's is built (not alongside it)
     return H, d3
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import hos
 import hos.optim
 from hos import reference
-from tests.helpers.ranks import gloo_group, layer_gathers, spawned
+from tests.helpers.ranks import gloo_group, layer_gathers, saved_as_is, spawned
 from tests.helpers.tolerances import FLOAT32_RUN, RANKS, RANKS_GRADIENT, assert_close
 
 pytestmark = pytest.mark.skipif(
@@ -372,11 +372,14 @@ def _layer_at_a_time(mesh, rank: int) -> dict:
     u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
     part = hos.Partition.per_layer(model)
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[rank::WORLD], y[rank::WORLD])
+    weight = WIDTH * WIDTH * DT.itemsize
+    out = {}
     with layer_gathers() as made:
-        out = {
-            "summarize": hos.summarize(loss, params, u, part),
-            "tensor3": hos.summary_tensor(loss, params, u, part, 3),
-        }
+        with saved_as_is(weight) as kept:
+            out["summarize"] = hos.summarize(loss, params, u, part)
+        with saved_as_is(weight) as kept3:
+            out["tensor3"] = hos.summary_tensor(loss, params, u, part, 3)
+    out["weight_sized_saved"] = (kept["peak"], kept3["peak"])
     out["peak_bytes"] = max(g.peak_bytes for g in made)
     out["gathers"] = sum(g.gathers for g in made)
     return out
@@ -422,6 +425,10 @@ def test_fsdp2_holds_a_few_layers_gathered_at_a_time_and_stays_exact(ranks):
     for res in ranks:
         assert_layer_at_a_time(res["layerwise"], want, params)
         assert_close(res["layerwise"]["tensor3"], want3, "D3", **RANKS)
+        # besides the shards, the third-order graphs keep one weight-sized product at a time (the
+        # row's own group; one row's graph is let go before the next is built), not one per
+        # layer: what grows with depth is activation-sized
+        assert res["layerwise"]["weight_sized_saved"] == (1, 1)  # summarize, D³
 
 
 def assert_layer_at_a_time(got: dict, want: hos.Summary, params: dict) -> None:

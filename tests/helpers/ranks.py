@@ -49,6 +49,36 @@ def layer_gathers() -> Iterator[list]:
 
 
 @contextlib.contextmanager
+def saved_as_is(nbytes: int) -> Iterator[dict]:
+    """Within the block, the most storages of `nbytes` bytes that the graphs of a summary saved as
+    they are (not as shards, `hos._regather.LayerGather.pack`) and kept alive at one time:
+    `found["peak"]` after the block."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from hos import _regather
+
+    found, live = {"peak": 0}, {}
+    original = _regather.LayerGather.pack
+
+    def pack(self, tensor):
+        packed = original(self, tensor)
+        if packed is tensor and isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            if storage.nbytes() == nbytes:
+                live[storage.data_ptr()] = StorageWeakRef(storage)
+                for key in [k for k, ref in live.items() if ref.expired()]:
+                    del live[key]
+                found["peak"] = max(found["peak"], len(live))
+        return packed
+
+    _regather.LayerGather.pack = pack
+    try:
+        yield found
+    finally:
+        _regather.LayerGather.pack = original
+
+
+@contextlib.contextmanager
 def gloo_group(rank: int, world: int, port: int, seconds: int = 120) -> Iterator[None]:
     """This worker process in a gloo process group on 127.0.0.1:`port`, one thread, for the
     block; the group is destroyed after it."""
