@@ -55,8 +55,8 @@ from hos._outcome import outside_hos, state_precision
 from hos._partition import Partition
 from hos._problem import Problem
 from hos._refusals import module_path
-from hos._sharded import is_dtensor
 from hos._stochastic import stochastic_depth_off
+from hos._validate import max_abs
 from hos.backends.certificate import tolerance
 
 __all__ = [
@@ -273,9 +273,8 @@ def _unread(prob: Problem, grads: dict) -> list[int]:
 
 
 def _abs_max(v: torch.Tensor) -> float:
-    """max |v|, the same on every rank for a DTensor (a collective then)."""
-    top = v.detach().abs().max()
-    return float(top.full_tensor() if is_dtensor(top) else top)
+    """max |v|, the same on every rank for a DTensor (a collective then; an empty shard too)."""
+    return max_abs([v])[0]
 
 
 def _step(prob: Problem, precision: torch.dtype) -> float:

@@ -32,6 +32,7 @@ from torch import nn
 
 from hos._collective import all_reduce_sum, rank_weight, reduce_over_ranks
 from hos._sharded import Layout, fsdp_param_groups, fsdp_units, is_dtensor
+from hos._validate import max_abs
 
 __all__ = ["model_gradient", "observe_sharded", "on_any_rank"]
 
@@ -127,12 +128,8 @@ def _local(x: torch.Tensor) -> torch.Tensor:
 
 
 def _moves(u: dict, names) -> bool:
-    """Whether u is nonzero on any of `names` (a collective per DTensor)."""
-    for n in names:
-        top = u[n].abs().max()
-        if float(top.full_tensor() if is_dtensor(top) else top) > 0:
-            return True
-    return False
+    """Whether u is nonzero on any of `names` (a collective per DTensor; empty shards too)."""
+    return any(m > 0 for m in max_abs([u[n] for n in names]))
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ __all__ = ["agreed", "sharded_phase"]
 
 #: how long a rank whose collective failed waits for the failing rank's stored error
 WAIT_FOR_CAUSE_S = 3.0
+#: how long rank 0 waits for the other ranks to read a stored error before it raises
+WAIT_FOR_READERS_S = 10.0
 #: how long a failing rank waits for the other ranks' errors, in case they all fail alike
 WAIT_FOR_PEERS_S = 1.0
 #: errors hos raises on every rank from a verdict the ranks reached together (an all-reduce):
@@ -113,6 +115,20 @@ def _posted(store, phase: int, wait_s: float) -> list[tuple[int, str]]:
         time.sleep(0.05)
 
 
+def _read(store, phase: int, readers: int) -> None:
+    """Count this rank among those that read the stored error; rank 0, which hosts the store
+    under `torch.multiprocessing.spawn` (its process ending takes the store along), waits until
+    every reader has read it, at most `WAIT_FOR_READERS_S` (a rank whose collective waits on a
+    reader, not on the failed rank, reads only once that reader's process has ended)."""
+    count = store.add(f"{_key(phase)}/read", 1)
+    if dist.get_rank() != 0:
+        return
+    deadline = time.monotonic() + WAIT_FOR_READERS_S
+    while count < readers and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = store.add(f"{_key(phase)}/read", 0)
+
+
 def _raised(what: str, phase: int, error: BaseException) -> RankFailure:
     """The `RankFailure` this rank raises for `error`. A failed collective (gloo raises
     `RuntimeError`) is most likely a peer that stopped: its stored error, when one comes within
@@ -129,6 +145,7 @@ def _raised(what: str, phase: int, error: BaseException) -> RankFailure:
         if isinstance(error, RuntimeError):
             others = [(r, m) for r, m in _posted(store, phase, WAIT_FOR_CAUSE_S) if r != me]
             if others:
+                _read(store, phase, readers=dist.get_world_size() - len({r for r, _ in others}))
                 return _failure(what, others, sharded=True)
         store.append(_key(phase), f"{mine[0]} {mine[1]}\n")
         deadline = time.monotonic() + WAIT_FOR_PEERS_S

@@ -46,6 +46,7 @@ from hos._partition import Partition
 __all__ = [
     "check_chunk", "check_direction", "check_int", "check_number", "check_order", "check_params",
     "check_partition", "check_scale", "check_summary_args", "checked_loss", "compute_dtype",
+    "max_abs",
 ]  # fmt: skip
 
 Params = Mapping[str, torch.Tensor]
@@ -108,10 +109,15 @@ def check_chunk(chunk: object, backend) -> int | None:
 
 # --------------------------------------------------------------------------- tensors
 def _count_bad(t: torch.Tensor) -> int:
-    return int((~torch.isfinite(t)).sum()) if t.device.type != "meta" else 0
+    """NaN/Inf entries of `t`; of all its shards for a DTensor (a collective then)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if local.device.type == "meta":
+        return 0
+    bad = (~torch.isfinite(local)).sum().to(torch.float64)
+    return int(_over_shards(bad, t, "sum") if local is not t else bad)
 
 
-def _max_abs(tensors: list[torch.Tensor]) -> list[float]:
+def max_abs(tensors: list[torch.Tensor]) -> list[float]:
     """max|t| of each tensor with one device sync; NaN/Inf if the tensor holds any.
 
     One `aminmax` pass per tensor (no temporary the size of the tensor, unlike
@@ -122,20 +128,35 @@ def _max_abs(tensors: list[torch.Tensor]) -> list[float]:
         return []
     values = []
     for t in tensors:
-        if not t.numel():
-            values.append(torch.zeros((), dtype=torch.float64, device=t.device))
-            continue
-        low, high = t.detach().aminmax()
-        largest = torch.maximum(-low, high).to(torch.float64)
-        if hasattr(largest, "full_tensor"):  # a DTensor's (FSDP2): the max over its shards
-            largest = largest.full_tensor()
+        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+        if not local.numel():  # an empty tensor, or an empty shard (3 rows over 4 ranks)
+            largest = torch.zeros((), dtype=torch.float64, device=local.device)
+        else:
+            low, high = local.detach().aminmax()
+            largest = torch.maximum(-low, high).to(torch.float64)
+        if local is not t:  # the max over the shards (NaN as +inf: a max reduction may drop it)
+            largest = _over_shards(torch.nan_to_num(largest, nan=math.inf), t, "max")
         values.append(largest)
     return torch.stack(values).tolist()
 
 
+def _over_shards(value: torch.Tensor, template, reduce: str) -> torch.Tensor:
+    """A per-shard scalar reduced ("max", "sum") over the shards of the DTensor `template`."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial, Shard
+
+    mesh = template.device_mesh
+    # a sum counts each shard once: replicated mesh dimensions hold copies, not more entries
+    placements = [
+        Partial(reduce) if isinstance(p, Shard) or reduce == "max" else p
+        for p in template.placements
+    ]
+    return DTensor.from_local(value, mesh, placements, run_check=False).full_tensor()
+
+
 def _check_finite(argument: str, tensors: Mapping[str, torch.Tensor], maxima=None) -> None:
     names = list(tensors)
-    maxima = _max_abs([tensors[n] for n in names]) if maxima is None else maxima
+    maxima = max_abs([tensors[n] for n in names]) if maxima is None else maxima
     for name, m in zip(names, maxima):
         if not math.isfinite(m):
             value = tensors[name]
@@ -326,7 +347,7 @@ def check_summary_args(
     partition = check_partition(partition, params)
     direction = check_direction(direction, params, finite=False)
     names = list(params)
-    maxima = _max_abs([params[n] for n in names] + [direction[n] for n in names])
+    maxima = max_abs([params[n] for n in names] + [direction[n] for n in names])
     _check_finite("params", params, maxima[: len(names)])
     _check_finite("direction", direction, maxima[len(names) :])
     dtype = compute_dtype(params)

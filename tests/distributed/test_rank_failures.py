@@ -138,7 +138,17 @@ def _check(results: list, what: str, cause: str) -> None:
         assert message.startswith(f"hos {what}: {cause}; every rank stops here."), (rank, message)
         assert "destroy and re-create its process groups" in message
         assert elapsed < WITHIN_S, (rank, elapsed)
-    assert results[0][1] == results[1][1]  # the same error on every rank
+    assert len({message for _, message, _ in results}) == 1  # the same error on every rank
+
+
+def test_on_4_ranks_a_failure_in_a_backward_pass_is_raised_by_all_four(tmp_path):
+    """Three ranks wait (in hos's re-gathers of the 4-way shards) while rank 1 fails."""
+    world = 4
+    results = spawned(_worker, (world, _free_port(), "backward", str(tmp_path)), world, tmp_path)
+    assert len(results) == world
+    _check(
+        results, "summarize", "rank 1: FloatingPointError: an overflow in rank 1's backward pass"
+    )
 
 
 def test_rank_0_failing_under_torchrun_is_raised_by_every_rank(tmp_path):

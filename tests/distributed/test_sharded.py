@@ -559,6 +559,55 @@ def test_grouped_newton_on_fsdp2_follows_the_unsharded_steps(ranks, oracle):
         )
 
 
+# --------------------------------------------------------------------------- 4 ranks
+def _four_ranks_worker(rank: int, world: int, port: int, out: str) -> None:
+    """The same model on 4 ranks: l3's 3 rows leave rank 3 an empty shard of l3.weight and
+    l3.bias. Then a NaN in rank 2's shard of u, which every rank must refuse alike."""
+    with gloo_group(rank, world, port):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        model, x, y, u, part = _problem()
+        for layer in (model.l1, model.l2, model.l3):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = dict(model.named_parameters())
+        u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+        mine = slice(rank, None, world)
+        loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[mine], y[mine])
+        res = {"empty": params["l3.weight"].to_local().numel() == 0}
+        res["summarize"] = hos.summarize(loss, params, u, part)
+        res["gradient"] = {
+            k: v.full_tensor() for k, v in hos.gradient_direction(loss, params).items()
+        }
+        if rank == 2:
+            u["l2.weight"].to_local()[0, 0] = float("nan")
+        try:
+            hos.summarize(loss, params, u, part)
+            res["nan"] = "no error"
+        except ValueError as err:
+            res["nan"] = str(err)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_fsdp2_on_4_ranks_with_an_empty_shard(tmp_path, oracle):
+    """3 rows over 4 ranks (FSDP2 pads: rank 3 holds none of l3): the summaries and the gradient
+    equal the unsharded model, and a NaN in one rank's shard of u is refused on every rank with
+    the same error (each rank's largest entry is the max over all shards)."""
+    results = spawned(_four_ranks_worker, (4, _free_port(), str(tmp_path)), 4, tmp_path)
+    assert [r["empty"] for r in results] == [False, False, False, True]
+    for res in results:
+        for name in ("g", "H", "d3", "loss"):
+            want = getattr(oracle["summarize"], name)
+            assert_close(getattr(res["summarize"], name), want, name, **RANKS)
+        for k, g in oracle["gradient"].items():
+            assert_close(res["gradient"][k], g, k, **RANKS_GRADIENT)
+        assert res["nan"].startswith("direction['l2.weight'] has"), res["nan"]
+    assert len({r["nan"] for r in results}) == 1
+
+
 # --------------------------------------------------------------------------- slow smoke runs
 @pytest.mark.slow
 def test_torchrun_example_matches_one_process():
