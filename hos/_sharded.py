@@ -386,8 +386,16 @@ def fsdp_injected(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Itera
                     value = _gathered_shard(name, value, spec, casts.get(name))
                 elif name in casts:
                     value = value.to(casts[name])
-                swapped.append((module, attr, module._parameters[attr]))
-                module._parameters[attr] = value
+            elif _GATHER.get() is not None and name in records:  # not moved (frozen): still
+                # gathered by hos, so that the graph keeps it as a shard — FSDP frees its own
+                # gathered weight after the unit's forward, and re-gathers only for its backward
+                value = _gathered_shard(
+                    name, records[name].sharded_param, specs.get(name), casts.get(name)
+                )
+            else:
+                continue
+            swapped.append((module, attr, module._parameters[attr]))
+            module._parameters[attr] = value
         saved[unit] = swapped
 
     def after(unit, args, output):

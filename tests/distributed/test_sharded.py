@@ -159,8 +159,36 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["ordinary"] = _ordinary_check(mesh, rank)
         res["layerwise"] = _layer_at_a_time(mesh, rank)
         res["mixed_precision"] = _mixed_precision(mesh, rank)
+        res["frozen"] = _frozen(mesh, rank)
         res["log_dir"] = log
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _frozen_problem():
+    """`_problem` with l2.weight frozen (fine-tuning): θ, u and the partition leave it out."""
+    model, x, y, u, _ = _problem()
+    model.l2.weight.requires_grad_(False)
+    return model, x, y, {k: u[k] for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _frozen(mesh, rank: int) -> dict:
+    """`summarize` (with its check against the model) and `gradient_direction` of the FSDP2
+    model with a frozen weight, which FSDP gathers and frees as usual but hos does not move."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    model, x, y, u = _frozen_problem()
+    for layer in (model.l1, model.l2, model.l3):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    u = {k: distribute_tensor(u[k], mesh, params[k].placements) for k in params}
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[rank::WORLD], y[rank::WORLD])
+    grad = hos.gradient_direction(loss, params)
+    return {
+        "summarize": hos.summarize(loss, params, u, hos.Partition.per_tensor(model)),
+        "gradient": {k: g.full_tensor() for k, g in grad.items()},
+    }
 
 
 def _laid_out(u: dict, params: dict) -> dict:
@@ -441,6 +469,25 @@ def assert_layer_at_a_time(got: dict, want: hos.Summary, params: dict) -> None:
         assert_close(getattr(got["summarize"], name), getattr(want, name), name, **RANKS)
     assert got["peak_bytes"] <= 6 * layer < total, (got["peak_bytes"], layer, total)
     assert got["gathers"] > 2 * DEPTH
+
+
+def test_fsdp2_with_a_frozen_weight_equals_the_unsharded_model(ranks):
+    """A frozen weight (not in θ): FSDP frees its gathered copy after the unit's forward and
+    re-gathers only in its own backward, so hos gathers it too (kept as a shard by the graph);
+    it failed with a raw "setStorage ... storage of size 0" before."""
+    model, x, y, u = _frozen_problem()
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    part = hos.Partition.per_tensor(model)
+    assert "l2.weight" not in part.parameter_names
+    want = hos.summarize(loss, params, u, part, backend="reverse")
+    gradient = hos.gradient_direction(loss, params)
+    for res in ranks:
+        got = res["frozen"]
+        for name in ("g", "H", "d3", "loss"):
+            assert_close(getattr(got["summarize"], name), getattr(want, name), name, **RANKS)
+        for k, g in gradient.items():
+            assert_close(got["gradient"][k], g, k, **RANKS_GRADIENT)
 
 
 def test_fsdp2_mixed_precision_is_the_model_as_it_runs_in_float32(ranks):
