@@ -97,22 +97,29 @@ def _grouped_newton(model, x, y, shard):
     return torch.cat([v.reshape(-1) for v in gathered(dict(model.named_parameters())).values()])
 
 
+def _sharded_problem(mesh):
+    """`_problem` with the model sharded by FSDP2 over `mesh` (one unit per linear layer, the root
+    owning the LayerNorm) and u laid out like its parameters: (model, x, y, u, part, params)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    model, x, y, u, part = _problem()
+    for layer in (model.l1, model.l2, model.l3):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = dict(model.named_parameters())
+    u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+    return model, x, y, u, part, params
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
 
         def sharded():
-            model, x, y, u, part = _problem()
-            for layer in (model.l1, model.l2, model.l3):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)  # the root owns the LayerNorm
-            params = dict(model.named_parameters())
-            u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
-            return model, x, y, u, part, params
+            return _sharded_problem(mesh)
 
         model, x, y, u, part, params = sharded()
         mine = slice(rank, None, world)  # this rank's half of the batch
@@ -285,8 +292,6 @@ def _ordinary_check(mesh, rank: int) -> dict:
     differentiable `from_local` backward)."""
     import contextlib
 
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -298,12 +303,7 @@ def _ordinary_check(mesh, rank: int) -> dict:
     import hos._summary
 
     def fsdp():
-        model, x, y, u, part = _problem()
-        for layer in (model.l1, model.l2, model.l3):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        params = dict(model.named_parameters())
-        u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+        model, x, y, u, part, params = _sharded_problem(mesh)
         mine = slice(0, 5) if rank == 0 else slice(5, N)
         return hos.model_loss(model, nn.CrossEntropyLoss(), x[mine], y[mine]), params, u, part
 
@@ -612,16 +612,9 @@ def _four_ranks_worker(rank: int, world: int, port: int, out: str) -> None:
     l3.bias. Then a NaN in rank 2's shard of u, which every rank must refuse alike."""
     with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
-        model, x, y, u, part = _problem()
-        for layer in (model.l1, model.l2, model.l3):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        params = dict(model.named_parameters())
-        u = {k: distribute_tensor(u[k], mesh, p.placements) for k, p in params.items()}
+        model, x, y, u, part, params = _sharded_problem(mesh)
         mine = slice(rank, None, world)
         loss = hos.model_loss(model, nn.CrossEntropyLoss(), x[mine], y[mine])
         res = {"empty": params["l3.weight"].to_local().numel() == 0}
