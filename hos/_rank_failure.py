@@ -11,11 +11,13 @@ Two kinds of phase, two protocols:
   process group's store (`hos/failure/<phase>`) and raises without another collective; a peer's
   pending collective fails when that rank's process ends (gloo: "Connection closed by peer", well
   within a second; `ProcessGroup.abort()` does not unblock gloo peers in torch 2.13, measured), and
-  the peer reads the stored error and raises the same `RankFailure`. Every rank of a phase that
-  ends well meets once at its end (an all-reduce of one number), so a failure after the phase's last collective is
-  also raised by hos, not by the next collective of the caller's code. The phases are numbered in
-  the order a process enters them (only the outermost: a loader's per-batch summaries belong to
-  the loader's phase); every rank enters the same sequence, as it makes the same collective calls.
+  the peer reads the stored error and raises the same `RankFailure` (rank 0, which hosts the
+  store under `torch.multiprocessing.spawn`, waits until the others have read it). Every rank of
+  a phase that ends well meets once at its end (an all-reduce of one number), so a failure after
+  the phase's last collective is also raised by hos, not by the next collective of the caller's
+  code. The phases are numbered in the order a process enters them (only the outermost: a
+  loader's per-batch summaries belong to the loader's phase); every rank enters the same
+  sequence, as it makes the same collective calls.
 """
 
 from __future__ import annotations
