@@ -41,7 +41,7 @@ WAIT_FOR_CAUSE_S = 3.0
 #: how long rank 0 waits for the other ranks to read a stored error before it raises
 WAIT_FOR_READERS_S = 10.0
 #: how long a failing rank waits for the other ranks' errors, in case they all fail alike
-WAIT_FOR_PEERS_S = 1.0
+WAIT_FOR_PEERS_S = 2.0
 #: errors hos raises on every rank from a verdict the ranks reached together (an all-reduce):
 #: raised as they are
 AGREED_ERRORS: tuple[type[BaseException], ...] = (RankFailure, ModelMismatchError)
