@@ -35,8 +35,10 @@ def _next_token(logits, labels):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
-def _gpt2():
-    """A 2-block GPT-2 with random weights (no dropout), 4 sequences of 8 tokens and u."""
+def _gpt2(frozen_embeddings: bool = False):
+    """A 2-block GPT-2 with random weights (no dropout), 4 sequences of 8 tokens and u (of the
+    trainable parameters: with `frozen_embeddings`, the token and position embeddings — the
+    token one tied with the output projection — are frozen, as in fine-tuning)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
@@ -44,11 +46,15 @@ def _gpt2():
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).double()
+    if frozen_embeddings:
+        model.transformer.wte.weight.requires_grad_(False)
+        model.transformer.wpe.weight.requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 40, (2 * WORLD, 8), generator=gen)
     u = {k: 0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
-         for k, p in model.named_parameters()}  # fmt: skip
-    return model, ids, u, hos.Partition.from_groups(model, GROUPS)
+         for k, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+    groups = {k: v for k, v in GROUPS.items() if not (frozen_embeddings and k == "embed")}
+    return model, ids, u, hos.Partition.from_groups(model, groups)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -72,6 +78,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["gathers"] = sum(g.gathers for g in made)
         grad = hos.gradient_direction(loss, params)
         res["gradient"] = {k: g.full_tensor() for k, g in grad.items()}
+        # fine-tuning with the (tied) embeddings frozen: FSDP frees its copy after the forward
+        model, ids, u, part = _gpt2(frozen_embeddings=True)
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        u = {k: distribute_tensor(u[k], mesh, params[k].placements) for k in params}
+        mine = ids[rank::world]
+        loss = hos.model_loss(model, _next_token, {"input_ids": mine}, mine, output="logits")
+        res["frozen"] = hos.summarize(loss, params, u, part)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -96,3 +112,17 @@ def test_gpt2_sharded_per_block_equals_the_unsharded_model(ranks):
         for k, g in gradient.items():
             assert_close(res["gradient"][k], g, f"gradient {k}", **RANKS_GRADIENT)
         assert res["gathers"] > 0  # the layer-at-a-time path ran
+
+
+def test_gpt2_with_frozen_embeddings_equals_the_unsharded_model(ranks):
+    """Fine-tuning with the tied embeddings frozen (left out of θ): FSDP frees its gathered copy
+    after the root's forward, and the output projection reads it again at the end of the model —
+    hos gathers it itself, a layer at a time."""
+    model, ids, u, part = _gpt2(frozen_embeddings=True)
+    loss = hos.model_loss(model, _next_token, {"input_ids": ids}, ids, output="logits")
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    assert "transformer.wte.weight" not in params
+    want = hos.summarize(loss, params, u, part, backend="reverse")
+    for res in ranks:
+        for name in ("g", "H", "d3", "loss"):
+            assert_close(getattr(res["frozen"], name), getattr(want, name), name, **RANKS)
