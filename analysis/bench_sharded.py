@@ -24,6 +24,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -103,11 +104,13 @@ def _held_parts(found: dict):
             found["largest_saved"] = max(found["largest_saved"], storage.nbytes())
         return packed
 
-    _regather.LayerGather.__init__, _regather.LayerGather.pack = init, pack
     try:
-        yield
+        with (
+            mock.patch.object(_regather.LayerGather, "__init__", init),
+            mock.patch.object(_regather.LayerGather, "pack", pack),
+        ):
+            yield
     finally:
-        _regather.LayerGather.__init__, _regather.LayerGather.pack = original_init, original_pack
         found["gathered_peak"] = max((g.peak_bytes for g in made), default=0)
 
 

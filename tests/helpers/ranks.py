@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.multiprocessing as mp
@@ -41,11 +42,8 @@ def layer_gathers() -> Iterator[list]:
         original(self, *args, **kwargs)
         made.append(self)
 
-    _regather.LayerGather.__init__ = recording
-    try:
+    with mock.patch.object(_regather.LayerGather, "__init__", recording):
         yield made
-    finally:
-        _regather.LayerGather.__init__ = original
 
 
 @contextlib.contextmanager
@@ -71,11 +69,8 @@ def saved_as_is(nbytes: int) -> Iterator[dict]:
                 found["peak"] = max(found["peak"], len(live))
         return packed
 
-    _regather.LayerGather.pack = pack
-    try:
+    with mock.patch.object(_regather.LayerGather, "pack", pack):
         yield found
-    finally:
-        _regather.LayerGather.pack = original
 
 
 @contextlib.contextmanager
