@@ -69,12 +69,6 @@ class Meter:
         return (peak - before) / 2**20, seconds
 
 
-def _local_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of this rank's part of a (DTensor) parameter."""
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-    return local.numel() * local.element_size()
-
-
 @contextlib.contextmanager
 def _held_parts(found: dict):
     """Within the block, what an FSDP2 summary holds beyond the shards, by kind: the gathered
@@ -124,6 +118,7 @@ def _parts(call) -> dict:
 
 def _case(model, x, y, device, meter, sharded: bool) -> dict:
     import hos
+    from hos._regather import local_tensor
 
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
     params = (
@@ -166,7 +161,8 @@ def _case(model, x, y, device, meter, sharded: bool) -> dict:
         rows = _parts(
             lambda: hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
         )
-        shards = sum(_local_bytes(t) for t in [*params.values(), *u.values()]) / 2**20
+        local = [local_tensor(t) for t in [*params.values(), *u.values()]]
+        shards = sum(t.numel() * t.element_size() for t in local) / 2**20
         held = {"shards_mib": shards, "summarize_parts": summary, "hessian_parts": rows}
     return {**held, "gradient_mib": mem_grad, "gradient_s": t_grad, "summarize_mib": mem_sum,
             "summarize_s": t_sum, "summarize_gradients": t_sum / t_grad, "S": len(part),

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["LayerGather", "gathered_to", "laid_out"]
+__all__ = ["LayerGather", "gathered_to", "laid_out", "local_tensor"]
 
 #: gathered tensors reused across neighbouring unpacks (a linear layer's θ_W, θ_b, u_W, u_b)
 KEEP = 4
@@ -47,8 +47,8 @@ class _Saved:
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local tensor, a plain tensor itself."""
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (this rank's shard, no autograd link), a plain tensor itself."""
     return getattr(tensor, "_local_tensor", tensor)
 
 
@@ -133,7 +133,7 @@ class LayerGather:
         return value
 
     def _record(self, gathered: torch.Tensor, shard: torch.Tensor, spec, cast=None) -> None:
-        storage = _local(gathered).untyped_storage()
+        storage = local_tensor(gathered).untyped_storage()
         entry = (StorageWeakRef(storage), shard, storage.nbytes(), spec, cast)
         self._recorded[storage.data_ptr()] = entry
         live = 0
@@ -146,7 +146,7 @@ class LayerGather:
 
     # ------------------------------------------------------------------ saved tensors
     def pack(self, tensor: torch.Tensor):
-        local = _local(tensor)
+        local = local_tensor(tensor)
         if type(local) is not torch.Tensor and not isinstance(local, torch.nn.Parameter):
             return tensor  # another subclass: saved as it is
         if local.layout != torch.strided:
@@ -168,7 +168,7 @@ class LayerGather:
             with torch.no_grad():
                 gathered = gathered.to(packed.cast)
             self._record(gathered, packed.shard, packed.spec, packed.cast)
-        view = _local(gathered).as_strided(packed.size, packed.stride, packed.offset)
+        view = local_tensor(gathered).as_strided(packed.size, packed.stride, packed.offset)
         if packed.layout is None:
             return view
         from torch.distributed.tensor import DTensor

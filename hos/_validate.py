@@ -42,6 +42,7 @@ import torch
 
 from hos._errors import NonFiniteWarning
 from hos._partition import Partition
+from hos._regather import local_tensor
 
 __all__ = [
     "check_chunk", "check_direction", "check_int", "check_number", "check_order", "check_params",
@@ -110,7 +111,7 @@ def check_chunk(chunk: object, backend) -> int | None:
 # --------------------------------------------------------------------------- tensors
 def _count_bad(t: torch.Tensor) -> int:
     """NaN/Inf entries of `t`; of all its shards for a DTensor (a collective then)."""
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = local_tensor(t)
     if local.device.type == "meta":
         return 0
     bad = (~torch.isfinite(local)).sum().to(torch.float64)
@@ -128,7 +129,7 @@ def max_abs(tensors: list[torch.Tensor]) -> list[float]:
         return []
     values = []
     for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+        local = local_tensor(t)  # a DTensor: this rank's shard
         if not local.numel():  # an empty tensor, or an empty shard (3 rows over 4 ranks)
             largest = torch.zeros((), dtype=torch.float64, device=local.device)
         else:
