@@ -9,7 +9,9 @@ per tensor, float32, 2 threads. Every number of a case comes from a fresh proces
 (``bench_memory.run_child``: a first call, then the repeated call that the numbers are of --
 memory as the peak rise of resident memory during it; the first call's, which includes the
 one-time checks against the model run the ordinary way, under ``first_call_*``): a gradient, ``summarize`` by ``taylor`` and
-``reverse``, diag D³ by ``taylor``. ``bounds`` (warm, one process) splits ``summarize``'s time:
+``reverse``, diag D³ by ``taylor``; for the plain gradient, ``taylor`` ``summarize`` and diag D³
+also the tensors' own peak (``tensor_mib``, ``toolkit.tensor_peak``: the resident set counts the
+C heap's fragmentation too, which the Taylor passes' blocks of changing sizes cause). ``bounds`` (warm, one process) splits ``summarize``'s time:
 the Taylor passes for diag D³, one full Hessian-vector product and the S pruned rows of H̄,
 in gradients.
 
@@ -79,53 +81,16 @@ def large(args) -> dict:
         cases = [(name, batch) for name, batch in cases if name in args.only]
     out = {}
     for name, batch in cases:
-        grad = run_child(
-            {
-                "model": name,
-                "batch": batch,
-                "threads": args.threads,
-                "method": "gradient",
-                "op": "summarize",
-                "gn_ref": None,
-                "warm": True,
-            }
-        )
-        plain = run_child(
-            {
-                "model": name,
-                "batch": batch,
-                "threads": args.threads,
-                "method": "plain gradient",
-                "op": "summarize",
-                "gn_ref": None,
-                "warm": True,
-            }
-        )
-        summ = {
-            method: run_child(
-                {
-                    "model": name,
-                    "batch": batch,
-                    "threads": args.threads,
-                    "method": method,
-                    "op": "summarize",
-                    "gn_ref": None,
-                    "warm": True,
-                }
-            )
-            for method in ("hos.taylor", "hos.reverse")
-        }
-        diag3 = run_child(
-            {
-                "model": name,
-                "batch": batch,
-                "threads": args.threads,
-                "method": "hos.taylor",
-                "op": "diag3",
-                "gn_ref": None,
-                "warm": True,
-            }
-        )
+
+        def case(method: str, op: str = "summarize", tensors: bool = False) -> dict:
+            return run_child({"model": name, "batch": batch, "threads": args.threads,
+                              "method": method, "op": op, "gn_ref": None, "warm": True,
+                              "tensors": tensors})  # fmt: skip
+
+        grad = case("gradient")
+        plain = case("plain gradient", tensors=True)
+        summ = {"hos.taylor": case("hos.taylor", tensors=True), "hos.reverse": case("hos.reverse")}
+        diag3 = case("hos.taylor", "diag3", tensors=True)
         _, _, params, _, part = build_problem(name, 1)
         out[name] = {
             "S": len(part),
@@ -164,13 +129,17 @@ def table(large: dict) -> str:
             time = f"{rec['seconds']:.2f} s ({ratio:.0f}×" + (
                 f" = {ratio / S:.2f}·S)" if per_s else ")"
             )
-            return f"{time}, {rec['peak_mib']:.0f} MiB ({rec['peak_mib'] / unit['peak_mib']:.1f}×)"
+            memory = f"{rec['peak_mib']:.0f} MiB ({rec['peak_mib'] / unit['peak_mib']:.1f}×"
+            if "tensor_mib" in rec and "tensor_mib" in unit:
+                memory += f"; tensors {rec['tensor_mib'] / unit['tensor_mib']:.1f}×"
+            return f"{time}, {memory})"
 
         size = toolkit.thousands(case["parameters"])
+        tensors = f" (tensors {unit['tensor_mib']:.0f} MiB)" if "tensor_mib" in unit else ""
         via = case["gradient"]
         lines.append(
             f"| {LABELS.get(name, name)} | {S} | {size} | {case['batch']} | "
-            f"{unit['seconds']:.3f} s, {unit['peak_mib']:.0f} MiB | "
+            f"{unit['seconds']:.3f} s, {unit['peak_mib']:.0f} MiB{tensors} | "
             f"{via['seconds'] / unit['seconds']:.2f}×, {via['peak_mib'] / unit['peak_mib']:.1f}× | "
             f"{cell(case['summarize']['hos.taylor'], True)} | "
             f"{cell(case['summarize']['hos.reverse'])} | {cell(case['diag3'])} |"

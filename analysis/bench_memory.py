@@ -13,7 +13,9 @@ backends, full D³ and diag D⁵, and the GroupedNewton reference code when ``--
 the rise of the resident set size (``toolkit.rss_peak``: ``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``, minus ``VmRSS`` before): PyTorch's CPU allocator hands memory to
 ``malloc`` directly, so ``tracemalloc`` does not see tensors and the profiler's memory
-events miss the allocator's fragmentation; RSS is what the machine has to hold.
+events miss the allocator's fragmentation; RSS is what the machine has to hold. A case whose
+spec asks for ``tensors`` also gets ``tensor_mib`` (``toolkit.tensor_peak``, one more call
+under the profiler): the tensors' own peak, as a GPU's ``max_memory_allocated`` counts it.
 
 ``run`` writes the section ``memory`` (with ``memory_environment``) of
 ``analysis/results/bench_summaries.json``, leaving the others as they are; ``plot`` writes
@@ -71,8 +73,11 @@ def memory_child(spec: dict) -> dict:
     # the ordinary model): the computation's own memory is that of the next call, like the
     # gradient's, which is measured after one call too
     warm_mib, warm_seconds = toolkit.rss_peak(fn, trim=True)
-    return {"peak_mib": warm_mib, "seconds": warm_seconds, "first_call_mib": peak_mib,
-            "first_call_seconds": seconds}  # fmt: skip
+    out = {"peak_mib": warm_mib, "seconds": warm_seconds, "first_call_mib": peak_mib,
+           "first_call_seconds": seconds}  # fmt: skip
+    if spec.get("tensors"):  # one more call, under the profiler: the tensors' own peak
+        out["tensor_mib"] = toolkit.tensor_peak(fn)
+    return out
 
 
 def run_child(spec: dict) -> dict:

@@ -369,9 +369,12 @@ def readme_cost(res: dict) -> str:
     large = []
     for name, case in res["large"].items():
         unit, rec, S = case["plain_gradient"], case["summarize"]["hos.taylor"], case["S"]
+        tensors = (f" ({rec['tensor_mib'] / unit['tensor_mib']:.1f}× in tensors)"
+                   if "tensor_mib" in rec and "tensor_mib" in unit else "")  # fmt: skip
         large.append(f"{_LARGE_NAMES.get(name, name)} (S = {S}, batch {case['batch']}) "
                      f"{rec['seconds'] / unit['seconds'] / S:.2f}·S and "
-                     f"{rec['peak_mib'] / unit['peak_mib']:.1f}×")  # fmt: skip
+                     f"{rec['peak_mib'] / unit['peak_mib']:.1f}×{tensors}")  # fmt: skip
+    counted = any("tensor_mib" in case["summarize"]["hos.taylor"] for case in res["large"].values())
     reference = ""
     if gn["mlp"].get("summarize") and gn["lenet"].get("summarize"):
         reference = (f", against {_ratio(gn['mlp']['summarize'])}× and "
@@ -407,8 +410,16 @@ def readme_cost(res: dict) -> str:
         + f" a plain gradient's (the first call of a process adds {min(once):.0f}–"
         f"{max(once):.0f} MiB once: lazy imports and the first-sight check against the "
         "ordinary model). With many groups the Taylor passes are sized by memory; per tensor, "
-        "`summarize` costs " + ", ".join(large[:-1]) + f" and {large[-1]} a plain gradient's "
-        "time and memory ([benchmarks](docs/benchmarks.md#large-models))."
+        "`summarize` costs "
+        + ", ".join(large[:-1])
+        + f" and {large[-1]} a plain gradient's "
+        + (
+            "time and resident memory (in tensors: what the tensors alone hold at their peak, as "
+            "a GPU's allocator counts it; the resident set adds the C heap's fragmentation)"
+            if counted
+            else "time and memory"
+        )
+        + " ([benchmarks](docs/benchmarks.md#large-models))."
     )
     return textwrap.fill(text, width=98, initial_indent="* ", subsequent_indent="  ",
                          break_on_hyphens=False)  # fmt: skip

@@ -30,6 +30,10 @@ Memory and processes:
   `trim`: give freed heap back to the system first, `malloc_trim`). PyTorch's CPU allocator hands
   memory to `malloc` directly, so `tracemalloc` does not see tensors: RSS is what the machine
   has to hold;
+* `tensor_peak(fn)`: the MiB the tensors of one call of `fn` hold at their peak (the CPU
+  allocator's allocations minus its frees, from the profiler's memory events: what
+  `torch.cuda.max_memory_allocated` measures on a GPU), without the C heap's fragmentation that
+  the resident set also counts;
 * `free_port()`: a free TCP port on 127.0.0.1 (for `MASTER_PORT`).
 
 Training studies and logs:
@@ -215,6 +219,27 @@ def rss_peak(fn: Callable[[], object], trim: bool = False) -> tuple[float, float
     fn()
     seconds = time.perf_counter() - start
     return (_rss_kib("VmHWM") - before) / 1024, seconds
+
+
+def tensor_peak(fn: Callable[[], object]) -> float:
+    """MiB: the peak, during one call of `fn`, of the bytes PyTorch's CPU allocator has handed
+    out and not taken back since the call began (its memory events under the profiler, in
+    time order; tensors alive before the call count 0, those it frees lower the running sum)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]  # fmt: skip
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def spawn_ranks(worker: Callable, args: tuple, nprocs: int, results: list[Path]) -> None:
