@@ -30,6 +30,7 @@ from torch import nn
 import hos
 import hos.reference
 from hos import models as hos_models
+from hos._loss import _adapted  # the field of a model's output the criterion takes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
@@ -124,7 +125,7 @@ def plain_backward_fn(loss):
             out = model(**inputs)
         else:
             out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-        loss.criterion(out, loss.targets).backward()
+        loss.criterion(_adapted(out, loss.output), loss.targets).backward()
         model.zero_grad(set_to_none=True)
 
     return run

@@ -106,7 +106,10 @@ def native(func, leaves, spec, batched: set[int]):
         ranks = {leaves[i].dim() for i in batched}
         if len(ranks) == 1 and ranks.pop() - 1 >= rank:
             return func(*args, **kwargs)
-        return None
+        return _called(func, _ranks_aligned(leaves, batched), spec)
+    structural = _STRUCTURAL.get(func)
+    if structural is not None:
+        return structural(func, leaves, spec, batched)
     if func is F.linear and len(args) >= 2 and (len(args) < 3 or args[2] is None):
         if "bias" in kwargs and kwargs["bias"] is not None:
             return None
@@ -128,6 +131,10 @@ def native(func, leaves, spec, batched: set[int]):
     x = args[0]
     if func is F.nll_loss:
         return _nll_batched(x, *args[1:], **kwargs)
+    if func in _RESHAPE and not kwargs and len(args) > 1:  # the whole shape given: any rank
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        if all(isinstance(n, int) for n in shape):
+            return x.reshape((x.shape[0], *shape))
     if x.dim() == 1 and func not in _BROADCAST:  # a 0-d operand: dims would be shifted wrongly
         return None
     if func in _REDUCE:
@@ -147,11 +154,150 @@ def native(func, leaves, spec, batched: set[int]):
         start = args[1] if len(args) > 1 else 0
         end = args[2] if len(args) > 2 else -1
         return x.flatten(_shift_dim(start), _shift_dim(end))
-    if func in _RESHAPE and not kwargs and len(args) > 1:
-        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-        if all(isinstance(n, int) for n in shape):
-            return x.reshape((x.shape[0], *shape))
     return None
+
+
+def _called(func, leaves, spec):
+    args, kwargs = tree_unflatten(list(leaves), spec)
+    return func(*args, **kwargs)
+
+
+def _ranks_aligned(leaves, batched: set[int]) -> list:
+    """The leaves with each batched (m, *x.shape) operand viewed as (m, 1, ..., 1, *x.shape),
+    as many ones as make x as long as the longest operand: broadcasting, which aligns
+    trailing dimensions, then keeps the direction dimension in front."""
+    rank = max(
+        (t.dim() - (i in batched) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)),
+        default=0,
+    )
+    out = list(leaves)
+    for i in batched:
+        t = leaves[i]
+        out[i] = t.reshape((t.shape[0],) + (1,) * (rank - t.dim() + 1) + tuple(t.shape[1:]))
+    return out
+
+
+def _first_only(handler):
+    """A handler for calls whose only batched operand is the first argument."""
+
+    def run(func, leaves, spec, batched):
+        if batched != {0} or not isinstance(leaves[0], torch.Tensor) or leaves[0].dim() < 2:
+            return None
+        args, kwargs = tree_unflatten(list(leaves), spec)
+        return handler(func, args[0], args[1:], kwargs)
+
+    return run
+
+
+def _option(args, kwargs, position: int, name: str, default):
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+@_first_only
+def _transpose(func, x, args, kwargs):
+    if kwargs or len(args) != 2 or not all(isinstance(d, int) for d in args):
+        return None
+    return x.transpose(_shift_dim(args[0]), _shift_dim(args[1]))
+
+
+@_first_only
+def _same_layout(func, x, args, kwargs):
+    """Calls that act on a tensor as a whole (dtype or device casts, contiguous)."""
+    if "memory_format" in kwargs or any(isinstance(a, torch.memory_format) for a in args):
+        return None
+    return func(x, *args, **kwargs)
+
+
+@_first_only
+def _pieces(func, x, args, kwargs):
+    """chunk, split, unbind along a dimension (the first by default)."""
+    if set(kwargs) - {"dim"}:
+        return None
+    if func in (_T.unbind, torch.unbind):
+        dim = _option(args, kwargs, 0, "dim", 0)
+        return x.unbind(_shift_dim(dim)) if isinstance(dim, int) else None
+    size, dim = (args[0] if args else None), _option(args, kwargs, 1, "dim", 0)
+    if not isinstance(dim, int) or not isinstance(size, (int, list, tuple)):
+        return None
+    return func(x, size, _shift_dim(dim))
+
+
+@_first_only
+def _expand(func, x, args, kwargs):
+    sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if kwargs or not all(isinstance(n, int) for n in sizes) or len(sizes) < x.dim() - 1:
+        return None
+    lead = len(sizes) - (x.dim() - 1)  # new leading dimensions go after the direction's
+    x = x.reshape((x.shape[0],) + (1,) * lead + tuple(x.shape[1:]))
+    return x.expand((x.shape[0], *sizes))
+
+
+_BASIC_INDEX = (int, slice, type(None), type(Ellipsis))
+
+
+@_first_only
+def _getitem(func, x, args, kwargs):
+    index = args[0] if args else None
+    index = index if isinstance(index, tuple) else (index,)
+    if kwargs or not all(isinstance(i, _BASIC_INDEX) and not isinstance(i, bool) for i in index):
+        return None
+    return x[(slice(None), *index)]
+
+
+def _matmul(func, leaves, spec, batched):
+    """matmul / bmm of operands of two or more dimensions (either or both batched): the
+    batched ones padded to the longest operand, broadcasting does the rest."""
+    args, kwargs = tree_unflatten(list(leaves), spec)
+    if kwargs or len(args) != 2 or batched - {0, 1}:
+        return None
+    dims = [a.dim() - (i in batched) for i, a in enumerate(args)]
+    if min(dims) < 2:
+        if batched == {0} and dims[1] <= 2:  # (m, ..., k) @ (k,) or (k, n): rows of a matrix
+            return torch.matmul(args[0], args[1])
+        return None
+    x, y = _ranks_aligned(list(args), batched)
+    return torch.matmul(x, y)
+
+
+def _joined(func, leaves, spec, batched):
+    """cat / stack: the constant operands repeated along the directions, the dim shifted."""
+    m = next(leaves[i].shape[0] for i in batched)
+    new = [
+        t.expand((m, *t.shape)) if isinstance(t, torch.Tensor) and i not in batched else t
+        for i, t in enumerate(leaves)
+    ]
+    args, kwargs = tree_unflatten(new, spec)
+    if not isinstance(args[0], (list, tuple)) or set(kwargs) - {"dim"}:
+        return None
+    dim = _option(args, kwargs, 1, "dim", 0)
+    if not isinstance(dim, int):
+        return None
+    return func(args[0], _shift_dim(dim))
+
+
+def _embedding(func, leaves, spec, batched):
+    """F.embedding with a batched table: rows picked per direction (no max_norm: it writes)."""
+    args, kwargs = tree_unflatten(list(leaves), spec)
+    if batched != {1} or _option(args, kwargs, 3, "max_norm", None) is not None:
+        return None
+    ids, table = args[0], args[1]
+    if ids.is_floating_point() or table.dim() != 3:
+        return None
+    return table[:, ids]
+
+
+_STRUCTURAL = {
+    **dict.fromkeys((_T.transpose, torch.transpose), _transpose),
+    **dict.fromkeys((_T.contiguous, _T.to, _T.float, _T.double), _same_layout),
+    **dict.fromkeys(
+        (_T.chunk, torch.chunk, _T.split, torch.split, _T.unbind, torch.unbind), _pieces
+    ),
+    _T.expand: _expand,
+    _T.__getitem__: _getitem,
+    **dict.fromkeys((torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm), _matmul),
+    **dict.fromkeys((torch.cat, torch.concat, torch.stack), _joined),
+    F.embedding: _embedding,
+}
 
 
 def split_bias(leaves, spec):

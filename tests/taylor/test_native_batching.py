@@ -1,0 +1,117 @@
+"""Calls on direction-batched operands without `vmap` (`hos.taylor.batching.native`): every
+pattern against `vmap` of the same call, and the patterns it must leave to `vmap`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import vmap
+
+from hos.taylor.batching import call_batched, native
+from hos.taylor.trees import tree_flatten, tree_unflatten
+
+M = 3  # directions
+
+
+def _t(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _by_vmap(func, leaves, spec, batched):
+    order = sorted(batched)
+
+    def one(*values):
+        inner = list(leaves)
+        for i, v in zip(order, values):
+            inner[i] = v
+        a, kw = tree_unflatten(inner, spec)
+        return func(*a, **kw)
+
+    return vmap(one, in_dims=tuple(0 for _ in order))(*[leaves[i] for i in order])
+
+
+ids = torch.tensor([[0, 2, 1], [3, 3, 0]])
+#: (label, func, args, kwargs, positions of the batched leaves): a batched leaf is given with
+#: its direction dimension (M, *shape)
+CASES = [
+    ("transpose", torch.Tensor.transpose, (_t(M, 2, 3, 4), 0, -1), {}, {0}),
+    ("torch.transpose", torch.transpose, (_t(M, 2, 3, 4), 1, 2), {}, {0}),
+    ("contiguous", torch.Tensor.contiguous, (_t(M, 2, 3).transpose(1, 2),), {}, {0}),
+    ("to dtype", torch.Tensor.to, (_t(M, 2, 3), torch.float32), {}, {0}),
+    ("chunk", torch.Tensor.chunk, (_t(M, 4, 6), 3, -1), {}, {0}),
+    ("chunk default dim", torch.Tensor.chunk, (_t(M, 4, 6), 2), {}, {0}),
+    ("split", torch.Tensor.split, (_t(M, 5, 6), 2, 1), {}, {0}),
+    ("split sections", torch.split, (_t(M, 5, 6), [2, 3]), {}, {0}),
+    ("unbind", torch.Tensor.unbind, (_t(M, 2, 3), 1), {}, {0}),
+    ("expand", torch.Tensor.expand, (_t(M, 1, 3), 4, 3), {}, {0}),
+    ("expand new dims", torch.Tensor.expand, (_t(M, 1, 3), (2, 5, -1, 3)), {}, {0}),
+    ("getitem slices", torch.Tensor.__getitem__, (_t(M, 4, 5, 6), (slice(1, 3), ..., -1)), {}, {0}),
+    ("getitem int", torch.Tensor.__getitem__, (_t(M, 4, 5), 2), {}, {0}),
+    ("getitem None", torch.Tensor.__getitem__, (_t(M, 4, 5), (None, slice(None), 1)), {}, {0}),
+    ("matmul 3d @ 2d", torch.matmul, (_t(M, 2, 4, 5), _t(5, 3, seed=1)), {}, {0}),
+    ("matmul 2d @ 3d, second", torch.matmul, (_t(4, 5), _t(M, 2, 5, 3, seed=1)), {}, {1}),
+    ("matmul 3d @ 2d, second", torch.matmul, (_t(2, 4, 5), _t(M, 5, 3, seed=1)), {}, {1}),
+    ("matmul both", torch.matmul, (_t(M, 2, 4, 5), _t(M, 5, 3, seed=1)), {}, {0, 1}),
+    ("matmul 4d both", torch.matmul, (_t(M, 2, 2, 4, 5), _t(M, 2, 5, 3, seed=1)), {}, {0, 1}),
+    ("matmul vector @ matrix", torch.matmul, (_t(M, 5), _t(5, 3, seed=1)), {}, {0}),
+    ("matmul matrix @ vector", torch.matmul, (_t(M, 4, 5), _t(5, seed=1)), {}, {0}),
+    ("@", torch.Tensor.__matmul__, (_t(M, 4, 5), _t(2, 5, 3, seed=1)), {}, {0}),
+    ("bmm first", torch.bmm, (_t(M, 2, 4, 5), _t(2, 5, 3, seed=1)), {}, {0}),
+    ("bmm second", torch.bmm, (_t(2, 4, 5), _t(M, 2, 5, 3, seed=1)), {}, {1}),
+    ("bmm both", torch.bmm, (_t(M, 2, 4, 5), _t(M, 2, 5, 3, seed=1)), {}, {0, 1}),
+    ("cat mixed", torch.cat, ([_t(2, 3), _t(M, 4, 3, seed=1)],), {}, {1}),
+    ("cat dim -1", torch.cat, ([_t(M, 2, 3), _t(M, 2, 1, seed=1)], -1), {}, {0, 1}),
+    ("stack", torch.stack, ([_t(M, 2, 3), _t(2, 3, seed=1)], 1), {}, {0}),
+    ("stack dim -1", torch.stack, ([_t(M, 2, 3), _t(M, 2, 3, seed=1)],), {"dim": -1}, {0, 1}),
+    ("reshape of a 0-d operand", torch.Tensor.reshape, (_t(M), ()), {}, {0}),
+    ("view", torch.Tensor.view, (_t(M, 2, 6), 3, -1), {}, {0}),
+    ("embedding", F.embedding, (ids, _t(M, 4, 5)), {}, {1}),
+    ("add, ranks differ", torch.Tensor.add, (_t(M, 2, 3, 4), _t(M, 4, seed=1)), {}, {0, 1}),
+    ("mul, batched is shorter", torch.mul, (_t(M, 4), _t(2, 3, 4, seed=1)), {}, {0}),
+    ("sub, 0-d batched", torch.sub, (_t(2, 3), _t(M, seed=1)), {}, {1}),
+    ("where", torch.where, (_t(2, 3) > 0, _t(M, 3), _t(2, 3, seed=1)), {}, {1}),
+]
+
+
+@pytest.mark.parametrize("label, func, args, kwargs, batched", CASES, ids=[c[0] for c in CASES])
+def test_native_equals_vmap(label, func, args, kwargs, batched):
+    leaves, spec = tree_flatten((args, kwargs))
+    got = native(func, leaves, spec, batched)
+    assert got is not None, f"{label}: no native batching (vmap would run)"
+    expected = _by_vmap(func, leaves, spec, batched)
+    got_flat, expected_flat = tree_flatten(got)[0], tree_flatten(expected)[0]
+    assert len(got_flat) == len(expected_flat)
+    for a, b in zip(got_flat, expected_flat):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b) or torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+DECLINED = [  # patterns whose batching `native` cannot do by broadcasting: left to vmap
+    ("matmul @ batched vector", torch.matmul, (_t(4, 5), _t(M, 5, seed=1)), {}, {1}),
+    (
+        "getitem tensor index",
+        torch.Tensor.__getitem__,
+        (_t(M, 4, 5), torch.tensor([0, 2])),
+        {},
+        {0},
+    ),
+    ("contiguous of a 0-d operand", torch.Tensor.contiguous, (_t(M),), {}, {0}),
+    ("embedding max_norm", F.embedding, (ids, _t(M, 4, 5)), {"max_norm": 1.0}, {1}),
+]
+
+
+@pytest.mark.parametrize(
+    "label, func, args, kwargs, batched", DECLINED, ids=[c[0] for c in DECLINED]
+)
+def test_native_declines_and_call_batched_still_agrees(label, func, args, kwargs, batched):
+    leaves, spec = tree_flatten((args, kwargs))
+    assert native(func, leaves, spec, batched) is None
+    replace = {i: leaves[i] for i in batched}
+    got = call_batched(func, leaves, spec, replace, batched)
+    expected = _by_vmap(func, leaves, spec, batched)
+    assert torch.allclose(got, expected)
+
+
+def test_native_leaves_memory_formats_to_vmap():
+    x = _t(M, 2, 3, 4, 5)
+    leaves, spec = tree_flatten(((x,), {"memory_format": torch.channels_last}))
+    assert native(torch.Tensor.to, leaves, spec, {0}) is None
