@@ -5,9 +5,11 @@
 
 Small held-out model code at S = 3-4 (float32, batch 64, 1 thread), one case per kind of op that
 was slow (a profile found each: a generic nested-jvp rule where a table entry or a rewrite
-belonged): a Mamba-like selective scan (`cumsum`, `logcumsumexp`), the old `spectral_norm` hook
-API (`torch.mv`, `torch.dot` of its power iteration), a loss through `torch.distributions`, and
-ResMLP (affine pre-norms, token-mixing linear layers). The unit is one plain backward on the
+belonged, `vmap` where broadcasting batches): a Mamba-like selective scan (`cumsum`,
+`logcumsumexp`), the old `spectral_norm` hook API (`torch.mv`, `torch.dot` of its power
+iteration), a loss through `torch.distributions`, ResMLP (affine pre-norms, token-mixing linear
+layers), a causal self-attention block written out (`split`, `transpose`, `matmul`), and
+`nn.LSTM`. The unit is one plain backward on the
 user's module (`criterion(model(x), y).backward()`), timed just before each measurement; the
 result is the median over interleaved repeats.
 """
@@ -15,6 +17,7 @@ result is the median over interleaved repeats.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -87,6 +90,45 @@ class ResMLP(nn.Module):
         return self.head((h + self.mlp(self.alpha * h + self.beta)).mean(1))
 
 
+class Attention(nn.Module):
+    """A GPT-style causal self-attention block written out: one qkv projection `split` into
+    heads by `view` and `transpose`, `matmul` scores, a causal `masked_fill`, softmax."""
+
+    def __init__(self, width=16, heads=2, tokens=6):
+        super().__init__()
+        self.heads = heads
+        self.emb, self.norm = nn.Linear(8, width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+        self.register_buffer("causal", torch.ones(tokens, tokens).triu(1).bool())
+
+    def forward(self, x):
+        h = self.emb(x)
+        batch, tokens, width = h.shape
+        q, k, v = self.qkv(self.norm(h)).split(width, dim=-1)
+        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        weights = scores.masked_fill(self.causal[:tokens, :tokens], float("-inf")).softmax(-1)
+        y = (weights @ v).transpose(1, 2).contiguous().view(batch, tokens, width)
+        return self.head((h + self.proj(y)).mean(1))
+
+
+class LSTM(nn.Module):
+    """An embedding, `nn.LSTM` (its fused kernel: hos writes the cell out), a head."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.emb, self.lstm, self.head = (
+            nn.Linear(8, width),
+            nn.LSTM(width, width),
+            nn.Linear(width, 3),
+        )
+
+    def forward(self, x):
+        out, _ = self.lstm(torch.tanh(self.emb(x)).transpose(0, 1))
+        return self.head(out[-1])
+
+
 def _nll(dist, y):
     return -dist.log_prob(y).mean()
 
@@ -96,6 +138,12 @@ CASES = {
     "spectral_norm hook API (mv, dot)": (SpectralNorm, nn.CrossEntropyLoss(), "classes"),
     "torch.distributions": (Gaussian, _nll, "values"),
     "ResMLP": (ResMLP, nn.CrossEntropyLoss(), "classes"),
+    "causal self-attention (split, transpose, matmul)": (
+        Attention,
+        nn.CrossEntropyLoss(),
+        "classes",
+    ),
+    "nn.LSTM": (LSTM, nn.CrossEntropyLoss(), "classes"),
 }
 
 
@@ -112,6 +160,12 @@ WHAT = {
     "sigmoid's), and a scan of every loaded module at every call for stochastic-depth functions "
     "(now only when modules were loaded)",
     "ResMLP": "the same per-call scan",
+    "causal self-attention (split, transpose, matmul)": "the coefficients' `transpose`, "
+    "`matmul`, `split`, `contiguous` through `vmap` (now batched by broadcasting, "
+    "`hos.taylor.batching`), and the engine's own size, dtype and grad-mode calls passing "
+    "through the summary's torch-function modes (now with that dispatch off)",
+    "nn.LSTM": "the same two causes (`chunk` and `stack` of its cells through `vmap`); what is "
+    "left is the cell loop, one small op at a time",
 }
 
 
