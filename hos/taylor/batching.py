@@ -28,8 +28,7 @@ def call_batched(func, leaves, spec, replace: dict[int, torch.Tensor], batched: 
     for i in order:
         new[i] = replace[i]
     if not batched:
-        a, kw = tree_unflatten(new, spec)
-        return func(*a, **kw)
+        return _called(func, new, spec)
     in_dims = tuple(0 if i in batched else None for i in order)
 
     def fn(*values):
@@ -109,7 +108,7 @@ def native(func, leaves, spec, batched: set[int]):
         return _called(func, _ranks_aligned(leaves, batched), spec)
     structural = _STRUCTURAL.get(func)
     if structural is not None:
-        return structural(func, leaves, spec, batched)
+        return structural(func, args, kwargs, batched)
     if func is F.linear and len(args) >= 2 and (len(args) < 3 or args[2] is None):
         if "bias" in kwargs and kwargs["bias"] is not None:
             return None
@@ -180,10 +179,9 @@ def _ranks_aligned(leaves, batched: set[int]) -> list:
 def _first_only(handler):
     """A handler for calls whose only batched operand is the first argument."""
 
-    def run(func, leaves, spec, batched):
-        if batched != {0} or not isinstance(leaves[0], torch.Tensor) or leaves[0].dim() < 2:
+    def run(func, args, kwargs, batched):
+        if batched != {0} or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
             return None
-        args, kwargs = tree_unflatten(list(leaves), spec)
         return handler(func, args[0], args[1:], kwargs)
 
     return run
@@ -244,10 +242,9 @@ def _getitem(func, x, args, kwargs):
     return x[(slice(None), *index)]
 
 
-def _matmul(func, leaves, spec, batched):
+def _matmul(func, args, kwargs, batched):
     """matmul / bmm of operands of two or more dimensions (either or both batched): the
     batched ones padded to the longest operand, broadcasting does the rest."""
-    args, kwargs = tree_unflatten(list(leaves), spec)
     if kwargs or len(args) != 2 or batched - {0, 1}:
         return None
     dims = [a.dim() - (i in batched) for i, a in enumerate(args)]
@@ -259,25 +256,26 @@ def _matmul(func, leaves, spec, batched):
     return torch.matmul(x, y)
 
 
-def _joined(func, leaves, spec, batched):
-    """cat / stack: the constant operands repeated along the directions, the dim shifted."""
-    m = next(leaves[i].shape[0] for i in batched)
-    new = [
-        t.expand((m, *t.shape)) if isinstance(t, torch.Tensor) and i not in batched else t
-        for i, t in enumerate(leaves)
-    ]
-    args, kwargs = tree_unflatten(new, spec)
-    if not isinstance(args[0], (list, tuple)) or set(kwargs) - {"dim"}:
+def _joined(func, args, kwargs, batched):
+    """cat / stack: the constant operands repeated along the directions, the dim shifted
+    (the tensors are the call's first leaves, so `batched` indexes them)."""
+    tensors = args[0]
+    if (
+        not isinstance(tensors, (list, tuple))
+        or set(kwargs) - {"dim"}
+        or max(batched) >= len(tensors)
+    ):
         return None
     dim = _option(args, kwargs, 1, "dim", 0)
     if not isinstance(dim, int):
         return None
-    return func(args[0], _shift_dim(dim))
+    m = tensors[min(batched)].shape[0]
+    tensors = [t if i in batched else t.expand((m, *t.shape)) for i, t in enumerate(tensors)]
+    return func(tensors, _shift_dim(dim))
 
 
-def _embedding(func, leaves, spec, batched):
+def _embedding(func, args, kwargs, batched):
     """F.embedding with a batched table: rows picked per direction (no max_norm: it writes)."""
-    args, kwargs = tree_unflatten(list(leaves), spec)
     if batched != {1} or _option(args, kwargs, 3, "max_norm", None) is not None:
         return None
     ids, table = args[0], args[1]
