@@ -16,7 +16,7 @@ from hos.taylor.inplace import assigned
 from hos.taylor.ops import POWER
 from hos.taylor.trees import tree_flatten, tree_unflatten
 
-__all__ = ["bias_shape", "call_batched", "split_bias", "zeroed_constants"]
+__all__ = ["bias_shape", "call_batched", "call_stacked", "split_bias", "zeroed_constants"]
 
 _T = torch.Tensor
 
@@ -52,6 +52,40 @@ def call_batched(func, leaves, spec, replace: dict[int, torch.Tensor], batched: 
         if isinstance(parts[0], (tuple, list)):
             return type(parts[0])(torch.stack(p) for p in zip(*parts))
         return torch.stack(parts)
+
+
+#: call_stacked joins the rows of several calls into one while each stacked operand holds at
+#: most this many elements: below it a call's Python and dispatch cost more than the copy
+#: that joins the rows; above it the copy costs more (large activations keep one call each).
+STACK_MAX_NUMEL = 1 << 15
+
+
+def call_stacked(func, leaves, spec, replaces: list[dict[int, torch.Tensor]], batched: set[int]):
+    """[call_batched(func, leaves, spec, r, batched) for r in replaces], as one call where
+    the operands are small: row i of a direction-batched call depends on row i of its
+    batched operands only, so the replacements' rows are concatenated along the direction
+    dimension, the op runs once, and its output is split back (views, one per replacement).
+
+    Every replacement must replace the same leaves, all of them batched; an operand's
+    rows may differ in count between replacements, not between the operands of one.
+    """
+    keys = list(replaces[0]) if replaces else []
+    sizes = [r[keys[0]].shape[0] for r in replaces] if keys else []
+    if (
+        len(replaces) < 2
+        or set(keys) != batched
+        or any(list(r) != keys or any(r[i].shape[0] != n for i in keys)
+               for r, n in zip(replaces, sizes))
+        or any(sum(r[i].numel() for r in replaces) > STACK_MAX_NUMEL for i in keys)
+    ):  # fmt: skip
+        return [call_batched(func, leaves, spec, r, batched) for r in replaces]
+    joined = {i: torch.cat([r[i] for r in replaces]) for i in keys}
+    result = call_batched(func, leaves, spec, joined, batched)
+    if isinstance(result, (tuple, list)):
+        parts = [t.split(sizes) if isinstance(t, torch.Tensor) else [t] * len(sizes)
+                 for t in result]  # fmt: skip
+        return [type(result)([p[n] for p in parts]) for n in range(len(sizes))]
+    return list(result.split(sizes))
 
 
 _BROADCAST = {

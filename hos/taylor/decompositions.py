@@ -119,26 +119,40 @@ def _addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
     return product + (input if beta == 1 else input * beta)
 
 
-def _cell(kind: str, x, state, w_ih, w_hh, b_ih, b_hh):
-    """One step of an RNN cell in primitive ops; `state` is h (or (h, c) for the LSTM)."""
+def _cell(kind: str, xw, state, w_hh, b_hh):
+    """One step of an RNN cell in primitive ops; `state` is h (or (h, c) for the LSTM).
+
+    `xw` is the step's input projection x·W_ihᵀ + b_ih, computed for all steps at once
+    (with b_hh folded in where it is only added: LSTM and plain RNN).
+    """
     if kind == "lstm":
         h, c = state
-        gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
-        i, f, g, o = gates.chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        gates = xw + F.linear(h, w_hh)
+        width = gates.shape[-1] // 4
+        i, f, _, o = torch.sigmoid(gates).chunk(4, -1)
+        c = f * c + i * torch.tanh(gates[..., 2 * width : 3 * width])
+        h = o * torch.tanh(c)
         return h, (h, c)
     h = state
     if kind == "gru":
-        xr, xz, xn = F.linear(x, w_ih, b_ih).chunk(3, -1)
+        xr, xz, xn = xw.chunk(3, -1)
         hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, -1)
         r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
         h = (1 - z) * n + z * h
         return h, h
-    pre = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    pre = xw + F.linear(h, w_hh)
     h = torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
     return h, h
+
+
+def _input_projection(kind: str, x, w_ih, b_ih, b_hh):
+    """x·W_ihᵀ + b for every step (one product instead of one a step); b = b_ih + b_hh
+    except for the GRU, whose b_hh is scaled by its reset gate."""
+    if b_ih is None:
+        return F.linear(x, w_ih)
+    bias = b_ih if kind == "gru" else b_ih + b_hh
+    return F.linear(x, w_ih, bias)
 
 
 def _recurrent(kind: str):
@@ -170,10 +184,10 @@ def _recurrent(kind: str):
                 w = params[k * stride : (k + 1) * stride]
                 b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
                 state = tuple(s[k] for s in states) if kind == "lstm" else states[0][k]
-                steps = x.unbind(0)
+                steps = _input_projection(kind, x, w[0], b_ih, b_hh).unbind(0)
                 seq = []
                 for t in reversed(range(len(steps))) if d == 1 else range(len(steps)):
-                    out, state = _cell(kind, steps[t], state, w[0], w[1], b_ih, b_hh)
+                    out, state = _cell(kind, steps[t], state, w[1], b_hh)
                     seq.append(out)
                 if d == 1:
                     seq.reverse()

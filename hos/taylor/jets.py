@@ -45,11 +45,35 @@ def union(group_sets) -> tuple[int, ...]:
     return tuple(seen)
 
 
+def slot(positions: tuple[int, ...], device: torch.device) -> slice | torch.Tensor:
+    """Rows `positions` of a stack: a slice where they are consecutive (a view, no copy),
+    else an index tensor (cached: the same few placements recur at every op of a pass)."""
+    first = positions[0]
+    if positions == tuple(range(first, first + len(positions))):
+        return slice(first, first + len(positions))
+    key = (positions, device)
+    index = _INDICES.get(key)
+    if index is None:
+        if len(_INDICES) > 4096:
+            _INDICES.clear()
+        index = _INDICES[key] = torch.tensor(positions, device=device)
+    return index
+
+
+_INDICES: dict = {}
+
+
+def take(t: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+    """t[positions] along dim 0: a view where the rows are consecutive."""
+    where = slot(positions, t.device)
+    return t[where] if isinstance(where, slice) else t.index_select(0, where)
+
+
 def restrict(jet: Jet, groups: tuple[int, ...]) -> Coeffs:
     if jet.groups == groups:
         return jet.coeffs
-    index = torch.tensor([jet.groups.index(s) for s in groups])
-    return [None if c is None else c.index_select(0, index.to(c.device)) for c in jet.coeffs]
+    positions = tuple(jet.groups.index(s) for s in groups)
+    return [None if c is None else take(c, positions) for c in jet.coeffs]
 
 
 def aligned(jet: Jet, union: tuple[int, ...], k: int, primal: torch.Tensor) -> torch.Tensor:
@@ -77,7 +101,7 @@ def upper_products(x: torch.Tensor) -> torch.Tensor:
 
 
 def rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
-    return t.index_select(0, torch.tensor(index, device=t.device))
+    return take(t, tuple(index))
 
 
 def aligned_mixed(jet: Jet, labels: tuple, primal: torch.Tensor) -> torch.Tensor:
@@ -141,6 +165,9 @@ def sum_on(union: tuple[int, ...], parts: list) -> torch.Tensor | None:
     total = first.new_zeros((len(union),) + tuple(first.shape[1:])) if not whole else sum(
         whole[1:], whole[0].clone())  # fmt: skip
     for groups, v in partial:
-        index = torch.tensor([union.index(s) for s in groups], device=v.device)
-        total.index_add_(0, index, v)
+        where = slot(tuple(union.index(s) for s in groups), v.device)
+        if isinstance(where, slice):
+            total[where].add_(v)
+        else:
+            total.index_add_(0, where, v)
     return total

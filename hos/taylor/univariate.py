@@ -43,6 +43,7 @@ from hos.taylor import jets as J
 from hos.taylor.batching import (
     bias_shape,
     call_batched,
+    call_stacked,
     split_bias,
     zeroed_constants,
 )
@@ -51,6 +52,7 @@ from hos.taylor.engine import Tracker, TrackerMode, storage_key
 from hos.taylor.fallback import TaylorFallback
 from hos.taylor.inplace import assigned
 from hos.taylor.jets import Coeffs, Jet
+from hos.taylor.leibniz import PRODUCTS, product
 from hos.taylor.nested import generic_rule
 from hos.taylor.ops import (
     LOG_SOFTMAX,
@@ -260,63 +262,93 @@ class UnivariateTracker(Tracker):
         return self._broadcast(leaves, jets, outs)
 
     def _multilinear(self, func, leaves, spec, jets, outs):
-        """y_k = Σ_{a+b=k} f(x_a, w_b); x_0, w_0 the primals."""
+        """y_k = Σ_{a+b=k} f(x_a, w_b); x_0, w_0 the primals.
+
+        The calls with the same operands batched run as one (`call_stacked`): every
+        coefficient of one moving factor with the others at their primal values, then the
+        products of two moving factors' coefficients.
+        """
+        if func in PRODUCTS and len(jets) == 2:  # a·b along the same lines: Leibniz
+            first = next(iter(jets.values()))
+            fast = product(leaves, spec, jets, self.order, self._self_pairs(first.groups))
+            if fast is not None:
+                return [fast]
         K = self.order
         positions = list(jets)
         union = J.union(jets[p].groups for p in positions)
         terms: list[list[tuple[tuple[int, ...], Any]]] = [[] for _ in range(K)]
+        mixed = []  # ∂²f = f(x_ij, w) + f(x, w_ij) + f(x_i, w_j) + f(x_j, w_i)
         for p in positions:  # one moving factor, the others at their primal values
             jet = jets[p]
             ks = [k for k in range(K) if jet.coeffs[k] is not None]
-            if not ks:
+            replaces = [{p: jet.coeffs[k]} for k in ks]
+            own_mixed = self.pairs and jet.mixed is not None
+            if own_mixed:
+                replaces.append({p: jet.mixed})
+            if not replaces:
                 continue
-            for k in ks:
-                terms[k].append(
-                    (jet.groups, call_batched(func, leaves, spec, {p: jet.coeffs[k]}, {p}))
-                )
-        if len(positions) == 2 and K > 1:
-            a, b = (jets[p] for p in positions)
-            common = tuple(s for s in a.groups if s in b.groups)
-            if common:
-                ca, cb = J.restrict(a, common), J.restrict(b, common)
-                for k in range(1, K):  # orders k+1 = (i+1) + (j+1)
-                    for i in range(k):
-                        j = k - 1 - i
-                        if ca[i] is None or cb[j] is None:
-                            continue
-                        result = call_batched(
-                            func, leaves, spec, {positions[0]: ca[i], positions[1]: cb[j]},
-                            set(positions),
-                        )  # fmt: skip
-                        terms[k].append((common, result))
+            values = call_stacked(func, leaves, spec, replaces, {p})
+            for k, value in zip(ks, values):
+                terms[k].append((jet.groups, value))
+            if own_mixed:
+                mixed.append((jet.pairs, values[-1]))
+        if len(positions) == 2:
+            self._products(func, leaves, spec, [jets[p] for p in positions], positions,
+                           terms, mixed)  # fmt: skip
         out = J.assemble(union, terms, len(outs))
         if self.pairs:
-            mixed = []  # ∂²f = f(x_ij, w) + f(x, w_ij) + f(x_i, w_j) + f(x_j, w_i)
-            for p in positions:
-                if jets[p].mixed is not None:
-                    value = call_batched(func, leaves, spec, {p: jets[p].mixed}, {p})
-                    mixed.append((jets[p].pairs, value))
-            if len(positions) == 2:
-                a, b = (jets[p] for p in positions)
-                combos = self._new_pairs(a.groups, b.groups)
-                if combos and a.coeffs[0] is not None and b.coeffs[0] is not None:
-                    replace, batched = {}, set()
-                    for p, jet, col in ((positions[0], a, 1), (positions[1], b, 2)):
-                        index = [c[col] for c in combos]
-                        if len(set(index)) == 1:  # one line on this side (a layer's weight)
-                            replace[p] = jet.coeffs[0][index[0]]
-                        else:
-                            replace[p] = J.rows(jet.coeffs[0], index)
-                            batched.add(p)
-                    value = call_batched(func, leaves, spec, replace, batched)
-                    if not batched:
-                        value = value.unsqueeze(0)
-                    mixed.append((tuple(c[0] for c in combos), value))
             J.attach_mixed(out, mixed)
         return out
 
+    def _products(self, func, leaves, spec, factors, positions, terms, mixed) -> None:
+        """The terms with both factors moving: coefficient products along the lines they
+        share (orders 2..K), and the pairs of lines one from each (mixed, order 2)."""
+        a, b = factors
+        labels, replaces = [], []
+        common = tuple(s for s in a.groups if s in b.groups)
+        if common and self.order > 1:
+            ca, cb = J.restrict(a, common), J.restrict(b, common)
+            for k in range(1, self.order):  # orders k+1 = (i+1) + (j+1)
+                for i in range(k):
+                    if ca[i] is not None and cb[k - 1 - i] is not None:
+                        labels.append(k)
+                        replaces.append({positions[0]: ca[i], positions[1]: cb[k - 1 - i]})
+        combos = self._new_pairs(a.groups, b.groups) if self.pairs else []
+        single = {}
+        if combos and a.coeffs[0] is not None and b.coeffs[0] is not None:
+            replace, batched = {}, set()
+            for p, jet, col in ((positions[0], a, 1), (positions[1], b, 2)):
+                index = [c[col] for c in combos]
+                if len(set(index)) == 1:  # one line on this side (a layer's weight)
+                    replace[p] = jet.coeffs[0][index[0]]
+                else:
+                    replace[p] = J.rows(jet.coeffs[0], index)
+                    batched.add(p)
+            if batched == set(positions):
+                labels.append(None)
+                replaces.append(replace)
+            else:
+                single = {"replace": replace, "batched": batched}
+        values = call_stacked(func, leaves, spec, replaces, set(positions)) if replaces else []
+        pairs = tuple(c[0] for c in combos)
+        for k, value in zip(labels, values):
+            if k is None:
+                mixed.append((pairs, value))
+            else:
+                terms[k].append((common, value))
+        if single:
+            value = call_batched(func, leaves, spec, single["replace"], single["batched"])
+            if not single["batched"]:
+                value = value.unsqueeze(0)
+            mixed.append((pairs, value))
+
     def _with_bias(self, func, leaves, spec, jets, outs):
         """The product without its bias (multilinear), then the bias's own jet added."""
+        args, kwargs = tree_unflatten(leaves, spec)
+        if (kwargs["bias"] if "bias" in kwargs else args[2] if len(args) > 2 else None) is None:
+            if len(jets) > 2:
+                raise TaylorFallback("more than two moving factors in one layer")
+            return self._multilinear(func, leaves, spec, jets, outs)[:1]
         bias, leaves2, spec2 = split_bias(leaves, spec)
         jets2 = {i: j for i, leaf in enumerate(leaves2) if (j := self.jet(leaf)) is not None}
         if len(jets2) > 2:
@@ -478,21 +510,22 @@ class UnivariateTracker(Tracker):
             jets = {0: Jet((), [None] * self.order), **jets}
         union = J.union(j.groups for j in jets.values())
         base = zeroed_constants(func, leaves, spec, jets)
-        coeffs: Coeffs = []
-        for k in range(self.order):
-            if all(j.coeffs[k] is None for j in jets.values()):
-                coeffs.append(None)
-                continue
-            replace = {i: J.aligned(j, union, k, leaves[i]) for i, j in jets.items()}
-            coeffs.append(call_batched(func, base, spec, replace, set(replace)))
-        if isinstance(coeffs[0], (tuple, list)):
-            raise TaylorFallback(f"{func} with several outputs")
+        present = [
+            k for k in range(self.order) if any(j.coeffs[k] is not None for j in jets.values())
+        ]
+        replaces = [
+            {i: J.aligned(j, union, k, leaves[i]) for i, j in jets.items()} for k in present
+        ]
         labels = J.union(j.pairs for j in jets.values())
-        mixed = None
         if labels:
-            replace = {i: J.aligned_mixed(j, labels, leaves[i]) for i, j in jets.items()}
-            mixed = call_batched(func, base, spec, replace, set(replace))
-        return [Jet(union, coeffs, labels, mixed)]
+            replaces.append({i: J.aligned_mixed(j, labels, leaves[i]) for i, j in jets.items()})
+        results = call_stacked(func, base, spec, replaces, set(jets))
+        if results and isinstance(results[0], (tuple, list)):
+            raise TaylorFallback(f"{func} with several outputs")
+        coeffs: Coeffs = [None] * self.order
+        for k, value in zip(present, results):
+            coeffs[k] = value
+        return [Jet(union, coeffs, labels, results[-1] if labels else None)]
 
     def _elementwise(self, func, leaves, spec, jet, out):
         """Faà di Bruno: y_k = Σ_j f^(j)(x_0)/j! [δ^j]_k."""

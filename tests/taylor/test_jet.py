@@ -89,6 +89,10 @@ RULES = [
     ("mul", lambda h, k: h * k),
     ("mul-self", lambda h, k: h * h),
     ("mul-const", lambda h, k: h * 3.0),
+    # both factors moving along the same lines: the Leibniz rule (hos.taylor.leibniz)
+    ("mul-same-lines", lambda h, k: (h + k) * torch.sin(h * k)),
+    ("mul-same-lines-ranks", lambda h, k: (h + k).sum(0) * torch.sin(h * k)),
+    ("mul-method-broadcast", lambda h, k: torch.sin(h + k).mul(torch.cos(h * k).unsqueeze(0))),
     ("div-moving", lambda h, k: h / k),
     ("div-const", lambda h, k: h / 2.5),
     ("rsub-int", lambda h, k: 1 - h),
@@ -402,3 +406,23 @@ def test_adaptive_chunks_grow_along_the_network_within_the_budget(monkeypatch):
     assert torch.allclose(diag, fixed, **ROUNDOFF_ENTRYWISE)
     s = hos.summarize(loss, params, u, part)
     _close(s.d3, diag, "summarize d3 (adaptive chunks)")
+
+
+def test_products_along_the_same_lines_take_the_leibniz_rule(monkeypatch):
+    """The rules above check its values against the oracle; this pins that they ran it."""
+    from hos.taylor import univariate
+
+    taken = []
+    real = univariate.product
+    monkeypatch.setattr(univariate, "product", lambda *a: taken.append(out := real(*a)) or out)
+    for rule in ("mul-same-lines", "mul-same-lines-ranks", "mul-method-broadcast", "mul"):
+        taken.clear()
+        params = _params()
+        u = {k: torch.randn(v.shape, generator=_gen(3), dtype=DT) for k, v in params.items()}
+        prob = Problem(_rule_loss(dict(RULES)[rule]), params, u, hos.Partition.per_tensor(params))
+        assert _pair_pass(prob)[0] is not None
+        used = [t for t in taken if t is not None]
+        if rule == "mul":  # h on lines (a, b), k on (c, a): the general multilinear rule
+            assert taken and not used
+        else:
+            assert used and all(t.mixed is not None for t in used), rule

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from hos.taylor.batching import call_batched, native
+from hos.taylor.batching import call_batched, call_stacked, native
 from hos.taylor.trees import tree_flatten, tree_unflatten
 
 M = 3  # directions
@@ -115,3 +115,74 @@ def test_native_leaves_memory_formats_to_vmap():
     x = _t(M, 2, 3, 4, 5)
     leaves, spec = tree_flatten(((x,), {"memory_format": torch.channels_last}))
     assert native(torch.Tensor.to, leaves, spec, {0}) is None
+
+
+STACKED = [  # (label, func, args with batched leaves at `batched`, batched, rows per call)
+    ("mul", torch.mul, (_t(M, 4, 5), _t(4, 5, seed=1)), {0}, [M, 2, 1]),
+    ("linear both", F.linear, (_t(M, 6, 4), _t(M, 3, 4, seed=1)), {0, 1}, [M, M]),
+    ("matmul second", torch.matmul, (_t(2, 4, 5), _t(M, 5, 3, seed=1)), {1}, [1, M, 2]),
+    ("chunk (tuple out)", torch.Tensor.chunk, (_t(M, 4, 6), 3, -1), {0}, [M, 1]),
+    ("add, ranks differ", torch.Tensor.add, (_t(M, 2, 3, 4), _t(M, 4, seed=1)), {0, 1}, [M, M]),
+]
+
+
+def _replaces(args, batched, rows, seed=10):
+    """One replacement per entry of `rows`: fresh values of the batched leaves, that many rows."""
+    leaves, _ = tree_flatten((args, {}))
+    return [
+        {i: _t(n, *leaves[i].shape[1:], seed=seed + 7 * k + i) for i in batched}
+        for k, n in enumerate(rows)
+    ]
+
+
+@pytest.mark.parametrize("label, func, args, batched, rows", STACKED, ids=[c[0] for c in STACKED])
+def test_call_stacked_equals_one_call_per_replacement(label, func, args, batched, rows):
+    """Row i of a batched call depends on row i of its operands only, so one call on the
+    replacements' rows joined gives each call's result (the joined path is taken: small)."""
+    leaves, spec = tree_flatten((args, {}))
+    replaces = _replaces(args, batched, rows)
+    got = call_stacked(func, leaves, spec, replaces, batched)
+    assert len(got) == len(replaces)
+    for g, r in zip(got, replaces):
+        expected = call_batched(func, leaves, spec, r, batched)
+        g_flat, e_flat = tree_flatten(g)[0], tree_flatten(expected)[0]
+        assert len(g_flat) == len(e_flat)
+        for a, b in zip(g_flat, e_flat):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12), label
+
+
+def test_call_stacked_joins_small_rows_and_keeps_large_ones_apart(monkeypatch):
+    import hos.taylor.batching as batching
+
+    calls = []
+    real = batching.call_batched
+    monkeypatch.setattr(batching, "call_batched", lambda *a: calls.append(a) or real(*a))
+    leaves, spec = tree_flatten(((_t(M, 4, 5), _t(4, 5, seed=1)), {}))
+    replaces = _replaces((leaves[0], leaves[1]), {0}, [M, 2])
+    batching.call_stacked(torch.mul, leaves, spec, replaces, {0})
+    assert len(calls) == 1, "small rows: one call"
+    calls.clear()
+    monkeypatch.setattr(batching, "STACK_MAX_NUMEL", 10)
+    batching.call_stacked(torch.mul, leaves, spec, replaces, {0})
+    assert len(calls) == 2, "past STACK_MAX_NUMEL: one call per replacement"
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        ((_t(2), 3, None), {}),
+        ((_t(2), [_t(3), _t(1)]), {}),
+        ((_t(2),), {"dim": 1}),
+        ((_t(2), (1, 2)), {}),
+        ((_t(2), torch.Size([2, 1])), {}),
+        ((), {}),
+        ([_t(2), {"a": _t(1)}],),
+    ],
+    ids=["positional", "a list", "keywords", "a tuple", "a Size", "empty", "nested"],
+)
+def test_tree_flatten_round_trip(tree):
+    leaves, spec = tree_flatten(tree)
+    back = tree_unflatten(leaves, spec)
+    assert type(back) is type(tree) and repr(back) == repr(tree)
+    again, _ = tree_flatten(back)
+    assert len(again) == len(leaves) and all(a is b for a, b in zip(again, leaves))
