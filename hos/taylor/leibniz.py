@@ -96,5 +96,6 @@ def product(leaves, spec, jets: dict, order: int, pairs: list) -> Jet | None:
             result.pairs, result.mixed = labels, mixed
     return result
 
+
 #: the flattened spec of a call `f(a, b)` with no keyword arguments
 _SIMPLE = (tuple, [(tuple, [None, None]), (dict, [], [])])
