@@ -153,6 +153,8 @@ def native(func, leaves, spec, batched: set[int]):
         lead = x.shape[1:-1] if first_batched else x.shape[:-1]
         xs = x.reshape(m if first_batched else 1, -1, in_features)
         return torch.matmul(xs, w.transpose(-1, -2)).reshape((m, *lead, out_features))
+    if func in _CONV and 1 in batched:
+        return _conv_batched_weight(func, args, kwargs, batched)
     if func in _CONV and batched == {0} and args[0].dim() == _CONV[func] + 1:
         if (len(args) > 2 and args[2] is not None) or kwargs.get("bias") is not None:
             return None
@@ -188,6 +190,32 @@ def native(func, leaves, spec, batched: set[int]):
         end = args[2] if len(args) > 2 else -1
         return x.flatten(_shift_dim(start), _shift_dim(end))
     return None
+
+
+def _conv_batched_weight(func, args, kwargs, batched):
+    """A convolution whose weight carries the direction dim (m, O, C/g, *k), the input
+    too or not: the m weights as one grouped convolution (the input's m copies side by
+    side along the channels when it is batched as well); None for other layouts."""
+    x, w = args[0], args[1]
+    rank = _CONV[func]  # of an unbatched input (N, C, *spatial)
+    if (len(args) > 2 and args[2] is not None) or kwargs.get("bias") is not None:
+        return None
+    groups = _option(args, kwargs, 6, "groups", 1)
+    both = batched == {0, 1}
+    if not isinstance(groups, int) or w.dim() != rank + 1 or x.dim() != rank + both:
+        return None
+    m, out = w.shape[0], w.shape[1]
+    rest = list(args[3:6])  # stride, padding, dilation as given
+    options = {k: v for k, v in kwargs.items() if k != "groups"}
+    if both:  # (m, N, C, *s) -> (N, m·C, *s), groups m·g: copy i meets weight i
+        n = x.shape[1]
+        xs = x.movedim(0, 1).reshape((n, -1, *x.shape[3:]))
+        y = func(xs, w.flatten(0, 1), None, *rest, **{**options, "groups": m * groups})
+        return y.unflatten(1, (m, out)).movedim(1, 0)
+    # the weights ordered group by group, so that group j of the output reads group j of x
+    ws = w.unflatten(1, (groups, out // groups)).movedim(0, 1).flatten(0, 2)
+    y = func(x, ws, None, *rest, **{**options, "groups": groups})
+    return y.unflatten(1, (groups, m, out // groups)).movedim(2, 0).flatten(2, 3)
 
 
 def _called(func, leaves, spec):
@@ -264,6 +292,78 @@ def _expand(func, x, args, kwargs):
     return x.expand((x.shape[0], *sizes))
 
 
+def _positive(d: int, rank: int) -> int:
+    """A dim of the unbatched operand (rank `rank`) as a dim of the batched one."""
+    return (d % rank) + 1
+
+
+def _ints(args) -> tuple | None:
+    """The dims of a call given as `f(x, 1, 2)` or `f(x, (1, 2))`; None if not all ints."""
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+@_first_only
+def _permute(func, x, args, kwargs):
+    dims = _ints(args) if not kwargs else _ints((kwargs.get("dims"),))
+    if dims is None or len(dims) != x.dim() - 1:
+        return None
+    return x.permute(0, *(_positive(d, x.dim() - 1) for d in dims))
+
+
+@_first_only
+def _t(func, x, args, kwargs):
+    return x.transpose(1, 2) if x.dim() == 3 else x[...]
+
+
+@_first_only
+def _unsqueeze_and_moves(func, x, args, kwargs):
+    """unsqueeze, narrow, select, movedim, unflatten, flip: int dims shifted past the
+    direction dimension, the other arguments as given."""
+    if kwargs or not args:
+        return None
+    dims, rest = args[0], args[1:]
+    if func in (_T.movedim, torch.movedim, _T.moveaxis, torch.moveaxis):
+        dims, rest = (args[0], args[1]), ()
+        if not all(isinstance(d, int) or _ints((d,)) is not None for d in dims):
+            return None
+        return x.movedim(_shift_dim(dims[0]), _shift_dim(dims[1]))
+    if func in (_T.flip, torch.flip):
+        dims = _ints(args)
+        return None if dims is None else x.flip(_shift_dim(dims))
+    if not isinstance(dims, int) or not all(isinstance(a, (int, tuple, list)) for a in rest):
+        return None
+    return getattr(x, func.__name__)(_shift_dim(dims), *rest)
+
+
+@_first_only
+def _squeeze(func, x, args, kwargs):
+    dims = _option(args, kwargs, 0, "dim", None)
+    if set(kwargs) - {"dim"}:
+        return None
+    if dims is None:  # every size-1 dim of the operand, never the direction dim
+        dims = tuple(i for i, n in enumerate(x.shape[1:]) if n == 1)
+        return x.squeeze(tuple(d + 1 for d in dims)) if dims else x[...]
+    dims = _ints((dims,))
+    return None if dims is None else x.squeeze(_shift_dim(dims))
+
+
+@_first_only
+def _shaped_as(func, x, args, kwargs):
+    """reshape_as / view_as a constant tensor."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    return x.reshape((x.shape[0], *args[0].shape))
+
+
+@_first_only
+def _repeat(func, x, args, kwargs):
+    sizes = _ints(args)
+    if kwargs or sizes is None or len(sizes) != x.dim() - 1:
+        return None  # more sizes than dims would put new dims before the direction dim
+    return x.repeat(1, *sizes)
+
+
 _BASIC_INDEX = (int, slice, type(None), type(Ellipsis))
 
 
@@ -325,6 +425,30 @@ _STRUCTURAL = {
         (_T.chunk, torch.chunk, _T.split, torch.split, _T.unbind, torch.unbind), _pieces
     ),
     _T.expand: _expand,
+    **dict.fromkeys((_T.permute, torch.permute), _permute),
+    **dict.fromkeys((_T.t, torch.t), _t),
+    **dict.fromkeys(
+        (
+            _T.unsqueeze,
+            torch.unsqueeze,
+            _T.narrow,
+            torch.narrow,
+            _T.select,
+            torch.select,
+            _T.movedim,
+            torch.movedim,
+            _T.moveaxis,
+            torch.moveaxis,
+            _T.unflatten,
+            torch.unflatten,
+            _T.flip,
+            torch.flip,
+        ),
+        _unsqueeze_and_moves,
+    ),  # fmt: skip
+    **dict.fromkeys((_T.squeeze, torch.squeeze), _squeeze),
+    **dict.fromkeys((_T.reshape_as, _T.view_as), _shaped_as),
+    _T.repeat: _repeat,
     _T.__getitem__: _getitem,
     **dict.fromkeys((torch.matmul, _T.matmul, _T.__matmul__, torch.bmm, _T.bmm), _matmul),
     **dict.fromkeys((torch.cat, torch.concat, torch.stack), _joined),

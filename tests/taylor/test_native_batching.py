@@ -69,6 +69,40 @@ CASES = [
     ("mul, batched is shorter", torch.mul, (_t(M, 4), _t(2, 3, 4, seed=1)), {}, {0}),
     ("sub, 0-d batched", torch.sub, (_t(2, 3), _t(M, seed=1)), {}, {1}),
     ("where", torch.where, (_t(2, 3) > 0, _t(M, 3), _t(2, 3, seed=1)), {}, {1}),
+    ("permute", torch.Tensor.permute, (_t(M, 2, 3, 4), 2, 0, -2), {}, {0}),
+    ("torch.permute", torch.permute, (_t(M, 2, 3, 4), (1, 2, 0)), {}, {0}),
+    ("t", torch.Tensor.t, (_t(M, 2, 3),), {}, {0}),
+    ("t of a vector", torch.t, (_t(M, 3),), {}, {0}),
+    ("unsqueeze -1", torch.Tensor.unsqueeze, (_t(M, 2, 3), -1), {}, {0}),
+    ("unsqueeze 0", torch.unsqueeze, (_t(M, 2, 3), 0), {}, {0}),
+    ("squeeze", torch.Tensor.squeeze, (_t(M, 1, 3, 1),), {}, {0}),
+    ("squeeze dim", torch.Tensor.squeeze, (_t(M, 1, 3, 1), -1), {}, {0}),
+    ("squeeze dims", torch.squeeze, (_t(M, 1, 3, 1), (0, 2)), {}, {0}),
+    ("narrow", torch.Tensor.narrow, (_t(M, 4, 5), -1, 1, 3), {}, {0}),
+    ("select", torch.select, (_t(M, 4, 5), 0, -1), {}, {0}),
+    ("movedim", torch.Tensor.movedim, (_t(M, 2, 3, 4), 0, -1), {}, {0}),
+    ("moveaxis tuples", torch.moveaxis, (_t(M, 2, 3, 4), (0, 1), (2, 0)), {}, {0}),
+    ("unflatten", torch.Tensor.unflatten, (_t(M, 6, 5), 0, (2, 3)), {}, {0}),
+    ("flip", torch.flip, (_t(M, 2, 3, 4), (0, -1)), {}, {0}),
+    ("reshape_as", torch.Tensor.reshape_as, (_t(M, 2, 6), _t(3, 4, seed=1)), {}, {0}),
+    ("view_as", torch.Tensor.view_as, (_t(M, 2, 6), _t(12, seed=1)), {}, {0}),
+    ("repeat", torch.Tensor.repeat, (_t(M, 2, 3), 2, 1), {}, {0}),
+    ("conv2d weight", F.conv2d, (_t(2, 4, 5, 5), _t(M, 6, 4, 3, 3, seed=1)), {}, {1}),
+    (
+        "conv2d weight, groups, options",
+        F.conv2d,
+        (_t(2, 4, 6, 6), _t(M, 6, 2, 3, 3, seed=1), None, 2, 1, 1, 2),
+        {},
+        {1},
+    ),
+    ("conv1d both", F.conv1d, (_t(M, 2, 4, 7), _t(M, 6, 4, 3, seed=1)), {"padding": 1}, {0, 1}),
+    (
+        "conv2d both, depthwise",
+        F.conv2d,
+        (_t(M, 2, 4, 5, 5), _t(M, 4, 1, 3, 3, seed=1)),
+        {"groups": 4, "stride": 2},
+        {0, 1},
+    ),
 ]
 
 
@@ -96,6 +130,7 @@ DECLINED = [  # patterns whose batching `native` cannot do by broadcasting: left
     ),
     ("contiguous of a 0-d operand", torch.Tensor.contiguous, (_t(M),), {}, {0}),
     ("embedding max_norm", F.embedding, (ids, _t(M, 4, 5)), {"max_norm": 1.0}, {1}),
+    ("repeat with new dims", torch.Tensor.repeat, (_t(M, 2, 3), 2, 1, 1), {}, {0}),
 ]
 
 
