@@ -204,6 +204,8 @@ def _conv_batched_weight(func, args, kwargs, batched):
     both = batched == {0, 1}
     if not isinstance(groups, int) or w.dim() != rank + 1 or x.dim() != rank + both:
         return None
+    if both and x.numel() > STACK_MAX_NUMEL:  # measured: vmap's rule is faster on large
+        return None  # inputs with few channels (LeNet's first layer: 2x)
     m, out = w.shape[0], w.shape[1]
     rest = list(args[3:6])  # stride, padding, dilation as given
     options = {k: v for k, v in kwargs.items() if k != "groups"}
