@@ -73,6 +73,7 @@ def call_stacked(func, leaves, spec, replaces: list[dict[int, torch.Tensor]], ba
     sizes = [r[keys[0]].shape[0] for r in replaces] if keys else []
     if (
         len(replaces) < 2
+        or _STRUCTURAL.get(func) is _pieces  # many outputs, each split again: measured slower
         or set(keys) != batched
         or any(list(r) != keys or any(r[i].shape[0] != n for i in keys)
                for r, n in zip(replaces, sizes))

@@ -11,7 +11,9 @@ and for the pair of lines s < t (the mixed second-order coefficient)
 
 with a_s, b_s the first coefficients along line s. The general multilinear rule gets the
 same sums by calling the op on stacks of coefficients; here they are products of those
-stacks, which on small tensors costs a fraction of the calls' bookkeeping.
+stacks, which on small tensors costs a fraction of the calls' bookkeeping. A sum or
+difference of two tensors moving along the same lines is, likewise, the sum or difference
+of their coefficients (`difference`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ import torch
 from hos.taylor import jets as J
 from hos.taylor.jets import Jet
 
-__all__ = ["PRODUCTS", "product"]
+__all__ = ["DIFFERENCES", "PRODUCTS", "difference", "product"]
 
 _T = torch.Tensor
 
 #: the calls that are the elementwise product of their two positional operands
 PRODUCTS = {torch.mul, _T.mul, _T.__mul__, _T.__rmul__, torch.multiply}
+#: the calls a ± b of their two positional operands (no alpha), with the sign of b
+DIFFERENCES = {
+    torch.add: 1, _T.add: 1, _T.__add__: 1, _T.__radd__: 1,
+    torch.sub: -1, _T.sub: -1, _T.__sub__: -1, torch.subtract: -1,
+}  # fmt: skip
 
 
 def _lifted(c: torch.Tensor | None, rank: int) -> torch.Tensor | None:
@@ -95,6 +102,33 @@ def product(leaves, spec, jets: dict, order: int, pairs: list) -> Jet | None:
         if mixed is not None:
             result.pairs, result.mixed = labels, mixed
     return result
+
+
+def difference(func, leaves, spec, jets: dict, out: torch.Tensor) -> Jet | None:
+    """The jet of a ± b (`DIFFERENCES`) when both move along the same lines and carry the
+    same pairs, else None (the general affine rule then applies): y_k = a_k ± b_k."""
+    if len(leaves) != 2 or sorted(jets) != [0, 1] or spec != _SIMPLE:
+        return None
+    ja, jb = jets[0], jets[1]
+    if ja.groups != jb.groups or ja.pairs != jb.pairs:
+        return None
+    blocks = [c for j in (ja, jb) for c in (*j.coeffs, j.mixed) if c is not None]
+    if any(c.dtype != out.dtype for c in blocks):
+        return None
+    sign, rank = DIFFERENCES[func], out.dim()
+
+    def combined(x, y):
+        if x is None and y is None:
+            return None
+        if y is None or x is None:
+            c = _lifted(x if y is None else y, rank)
+            c = c if y is None or sign > 0 else -c
+            return c.expand((c.shape[0], *out.shape))
+        x, y = _lifted(x, rank), _lifted(y, rank)
+        return x + y if sign > 0 else x - y
+
+    coeffs = [combined(x, y) for x, y in zip(ja.coeffs, jb.coeffs)]
+    return Jet(ja.groups, coeffs, ja.pairs, combined(ja.mixed, jb.mixed))
 
 
 #: the flattened spec of a call `f(a, b)` with no keyword arguments

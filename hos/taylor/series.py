@@ -134,6 +134,10 @@ def _tanh_derivatives(y: torch.Tensor, K: int) -> list[torch.Tensor]:
 
 def _sigmoid_derivatives(y: torch.Tensor, K: int) -> list[torch.Tensor]:
     """f^(j)(x)/j!, j = 1..K, of the logistic function: polynomials in y = σ(x)."""
+    if K <= 3:  # σ' = y(1 − y), σ''/2 = σ'(1/2 − y), σ'''/6 = σ'(1/6 − σ'): five passes
+        first = y * torch.rsub(y, 1.0)
+        out = [first, first * (0.5 - y), first * (1.0 / 6.0 - first)]
+        return out[:K]
     polys = _SIGMOID if K <= len(_SIGMOID) else _scaled(_chain_polynomials([0.0, 1.0, -1.0], K))
     return [_horner(c, y) for c in polys[:K]]
 

@@ -52,7 +52,7 @@ from hos.taylor.engine import Tracker, TrackerMode, storage_key
 from hos.taylor.fallback import TaylorFallback
 from hos.taylor.inplace import assigned
 from hos.taylor.jets import Coeffs, Jet
-from hos.taylor.leibniz import PRODUCTS, product
+from hos.taylor.leibniz import DIFFERENCES, PRODUCTS, difference, product
 from hos.taylor.nested import generic_rule
 from hos.taylor.ops import (
     LOG_SOFTMAX,
@@ -508,6 +508,10 @@ class UnivariateTracker(Tracker):
         """y_k = f(x_k) with the constant operands set to zero."""
         if func is assigned and 0 not in jets:  # written into a constant: batch it too
             jets = {0: Jet((), [None] * self.order), **jets}
+        if func in DIFFERENCES and len(jets) == 2:  # a ± b along the same lines
+            fast = difference(func, leaves, spec, jets, outs[0])
+            if fast is not None:
+                return [fast]
         union = J.union(j.groups for j in jets.values())
         base = zeroed_constants(func, leaves, spec, jets)
         present = [

@@ -93,6 +93,8 @@ RULES = [
     ("mul-same-lines", lambda h, k: (h + k) * torch.sin(h * k)),
     ("mul-same-lines-ranks", lambda h, k: (h + k).sum(0) * torch.sin(h * k)),
     ("mul-method-broadcast", lambda h, k: torch.sin(h + k).mul(torch.cos(h * k).unsqueeze(0))),
+    ("add-same-lines", lambda h, k: torch.sin(h + k) + torch.cos(h * k)),
+    ("sub-same-lines-ranks", lambda h, k: torch.sin(h + k).sum(0) - torch.cos(h * k)),
     ("div-moving", lambda h, k: h / k),
     ("div-const", lambda h, k: h / 2.5),
     ("rsub-int", lambda h, k: 1 - h),
@@ -406,6 +408,22 @@ def test_adaptive_chunks_grow_along_the_network_within_the_budget(monkeypatch):
     assert torch.allclose(diag, fixed, **ROUNDOFF_ENTRYWISE)
     s = hos.summarize(loss, params, u, part)
     _close(s.d3, diag, "summarize d3 (adaptive chunks)")
+
+
+def test_sums_along_the_same_lines_add_coefficients(monkeypatch):
+    """The rules above check its values against the oracle; this pins that they ran it."""
+    from hos.taylor import univariate
+
+    taken = []
+    real = univariate.difference
+    monkeypatch.setattr(univariate, "difference", lambda *a: taken.append(out := real(*a)) or out)
+    for rule in ("add-same-lines", "sub-same-lines-ranks"):
+        taken.clear()
+        params = _params()
+        u = {k: torch.randn(v.shape, generator=_gen(3), dtype=DT) for k, v in params.items()}
+        prob = Problem(_rule_loss(dict(RULES)[rule]), params, u, hos.Partition.per_tensor(params))
+        assert _pair_pass(prob)[0] is not None
+        assert any(t is not None and t.mixed is not None for t in taken), rule
 
 
 def test_products_along_the_same_lines_take_the_leibniz_rule(monkeypatch):

@@ -80,3 +80,21 @@ def test_lse_series_matches_logsumexp_along_a_polynomial_path():
         # the truncation error is O(t⁴)
         torch.testing.assert_close(torch.logsumexp(path, -1, keepdim=True), taylor,
                                    rtol=0, atol=50 * abs(t) ** 4)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_closed_form_derivatives_match_nested_forward_mode(name, K):
+    """f^(j)/j! of tanh and σ (short forms for K <= 3, Horner beyond) against torch.func's
+    nested forward mode on the function itself."""
+    from torch.func import jvp
+
+    from hos.taylor.series import _sigmoid_derivatives, _tanh_derivatives
+
+    f = getattr(torch, name)
+    x = torch.linspace(-4, 4, 41, dtype=DT)
+    got = (_tanh_derivatives if name == "tanh" else _sigmoid_derivatives)(f(x), K)
+    g = f
+    for j in range(1, K + 1):
+        g = (lambda h: lambda z: jvp(h, (z,), (torch.ones_like(z),))[1])(g)
+        torch.testing.assert_close(got[j - 1], g(x) / math.factorial(j), rtol=1e-10, atol=1e-12)
