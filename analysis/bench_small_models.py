@@ -164,8 +164,11 @@ WHAT = {
     "`matmul`, `split`, `contiguous` through `vmap` (now batched by broadcasting, "
     "`hos.taylor.batching`), and the engine's own size, dtype and grad-mode calls passing "
     "through the summary's torch-function modes (now with that dispatch off)",
-    "nn.LSTM": "the same two causes (`chunk` and `stack` of its cells through `vmap`); what is "
-    "left is the cell loop, one small op at a time",
+    "nn.LSTM": "the same two causes (`chunk` and `stack` of its cells through `vmap`), then "
+    "the cell loop's small ops: each rule made one call per Taylor coefficient (now one "
+    "call for a rule's rows with the same operands batched, `call_stacked`), the gates' "
+    "products and sums by the general rules (now the Leibniz rule and coefficient sums, "
+    "`hos.taylor.leibniz`), and the input projection once per step (now once for all steps)",
 }
 
 
