@@ -316,27 +316,33 @@ def _permute(func, x, args, kwargs):
 
 @_first_only
 def _t(func, x, args, kwargs):
+    if x.dim() > 3:  # t() of more than 2 dims raises on the primal before a rule runs
+        return None
     return x.transpose(1, 2) if x.dim() == 3 else x[...]
 
 
 @_first_only
-def _unsqueeze_and_moves(func, x, args, kwargs):
-    """unsqueeze, narrow, select, movedim, unflatten, flip: int dims shifted past the
-    direction dimension, the other arguments as given."""
-    if kwargs or not args:
+def _at_dim(func, x, args, kwargs):
+    """unsqueeze, narrow, select, unflatten: the int dim first, shifted past the direction
+    dimension; the other arguments (ints, sizes) as given."""
+    if kwargs or not args or not isinstance(args[0], int):
         return None
-    dims, rest = args[0], args[1:]
-    if func in (_T.movedim, torch.movedim, _T.moveaxis, torch.moveaxis):
-        dims, rest = (args[0], args[1]), ()
-        if not all(isinstance(d, int) or _ints((d,)) is not None for d in dims):
-            return None
-        return x.movedim(_shift_dim(dims[0]), _shift_dim(dims[1]))
-    if func in (_T.flip, torch.flip):
-        dims = _ints(args)
-        return None if dims is None else x.flip(_shift_dim(dims))
-    if not isinstance(dims, int) or not all(isinstance(a, (int, tuple, list)) for a in rest):
+    if not all(isinstance(a, (int, tuple, list)) for a in args[1:]):
+        return None  # a tensor start of narrow, ...
+    return getattr(x, func.__name__)(_shift_dim(args[0]), *args[1:])
+
+
+@_first_only
+def _movedim(func, x, args, kwargs):
+    if kwargs or len(args) != 2 or any(_ints((d,)) is None for d in args):
         return None
-    return getattr(x, func.__name__)(_shift_dim(dims), *rest)
+    return x.movedim(_shift_dim(args[0]), _shift_dim(args[1]))
+
+
+@_first_only
+def _flip(func, x, args, kwargs):
+    dims = None if kwargs else _ints(args)
+    return None if dims is None else x.flip(_shift_dim(dims))
 
 
 @_first_only
@@ -438,17 +444,13 @@ _STRUCTURAL = {
             torch.narrow,
             _T.select,
             torch.select,
-            _T.movedim,
-            torch.movedim,
-            _T.moveaxis,
-            torch.moveaxis,
             _T.unflatten,
             torch.unflatten,
-            _T.flip,
-            torch.flip,
         ),
-        _unsqueeze_and_moves,
+        _at_dim,
     ),  # fmt: skip
+    **dict.fromkeys((_T.movedim, torch.movedim, _T.moveaxis, torch.moveaxis), _movedim),
+    **dict.fromkeys((_T.flip, torch.flip), _flip),
     **dict.fromkeys((_T.squeeze, torch.squeeze), _squeeze),
     **dict.fromkeys((_T.reshape_as, _T.view_as), _shaped_as),
     _T.repeat: _repeat,
