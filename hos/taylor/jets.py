@@ -48,7 +48,7 @@ def union(group_sets) -> tuple[int, ...]:
 def slot(positions: tuple[int, ...], device: torch.device) -> slice | torch.Tensor:
     """Rows `positions` of a stack: a slice where they are consecutive (a view, no copy),
     else an index tensor (cached: the same few placements recur at every op of a pass)."""
-    first = positions[0]
+    first = positions[0] if positions else 0
     if positions == tuple(range(first, first + len(positions))):
         return slice(first, first + len(positions))
     key = (positions, device)

@@ -221,3 +221,13 @@ def test_tree_flatten_round_trip(tree):
     assert type(back) is type(tree) and repr(back) == repr(tree)
     again, _ = tree_flatten(back)
     assert len(again) == len(leaves) and all(a is b for a, b in zip(again, leaves))
+
+
+def test_row_placement_views_consecutive_rows_and_indexes_the_others():
+    from hos.taylor.jets import slot, take
+
+    t = _t(4, 3)
+    assert take(t, (1, 2))._base is t and torch.equal(take(t, (1, 2)), t[1:3])
+    assert torch.equal(take(t, (3, 0)), t[[3, 0]]) and take(t, (3, 0))._base is not t
+    assert take(t, ()).shape == (0, 3)
+    assert slot((3, 0), t.device) is slot((3, 0), t.device)  # the index tensor is cached
