@@ -462,7 +462,8 @@ _STRUCTURAL = {
 
 
 def split_bias(leaves, spec):
-    """(bias, leaves, spec) of a layer call with its `bias` argument set to None."""
+    """(bias, leaves, spec) of a layer call with its `bias` argument set to None (the same
+    `leaves` and `spec` when it has none)."""
     args, kwargs = tree_unflatten(list(leaves), spec)
     args, kwargs = list(args), dict(kwargs)
     bias = None
@@ -470,6 +471,8 @@ def split_bias(leaves, spec):
         bias, kwargs["bias"] = kwargs["bias"], None
     elif len(args) > 2:
         bias, args[2] = args[2], None
+    if bias is None:
+        return None, leaves, spec
     leaves2, spec2 = tree_flatten((tuple(args), kwargs))
     return bias, leaves2, spec2
 

@@ -314,7 +314,7 @@ class UnivariateTracker(Tracker):
                         labels.append(k)
                         replaces.append({positions[0]: ca[i], positions[1]: cb[k - 1 - i]})
         combos = self._new_pairs(a.groups, b.groups) if self.pairs else []
-        single = {}
+        single = None  # (replace, batched) of the pairs' call when one side is one line
         if combos and a.coeffs[0] is not None and b.coeffs[0] is not None:
             replace, batched = {}, set()
             for p, jet, col in ((positions[0], a, 1), (positions[1], b, 2)):
@@ -328,7 +328,7 @@ class UnivariateTracker(Tracker):
                 labels.append(None)
                 replaces.append(replace)
             else:
-                single = {"replace": replace, "batched": batched}
+                single = (replace, batched)
         values = call_stacked(func, leaves, spec, replaces, set(positions)) if replaces else []
         pairs = tuple(c[0] for c in combos)
         for k, value in zip(labels, values):
@@ -336,21 +336,19 @@ class UnivariateTracker(Tracker):
                 mixed.append((pairs, value))
             else:
                 terms[k].append((common, value))
-        if single:
-            value = call_batched(func, leaves, spec, single["replace"], single["batched"])
-            if not single["batched"]:
+        if single is not None:
+            value = call_batched(func, leaves, spec, *single)
+            if not single[1]:
                 value = value.unsqueeze(0)
             mixed.append((pairs, value))
 
     def _with_bias(self, func, leaves, spec, jets, outs):
         """The product without its bias (multilinear), then the bias's own jet added."""
-        args, kwargs = tree_unflatten(leaves, spec)
-        if (kwargs["bias"] if "bias" in kwargs else args[2] if len(args) > 2 else None) is None:
-            if len(jets) > 2:
-                raise TaylorFallback("more than two moving factors in one layer")
-            return self._multilinear(func, leaves, spec, jets, outs)[:1]
         bias, leaves2, spec2 = split_bias(leaves, spec)
-        jets2 = {i: j for i, leaf in enumerate(leaves2) if (j := self.jet(leaf)) is not None}
+        if leaves2 is leaves:  # no bias: the moving factors are the call's
+            jets2 = jets
+        else:
+            jets2 = {i: j for i, leaf in enumerate(leaves2) if (j := self.jet(leaf)) is not None}
         if len(jets2) > 2:
             raise TaylorFallback("more than two moving factors in one layer")
         product = self._multilinear(func, leaves2, spec2, jets2, outs)[0] if jets2 else None
