@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +26,14 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 from torch.overrides import TorchFunctionMode
 
+from hos._attention import (
+    attention_at_second_order,
+    attention_without_dropout,
+    mha_eval,
+    multi_head_attention_at_second_order,
+    multi_head_attention_explicit,
+    scaled_dot_product_attention,
+)
 from hos._depthwise import depthwise_conv1d, depthwise_conv2d
 from hos._refusals import (
     FORWARD_UNSOUND,
@@ -128,45 +135,6 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     y = input * torch.rsqrt((input * input).mean(dim=dims, keepdim=True) + eps)
     return y * weight if weight is not None else y
-
-
-def scaled_dot_product_attention(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
-):
-    """softmax(q kᵀ·scale + mask) v, written in primitive ops (dropout is off).
-
-    Every mask means what it means to `F.scaled_dot_product_attention`:
-
-    * a boolean mask keeps the scores where it is True; an additive (float) mask is added;
-    * `is_causal` keeps the lower triangle `ones(L, S).tril()` (aligned top left), and with a
-      mask as well keeps what both keep;
-    * a query row whose every score is masked (−inf) gives 0, as PyTorch's safe softmax does
-      (a left-padded batch in a decoder has such rows), never NaN: the row is set to 0 before
-      the softmax and its weights to 0 after, so no derivative of any order sees a NaN.
-    """
-    length_q, length_k = query.size(-2), key.size(-2)
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
-    if enable_gqa:
-        repeat = query.size(-3) // key.size(-3)
-        key = key.repeat_interleave(repeat, dim=-3)
-        value = value.repeat_interleave(repeat, dim=-3)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    dropped = None  # True where a score is masked out
-    if is_causal:
-        dropped = ~torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril()
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            dropped = ~attn_mask if dropped is None else dropped | ~attn_mask
-        else:
-            scores = scores + attn_mask
-    if dropped is not None:
-        scores = scores.masked_fill(dropped, float("-inf"))
-    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)
-    if not bool(dead.any()):
-        return torch.matmul(torch.softmax(scores, dim=-1), value)
-    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    return torch.matmul(weights, value)
 
 
 def _reduce(loss, reduction):
@@ -405,29 +373,6 @@ def _rnn_without_dropout(func):
     return call
 
 
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
-
-
-def _multi_head_attention_forward(*args, **kwargs):
-    """Route `nn.MultiheadAttention` through its explicit-softmax branch.
-
-    That branch (`need_weights=True`) is made of `bmm`/`softmax` whose
-    derivatives are exact; `training=False` turns its internal dropout off. When the caller
-    did not ask for the weights (`nn.TransformerEncoderLayer`), they are not averaged over
-    the heads either: that mean would only be thrown away (on Taylor coefficients it cost
-    ~5 % of a transformer's passes).
-    """
-    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-    bound.apply_defaults()
-    wanted_weights = bound.arguments["need_weights"]
-    bound.arguments["need_weights"] = True
-    if not wanted_weights:
-        bound.arguments["average_attn_weights"] = False
-    bound.arguments["training"] = False
-    out, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
-    return out, (weights if wanted_weights else None)
-
-
 #: Functions replaced while `ExactOps` is active.
 DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.batch_norm: batch_norm,
@@ -477,27 +422,10 @@ for _random in RANDOM:
     DECOMPOSITIONS[_random] = refuse_random(getattr(_random, "__name__", repr(_random)))
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
     DECOMPOSITIONS[getattr(torch._VF, _name)] = _rnn_without_dropout(getattr(torch._VF, _name))
-DECOMPOSITIONS[F.multi_head_attention_forward] = _multi_head_attention_forward
+DECOMPOSITIONS[F.multi_head_attention_forward] = multi_head_attention_explicit
 for _name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
     if hasattr(torch, _name):
         DECOMPOSITIONS[getattr(torch, _name)] = refuse_fast_path(f"torch.{_name}")
-
-
-def _attention_without_dropout(*args, **kwargs):
-    """PyTorch's own `F.scaled_dot_product_attention` with `dropout_p=0` (dropout is off)."""
-    bound = inspect.signature(scaled_dot_product_attention).bind(*args, **kwargs)
-    bound.apply_defaults()
-    given = dict(bound.arguments)
-    given["dropout_p"] = 0.0
-    q, k, v = given.pop("query"), given.pop("key"), given.pop("value")
-    return F.scaled_dot_product_attention(q, k, v, **given)
-
-
-def _mha_eval(*args, **kwargs):
-    """`F.multi_head_attention_forward` with its dropout off (`training=False`), as it is."""
-    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-    bound.arguments["training"] = False
-    return F.multi_head_attention_forward(*bound.args, **bound.kwargs)
 
 
 #: What a summary changes about the function itself, not about how it is differentiated:
@@ -511,8 +439,8 @@ SEMANTICS: dict[Callable[..., Any], Callable[..., Any]] = {
 }  # fmt: skip
 SEMANTICS.update({getattr(torch._VF, n): DECOMPOSITIONS[getattr(torch._VF, n)]
                   for n in ("lstm", "gru", "rnn_tanh", "rnn_relu")})  # fmt: skip
-SEMANTICS[F.scaled_dot_product_attention] = _attention_without_dropout
-SEMANTICS[F.multi_head_attention_forward] = _mha_eval
+SEMANTICS[F.scaled_dot_product_attention] = attention_without_dropout
+SEMANTICS[F.multi_head_attention_forward] = mha_eval
 
 
 def _native_batch_norm(
@@ -535,11 +463,15 @@ NATIVE_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
     F.layer_norm: F.layer_norm,
 }
 
-#: Native kernels whose double backward is slow, written out for graphs differentiated twice
-#: (`second_order_reverse`): depthwise convolutions (`hos._depthwise`).
+#: Ops written out for graphs differentiated twice (`second_order_reverse`), ahead of the
+#: decompositions: depthwise convolutions, whose native double backward is slow
+#: (`hos._depthwise`), and attention as one op that keeps no (L × L) tensor of its backward
+#: (`hos._attention`: a 6-layer transformer's rows of H̄ hold 31 MiB instead of 41).
 REWRITTEN_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
     F.conv1d: depthwise_conv1d,
     F.conv2d: depthwise_conv2d,
+    F.scaled_dot_product_attention: attention_at_second_order,
+    F.multi_head_attention_forward: multi_head_attention_at_second_order,
 }
 
 _SECOND_ORDER_REVERSE: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -569,12 +501,12 @@ class ExactOps(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        rewrite = REWRITTEN_AT_SECOND_ORDER.get(func)
+        if rewrite is not None and _SECOND_ORDER_REVERSE.get():
+            return rewrite(*args, **(kwargs or {}))
         replacement = DECOMPOSITIONS.get(func)
-        if replacement is None:
-            rewrite = REWRITTEN_AT_SECOND_ORDER.get(func)
-            if rewrite is not None and _SECOND_ORDER_REVERSE.get():
-                return rewrite(*args, **(kwargs or {}))
-            return func(*args, **(kwargs or {}))
+        if replacement is None:  # the common case reads no context variable (torch.compile
+            return func(*args, **(kwargs or {}))  # traces this method: a read breaks its graph)
         if _SECOND_ORDER_REVERSE.get():
             replacement = NATIVE_AT_SECOND_ORDER.get(func, replacement)
         return replacement(*args, **(kwargs or {}))

@@ -1,0 +1,329 @@
+r"""Attention for `hos._exact`: the exact decomposition, and a rule for graphs differentiated
+twice whose memory does not grow with the attention matrices.
+
+With S = scale·q kᵀ + mask, P = softmax(S) (row-wise) and O = P v:
+
+* `scaled_dot_product_attention` writes the op in primitive ops (exact at every order);
+* `attention_at_second_order` is the same function as an autograd op whose graph keeps q, k, v
+  and P only, and whose backward is again an op (`_AttentionVJP`) that keeps q, k, v, dO and
+  P — never the (L × L) dP = dO vᵀ and dS = P ⊙ (dP − r) of its backward, which it recomputes
+  (r = rowsum(P ⊙ dP)). Its own backward is the hand-derived second derivative: with cotangents
+  (a, b, c) of (dq, dk, dv) = (scale·dS k, scale·dSᵀ q, Pᵀ dO) and G = scale·(a kᵀ + q bᵀ),
+  ρ = rowsum(G ⊙ P), P̃ = P ⊙ (G − ρ),
+
+      P̄ = (G − ρ) ⊙ (dP − r) + dO cᵀ,   S̄ = P ⊙ (P̄ − rowsum(P ⊙ P̄)),
+      q̄ = scale·(S̄ k + dS b),   k̄ = scale·(S̄ᵀ q + dSᵀ a),   v̄ = P̃ᵀ dO,   dŌ = P̃ v + P c.
+
+  It is differentiable twice and no more: building a graph for a third derivative raises
+  (PyTorch's `once_differentiable` would not: it looks only at the cotangents, and a third
+  derivative through the saved q, k, v would silently miss terms), which is what
+  `hos._exact.second_order_reverse` promises. On a 6-layer transformer's rows of
+  H̄ it holds 31 MiB instead of 41 (`analysis/bench_large_models.py`).
+* `multi_head_attention_at_second_order`: `F.multi_head_attention_forward` written out (the
+  in- and out-projections, the masks merged as PyTorch merges them) around that op, for the
+  plain configuration; the others keep the explicit-softmax branch (exact, more memory).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_at_second_order",
+    "attention_without_dropout",
+    "mha_eval",
+    "multi_head_attention_at_second_order",
+    "multi_head_attention_explicit",
+    "scaled_dot_product_attention",
+]
+
+_NEG_INF = float("-inf")
+_THIRD_ORDER = (
+    "hos: attention in a graph built under second_order_reverse() is differentiable twice, not "
+    "three times (hos._attention); build the graph without second_order_reverse() for more."
+)
+
+
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """P = softmax(q kᵀ·scale + mask) over the last dim; every mask means what it means to
+    `F.scaled_dot_product_attention` (see `scaled_dot_product_attention`)."""
+    length_q, length_k = query.size(-2), key.size(-2)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    dropped = None  # True where a score is masked out
+    if is_causal:
+        dropped = ~torch.ones(length_q, length_k, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            dropped = ~attn_mask if dropped is None else dropped | ~attn_mask
+        else:
+            scores = scores + attn_mask
+    if dropped is not None:
+        scores = scores.masked_fill(dropped, _NEG_INF)
+    elif attn_mask is None:  # nothing masked: no row can be all −inf
+        return torch.softmax(scores, dim=-1)
+    dead = (scores == _NEG_INF).all(dim=-1, keepdim=True)
+    if not bool(dead.any()):
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def _grouped(query, key, value, enable_gqa):
+    """(key, value) repeated over the query's heads for grouped-query attention."""
+    if not enable_gqa:
+        return key, value
+    repeat = query.size(-3) // key.size(-3)
+    return key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
+
+
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """softmax(q kᵀ·scale + mask) v, written in primitive ops (dropout is off).
+
+    Every mask means what it means to `F.scaled_dot_product_attention`:
+
+    * a boolean mask keeps the scores where it is True; an additive (float) mask is added;
+    * `is_causal` keeps the lower triangle `ones(L, S).tril()` (aligned top left), and with a
+      mask as well keeps what both keep;
+    * a query row whose every score is masked (−inf) gives 0, as PyTorch's safe softmax does
+      (a left-padded batch in a decoder has such rows), never NaN: the row is set to 0 before
+      the softmax and its weights to 0 after, so no derivative of any order sees a NaN.
+    """
+    key, value = _grouped(query, key, value, enable_gqa)
+    return torch.matmul(attention_weights(query, key, attn_mask, is_causal, scale), value)
+
+
+# --------------------------------------------------------------------------- second order
+def _first_backward(P, value, d_out):
+    """(dP, r, dS) of the attention's backward for the cotangent `d_out` of O = P v."""
+    d_weights = torch.matmul(d_out, value.transpose(-2, -1))
+    r = (P * d_weights).sum(-1, keepdim=True)
+    return d_weights, r, P * (d_weights - r)
+
+
+class _Attention(torch.autograd.Function):
+    """O = P v with P = softmax(q kᵀ·scale + mask); the graph keeps q, k, v and P."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attn_mask, is_causal, scale):
+        P = attention_weights(query, key, attn_mask, is_causal, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(query, key, value, P)
+        return torch.matmul(P, value)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        query, key, value, P = ctx.saved_tensors
+        grads = _AttentionVJP.apply(query, key, value, d_out, P, ctx.scale)
+        return (*grads, None, None, None)
+
+
+class _AttentionVJP(torch.autograd.Function):
+    """(dq, dk, dv) of the attention for the cotangent dO; its backward is the second
+    derivative (module docstring), P the attention's weights at (q, k), read only."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, d_out, P, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(query, key, value, d_out, P)
+        _, _, d_scores = _first_backward(P, value, d_out)
+        return (
+            scale * torch.matmul(d_scores, key),
+            scale * torch.matmul(d_scores.transpose(-2, -1), query),
+            torch.matmul(P.transpose(-2, -1), d_out),
+        )
+
+    @staticmethod
+    def backward(ctx, a, b, c):
+        if torch.is_grad_enabled():  # a graph for a third derivative is being built
+            raise RuntimeError(_THIRD_ORDER)
+        query, key, value, d_out, P = ctx.saved_tensors
+        scale = ctx.scale
+        d_weights, r, d_scores = _first_backward(P, value, d_out)
+        G = scale * (
+            torch.matmul(a, key.transpose(-2, -1)) + torch.matmul(query, b.transpose(-2, -1))
+        )
+        centred = G - (G * P).sum(-1, keepdim=True)
+        moved = P * centred  # P̃
+        bar_weights = centred * (d_weights - r) + torch.matmul(d_out, c.transpose(-2, -1))
+        bar_scores = P * (bar_weights - (P * bar_weights).sum(-1, keepdim=True))
+        return (
+            scale * (torch.matmul(bar_scores, key) + torch.matmul(d_scores, b)),
+            scale * (torch.matmul(bar_scores.transpose(-2, -1), query)
+                     + torch.matmul(d_scores.transpose(-2, -1), a)),
+            torch.matmul(moved.transpose(-2, -1), d_out),
+            torch.matmul(moved, value) + torch.matmul(P, c),
+            None,
+            None,
+        )  # fmt: skip
+
+
+def attention_at_second_order(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+    """`scaled_dot_product_attention` for a graph differentiated at most twice by reverse mode,
+    keeping no (L × L) tensor of the backward (module docstring). A mask that carries a
+    derivative (a learned additive bias) or a functorch transform keeps the decomposition."""
+    moving_mask = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
+    if moving_mask or torch._C._are_functorch_transforms_active():
+        return scaled_dot_product_attention(
+            query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa
+        )
+    key, value = _grouped(query, key, value, enable_gqa)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    return _Attention.apply(query, key, value, attn_mask, is_causal, scale)
+
+
+def attention_without_dropout(*args, **kwargs):
+    """PyTorch's own `F.scaled_dot_product_attention` with `dropout_p=0` (dropout is off)."""
+    bound = inspect.signature(scaled_dot_product_attention).bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = dict(bound.arguments)
+    given["dropout_p"] = 0.0
+    q, k, v = given.pop("query"), given.pop("key"), given.pop("value")
+    return F.scaled_dot_product_attention(q, k, v, **given)
+
+
+# --------------------------------------------------------------------------- multi-head
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def multi_head_attention_explicit(*args, **kwargs):
+    """Route `nn.MultiheadAttention` through its explicit-softmax branch.
+
+    That branch (`need_weights=True`) is made of `bmm`/`softmax` whose
+    derivatives are exact; `training=False` turns its internal dropout off. When the caller
+    did not ask for the weights (`nn.TransformerEncoderLayer`), they are not averaged over
+    the heads either: that mean would only be thrown away (on Taylor coefficients it cost
+    ~5 % of a transformer's passes).
+    """
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    wanted_weights = bound.arguments["need_weights"]
+    bound.arguments["need_weights"] = True
+    if not wanted_weights:
+        bound.arguments["average_attn_weights"] = False
+    bound.arguments["training"] = False
+    out, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+    return out, (weights if wanted_weights else None)
+
+
+def mha_eval(*args, **kwargs):
+    """`F.multi_head_attention_forward` with its dropout off (`training=False`), as it is."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.arguments["training"] = False
+    return F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+
+
+def _plain_configuration(a: dict) -> bool:
+    """Whether a call of `F.multi_head_attention_forward` (bound arguments `a`) is the one
+    `multi_head_attention_at_second_order` writes out: no weights returned, no extra key /
+    value rows, no static keys, masks that carry no derivative, consistent shapes; anything
+    else (including what PyTorch would reject) goes to PyTorch's own function."""
+    query, key = a["query"], a["key"]
+    masks = [m for m in (a["attn_mask"], a["key_padding_mask"]) if m is not None]
+    if (
+        a["need_weights"]
+        or a["add_zero_attn"]
+        or any(a[n] is not None for n in ("bias_k", "bias_v", "static_k", "static_v"))
+        or any(m.requires_grad for m in masks)
+        or torch._C._are_functorch_transforms_active()
+        or query.dim() not in (2, 3)
+        or query.dim() != key.dim()
+        or query.size(-1) != a["embed_dim_to_check"]
+        or query.size(-1) % a["num_heads"]
+    ):
+        return False
+    if a["attn_mask"] is None and a["is_causal"]:
+        return False  # PyTorch asks for a mask with the causal hint
+    return _shapes_as_expected(a)
+
+
+def _shapes_as_expected(a: dict) -> bool:
+    """The shapes `F.multi_head_attention_forward` accepts (it raises on the others)."""
+    query, key, value, mask, padding = (
+        a["query"], a["key"], a["value"], a["attn_mask"], a["key_padding_mask"]
+    )  # fmt: skip
+    try:
+        batched = F._mha_shape_check(query, key, value, padding, mask, a["num_heads"])
+    except (AssertionError, RuntimeError):
+        return False
+    same = key.shape[:-1] == value.shape[:-1] if a["use_separate_proj_weight"] else (
+        key.shape == value.shape
+    )  # fmt: skip
+    length_q, length_k = query.size(0), key.size(0)
+    batch = query.size(1) if batched else 1
+    if mask is not None and mask.shape not in (
+        (length_q, length_k), (batch * a["num_heads"], length_q, length_k)
+    ):  # fmt: skip
+        return False
+    if padding is not None and padding.shape != ((batch, length_k) if batched else (length_k,)):
+        return False
+    return same
+
+
+def multi_head_attention_at_second_order(*args, **kwargs):
+    """`F.multi_head_attention_forward` (dropout off) around `attention_at_second_order`, as
+    PyTorch computes it without weights: in-projections, masks merged (the key-padding mask
+    added to the attention mask, both made additive), heads, out-projection. Configurations
+    other than the plain one keep the explicit branch (`multi_head_attention_explicit`)."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if not _plain_configuration(a):
+        return multi_head_attention_explicit(*args, **kwargs)
+    query, key, value, heads = a["query"], a["key"], a["value"], a["num_heads"]
+    padding, mask, is_causal = a["key_padding_mask"], a["attn_mask"], a["is_causal"]
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        padding = padding.unsqueeze(0) if padding is not None else None
+    length_q, batch, dim = query.shape
+    padding = F._canonical_mask(
+        mask=padding, mask_name="key_padding_mask", other_type=F._none_or_dtype(mask),
+        other_name="attn_mask", target_type=query.dtype,
+    )  # fmt: skip
+    if is_causal and padding is None:
+        mask = None  # PyTorch's kernel takes the causal hint for the mask
+    else:
+        mask = F._canonical_mask(
+            mask=mask, mask_name="attn_mask", other_type=None, other_name="",
+            target_type=query.dtype, check_other=False,
+        )  # fmt: skip
+        is_causal = is_causal and padding is None
+    if a["use_separate_proj_weight"]:
+        bias = a["in_proj_bias"]
+        b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+        q, k, v = F._in_projection(
+            query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"],
+            b_q, b_k, b_v,
+        )  # fmt: skip
+    else:
+        q, k, v = F._in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
+    head_dim = dim // heads
+    length_k = k.size(0)
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.dim() == 2 else mask  # (1 or B·H, Lq, Lk)
+    if padding is not None:
+        padding = padding.view(batch, 1, 1, length_k).expand(-1, heads, -1, -1)
+        padding = padding.reshape(batch * heads, 1, length_k)
+        mask = padding if mask is None else mask + padding
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.size(0) == 1 else mask.view(batch, heads, -1, length_k)
+    q = q.view(length_q, batch * heads, head_dim).transpose(0, 1)
+    k = k.view(length_k, batch * heads, head_dim).transpose(0, 1)
+    v = v.view(length_k, batch * heads, head_dim).transpose(0, 1)
+    out = attention_at_second_order(
+        q.view(batch, heads, length_q, head_dim), k.view(batch, heads, length_k, head_dim),
+        v.view(batch, heads, length_k, head_dim), mask, 0.0, is_causal,
+    )  # fmt: skip
+    out = out.permute(2, 0, 1, 3).contiguous().view(batch * length_q, dim)
+    out = F.linear(out, a["out_proj_weight"], a["out_proj_bias"]).view(length_q, batch, -1)
+    return (out if batched else out.squeeze(1)), None

@@ -1,0 +1,339 @@
+"""Attention in graphs differentiated twice (`hos._attention`): the op that keeps no (L × L)
+tensor of its backward, and `F.multi_head_attention_forward` written out around it.
+
+Checked in float64 against routes that share none of its machinery: PyTorch's own kernels and
+modules run the ordinary way (value, first derivative), finite differences of PyTorch's own
+loss (a mixed second derivative), the exact decomposition's double backward (every entry of a
+Hessian-vector product), and a summary's H̄ against the explicit branch and against finite
+differences. The memory claim is checked on the graph itself: the saved (L × L) tensors.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hos
+import hos._attention as attention
+import hos._exact as exact
+from hos._exact import ExactOps, second_order_reverse
+from tests.helpers import fd
+from tests.helpers.tolerances import AGREE, DT, FD, FD_MODEL, ROUNDOFF, assert_close
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+L_Q, L_K, HEAD = 5, 6, 3
+
+
+def _r(*shape, seed):
+    return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+
+
+def _sdpa_case(name):
+    """(q, k, v, keyword arguments of F.scaled_dot_product_attention) for a case name."""
+    q, k, v = _r(2, 4, L_Q, HEAD, seed=1), _r(2, 4, L_K, HEAD, seed=2), _r(2, 4, L_K, HEAD, seed=3)
+    kw = {}
+    if name == "causal":
+        kw["is_causal"] = True
+    elif name == "bool mask":
+        mask = _r(L_Q, L_K, seed=4) > -0.3
+        mask[:, 0] = True
+        kw["attn_mask"] = mask
+    elif name == "causal and mask":
+        kw.update(is_causal=True, attn_mask=_r(L_Q, L_K, seed=4) > -1.0)
+    elif name == "additive mask":
+        kw["attn_mask"] = _r(2, 1, L_Q, L_K, seed=5)
+    elif name == "masked rows":  # every key of query 1 masked: 0, as PyTorch's safe softmax
+        mask = _r(L_Q, L_K, seed=4) > -0.3
+        mask[1] = False
+        mask[0, 0] = True
+        kw["attn_mask"] = mask
+    elif name == "grouped query":
+        k, v = _r(2, 2, L_K, HEAD, seed=2), _r(2, 2, L_K, HEAD, seed=3)
+        kw["enable_gqa"] = True
+    elif name == "scale":
+        kw["scale"] = 0.3
+    return q, k, v, kw
+
+
+SDPA_CASES = [
+    "plain", "causal", "bool mask", "causal and mask", "additive mask", "masked rows",
+    "grouped query", "scale",
+]  # fmt: skip
+
+
+def _loss(out):
+    """A scalar with a non-trivial second derivative in the output (no random draw: it runs
+    inside `ExactOps`, which refuses them)."""
+    index = torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (torch.cos(index) * out).sum() + (torch.sin(0.7 * index) * out * out).sum()
+
+
+def _hvp(fn, inputs, direction, second_order):
+    """(value, gradient, H·direction) of _loss(fn(*inputs)) through ExactOps, with or without
+    `second_order_reverse` (the rewrite, or the exact decomposition)."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    with ExactOps(), second_order_reverse() if second_order else torch.enable_grad():
+        value = _loss(fn(*leaves))
+    grads = torch.autograd.grad(value, leaves, create_graph=True)
+    inner = sum((g * t).sum() for g, t in zip(grads, direction))
+    hv = torch.autograd.grad(inner, leaves)
+    return value.detach(), [g.detach() for g in grads], list(hv)
+
+
+@pytest.mark.parametrize("name", SDPA_CASES)
+def test_attention_at_second_order_matches_pytorch(name, monkeypatch):
+    q, k, v, kw = _sdpa_case(name)
+    used = []
+    monkeypatch.setattr(attention._Attention, "apply", _spy(used, attention._Attention.apply))
+
+    def sdpa(*qkv):
+        return F.scaled_dot_product_attention(*qkv, **kw)
+
+    direction = [_r(*x.shape, seed=10 + i) for i, x in enumerate((q, k, v))]
+    value, grads, hv = _hvp(sdpa, (q, k, v), direction, second_order=True)
+    assert used, "the second-order rule was not used"
+    # value and first derivative: PyTorch's own kernel, run the ordinary way
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = _loss(sdpa(*leaves))
+    assert_close(value, expected.detach(), name, **ROUNDOFF)
+    for got, want in zip(grads, torch.autograd.grad(expected, leaves)):
+        assert_close(got, want, f"{name}: gradient", **ROUNDOFF)
+    # second derivative: every entry against the decomposition's double backward ...
+    _, _, hv_exact = _hvp(sdpa, (q, k, v), direction, second_order=False)
+    for got, want in zip(hv, hv_exact):
+        assert_close(got, want, f"{name}: H·t", **ROUNDOFF)
+    # ... and one mixed derivative against differences of PyTorch's own loss
+    other = [_r(*x.shape, seed=20 + i) for i, x in enumerate((q, k, v))]
+
+    def moved(a, b):
+        shifted = [x + a * t + b * o for x, t, o in zip((q, k, v), direction, other)]
+        with torch.no_grad():
+            return float(_loss(sdpa(*shifted)))
+
+    oracle = fd.mixed_derivative(moved)
+    got = float(sum((h * o).sum() for h, o in zip(hv, other)))
+    fd.close(torch.tensor(got), torch.tensor(oracle), FD["H"], f"{name}: tᵀHo")
+
+
+def _spy(calls, function):
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return spy
+
+
+def test_a_third_derivative_raises():
+    """The rule is differentiable twice, as `second_order_reverse` promises, and says so when
+    asked for more (never a silent zero)."""
+    q, k, v, _ = _sdpa_case("plain")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with ExactOps(), second_order_reverse():
+        value = _loss(F.scaled_dot_product_attention(*leaves))
+    (dq,) = torch.autograd.grad(value, leaves[0], create_graph=True)
+    torch.autograd.grad(dq.sum(), leaves[0], retain_graph=True)  # the second: fine
+    with pytest.raises(RuntimeError, match="differentiable twice, not three times"):
+        torch.autograd.grad(dq.sum(), leaves[0], create_graph=True)
+
+
+def _square_saved(roots):
+    """The distinct storages of (L_Q × L_K) tensors saved by the graph behind `roots`."""
+    seen, found, stack = set(), {}, [r.grad_fn for r in roots]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        saved = [getattr(node, n, None) for n in dir(node) if n.startswith("_saved_")]
+        saved += list(getattr(node, "saved_tensors", ()) or ())
+        for t in saved:
+            for x in t if isinstance(t, (tuple, list)) else [t]:
+                if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) == (L_Q, L_K):
+                    found[x.untyped_storage().data_ptr()] = x
+        stack.extend(f for f, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_the_graph_keeps_one_square_per_attention(second_order):
+    """The memory claim, on the graph: after a backward with a graph, the decomposition's
+    graph saves the weights P and its backward's dP, dS (and more); the rule saves P only."""
+    q, k, v, _ = _sdpa_case("plain")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with ExactOps(), second_order_reverse() if second_order else torch.enable_grad():
+        value = _loss(F.scaled_dot_product_attention(*leaves))
+    grads = torch.autograd.grad(value, leaves, create_graph=True)
+    squares = _square_saved(grads)
+    if second_order:
+        assert len(squares) == 1, [tuple(s.shape) for s in squares.values()]
+    else:  # the rule's reason to exist: the decomposition keeps several
+        assert len(squares) >= 3, [tuple(s.shape) for s in squares.values()]
+
+
+# --------------------------------------------------------------------------- multi-head
+MHA_CASES = {
+    "self": ({}, {}),
+    "no bias": ({"bias": False}, {}),
+    "cross, kdim and vdim": ({"kdim": 3, "vdim": 2}, {"cross": True}),
+    "key padding (bool)": ({}, {"key_padding": torch.bool}),
+    "key padding (float)": ({}, {"key_padding": DT}),
+    "2-D bool mask": ({}, {"mask": (torch.bool, 2)}),
+    "2-D float mask": ({}, {"mask": (DT, 2)}),
+    "3-D float mask": ({}, {"mask": (DT, 3)}),
+    "causal hint": ({}, {"causal": True}),
+    "causal hint with padding": ({}, {"causal": True, "key_padding": torch.bool}),
+    "unbatched": ({}, {"unbatched": True}),
+}
+
+
+def _mha_inputs(module_kwargs, call, batch_first):
+    """(module, (query, key, value), forward keyword arguments) for a case."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, batch_first=batch_first, **module_kwargs).to(DT).eval()
+    call = dict(call)
+    unbatched = call.pop("unbatched", False)
+    shape = (5, 4) if unbatched else ((2, 5, 4) if batch_first else (5, 2, 4))
+    x = _r(*shape, seed=31)
+    key = value = x
+    if call.pop("cross", False):
+        kv = (2, 6) if batch_first else (6, 2)
+        key, value = _r(*kv, 3, seed=32), _r(*kv, 2, seed=33)
+    length_k = key.shape[-2] if (batch_first or unbatched) else key.shape[0]
+    kw = {"need_weights": False}
+    padding = call.pop("key_padding", None)
+    if padding is not None:
+        pad = torch.zeros(2, length_k, dtype=torch.bool)
+        pad[0, -2:] = True
+        kw["key_padding_mask"] = (
+            pad if padding is torch.bool else torch.zeros(2, length_k, dtype=DT).masked_fill(pad, -1e4)
+        )  # fmt: skip
+    mask = call.pop("mask", None)
+    if mask is not None:
+        dtype, dims = mask
+        shape = (5, length_k) if dims == 2 else (2 * 2, 5, length_k)
+        if dtype is torch.bool:
+            drop = _r(*shape, seed=34) > 0.5
+            drop[..., 0] = False
+            kw["attn_mask"] = drop
+        else:
+            kw["attn_mask"] = _r(*shape, seed=34)
+    if call.pop("causal", False):
+        kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(5, dtype=DT)
+        kw["is_causal"] = True
+    assert not call, call
+    return mha, (x, key, value), kw
+
+
+def _mha_function(mha, kw):
+    """(θ_params, inputs) -> the module's output, by torch.func.functional_call."""
+
+    def run(params, *inputs):
+        out, _ = torch.func.functional_call(mha, params, inputs, kw)
+        return out
+
+    return run
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multi_head_attention_at_second_order_matches_module(case, batch_first, monkeypatch):
+    mha, inputs, kw = _mha_inputs(*MHA_CASES[case], batch_first)
+    explicit = []
+    monkeypatch.setattr(
+        exact, "DECOMPOSITIONS",
+        {**exact.DECOMPOSITIONS, F.multi_head_attention_forward: _spy(
+            explicit, attention.multi_head_attention_explicit)},
+    )  # fmt: skip
+    rule = []
+    monkeypatch.setattr(attention._Attention, "apply", _spy(rule, attention._Attention.apply))
+    run = _mha_function(mha, kw)
+    params = dict(mha.named_parameters())
+    names = list(params)
+
+    def flat(*tensors):
+        return run(dict(zip(names, tensors[: len(names)])), *tensors[len(names) :])
+
+    primal = [p.detach() for p in params.values()] + list(inputs)
+    direction = [_r(*x.shape, seed=40 + i) for i, x in enumerate(primal)]
+    value, grads, hv = _hvp(flat, primal, direction, second_order=True)
+    assert rule and not explicit, "the plain configuration was not written out"
+    # value and gradient: the module run the ordinary way (PyTorch's kernels, no ExactOps)
+    leaves = [x.clone().requires_grad_() for x in primal]
+    expected = _loss(flat(*leaves))
+    assert_close(value, expected.detach(), case, **ROUNDOFF)
+    for got, want in zip(grads, torch.autograd.grad(expected, leaves)):
+        assert_close(got, want, f"{case}: gradient", **ROUNDOFF)
+    # second derivative: the explicit-softmax branch (exact decomposition), every entry
+    _, _, hv_exact = _hvp(flat, primal, direction, second_order=False)
+    assert explicit
+    for got, want in zip(hv, hv_exact):
+        assert_close(got, want, f"{case}: H·t", **ROUNDOFF)
+
+
+@pytest.mark.parametrize(
+    "module_kwargs, call",
+    [({"add_bias_kv": True}, {}), ({"add_zero_attn": True}, {}), ({}, {"need_weights": True})],
+)
+def test_other_configurations_keep_the_explicit_branch(module_kwargs, call, monkeypatch):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, batch_first=True, **module_kwargs).to(DT).eval()
+    x = _r(2, 5, 4, seed=31)
+    rule = []
+    monkeypatch.setattr(attention._Attention, "apply", _spy(rule, attention._Attention.apply))
+    kw = {"need_weights": False, **call}
+    with ExactOps(), second_order_reverse():
+        got = mha(x, x, x, **kw)
+    expected = mha(x, x, x, **kw)
+    assert not rule
+    assert_close(got[0], expected[0], str(module_kwargs or call), **ROUNDOFF)
+
+
+def test_a_mask_of_the_wrong_shape_gets_pytorchs_own_error():
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
+    x = _r(2, 5, 4, seed=31)
+    wrong = torch.zeros(5, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError) as plain:
+        mha(x, x, x, attn_mask=wrong, need_weights=False)
+    with ExactOps(), second_order_reverse(), pytest.raises(RuntimeError) as ours:
+        mha(x, x, x, attn_mask=wrong, need_weights=False)
+    assert str(ours.value) == str(plain.value)
+
+
+# --------------------------------------------------------------------------- summaries
+def _encoder_problem():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(8 * 5, 3)).to(DT)  # fmt: skip
+    x, y = _r(4, 5, 8, seed=50), torch.tensor([0, 2, 1, 2])
+    pad = torch.zeros(4, 5, dtype=torch.bool)
+    pad[1, -2:] = True
+
+    def forward(inputs):
+        return model(inputs)
+
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    u = {k: _r(*v.shape, seed=60 + i) * 0.1 for i, (k, v) in enumerate(params.items())}
+    return loss, params, u, hos.Partition.per_layer(model)
+
+
+def test_summary_rows_through_the_rule_match_the_explicit_branch_and_differences(monkeypatch):
+    """H̄ of a 2-layer `nn.TransformerEncoder` by reverse mode (the rows' graph, where the rule
+    runs) against the same with the rule switched off, and against finite differences."""
+    loss, params, u, part = _encoder_problem()
+    rule = []
+    monkeypatch.setattr(attention._Attention, "apply", _spy(rule, attention._Attention.apply))
+    got = hos.summary_tensor(loss, params, u, part, 2, backend="reverse")
+    assert rule
+    rewritten = dict(exact.REWRITTEN_AT_SECOND_ORDER)
+    for f in (F.scaled_dot_product_attention, F.multi_head_attention_forward):
+        rewritten.pop(f)
+    monkeypatch.setattr(exact, "REWRITTEN_AT_SECOND_ORDER", rewritten)
+    before = len(rule)
+    explicit = hos.summary_tensor(loss, params, u, part, 2, backend="reverse")
+    assert len(rule) == before
+    fd.close(got, explicit, AGREE, "H̄: rule against the explicit branch")
+    oracle = fd.Path(loss, params, u, part).H()
+    fd.close(got, oracle, FD_MODEL["H"], "H̄ against finite differences")
