@@ -307,12 +307,6 @@ def _encoder_problem():
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
                           nn.Flatten(), nn.Linear(8 * 5, 3)).to(DT)  # fmt: skip
     x, y = _r(4, 5, 8, seed=50), torch.tensor([0, 2, 1, 2])
-    pad = torch.zeros(4, 5, dtype=torch.bool)
-    pad[1, -2:] = True
-
-    def forward(inputs):
-        return model(inputs)
-
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
     params = {k: v.detach() for k, v in model.named_parameters()}
     u = {k: _r(*v.shape, seed=60 + i) * 0.1 for i, (k, v) in enumerate(params.items())}
