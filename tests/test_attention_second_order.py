@@ -331,3 +331,100 @@ def test_summary_rows_through_the_rule_match_the_explicit_branch_and_differences
     fd.close(got, explicit, AGREE, "H̄: rule against the explicit branch")
     oracle = fd.Path(loss, params, u, part).H()
     fd.close(got, oracle, FD_MODEL["H"], "H̄ against finite differences")
+
+
+# --------------------------------------------------------------------------- blocks
+BLOCK_CASES = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "2-D bool mask": {"attn_mask": "bool"},
+    "mask per sample": {"attn_mask": "per sample"},
+    "mask broadcast over the batch": {"attn_mask": "broadcast"},
+    "masked rows": {"attn_mask": "dead"},
+    "grouped query": {"enable_gqa": True},
+}
+
+
+def _block_inputs(case):
+    q = _r(4, 2, L_Q, HEAD, seed=1)
+    heads_kv = 1 if case.get("enable_gqa") else 2
+    k, v = _r(4, heads_kv, L_K, HEAD, seed=2), _r(4, heads_kv, L_K, HEAD, seed=3)
+    kw = dict(case)
+    mask = kw.pop("attn_mask", None)
+    if mask == "bool":
+        kw["attn_mask"] = _r(L_Q, L_K, seed=4) > -0.5
+    elif mask == "per sample":
+        kw["attn_mask"] = _r(4, 1, L_Q, L_K, seed=5)
+    elif mask == "broadcast":
+        kw["attn_mask"] = _r(1, 2, L_Q, L_K, seed=5)
+    elif mask == "dead":
+        drop = _r(L_Q, L_K, seed=4) > -0.5
+        drop[2] = False
+        kw["attn_mask"] = drop
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_the_decomposition_in_blocks_is_pytorchs_attention(case, monkeypatch):
+    """Without a graph, a batch whose scores outgrow `BLOCK_SCORES` goes a block at a time: the
+    same values as PyTorch's kernel run the ordinary way, for each mask form."""
+    q, k, v, kw = _block_inputs(BLOCK_CASES[case])
+    monkeypatch.setattr(attention, "BLOCK_SCORES", 2 * L_Q * L_K)  # blocks of one sample
+    blocks = attention._blocks(q, k.repeat_interleave(2 // k.size(1), 1), v, kw.get("attn_mask"))
+    assert blocks is not None and len(blocks) == 4
+    got = attention.scaled_dot_product_attention(q, k, v, **kw)
+    expected = F.scaled_dot_product_attention(q, k, v, **kw)
+    if case == "masked rows":  # 0 where every key is masked, as PyTorch's safe softmax
+        assert torch.equal(got[:, :, 2], torch.zeros_like(got[:, :, 2]))
+    assert_close(got, expected, case, **ROUNDOFF)
+
+
+def test_no_blocks_where_a_graph_is_recorded_or_a_mask_does_not_split(monkeypatch):
+    q, k, v, _ = _block_inputs({})
+    monkeypatch.setattr(attention, "BLOCK_SCORES", 2 * L_Q * L_K)
+    assert attention._blocks(q.requires_grad_(), k, v, None) is None  # a graph keeps every block
+    q = q.detach()
+    odd = _r(2, 2, L_Q, L_K, seed=6)  # neither per sample nor broadcast: PyTorch decides
+    assert attention._blocks(q, k, v, odd) is None
+    monkeypatch.setattr(attention, "BLOCK_SCORES", 2**17)
+    assert attention._blocks(q, k, v, None) is None  # small enough as it is
+
+
+class _SelfAttention(nn.Module):
+    """A pre-norm self-attention block on F.scaled_dot_product_attention, then a readout."""
+
+    def __init__(self, dim=6, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim * L_Q, 3)
+
+    def forward(self, x):
+        n, length, dim = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+        q, k, v = (t.reshape(n, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out((x + h.transpose(1, 2).reshape(n, length, dim)).flatten(1))
+
+
+def test_taylor_passes_in_blocks_match_reverse_mode(monkeypatch):
+    """diag D³ and the triple by Taylor mode with the attention in blocks of one sample, against
+    reverse mode (an autograd graph: never in blocks) and finite differences."""
+    torch.manual_seed(0)
+    model = _SelfAttention().to(DT)
+    x, y = _r(4, L_Q, 6, seed=70), torch.tensor([0, 2, 1, 2])
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    u = {k: _r(*v.shape, seed=80 + i) * 0.3 for i, (k, v) in enumerate(params.items())}
+    part = hos.Partition.per_tensor(model)
+    monkeypatch.setattr(attention, "BLOCK_SCORES", 2 * L_Q * L_Q)
+    split = []
+    blocks = attention._blocks
+    monkeypatch.setattr(attention, "_blocks", lambda *a: split.append(blocks(*a)) or split[-1])
+    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=2)
+    assert any(b is not None and len(b) == 4 for b in split), "no pass went in blocks"
+    expected = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
+    fd.close(got, expected, AGREE, "diag D³: Taylor passes in blocks against reverse mode")
+    oracle = fd.Path(loss, params, u, part).diagonal(3)
+    fd.close(got, oracle, FD_MODEL["d3"], "diag D³ against finite differences")
