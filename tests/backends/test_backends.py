@@ -201,6 +201,19 @@ def test_small_models_benchmark_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_attention_memory_benchmark_quick(tmp_path):
+    """analysis/bench_attention_memory.py --quick: every variant measured on both models, and the
+    rows' attention op never holds more than the decomposition."""
+    run_quick("bench_attention_memory.py", tmp_path, timeout=600)
+    models = analysis_result(tmp_path, "bench_attention_memory_quick.json")["models"]
+    assert set(models) == {"transformer6", "gpt2"}
+    for m in models.values():
+        rows = {v: r["rows_mib"] for v, r in m["variants"].items()}
+        assert set(rows) == {"decomposition", "op", "op + blocks"}
+        assert rows["op"] <= rows["decomposition"] and m["plain_backward"]["tensor_mib"] > 0
+
+
+@pytest.mark.slow
 def test_hessian_alone_benchmark_quick(tmp_path):
     """analysis/bench_hessian_alone.py --quick: every method's H̄ equals hos's (float32)."""
     run_quick("bench_hessian_alone.py", tmp_path, timeout=600)

@@ -59,6 +59,14 @@ def test_large_model_tables_are_generated_from_the_committed_json():
     _check("large_models_bounds.md", bench_large_models.bounds_table(large), "benchmarks.md")
 
 
+def test_attention_memory_table_is_generated_from_the_committed_json():
+    from analysis import bench_attention_memory
+
+    models = _committed("bench_attention_memory.json")["models"]
+    assert set(models) == {"transformer6", "gpt2"}
+    _check("attention_memory.md", bench_attention_memory.table(models), "benchmarks.md")
+
+
 def test_summaries_tables_are_generated_from_the_committed_json():
     from analysis import bench_summaries
 
