@@ -131,8 +131,8 @@ def _blocks(query, key, value, attn_mask) -> list[tuple[slice, torch.Tensor | No
     ):
         return None
     n = query.size(0)
-    per_index = query[0].numel() // query.size(-1) * key.size(-2)
-    step = max(1, BLOCK_SCORES // per_index)
+    per_index = math.prod(query.shape[1:-1]) * key.size(-2)  # scores of one leading index
+    step = max(1, BLOCK_SCORES // per_index) if per_index else n
     if step >= n or key.dim() != query.dim() or key.size(0) != n or value.size(0) != n:
         return None
     sliced = attn_mask is not None and attn_mask.dim() == query.dim() and attn_mask.size(0) == n

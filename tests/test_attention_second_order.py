@@ -386,6 +386,8 @@ def test_no_blocks_where_a_graph_is_recorded_or_a_mask_does_not_split(monkeypatc
     q = q.detach()
     odd = _r(2, 2, L_Q, L_K, seed=6)  # neither per sample nor broadcast: PyTorch decides
     assert attention._blocks(q, k, v, odd) is None
+    empty = torch.zeros(4, 2, 0, HEAD, dtype=DT)  # no scores at all
+    assert attention._blocks(empty, k, v, None) is None
     monkeypatch.setattr(attention, "BLOCK_SCORES", 2**17)
     assert attention._blocks(q, k, v, None) is None  # small enough as it is
 
