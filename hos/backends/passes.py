@@ -10,16 +10,18 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
 
-from hos._exact import ExactOps
+from hos._exact import ExactOps, second_order_reverse
 from hos._outcome import note
 from hos._problem import Problem
 from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
 
 __all__ = [
-    "JET_BUDGET", "JET_FLOOR_BYTES", "JET_MAX_BYTES", "MAX_CHUNK", "PROBE_CHUNK",
-    "jet_diagonals", "jet_pass", "next_chunk", "read_jets", "seeded",
+    "GRADIENT_MULTIPLE", "JET_BUDGET", "JET_FLOOR_BYTES", "JET_MAX_BYTES", "MAX_CHUNK",
+    "PROBE_CHUNK", "gradient_graph_bytes", "jet_diagonals", "jet_pass", "next_chunk",
+    "read_jets", "seeded",
 ]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
@@ -89,11 +91,22 @@ JET_FLOOR_BYTES = 16 * 2**20
 MAX_CHUNK = 16
 #: ... the first pass carries this many groups, to measure what a group costs.
 PROBE_CHUNK = 2
+#: ... and where the activations' sum is above the floor, the coefficients may hold at most this
+#: many times (θ's bytes + what a gradient's graph saves), measured once (`gradient_graph_bytes`):
+#: the sum counts every intermediate, also those a fused kernel never holds (the (L × L)
+#: scores of a decomposed attention: 4.4x a plain backward on a GPT-2 on 128 tokens, whose
+#: `summarize` peaked at 4.4x; with the cap 3.7x, the same time). It lowers no budget of the
+#: large-model benchmark's CNNs, nor the 6-layer transformer's chunks (2026-12-06).
+GRADIENT_MULTIPLE = 3.0
 
 
-def next_chunk(usage: dict, groups: int, param_bytes: int) -> int:
+def next_chunk(
+    usage: dict, groups: int, param_bytes: int, gradient_bytes: int | None = None
+) -> int:
     """Groups for the next pass so that its coefficients stay within `JET_BUDGET` times
-    (θ's bytes + the activations), from the last pass's `usage` over `groups` groups.
+    (θ's bytes + the activations), from the last pass's `usage` over `groups` groups, and,
+    given what a gradient's graph saves (`gradient_bytes`), within `GRADIENT_MULTIPLE` times
+    (θ's bytes + that).
 
     The groups come in their order in θ, roughly the order the network uses them: a group's
     coefficients exist from its first use on, so later groups cost the same or less, and
@@ -107,10 +120,38 @@ def next_chunk(usage: dict, groups: int, param_bytes: int) -> int:
         16
         >>> next_chunk({"coefficients": 3 * MiB, "activations": 1 * MiB}, 2, 1 * MiB)  # floor
         10
+        >>> next_chunk({"coefficients": 20 * MiB, "activations": 80 * MiB}, 2, 0, 10 * MiB)
+        3
     """
     per_group = max(usage["coefficients"] / max(groups, 1), 1.0)
-    budget = max(JET_BUDGET * (param_bytes + usage["activations"]), JET_FLOOR_BYTES)
+    budget = JET_BUDGET * (param_bytes + usage["activations"])
+    if gradient_bytes is not None:
+        budget = min(budget, GRADIENT_MULTIPLE * (param_bytes + gradient_bytes))
+    budget = max(budget, JET_FLOOR_BYTES)
     return int(min(MAX_CHUNK, max(1, budget // per_group)))
+
+
+def gradient_graph_bytes(prob: Problem) -> int:
+    """Bytes the graph of one gradient of the loss saves, θ's own storages apart: one forward
+    with θ as leaves under a saved-tensors hook that counts each storage once (kept until the
+    count is done, so that no address is reused; never the tensors, so no graph is kept) and,
+    as the rows' graph is built, with the kernels exact to the second order."""
+    own = {t.untyped_storage().data_ptr() for t in prob.theta.values()}
+    counted: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            counted.setdefault(storage.data_ptr(), storage)
+
+    def unpack(_) -> torch.Tensor:
+        raise RuntimeError("hos: the gradient-size probe keeps no graph to differentiate")
+
+    leaves = {n: v.detach().requires_grad_() for n, v in prob.theta.items()}
+    with torch.enable_grad(), saved_tensors_hooks(pack, unpack):
+        with ExactOps(), second_order_reverse():
+            prob.loss(leaves)
+    return sum(s.nbytes() for s in counted.values())
 
 
 def jet_diagonals(
@@ -132,6 +173,7 @@ def jet_diagonals(
     size = PROBE_CHUNK if adaptive else chunk
     param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
     activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
+    gradient_bytes = None  # what a gradient's graph saves, once the activations' sum is large
     done: dict[int, torch.Tensor] = {}
     signatures: dict[int, tuple] = {}
     with counter(desc=f"Taylor passes (order {order})", total=len(pending), unit="group") as c:
@@ -154,5 +196,8 @@ def jet_diagonals(
             if adaptive:
                 activations = max(activations, usage["activations"])
                 seen = {**usage, "activations": activations}
-                size = next_chunk(seen, len(part), param_bytes)
+                large = JET_BUDGET * (param_bytes + activations) > JET_FLOOR_BYTES
+                if gradient_bytes is None and large and pending and not prob.sharded:
+                    gradient_bytes = gradient_graph_bytes(prob)
+                size = next_chunk(seen, len(part), param_bytes, gradient_bytes)
     return done, [], signatures

@@ -444,3 +444,38 @@ def test_products_along_the_same_lines_take_the_leibniz_rule(monkeypatch):
             assert taken and not used
         else:
             assert used and all(t.mixed is not None for t in used), rule
+
+
+def test_the_gradient_probe_counts_what_the_graph_saves():
+    """tanh(x Wᵀ)·t summed: a gradient's graph saves x (for W's gradient), tanh's output and t
+    (for the product's), W itself apart — counted by hand, each storage once."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False), torch.nn.Tanh()).to(DT)
+    x, t = torch.randn(3, 5, dtype=DT), torch.randn(3, 4, dtype=DT)
+    loss = hos.model_loss(net, lambda out, target: (out * target).sum(), x, t)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    prob = Problem(
+        loss, params, hos.random_direction(params, seed=1), hos.Partition.per_tensor(params)
+    )
+    output_bytes = 3 * 4 * 8
+    assert passes.gradient_graph_bytes(prob) == x.nbytes + output_bytes + t.nbytes
+
+
+def test_the_gradient_cap_is_measured_once_and_only_where_the_activations_are_large(monkeypatch):
+    loss, params, u, part = _wide_then_narrow()
+    probes = []
+    real = passes.gradient_graph_bytes
+    monkeypatch.setattr(passes, "gradient_graph_bytes", lambda p: probes.append(1) or real(p))
+    hos.summary_diagonal(loss, params, u, part, 3)  # small: the floor decides, no probe
+    assert probes == []
+    monkeypatch.setattr(passes, "JET_FLOOR_BYTES", 0)
+    monkeypatch.setattr(passes, "GRADIENT_MULTIPLE", 0.0)  # the cap alone decides: 1 group
+    sizes = []
+    real_pass = passes.jet_pass
+    monkeypatch.setattr(
+        passes, "jet_pass", lambda prob, order, g, usage=None: sizes.append(len(g))
+        or real_pass(prob, order, g, usage),
+    )  # fmt: skip
+    diag = hos.summary_diagonal(loss, params, u, part, 3)
+    assert probes == [1] and sizes[0] == passes.PROBE_CHUNK and set(sizes[1:]) == {1}, sizes
+    _close(diag, hos.summary_diagonal(loss, params, u, part, 3, backend="reverse"), "capped")
