@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -44,16 +45,21 @@ def seeded(prob: Problem, tracker: Tracker, groups: Sequence[int]) -> dict[str, 
 
 
 def jet_pass(
-    prob: Problem, order: int, groups: Sequence[int], usage: dict | None = None
+    prob: Problem,
+    order: int,
+    groups: Sequence[int],
+    usage: dict | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[dict[int, torch.Tensor], tuple]:
     """One forward carrying jets of order `order` along the groups `groups`.
 
     Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, the pass's op
-    sequence). Raises `TaylorFallback` when Taylor mode cannot follow it. `usage`, when
-    given, receives the pass's memory: `coefficients` (peak bytes of the coefficients held)
-    and `activations` (bytes of every moving activation the pass computed).
+    sequence). Raises `TaylorFallback` when Taylor mode cannot follow it, or, flagged
+    `out_of_memory`, once the coefficients outgrow `max_bytes` (default `JET_MAX_BYTES`). `usage`, when given, receives
+    the pass's memory: `coefficients` (peak bytes of the coefficients held) and `activations`
+    (bytes of every moving activation the pass computed).
     """
-    tracker = UnivariateTracker(order, JET_MAX_BYTES)
+    tracker = UnivariateTracker(order, JET_MAX_BYTES if max_bytes is None else max_bytes)
     moved = seeded(prob, tracker, groups)
     with tracker.mode(), ExactOps():
         value = prob.loss(moved)
@@ -154,15 +160,38 @@ def gradient_graph_bytes(prob: Problem) -> int:
     return sum(s.nbytes() for s in counted.values())
 
 
+#: The losses whose first pass outgrew `JET_FLOOR_BYTES` (per order, θ's shapes and groups):
+#: their next calls start with the probe instead of a pass stopped half-way.
+_OUTGREW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _outgrew_floor(prob: Problem, order: int, record: bool = False) -> bool:
+    """Whether a first pass of this loss (same order, θ's shapes and groups) outgrew the
+    floor before; with `record`, remember that it did. A loss that takes no weak reference
+    is never remembered (each call then tries the one pass again)."""
+    key = (order, JET_FLOOR_BYTES, tuple(prob.groups),
+           tuple((n, tuple(v.shape), v.dtype) for n, v in prob.theta.items()))  # fmt: skip
+    try:
+        seen = _OUTGREW.setdefault(getattr(prob.loss, "wrapped", prob.loss), set())
+    except TypeError:
+        return False
+    if record:
+        seen.add(key)
+    return key in seen
+
+
 def jet_diagonals(
     prob: Problem, order: int, groups: Sequence[int], chunk: int | None
 ) -> tuple[dict[int, torch.Tensor], list[int], dict[int, tuple]]:
     """Derivatives 1..order along each group's line by Taylor mode, `chunk` groups a pass.
 
-    `chunk=None`: adaptive, bounded by memory: a first pass of `PROBE_CHUNK` groups measures
-    a group's coefficients, and each next pass carries as many groups (at most `MAX_CHUNK`)
-    as keep them within `JET_BUDGET` times θ's bytes plus the activations of a forward pass,
-    i.e. about a gradient's memory (see `next_chunk`).
+    `chunk=None`: adaptive, bounded by memory. A first pass carries up to `MAX_CHUNK` groups
+    while their coefficients stay below `JET_FLOOR_BYTES` (within every budget: a small model
+    takes one pass); once they outgrow it, the pass stops (and the loss's next calls skip it,
+    `_outgrew_floor`) and one of `PROBE_CHUNK` groups
+    measures a group's coefficients, and each next pass carries as many groups (at most
+    `MAX_CHUNK`) as keep them within `JET_BUDGET` times θ's bytes plus the activations of a
+    forward pass, i.e. about a gradient's memory (see `next_chunk`).
 
     Returns (derivatives per group, the groups Taylor mode could not follow, the op
     sequence of each group's pass). A pass whose coefficients outgrow
@@ -170,7 +199,11 @@ def jet_diagonals(
     """
     pending = list(groups)
     adaptive = chunk is None
-    size = PROBE_CHUNK if adaptive else chunk
+    size = chunk
+    if adaptive:  # one pass where it fits under the floor (unless it outgrew it before)
+        small = len(pending) > PROBE_CHUNK and not _outgrew_floor(prob, order)
+        size = MAX_CHUNK if small else PROBE_CHUNK
+    floor_first = adaptive and size > PROBE_CHUNK
     param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
     activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
     gradient_bytes = None  # what a gradient's graph saves, once the activations' sum is large
@@ -181,8 +214,14 @@ def jet_diagonals(
             part = pending[:size]
             usage: dict = {}
             try:
-                result, ops = jet_pass(prob, order, part, usage)
+                cap = min(JET_FLOOR_BYTES, JET_MAX_BYTES) if floor_first else JET_MAX_BYTES
+                result, ops = jet_pass(prob, order, part, usage, max_bytes=cap)
             except TaylorFallback as exc:
+                if exc.out_of_memory and floor_first:
+                    floor_first, size = False, PROBE_CHUNK
+                    _outgrew_floor(prob, order, record=True)
+                    _LOG.info("hos: Taylor passes sized by a probe (%s)", exc.reason)
+                    continue
                 if exc.out_of_memory and size > 1:
                     size = max(1, size // 2)
                     _LOG.info("hos: Taylor chunk halved to %d groups (%s)", size, exc.reason)
@@ -193,6 +232,7 @@ def jet_diagonals(
             signatures.update(dict.fromkeys(part, ops))
             pending = pending[len(part) :]
             c.update(len(part))
+            floor_first = False
             if adaptive:
                 activations = max(activations, usage["activations"])
                 seen = {**usage, "activations": activations}

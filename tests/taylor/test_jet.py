@@ -376,12 +376,16 @@ def _wide_then_narrow():
 
 def test_adaptive_chunks_grow_along_the_network_within_the_budget(monkeypatch):
     loss, params, u, part = _wide_then_narrow()
-    passes_seen = []
+    passes_seen, stopped = [], []
     real = passes.jet_pass
 
-    def spy(prob, order, groups, usage=None):
+    def spy(prob, order, groups, usage=None, **kw):
         usage = {} if usage is None else usage
-        out = real(prob, order, groups, usage)
+        try:
+            out = real(prob, order, groups, usage, **kw)
+        except hos.taylor.TaylorFallback as exc:
+            stopped.append((list(groups), exc.out_of_memory))
+            raise
         passes_seen.append((list(groups), dict(usage)))
         return out
 
@@ -389,7 +393,15 @@ def test_adaptive_chunks_grow_along_the_network_within_the_budget(monkeypatch):
     monkeypatch.setattr(passes, "JET_FLOOR_BYTES", 0)  # this model is small: bound it anyway
     with hos.ExactOps():
         diag = hos.summary_diagonal(loss, params, u, part, 3)
+    # the first try carries every group under the floor; past it, it stops and a probe sizes
+    assert stopped == [(list(range(min(len(part), passes.MAX_CHUNK))), True)], stopped
     sizes = [len(g) for g, _ in passes_seen]
+    # the next call of the same loss remembers it: no try, the same passes
+    passes_seen.clear()
+    with hos.ExactOps():
+        again = hos.summary_diagonal(loss, params, u, part, 3)
+    assert len(stopped) == 1 and [len(g) for g, _ in passes_seen] == sizes
+    assert torch.equal(again, diag)
     assert sizes[0] == passes.PROBE_CHUNK
     assert sum(sizes) == len(part) and max(sizes) > sizes[0], sizes
     param_bytes = sum(v.numel() * v.element_size() for v in params.values())
@@ -408,6 +420,22 @@ def test_adaptive_chunks_grow_along_the_network_within_the_budget(monkeypatch):
     assert torch.allclose(diag, fixed, **ROUNDOFF_ENTRYWISE)
     s = hos.summarize(loss, params, u, part)
     _close(s.d3, diag, "summarize d3 (adaptive chunks)")
+
+
+def test_a_small_model_takes_one_pass(monkeypatch):
+    """Below the floor every group rides one pass: no probe pass that repeats the forward."""
+    loss, b = _mlp_case()
+    seen = []
+    real = passes.jet_pass
+
+    def spy(prob, order, groups, usage=None, **kw):
+        seen.append(list(groups))
+        return real(prob, order, groups, usage, **kw)
+
+    monkeypatch.setattr(passes, "jet_pass", spy)
+    diag = hos.summary_diagonal(loss, b.params, b.direction, b.partition, 3)
+    assert seen == [list(range(len(b.partition)))], seen
+    _close(diag, oracle_diagonal(b.id, 3), "one-pass diag D3")
 
 
 def test_sums_along_the_same_lines_add_coefficients(monkeypatch):
@@ -473,9 +501,12 @@ def test_the_gradient_cap_is_measured_once_and_only_where_the_activations_are_la
     sizes = []
     real_pass = passes.jet_pass
     monkeypatch.setattr(
-        passes, "jet_pass", lambda prob, order, g, usage=None: sizes.append(len(g))
-        or real_pass(prob, order, g, usage),
+        passes, "jet_pass", lambda prob, order, g, usage=None, **kw: sizes.append(len(g))
+        or real_pass(prob, order, g, usage, **kw),
     )  # fmt: skip
     diag = hos.summary_diagonal(loss, params, u, part, 3)
-    assert probes == [1] and sizes[0] == passes.PROBE_CHUNK and set(sizes[1:]) == {1}, sizes
+    # the try under the (zero) floor stops at once; then the probe, then one group a pass
+    first_try, probe, rest = sizes[0], sizes[1], sizes[2:]
+    assert probes == [1] and first_try == min(len(part), passes.MAX_CHUNK), sizes
+    assert probe == passes.PROBE_CHUNK and set(rest) == {1}, sizes
     _close(diag, hos.summary_diagonal(loss, params, u, part, 3, backend="reverse"), "capped")
