@@ -213,6 +213,25 @@ def test_attention_memory_benchmark_quick(tmp_path):
         assert rows["op"] <= rows["decomposition"] and m["plain_backward"]["tensor_mib"] > 0
 
 
+def test_flop_benchmark_quick(tmp_path):
+    """analysis/bench_flops.py --quick: the gradient's count is the MLP's closed form (the
+    script checks it), and each summary's count is a positive multiple of it."""
+    from analysis.bench_flops import mlp_gradient_flops
+
+    run_quick("bench_flops.py", tmp_path, timeout=300)
+    mlp = analysis_result(tmp_path, "bench_flops_quick.json")["models"]["mlp"]
+    assert (
+        mlp["gradient_flops"]
+        == mlp_gradient_flops(8)
+        == 2 * 8 * 2 * (784 * 1024 + 1024 * 200 + 200 * 100 + 100 * 10)
+        + 2 * 8 * (1024 * 200 + 200 * 100 + 100 * 10)
+    )
+    assert set(mlp["methods"]) == {"summarize", "diag D³", "H̄"}
+    for m in mlp["methods"].values():
+        # every summary runs the forward's products at least once, and more besides
+        assert m["flop_ratio"] > 205.0 / 456.0 and m["time_ratio"] > 0 and m["kernels"] > 0
+
+
 @pytest.mark.slow
 def test_hessian_alone_benchmark_quick(tmp_path):
     """analysis/bench_hessian_alone.py --quick: every method's H̄ equals hos's (float32)."""

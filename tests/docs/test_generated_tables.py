@@ -37,6 +37,12 @@ def test_a_changed_measurement_changes_the_table():
     assert bench_memory.memory_table(results["memory"]) != before
 
 
+def test_flops_table_is_generated_from_the_committed_json():
+    from analysis import bench_flops
+
+    _check("flops.md", bench_flops.table(_committed("bench_flops.json")["models"]), "benchmarks.md")
+
+
 def test_hessian_alone_table_is_generated_from_the_committed_json():
     from analysis import bench_hessian_alone
 
