@@ -22,13 +22,16 @@ to the gradient's FLOPs (1: as efficient as the gradient; above: elementwise wor
 traffic and per-op overhead the FLOPs do not show). A ratio cannot fall below its FLOP
 multiple unless the products themselves are removed. The plain gradient's count is checked
 against a closed form on the MLP (``--quick`` and its test). Writes
-``analysis/results/bench_flops.json`` and the docs' table ``analysis/results/tables/flops.md``.
+``analysis/results/bench_flops.json`` and the docs' table ``analysis/results/tables/flops.md``;
+then runs itself again in a fresh process with ``--keep-freed-memory`` (``hos.keep_freed_memory``:
+glibc keeps freed blocks for reuse) for ``bench_flops_kept.json`` and ``tables/flops_kept.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,9 +141,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--plot-only", action="store_true", help="rewrite the table from the JSON")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="hos.keep_freed_memory() first (the script runs itself so after)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    name = "bench_flops_quick.json" if args.quick else "bench_flops.json"
+    kept = "_kept" if args.keep_freed_memory else ""
+    if kept and not args.plot_only and not hos.keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: not glibc, nothing to measure")
+    name = f"bench_flops{kept}{'_quick' if args.quick else ''}.json"
     if args.plot_only:
         results = json.loads((toolkit.RESULTS / name).read_text())["models"]
     else:
@@ -153,10 +161,14 @@ def main(argv=None) -> None:
                                  f"closed form's {closed}: the counter misses a kernel")  # fmt: skip
         toolkit.save_json({"models": results, "unit": "one plain loss.backward() on the module",
                            "counted": "products only (torch.utils.flop_counter formulas)",
-                           "threads": 1, "dtype": "float32"}, name)  # fmt: skip
+                           "keep_freed_memory": bool(kept), "threads": 1, "dtype": "float32"},
+                          name)  # fmt: skip
     if not args.quick:
-        toolkit.save_table(table(results), "flops.md")
+        toolkit.save_table(table(results), f"flops{kept}.md")
     toolkit.log(table(results))
+    if not kept and not args.plot_only:  # the same in a fresh process whose malloc keeps memory
+        again = [sys.executable, __file__, "--keep-freed-memory", "--repeats", str(args.repeats)]
+        subprocess.run(again + (["--quick"] if args.quick else []), check=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from hos._allocator import keep_freed_memory
 from hos._data import (
     Reduction,
     summarize_loader,
@@ -77,6 +78,8 @@ __all__ = [
     "SummaryMemoryError",
     # progress bars on long loops
     "progress",
+    # speed: glibc keeps freed memory for reuse (process-wide, opt-in)
+    "keep_freed_memory",
     # whole data sets and torch.distributed
     "RankFailure",
     "Reduction",

@@ -43,6 +43,7 @@ import logging
 import sys
 import traceback
 
+from hos._allocator import keep_freed_memory
 from hos._errors import ModelRunError, UsageError
 from hos._progress import progress
 from hos.cli.demo import cmd_demo
@@ -66,6 +67,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hos` console script; returns the exit code."""
     parser = build_parser()
+    if argv is None:  # the console script: this process is the command's own
+        keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # `hos` alone: the help, not an error
         parser.print_help()

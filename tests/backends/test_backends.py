@@ -10,6 +10,8 @@ weight and a group of two tensors.
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -230,6 +232,13 @@ def test_flop_benchmark_quick(tmp_path):
     for m in mlp["methods"].values():
         # every summary runs the forward's products at least once, and more besides
         assert m["flop_ratio"] > 205.0 / 456.0 and m["time_ratio"] > 0 and m["kernels"] > 0
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # the second run
+        kept = analysis_result(tmp_path, "bench_flops_kept_quick.json")
+        assert kept["keep_freed_memory"] and not analysis_result(
+            tmp_path, "bench_flops_quick.json")["keep_freed_memory"]  # fmt: skip
+        # the same arithmetic, whatever the allocator does
+        assert kept["models"]["mlp"]["methods"]["summarize"]["flops"] == (
+            mlp["methods"]["summarize"]["flops"])  # fmt: skip
 
 
 @pytest.mark.slow

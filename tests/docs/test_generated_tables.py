@@ -41,6 +41,9 @@ def test_flops_table_is_generated_from_the_committed_json():
     from analysis import bench_flops
 
     _check("flops.md", bench_flops.table(_committed("bench_flops.json")["models"]), "benchmarks.md")
+    kept = _committed("bench_flops_kept.json")
+    assert kept["keep_freed_memory"]
+    _check("flops_kept.md", bench_flops.table(kept["models"]), "benchmarks.md")
 
 
 def test_hessian_alone_table_is_generated_from_the_committed_json():
