@@ -43,8 +43,9 @@ def keep_freed_memory() -> bool:
     the tensors a summary allocates and frees over and over are recycled in the heap instead of
     being faulted in anew: `summarize` 25 % faster on LeNet-5 and 10 % on a 6-layer transformer,
     0–17 % on ResNet-18 between runs, the same on the paper MLP and for a plain backward
-    (`analysis/bench_flops.py`, [Memory and speed](../howto/performance.md)). Process-wide, and it lasts until the process ends; the
-    resident set then stays near its peak. The `hos` command line calls it for its own process.
+    (`analysis/bench_flops.py`, [Memory and speed](../howto/performance.md)). Process-wide,
+    and it lasts until the process ends; the resident set then stays near its peak. The `hos`
+    command line calls it for its own process.
 
     Returns True where it took effect (Linux with glibc), False elsewhere (no effect, no error).
     Call it once, early in a script that computes summaries (`import hos;

@@ -55,9 +55,9 @@ def jet_pass(
 
     Returns ({s: tensor (order,) of d^k/dt^k L(θ + t u_s), k = 1..order}, the pass's op
     sequence). Raises `TaylorFallback` when Taylor mode cannot follow it, or, flagged
-    `out_of_memory`, once the coefficients outgrow `max_bytes` (default `JET_MAX_BYTES`). `usage`, when given, receives
-    the pass's memory: `coefficients` (peak bytes of the coefficients held) and `activations`
-    (bytes of every moving activation the pass computed).
+    `out_of_memory`, once the coefficients outgrow `max_bytes` (default `JET_MAX_BYTES`).
+    `usage`, when given, receives the pass's memory: `coefficients` (peak bytes of the
+    coefficients held) and `activations` (bytes of every moving activation the pass computed).
     """
     tracker = UnivariateTracker(order, JET_MAX_BYTES if max_bytes is None else max_bytes)
     moved = seeded(prob, tracker, groups)
@@ -188,10 +188,10 @@ def jet_diagonals(
     `chunk=None`: adaptive, bounded by memory. A first pass carries up to `MAX_CHUNK` groups
     while their coefficients stay below `JET_FLOOR_BYTES` (within every budget: a small model
     takes one pass); once they outgrow it, the pass stops (and the loss's next calls skip it,
-    `_outgrew_floor`) and one of `PROBE_CHUNK` groups
-    measures a group's coefficients, and each next pass carries as many groups (at most
-    `MAX_CHUNK`) as keep them within `JET_BUDGET` times θ's bytes plus the activations of a
-    forward pass, i.e. about a gradient's memory (see `next_chunk`).
+    `_outgrew_floor`), a pass of `PROBE_CHUNK` groups measures a group's coefficients, and each
+    next pass carries as many groups (at most `MAX_CHUNK`) as keep them within `JET_BUDGET`
+    times θ's bytes plus the activations of a forward pass, i.e. about a gradient's memory
+    (see `next_chunk`).
 
     Returns (derivatives per group, the groups Taylor mode could not follow, the op
     sequence of each group's pass). A pass whose coefficients outgrow
@@ -199,11 +199,9 @@ def jet_diagonals(
     """
     pending = list(groups)
     adaptive = chunk is None
-    size = chunk
-    if adaptive:  # one pass where it fits under the floor (unless it outgrew it before)
-        small = len(pending) > PROBE_CHUNK and not _outgrew_floor(prob, order)
-        size = MAX_CHUNK if small else PROBE_CHUNK
-    floor_first = adaptive and size > PROBE_CHUNK
+    # one pass where it fits under the floor (unless this loss outgrew it before), else the probe
+    floor_first = adaptive and len(pending) > PROBE_CHUNK and not _outgrew_floor(prob, order)
+    size = chunk if not adaptive else MAX_CHUNK if floor_first else PROBE_CHUNK
     param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
     activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
     gradient_bytes = None  # what a gradient's graph saves, once the activations' sum is large
@@ -214,7 +212,7 @@ def jet_diagonals(
             part = pending[:size]
             usage: dict = {}
             try:
-                cap = min(JET_FLOOR_BYTES, JET_MAX_BYTES) if floor_first else JET_MAX_BYTES
+                cap = min(JET_FLOOR_BYTES, JET_MAX_BYTES) if floor_first else None
                 result, ops = jet_pass(prob, order, part, usage, max_bytes=cap)
             except TaylorFallback as exc:
                 if exc.out_of_memory and floor_first:
