@@ -36,14 +36,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolkit  # noqa: E402  (analysis/toolkit.py: outputs, timing)
+from problems import SIDE_BY_SIDE as MODELS  # noqa: E402
+from problems import TITLES as NAMES  # noqa: E402
 from problems import build_problem  # noqa: E402
 
 import hos  # noqa: E402
 from hos.optim._grouped_newton import _second_order  # noqa: E402  (the quadratic refresh)
 
-MODELS = (("mlp", 100), ("lenet", 100), ("transformer6", 8), ("resnet18", 4))
-NAMES = {"mlp": "paper MLP", "lenet": "LeNet-5", "transformer6": "6-layer transformer",
-         "resnet18": "ResNet-18 (BatchNorm)"}  # fmt: skip
 METHODS = ("hos H̄", "hos ḡ, H̄", "hos triple", "double backward", "torch.func")
 
 

@@ -39,6 +39,13 @@ ROOT = toolkit.ROOT
 
 
 # --------------------------------------------------------------------------- problems
+#: The four models the per-model tables compare side by side (`bench_hessian_alone.py`,
+#: `bench_flops.py`), each at its batch size, and their names in those tables.
+SIDE_BY_SIDE = (("mlp", 100), ("lenet", 100), ("transformer6", 8), ("resnet18", 4))
+TITLES = {"mlp": "paper MLP", "lenet": "LeNet-5", "transformer6": "6-layer transformer",
+          "resnet18": "ResNet-18 (BatchNorm)"}  # fmt: skip
+
+
 def build_problem(name: str, batch: int, seed: int = 0, **kw):
     """(model, loss, θ, u, partition) for a model name of :mod:`hos.models` or a bench model."""
     torch.manual_seed(seed)
