@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 
 from hos import _outcome
+from hos._allocator import raise_dynamic_thresholds
 from hos._collective import reduce_over_ranks
 from hos._exact import ExactOps, inline_checkpoints
 from hos._guards import (
@@ -83,6 +84,8 @@ def _prepare(loss, params, direction, partition, order: int, what: str, verify: 
         loss, params, direction, partition, order=order, what=what, verify=verify, stacklevel=4
     )
     _outcome.start_call()
+    if prob.device.type == "cpu":  # glibc keeps a pass's freed tensors for the next one
+        raise_dynamic_thresholds()
     return prob
 
 

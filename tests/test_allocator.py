@@ -1,5 +1,6 @@
-"""`hos.keep_freed_memory`: glibc keeps freed blocks for reuse (each case in its own process,
-since the setting is process-wide and lasts).
+"""`hos.keep_freed_memory` (glibc keeps freed blocks for reuse) and the summaries' own
+`raise_dynamic_thresholds` (glibc's dynamic thresholds at their ceiling); each case in its own
+process, since both are process-wide and last.
 
 The effect is checked by the kernel's own count of page faults (`getrusage`), not by hos:
 rounds that allocate, touch and free 16 tensors of 2 MiB take (almost) no new pages once the
@@ -19,6 +20,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import hos
 
@@ -79,3 +81,88 @@ def test_the_command_line_keeps_freed_memory_and_a_call_in_process_does_not(monk
     monkeypatch.setattr(sys, "argv", ["hos"])
     assert hos.cli.main() == 0 and calls == [1]  # the console script: its own process
     assert hos.cli.main([]) == 0 and calls == [1]  # main(argv) inside a user's process: no
+
+
+GROWING = textwrap.dedent(
+    """
+    import ctypes, ctypes.util, resource, sys, torch
+    import hos
+    from hos import _allocator
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.memset.restype = ctypes.c_void_p
+    if sys.argv[1] == "summary":  # a summary on the CPU, the first of the process
+        model, x, y = torch.nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4, 2)
+        loss = hos.model_loss(model, torch.nn.MSELoss(), x, y)
+        theta = dict(model.named_parameters())
+        u = {k: torch.ones_like(v) for k, v in theta.items()}
+        hos.summarize(loss, theta, u, hos.Partition.per_tensor(model))
+    elif sys.argv[1] == "raise":
+        assert _allocator.raise_dynamic_thresholds() and _allocator.raise_dynamic_thresholds()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for r in range(10):  # growing blocks, 12 .. 25.5 MiB: each larger than any freed before
+        size = 12 * 2**20 + r * 3 * 2**19
+        block = libc.malloc(size)
+        libc.memset(block, 1, size)
+        libc.free(block)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+)
+
+
+def _growing_faults(mode: str, leave: bool = False) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "HOS_MALLOC"}
+    if leave:
+        env["HOS_MALLOC"] = "leave"
+    done = subprocess.run([sys.executable, "-c", GROWING, mode], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not GLIBC or TUNED, reason="glibc's malloc, not tuned by the environment")
+def test_a_first_summary_raises_glibcs_dynamic_thresholds_to_their_ceiling():
+    """Blocks that grow past every block freed before: with glibc's dynamic defaults each comes
+    from the kernel and goes back (every page faulted in: 48 000 pages for the 10 blocks); once
+    one block of just under 32 MiB was freed they all come from the heap, which keeps what was
+    freed (about the largest block's pages, 6 500). The control is the same process without the
+    call (and a summary with `HOS_MALLOC=leave`)."""
+    touched = sum(12 * 2**20 + r * 3 * 2**19 for r in range(10)) // 4096
+    largest = (12 * 2**20 + 9 * 3 * 2**19) // 4096
+    control = _growing_faults("control")
+    assert control > 0.9 * touched, (control, touched)  # the count sees every page anew
+    for mode in ("raise", "summary"):
+        faults = _growing_faults(mode)
+        assert faults < 1.3 * largest, (mode, faults, largest)  # the heap reuses freed blocks
+    left = _growing_faults("summary", leave=True)
+    assert left > 0.9 * touched, (left, touched)  # turned off: glibc's defaults as they were
+
+
+def test_raising_the_thresholds_is_turned_off_by_the_environment_and_elsewhere(monkeypatch):
+    from hos import _allocator
+
+    monkeypatch.setattr(_allocator, "_raised", False)
+    monkeypatch.setenv("HOS_MALLOC", "leave")
+    assert _allocator.raise_dynamic_thresholds() is False
+    monkeypatch.delenv("HOS_MALLOC")
+    monkeypatch.setattr(_allocator.platform, "system", lambda: "Darwin")
+    assert _allocator.raise_dynamic_thresholds() is False
+    assert _allocator._raised is False
+
+
+def test_the_summaries_raise_the_thresholds_on_the_cpu(monkeypatch):
+    import hos._summary
+
+    calls = []
+    monkeypatch.setattr(hos._summary, "raise_dynamic_thresholds", lambda: calls.append(1))
+    model, x, y = torch.nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4, 2)
+    loss = hos.model_loss(model, torch.nn.MSELoss(), x, y)
+    theta = dict(model.named_parameters())
+    u = {k: torch.ones_like(v) for k, v in theta.items()}
+    part = hos.Partition.per_tensor(model)
+    hos.summarize(loss, theta, u, part)
+    hos.summary_diagonal(loss, theta, u, part, order=3)
+    hos.summary_tensor(loss, theta, u, part, order=2)
+    assert len(calls) == 3
