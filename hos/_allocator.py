@@ -98,9 +98,11 @@ def keep_freed_memory() -> bool:
 
     Sets glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB (`mallopt`), so that
     the tensors a summary allocates and frees over and over are recycled in the heap instead of
-    being faulted in anew: `summarize` 25 % faster on LeNet-5 and 10 % on a 6-layer transformer,
-    0–17 % on ResNet-18 between runs, the same on the paper MLP and for a plain backward
-    (`analysis/bench_flops.py`, [Memory and speed](../howto/performance.md)). Process-wide,
+    being faulted in anew, also blocks above 32 MiB and more than 64 MiB of them, which the
+    summaries' own `raise_dynamic_thresholds` leaves to glibc: against that default, `summarize`
+    2–3 % faster on a 6-layer transformer and on ResNet-18, the same on the paper MLP, LeNet-5
+    and for a plain backward (`analysis/bench_flops.py`, [Memory and
+    speed](../howto/performance.md)). Process-wide,
     and it lasts until the process ends; the resident set then stays near its peak. The `hos`
     command line calls it for its own process.
 
