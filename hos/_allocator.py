@@ -29,9 +29,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import platform
-import resource
 
 __all__ = ["keep_freed_memory", "raise_dynamic_thresholds"]
 
@@ -86,7 +86,7 @@ def raise_dynamic_thresholds() -> bool:
     libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
     # two pages below the ceiling: with malloc's header and page rounding, the block it maps
     # stays within the ceiling, the only size glibc's rule takes up
-    block = libc.malloc(DYNAMIC_CEILING - 2 * resource.getpagesize())
+    block = libc.malloc(DYNAMIC_CEILING - 2 * mmap.PAGESIZE)
     if block:
         libc.free(block)
     _raised = bool(block)
