@@ -50,9 +50,14 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 TUNED = "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ)
 
 
-def _faults(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+def _faults(probe: str, mode: str, leave: bool = False) -> int:
+    """The page faults `probe` prints, run in a fresh process with `mode` (and, with `leave`,
+    `HOS_MALLOC=leave`; never the caller's own setting of it)."""
+    env = {k: v for k, v in os.environ.items() if k != "HOS_MALLOC"}
+    if leave:
+        env["HOS_MALLOC"] = "leave"
+    done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split()[-1])
 
@@ -60,7 +65,7 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(not GLIBC or TUNED, reason="glibc's malloc, not tuned by the environment")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     pages = 10 * 16 * 2**21 // 4096  # what 10 rounds touch, in 4 KiB pages
-    control, kept = _faults("control"), _faults("keep")
+    control, kept = _faults(PROBE, "control"), _faults(PROBE, "keep")
     assert control > pages // 2, (control, pages)  # the count sees pages faulted in anew
     assert kept < pages // 20, (kept, pages)  # kept: reused
 
@@ -112,16 +117,6 @@ GROWING = textwrap.dedent(
 )
 
 
-def _growing_faults(mode: str, leave: bool = False) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "HOS_MALLOC"}
-    if leave:
-        env["HOS_MALLOC"] = "leave"
-    done = subprocess.run([sys.executable, "-c", GROWING, mode], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return int(done.stdout.split()[-1])
-
-
 @pytest.mark.skipif(not GLIBC or TUNED, reason="glibc's malloc, not tuned by the environment")
 def test_a_first_summary_raises_glibcs_dynamic_thresholds_to_their_ceiling():
     """Blocks that grow past every block freed before: with glibc's dynamic defaults each comes
@@ -131,12 +126,12 @@ def test_a_first_summary_raises_glibcs_dynamic_thresholds_to_their_ceiling():
     call (and a summary with `HOS_MALLOC=leave`)."""
     touched = sum(12 * 2**20 + r * 3 * 2**19 for r in range(10)) // 4096
     largest = (12 * 2**20 + 9 * 3 * 2**19) // 4096
-    control = _growing_faults("control")
+    control = _faults(GROWING, "control")
     assert control > 0.9 * touched, (control, touched)  # the count sees every page anew
     for mode in ("raise", "summary"):
-        faults = _growing_faults(mode)
+        faults = _faults(GROWING, mode)
         assert faults < 1.3 * largest, (mode, faults, largest)  # the heap reuses freed blocks
-    left = _growing_faults("summary", leave=True)
+    left = _faults(GROWING, "summary", leave=True)
     assert left > 0.9 * touched, (left, touched)  # turned off: glibc's defaults as they were
 
 
