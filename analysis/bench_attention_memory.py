@@ -105,7 +105,8 @@ def measure(name: str, args) -> dict:
     out = {"S": len(part), "plain_backward": unit, "variants": {}}
     for v in VARIANTS:
         with variant(v):
-            calls["summarize"]()  # warm: lazy imports, the first-sight check
+            for fn in calls.values():  # warm: lazy imports, each call's first-sight check
+                fn()
             row = {f"{k}_mib": toolkit.tensor_peak(fn) for k, fn in calls.items()}
             row["summarize_seconds"] = toolkit.best_time(calls["summarize"], args.repeats)
         out["variants"][v] = row

@@ -21,15 +21,21 @@ With S = scale·q kᵀ + mask, P = softmax(S) (row-wise) and O = P v:
   `hos._exact.second_order_reverse` promises. The rows of H̄ of the large-model benchmark's
   6-layer transformer (float32, batch 8) peak at 31 MiB of tensors instead of 41, those of a
   4-layer GPT-2 on 128 tokens at 51 instead of 65 (the profiler's allocator events).
-* `multi_head_attention_at_second_order`: `F.multi_head_attention_forward` written out (the
-  in- and out-projections, the masks merged as PyTorch merges them) around that op, for the
-  plain configuration; the others keep the explicit-softmax branch (exact, more memory).
+* `multi_head_attention_written_out`: `F.multi_head_attention_forward` written out (the in- and
+  out-projections, the masks merged as PyTorch merges them) around an attention function, for
+  the plain configuration; the others keep the explicit-softmax branch (exact, more memory).
+  Around that op for graphs differentiated twice (`multi_head_attention_at_second_order`),
+  around the decomposition everywhere else (`multi_head_attention_decomposed`: Taylor passes
+  then go a block at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +43,12 @@ import torch.nn.functional as F
 __all__ = [
     "attention_at_second_order",
     "attention_without_dropout",
+    "coefficient_rows",
     "mha_eval",
     "multi_head_attention_at_second_order",
+    "multi_head_attention_decomposed",
     "multi_head_attention_explicit",
+    "multi_head_attention_written_out",
     "scaled_dot_product_attention",
 ]
 
@@ -113,11 +122,28 @@ def scaled_dot_product_attention(
 
 
 #: The most scores (q kᵀ entries) the decomposition computes at once where no autograd graph is
-#: recorded: in a Taylor pass every (L × L) intermediate carries a stack of coefficients (one row
-#: per line and order), and the softmax's and products' rules hold a few such stacks as
-#: temporaries. A 4-layer GPT-2 on 128 tokens (batch 4): its passes' peak 105.5 → 72.7 MiB of
-#: tensors, the same time (2026-12-06).
-BLOCK_SCORES = 2**17
+#: recorded, each counted with the values it carries in a Taylor pass (`coefficient_rows`): there
+#: every (L × L) intermediate carries a stack of coefficients (one row per group and order), and
+#: the softmax's and products' rules hold a few such stacks as temporaries. With 2²⁰ (4 MiB a
+#: stack in float32) and `nn.MultiheadAttention` written out around the decomposition
+#: (`multi_head_attention_decomposed`), `summarize` on a 6-layer transformer (4 heads, 64 tokens,
+#: batch 8) peaks at 31.4 MiB of tensors instead of 37.2, on a 4-layer GPT-2 (128 tokens,
+#: batch 4) at 51.4 instead of 61.7, at the same time or less (`bench_attention_memory.py`,
+#: 2026-12-07).
+BLOCK_SCORES = 2**20
+
+_ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("hos_attention_rows", default=1)
+
+
+@contextlib.contextmanager
+def coefficient_rows(rows: int) -> Iterator[None]:
+    """Within: each score carries `rows` values (a Taylor pass's coefficients and its primal),
+    so that `_blocks` sizes the blocks by the memory they hold."""
+    token = _ROWS.set(max(1, int(rows)))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def _blocks(query, key, value, attn_mask) -> list[tuple[slice, torch.Tensor | None]] | None:
@@ -131,7 +157,8 @@ def _blocks(query, key, value, attn_mask) -> list[tuple[slice, torch.Tensor | No
     ):
         return None
     n = query.size(0)
-    per_index = math.prod(query.shape[1:-1]) * key.size(-2)  # scores of one leading index
+    # scores of one leading index, with their coefficients
+    per_index = math.prod(query.shape[1:-1]) * key.size(-2) * _ROWS.get()
     step = max(1, BLOCK_SCORES // per_index) if per_index else n
     if step >= n or key.dim() != query.dim() or key.size(0) != n or value.size(0) != n:
         return None
@@ -316,10 +343,29 @@ def _shapes_as_expected(a: dict) -> bool:
 
 
 def multi_head_attention_at_second_order(*args, **kwargs):
-    """`F.multi_head_attention_forward` (dropout off) around `attention_at_second_order`, as
-    PyTorch computes it without weights: in-projections, masks merged (the key-padding mask
-    added to the attention mask, both made additive), heads, out-projection. Configurations
-    other than the plain one keep the explicit branch (`multi_head_attention_explicit`)."""
+    """`F.multi_head_attention_forward` (dropout off) written out around
+    `attention_at_second_order` for the plain configuration (`multi_head_attention_written_out`);
+    the others keep the explicit branch (`multi_head_attention_explicit`)."""
+    return multi_head_attention_written_out(attention_at_second_order, *args, **kwargs)
+
+
+def multi_head_attention_decomposed(*args, **kwargs):
+    """`F.multi_head_attention_forward` (dropout off) written out around the primitive
+    decomposition `scaled_dot_product_attention` (exact at every order; in Taylor passes a
+    block of the batch at a time) for the plain configuration, the others through the explicit
+    branch. The explicit branch returns the weights, which a Taylor pass would then carry for
+    every head at once until the caller drops them: the 6-layer transformer's passes peaked at
+    34.6 MiB of coefficients for 4 groups that way, at 19 MiB written out (2026-12-07)."""
+    return multi_head_attention_written_out(scaled_dot_product_attention, *args, **kwargs)
+
+
+def multi_head_attention_written_out(attend, *args, **kwargs):
+    """`F.multi_head_attention_forward` (dropout off) around `attend` (a function with the
+    signature of `F.scaled_dot_product_attention`), as PyTorch computes it without weights:
+    in-projections, masks merged (the key-padding mask added to the attention mask, both made
+    additive), heads, out-projection. Configurations other than the plain one (weights asked
+    for, extra key / value rows, static keys, masks that carry a derivative, functorch
+    transforms) keep the explicit branch (`multi_head_attention_explicit`)."""
     bound = _MHA_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
@@ -366,7 +412,7 @@ def multi_head_attention_at_second_order(*args, **kwargs):
     q = q.view(length_q, batch * heads, head_dim).transpose(0, 1)
     k = k.view(length_k, batch * heads, head_dim).transpose(0, 1)
     v = v.view(length_k, batch * heads, head_dim).transpose(0, 1)
-    out = attention_at_second_order(
+    out = attend(
         q.view(batch, heads, length_q, head_dim), k.view(batch, heads, length_k, head_dim),
         v.view(batch, heads, length_k, head_dim), mask, 0.0, is_causal,
     )  # fmt: skip

@@ -31,7 +31,7 @@ from hos._attention import (
     attention_without_dropout,
     mha_eval,
     multi_head_attention_at_second_order,
-    multi_head_attention_explicit,
+    multi_head_attention_decomposed,
     scaled_dot_product_attention,
 )
 from hos._depthwise import depthwise_conv1d, depthwise_conv2d
@@ -422,7 +422,7 @@ for _random in RANDOM:
     DECOMPOSITIONS[_random] = refuse_random(getattr(_random, "__name__", repr(_random)))
 for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
     DECOMPOSITIONS[getattr(torch._VF, _name)] = _rnn_without_dropout(getattr(torch._VF, _name))
-DECOMPOSITIONS[F.multi_head_attention_forward] = multi_head_attention_explicit
+DECOMPOSITIONS[F.multi_head_attention_forward] = multi_head_attention_decomposed
 for _name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
     if hasattr(torch, _name):
         DECOMPOSITIONS[getattr(torch, _name)] = refuse_fast_path(f"torch.{_name}")

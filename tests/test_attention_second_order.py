@@ -271,6 +271,48 @@ def test_multi_head_attention_at_second_order_matches_module(case, batch_first, 
         assert_close(got, want, f"{case}: H·t", **ROUNDOFF)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multi_head_attention_decomposed_matches_module(case, batch_first, monkeypatch):
+    """Every backend's `nn.MultiheadAttention` (`hos.ExactOps`): written out around the primitive
+    attention (`multi_head_attention_decomposed`). Value and gradient against the module run
+    the ordinary way, H·t (a graph differentiated twice) against PyTorch's explicit-softmax
+    branch."""
+    mha, inputs, kw = _mha_inputs(*MHA_CASES[case], batch_first)
+    core = []
+    monkeypatch.setattr(
+        attention, "scaled_dot_product_attention",
+        _spy(core, attention.scaled_dot_product_attention),
+    )  # fmt: skip
+    run = _mha_function(mha, kw)
+    params = dict(mha.named_parameters())
+    names = list(params)
+
+    def flat(*tensors):
+        return run(dict(zip(names, tensors[: len(names)])), *tensors[len(names) :])
+
+    primal = [p.detach() for p in params.values()] + list(inputs)
+    direction = [_r(*x.shape, seed=50 + i) for i, x in enumerate(primal)]
+    value, grads, hv = _hvp(flat, primal, direction, second_order=False)
+    assert core, "the plain configuration was not written out"
+    leaves = [x.clone().requires_grad_() for x in primal]
+    expected = _loss(flat(*leaves))
+    assert_close(value, expected.detach(), case, **ROUNDOFF)
+    for got, want in zip(grads, torch.autograd.grad(expected, leaves)):
+        assert_close(got, want, f"{case}: gradient", **ROUNDOFF)
+    explicit = []
+    monkeypatch.setattr(
+        exact, "DECOMPOSITIONS",
+        {**exact.DECOMPOSITIONS, F.multi_head_attention_forward: _spy(
+            explicit, attention.multi_head_attention_explicit)},
+    )  # fmt: skip
+    calls = len(core)
+    _, _, hv_explicit = _hvp(flat, primal, direction, second_order=False)
+    assert explicit and len(core) == calls
+    for got, want in zip(hv, hv_explicit):
+        assert_close(got, want, f"{case}: H·t", **ROUNDOFF)
+
+
 @pytest.mark.parametrize(
     "module_kwargs, call",
     [({"add_bias_kv": True}, {}), ({"add_zero_attn": True}, {}), ({}, {"need_weights": True})],
@@ -429,4 +471,50 @@ def test_taylor_passes_in_blocks_match_reverse_mode(monkeypatch):
     expected = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
     fd.close(got, expected, AGREE, "diag D³: Taylor passes in blocks against reverse mode")
     oracle = fd.Path(loss, params, u, part).diagonal(3)
+    fd.close(got, oracle, FD_MODEL["d3"], "diag D³ against finite differences")
+
+
+class _PaddedEncoder(nn.Module):
+    """A post-norm `nn.MultiheadAttention` block over a left-padded batch, then a readout."""
+
+    def __init__(self, dim=6, heads=2):
+        super().__init__()
+        self.attend = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x, padding):
+        h, _ = self.attend(x, x, x, key_padding_mask=padding, need_weights=False)
+        return self.out(self.norm(x + h).mean(1))
+
+
+def test_taylor_passes_through_multi_head_attention_in_blocks(monkeypatch):
+    """`nn.MultiheadAttention` in a Taylor pass goes through the primitive attention in blocks
+    of one sample (scores counted with their coefficients: `coefficient_rows`); diag D³ against
+    reverse mode (a graph: never in blocks) and finite differences of the module run the
+    ordinary way."""
+    torch.manual_seed(0)
+    model = _PaddedEncoder().to(DT).eval()
+    x, y = _r(4, L_Q, 6, seed=71), torch.tensor([1, 0, 2, 2])
+    padding = torch.zeros(4, L_Q, dtype=torch.bool)
+    padding[1, :2] = padding[3, :1] = True  # left padding in two samples
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), (x, padding), y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    u = {k: _r(*v.shape, seed=90 + i) * 0.3 for i, (k, v) in enumerate(params.items())}
+    part = hos.Partition.per_tensor(model)
+    # one sample's scores (2 heads) with a pass's coefficients of 2 groups at order 3
+    monkeypatch.setattr(attention, "BLOCK_SCORES", 2 * L_Q * L_Q * (2 * 3 + 1))
+    split = []
+    blocks = attention._blocks
+    monkeypatch.setattr(attention, "_blocks", lambda *a: split.append(blocks(*a)) or split[-1])
+    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=2)
+    assert any(b is not None and len(b) == 4 for b in split), "no pass went in blocks"
+    expected = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
+    fd.close(got, expected, AGREE, "diag D³: Taylor passes in blocks against reverse mode")
+
+    def ordinary(theta):  # PyTorch's own kernels, no hos mode
+        logits = torch.func.functional_call(model, theta, (x, padding))
+        return F.cross_entropy(logits, y)
+
+    oracle = fd.Path(ordinary, params, u, part).diagonal(3)
     fd.close(got, oracle, FD_MODEL["d3"], "diag D³ against finite differences")

@@ -12,9 +12,11 @@ checked by the certificate (`hos.backends.certify`).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
+from hos._attention import coefficient_rows
 from hos._exact import ExactOps
 from hos._outcome import note
 from hos._problem import Problem
@@ -77,7 +79,8 @@ def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
     tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
     try:
         moved = seeded(prob, tracker, range(prob.S))
-        with tracker.mode(), ExactOps():
+        rows = 3 * S + S * (S - 1) // 2 + 1  # the lines' coefficients, the pairs', the primal
+        with tracker.mode(), ExactOps(), coefficient_rows(rows):
             value = prob.loss(moved)
     except TaylorFallback as exc:  # the engine's one protocol: the pass stops, the reason kept
         tracker.fallback = tracker.fallback or exc
@@ -103,8 +106,8 @@ def _poly_pass(prob: Problem, order: int) -> torch.Tensor | None:
     """D^(order) from one forward pass carrying every Taylor coefficient up to that degree."""
     tracker = MultivariateTracker(order, POLY_MAX_MONOMIALS)
     moved = seeded(prob, tracker, range(prob.S))
-    try:
-        with tracker.mode(), ExactOps():
+    try:  # every monomial of degree <= order in S variables
+        with tracker.mode(), ExactOps(), coefficient_rows(math.comb(prob.S + order, order)):
             value = prob.loss(moved)
     except TaylorFallback as exc:
         note(prob.names, f"multivariate Taylor mode: {exc.reason}")

@@ -92,8 +92,13 @@ class UnivariateTracker(Tracker):
         self.max_bytes = max_bytes
         self.pairs = pairs and order >= 2
         self.pair_budget = pair_budget
-        self.bytes = 0  # coefficient memory held now (a jet goes when its tensor goes)
-        self.table: dict[int, tuple[weakref.ref, Jet, int]] = {}
+        #: coefficient memory held now (a jet goes when its tensor goes): each storage once,
+        #: however many jets view it (a view's rule views its input's coefficients)
+        self.bytes = 0
+        self.table: dict[int, tuple[weakref.ref, Jet, tuple[int, ...], int]] = {}
+        #: address -> [jets holding it, the storage] (held, so that no address is reused
+        #: while counted)
+        self._storages: dict[int, list] = {}
         self.peak_bytes = 0  # the most coefficient memory this tracker has stored
         self.primal_bytes = 0  # bytes of every tensor that got a jet (the moving activations)
         self._primal_numel = 0
@@ -174,10 +179,9 @@ class UnivariateTracker(Tracker):
                     f"mixed coefficients exceed {self.pair_budget:g}x the activations; "
                     "the mixed entries of H̄ go to reverse mode"
                 )
-        nbytes = sum(c.numel() * c.element_size() for c in blocks)
         self.primal_bytes += tensor.numel() * tensor.element_size()
         self._forget(id(tensor))
-        self.bytes += nbytes
+        held = self._hold(blocks)
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         if self.bytes > self.max_bytes:
             raise TaylorFallback(
@@ -187,14 +191,36 @@ class UnivariateTracker(Tracker):
             )
         key = id(tensor)
         self.table[key] = (
-            weakref.ref(tensor, lambda _, key=key: self._forget(key)), jet, nbytes,
+            weakref.ref(tensor, lambda _, key=key: self._forget(key)), jet, held,
             tensor._version,
         )  # fmt: skip
 
+    def _hold(self, blocks: list[torch.Tensor]) -> tuple[int, ...]:
+        """Count the storages of `blocks` as held by one more jet (their bytes the first time);
+        returns their addresses, for `_forget`."""
+        held = []
+        for block in blocks:
+            storage = block.untyped_storage()
+            address = storage.data_ptr()
+            if address in held:
+                continue
+            held.append(address)
+            count = self._storages.setdefault(address, [0, storage])
+            if count[0] == 0:
+                self.bytes += storage.nbytes()
+            count[0] += 1
+        return tuple(held)
+
     def _forget(self, key: int) -> None:
         entry = self.table.pop(key, None)
-        if entry is not None:
-            self.bytes -= entry[2]
+        if entry is None:
+            return
+        for address in entry[2]:
+            count = self._storages[address]
+            count[0] -= 1
+            if count[0] == 0:
+                self.bytes -= count[1].nbytes()
+                del self._storages[address]
 
     # ------------------------------------------------------------------ mixed terms
     def _new_pairs(self, dirs_a, dirs_b) -> list[tuple[tuple[int, int], int, int]]:
@@ -225,6 +251,7 @@ class UnivariateTracker(Tracker):
     def clear(self) -> None:
         """Drop every coefficient held (the memory is freed with them)."""
         self.table = {}
+        self._storages = {}
         self.bytes = 0
 
     # ------------------------------------------------------------------ engine hooks

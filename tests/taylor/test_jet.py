@@ -21,7 +21,7 @@ from hos._problem import Problem
 from hos.backends import passes
 from hos.backends import taylor as taylor_backend
 from hos.backends.taylor import _pair_pass
-from hos.taylor import TaylorFallback, UnivariateTracker
+from hos.taylor import TaylorFallback, UnivariateTracker, batching
 from tests.helpers.cases import CASES, build, oracle_diagonal, oracle_tensor
 from tests.helpers.tolerances import DT, ROUNDOFF_ENTRYWISE
 from tests.helpers.tolerances import assert_close as _close
@@ -256,6 +256,37 @@ def test_memory_cap_halves_the_chunk(monkeypatch, caplog):
     assert "chunk halved" in caplog.text
     assert hos.last_fallback() is None
     _close(diag, oracle_diagonal(b.id, 3), "capped diag")
+
+
+def _coefficient_peak(fn, x: torch.Tensor, order: int = 3) -> int:
+    """The tracker's peak of coefficient bytes over one call of `fn` on `x` moving along a line."""
+    tracker = UnivariateTracker(order, passes.JET_MAX_BYTES)
+    moving = x.clone()
+    tracker.seed(moving, 0, torch.ones_like(x))
+    with tracker.mode():
+        fn(moving).sum()
+    return tracker.peak_bytes
+
+
+def test_views_of_coefficients_count_once():
+    """A jet that views another's coefficients (view, transpose, slice, unsqueeze: each
+    coefficient viewed on its own above `STACK_MAX_NUMEL`) holds no new memory, and the count
+    says so; a copy adds its own coefficients."""
+    x = torch.randn(128, 128, dtype=DT)
+    assert 3 * x.numel() > batching.STACK_MAX_NUMEL
+    stack = 3 * x.numel() * x.element_size()  # coefficients 1..3 of one (128 × 128) tensor
+
+    def product(v):
+        return (v * v).exp()
+
+    plain = _coefficient_peak(product, x)
+    viewed = _coefficient_peak(lambda v: product(v).view(64, 256).t()[5:].unsqueeze(0), x)
+    copied = _coefficient_peak(lambda v: product(v).view(64, 256).t().contiguous(), x)
+    assert viewed == plain
+    assert copied > plain
+    # the count is what the coefficients' storages hold, each once: the exp's three
+    # coefficients and the product's and the seed's, not more
+    assert stack <= plain <= 2 * stack
 
 
 def test_memory_cap_below_one_group_falls_back(monkeypatch):
