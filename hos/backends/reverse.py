@@ -325,7 +325,7 @@ def reverse_diagonal(
 ) -> torch.Tensor:
     """d^d/dt^d L(θ + t u_i) by d nested one-leaf backward passes per group (all or `groups`)."""
     out = prob.zeros(prob.S)
-    path = PathGraph(prob, max_order=order)
+    path = PathGraph(prob)
     first = path.derivative(path.value, range(prob.S), keep=order > 1)
     for i in range(prob.S) if groups is None else groups:
         value = first[i]
