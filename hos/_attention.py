@@ -353,9 +353,9 @@ def multi_head_attention_decomposed(*args, **kwargs):
     """`F.multi_head_attention_forward` (dropout off) written out around the primitive
     decomposition `scaled_dot_product_attention` (exact at every order; in Taylor passes a
     block of the batch at a time) for the plain configuration, the others through the explicit
-    branch. The explicit branch returns the weights, which a Taylor pass would then carry for
-    every head at once until the caller drops them: the 6-layer transformer's passes peaked at
-    34.6 MiB of coefficients for 4 groups that way, at 19 MiB written out (2026-12-07)."""
+    branch. The explicit branch computes the weights of every head at once and returns them,
+    which a Taylor pass then carries with their coefficients until the caller drops them (the
+    memory this saves: `BLOCK_SCORES`)."""
     return multi_head_attention_written_out(scaled_dot_product_attention, *args, **kwargs)
 
 

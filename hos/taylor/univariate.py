@@ -40,13 +40,7 @@ from typing import Any
 import torch
 
 from hos.taylor import jets as J
-from hos.taylor.batching import (
-    bias_shape,
-    call_batched,
-    call_stacked,
-    split_bias,
-    zeroed_constants,
-)
+from hos.taylor.batching import bias_shape, call_batched, call_stacked, split_bias, zeroed_constants
 from hos.taylor.decompositions import NotCovered
 from hos.taylor.engine import Tracker, TrackerMode, storage_key
 from hos.taylor.fallback import TaylorFallback
@@ -54,21 +48,15 @@ from hos.taylor.inplace import assigned
 from hos.taylor.jets import Coeffs, Jet
 from hos.taylor.leibniz import DIFFERENCES, PRODUCTS, difference, product
 from hos.taylor.nested import generic_rule
-from hos.taylor.ops import (
-    LOG_SOFTMAX,
-    LOGSUMEXP,
-    MAX_POOL_DIMS,
-    MAX_POOL_WITH_INDICES,
-)
-from hos.taylor.series import (
-    exp_series,
-    lse_series,
-    scaled_derivatives,
-    softmax_dim,
-)
+from hos.taylor.ops import LOG_SOFTMAX, LOGSUMEXP, MAX_POOL_DIMS, MAX_POOL_WITH_INDICES
+from hos.taylor.series import exp_series, lse_series, scaled_derivatives, softmax_dim
 from hos.taylor.trees import tree_flatten, tree_unflatten
 
-__all__ = ["UnivariateMode", "UnivariateTracker"]
+__all__ = ["SHARED_MIN_NUMEL", "UnivariateMode", "UnivariateTracker"]
+
+#: Coefficient blocks of at least this many elements count once per storage (views share it);
+#: smaller ones by their own bytes.
+SHARED_MIN_NUMEL = 1 << 15
 
 
 class UnivariateTracker(Tracker):
@@ -95,7 +83,7 @@ class UnivariateTracker(Tracker):
         #: coefficient memory held now (a jet goes when its tensor goes): each storage once,
         #: however many jets view it (a view's rule views its input's coefficients)
         self.bytes = 0
-        self.table: dict[int, tuple[weakref.ref, Jet, tuple[int, ...], int]] = {}
+        self.table: dict[int, tuple[weakref.ref, Jet, tuple[tuple[int, ...], int], int]] = {}
         #: address -> [jets holding it, the storage] (held, so that no address is reused
         #: while counted)
         self._storages: dict[int, list] = {}
@@ -195,11 +183,16 @@ class UnivariateTracker(Tracker):
             tensor._version,
         )  # fmt: skip
 
-    def _hold(self, blocks: list[torch.Tensor]) -> tuple[int, ...]:
-        """Count the storages of `blocks` as held by one more jet (their bytes the first time);
-        returns their addresses, for `_forget`."""
-        held = []
+    def _hold(self, blocks: list[torch.Tensor]) -> tuple[tuple[int, ...], int]:
+        """Count `blocks` as held by one more jet: a large block's storage once however many
+        jets view it, a small one (below `SHARED_MIN_NUMEL` elements) by its own bytes (the
+        per-storage bookkeeping would cost small models' passes more than such views hold).
+        Returns (the storages' addresses, the small blocks' bytes), for `_forget`."""
+        held, small = [], 0
         for block in blocks:
+            if block.numel() < SHARED_MIN_NUMEL:
+                small += block.numel() * block.element_size()
+                continue
             storage = block.untyped_storage()
             address = storage.data_ptr()
             if address in held:
@@ -209,13 +202,16 @@ class UnivariateTracker(Tracker):
             if count[0] == 0:
                 self.bytes += storage.nbytes()
             count[0] += 1
-        return tuple(held)
+        self.bytes += small
+        return tuple(held), small
 
     def _forget(self, key: int) -> None:
         entry = self.table.pop(key, None)
         if entry is None:
             return
-        for address in entry[2]:
+        addresses, small = entry[2]
+        self.bytes -= small
+        for address in addresses:
             count = self._storages[address]
             count[0] -= 1
             if count[0] == 0:

@@ -22,6 +22,7 @@ from hos.backends import passes
 from hos.backends import taylor as taylor_backend
 from hos.backends.taylor import _pair_pass
 from hos.taylor import TaylorFallback, UnivariateTracker, batching
+from hos.taylor.univariate import SHARED_MIN_NUMEL
 from tests.helpers.cases import CASES, build, oracle_diagonal, oracle_tensor
 from tests.helpers.tolerances import DT, ROUNDOFF_ENTRYWISE
 from tests.helpers.tolerances import assert_close as _close
@@ -271,17 +272,17 @@ def _coefficient_peak(fn, x: torch.Tensor, order: int = 3) -> int:
 def test_views_of_coefficients_count_once():
     """A jet that views another's coefficients (view, transpose, slice, unsqueeze: each
     coefficient viewed on its own above `STACK_MAX_NUMEL`) holds no new memory, and the count
-    says so; a copy adds its own coefficients."""
-    x = torch.randn(128, 128, dtype=DT)
-    assert 3 * x.numel() > batching.STACK_MAX_NUMEL
-    stack = 3 * x.numel() * x.element_size()  # coefficients 1..3 of one (128 × 128) tensor
+    says so (blocks from `SHARED_MIN_NUMEL` elements on); a copy adds its own coefficients."""
+    x = torch.randn(256, 256, dtype=DT)
+    assert x.numel() >= max(SHARED_MIN_NUMEL, batching.STACK_MAX_NUMEL)
+    stack = 3 * x.numel() * x.element_size()  # coefficients 1..3 of one (256 × 256) tensor
 
     def product(v):
         return (v * v).exp()
 
     plain = _coefficient_peak(product, x)
-    viewed = _coefficient_peak(lambda v: product(v).view(64, 256).t()[5:].unsqueeze(0), x)
-    copied = _coefficient_peak(lambda v: product(v).view(64, 256).t().contiguous(), x)
+    viewed = _coefficient_peak(lambda v: product(v).view(128, 512).t()[5:].unsqueeze(0), x)
+    copied = _coefficient_peak(lambda v: product(v).view(128, 512).t().contiguous(), x)
     assert viewed == plain
     assert copied > plain
     # the count is what the coefficients' storages hold, each once: the exp's three
