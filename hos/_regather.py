@@ -97,6 +97,9 @@ class LayerGather:
         #: storage -> (weak ref, shard, bytes, spec, cast)
         self._recorded: dict[int, tuple] = {}
         self._recent: OrderedDict[int, tuple] = OrderedDict()  # id(shard) -> (shard, gathered)
+        #: id(a weight mixed precision cast) -> the weight before the cast, until the unit's
+        #: forward is done (`released` forgets the marks of both)
+        self.cast_from: dict[int, torch.Tensor] = {}
         #: all-gathers made, and the most bytes of gathered storage alive at one time
         self.gathers = 0
         self.peak_bytes = 0
@@ -128,7 +131,9 @@ class LayerGather:
         value = theta if entry is None else entry[1](theta, self.full(entry[0], spec))
         if cast is None or value.dtype == cast:
             return value
-        value = value.to(cast)
+        before, value = value, value.to(cast)
+        if entry is not None and self.released is not None:
+            self.cast_from[id(value)] = before
         self._record(value, shard, spec, cast)
         return value
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -99,7 +100,9 @@ _INNER_DERIVATIVES = frozenset(
 class _PathMode(TorchFunctionMode):
     """Records the order in which groups are first used and factors input layers.
 
-    `marked` maps `id` of each shifted parameter to `(θ_p, u_p, η_s, s)`.
+    `marked` maps `id` of each shifted parameter to `(θ_p, u_p, η_s, s, a weak reference to
+    it)`: a mark counts only for the tensor it was made for (`_mark_of`), never for another that
+    reuses a dead one's `id`.
     A call `f(x, W, b, ...)` of a function in `_LINEAR_IN_WEIGHT` whose
     weight is marked and whose input does not depend on η becomes
     `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`), unless `factor`
@@ -117,12 +120,17 @@ class _PathMode(TorchFunctionMode):
         self.factored = False
         self.first_use: dict[int, None] = {}
 
+    def _mark_of(self, value: torch.Tensor):
+        """`value`'s mark, or None (also for a tensor at the address of a marked one gone)."""
+        entry = self.marked.get(id(value))
+        return entry if entry is not None and entry[4]() is value else None
+
     def _note(self, values) -> None:
         for value in values:
             if isinstance(value, (list, tuple)):
                 self._note(value)
             elif isinstance(value, torch.Tensor):
-                entry = self.marked.get(id(value))
+                entry = self._mark_of(value)
                 if entry is not None:
                     self.first_use.setdefault(entry[3])
 
@@ -138,9 +146,9 @@ class _PathMode(TorchFunctionMode):
             and len(args) >= 2
             and isinstance(args[0], torch.Tensor)
         ):
-            entry = self.marked.get(id(args[1]))
+            entry = self._mark_of(args[1]) if isinstance(args[1], torch.Tensor) else None
             if entry is not None and not args[0].requires_grad:
-                theta, u, eta, _ = entry
+                theta, u, eta = entry[:3]
                 x, rest = args[0], list(args[2:])
                 base = func(x, theta, *rest, **kwargs)
                 if rest:
@@ -184,7 +192,7 @@ class PathGraph:
         self.gather = None
         if prob.sharded in (Layout.FSDP, Layout.FSDP_TENSOR_PARALLEL):
             self.gather = LayerGather()
-            self.gather.released = functools.partial(_unmark, marked)
+            self.gather.released = functools.partial(_unmark, marked, self.gather)
         for s, names in enumerate(prob.groups):
             for n in names:
                 theta, u = prob.theta[n], prob.u[n]
@@ -197,7 +205,7 @@ class PathGraph:
                     continue
                 shifted = _Shift.apply(self.eta[s], theta, u)
                 moved[n] = shifted
-                marked[id(shifted)] = (theta, u, self.eta[s], s)
+                marked[id(shifted)] = (theta, u, self.eta[s], s, weakref.ref(shifted))
         mode = _PathMode(marked, factor)
         kernels = (
             second_order_reverse() if self.max_order and self.max_order <= 2 else nullcontext()
@@ -217,7 +225,7 @@ class PathGraph:
             if is_dtensor(theta):  # tensor parallel's weight: η replicated on its mesh
                 return _Shift.apply(replicated(eta, theta), theta, u)
             shifted = _Shift.apply(eta, theta, u)
-            marked[id(shifted)] = (theta, u, eta, group)
+            marked[id(shifted)] = (theta, u, eta, group, weakref.ref(shifted))
             return shifted
 
         return move
@@ -247,10 +255,14 @@ class PathGraph:
             )
 
 
-def _unmark(marked: dict, used: list[torch.Tensor]) -> None:
-    """Forget the marks of an FSDP unit's moved weights once its forward is done."""
+def _unmark(marked: dict, gather: LayerGather, used: list[torch.Tensor]) -> None:
+    """Forget the marks of an FSDP unit's moved weights once its forward is done (where mixed
+    precision cast a moved weight, the mark is on the tensor before the cast)."""
     for tensor in used:
         marked.pop(id(tensor), None)
+        before = gather.cast_from.pop(id(tensor), None)
+        if before is not None:
+            marked.pop(id(before), None)
 
 
 def gradient_and_row_sums(prob: Problem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,3 +255,18 @@ def test_hessian_alone_benchmark_quick(tmp_path):
     }
     for method in mlp["methods"].values():
         assert method["gradients"] > 0 and method["max_rel_diff_to_hos"] < FLOAT32_SUMMARY
+
+
+def test_a_mark_counts_only_for_the_tensor_it_was_made_for():
+    """Reverse mode marks each moved weight by `id`; a tensor that later takes a dead marked
+    tensor's address (CPython reuses them: FSDP2's mixed precision drops the moved weight once
+    cast, and a later tensor once failed its `F.linear` with the mark's float64 θ) is unmarked."""
+    import weakref
+
+    from hos.backends.reverse import _PathMode
+
+    gone, later = torch.ones(2), torch.zeros(2)
+    mode = _PathMode({id(later): (gone, gone, gone, 0, weakref.ref(gone))})  # a reused id
+    assert mode._mark_of(later) is None
+    mode.marked[id(gone)] = (gone, gone, gone, 1, weakref.ref(gone))
+    assert mode._mark_of(gone)[3] == 1
