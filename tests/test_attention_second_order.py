@@ -225,45 +225,54 @@ def _mha_inputs(module_kwargs, call, batch_first):
     return mha, (x, key, value), kw
 
 
-def _mha_function(mha, kw):
-    """(θ_params, inputs) -> the module's output, by torch.func.functional_call."""
+def _mha_flat(mha, inputs, kw):
+    """(flat, primal): the module's output as a function of its parameters and inputs, one
+    tensor each (torch.func.functional_call), and their values."""
+    params = dict(mha.named_parameters())
+    names = list(params)
 
-    def run(params, *inputs):
-        out, _ = torch.func.functional_call(mha, params, inputs, kw)
+    def flat(*tensors):
+        theta = dict(zip(names, tensors[: len(names)]))
+        out, _ = torch.func.functional_call(mha, theta, tuple(tensors[len(names) :]), kw)
         return out
 
-    return run
+    return flat, [p.detach() for p in params.values()] + list(inputs)
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("case", list(MHA_CASES))
-def test_multi_head_attention_at_second_order_matches_module(case, batch_first, monkeypatch):
-    mha, inputs, kw = _mha_inputs(*MHA_CASES[case], batch_first)
+def _assert_module_value_and_gradient(case, flat, primal, value, grads):
+    """`value` and `grads` against the module run the ordinary way (PyTorch's kernels, no
+    ExactOps)."""
+    leaves = [x.clone().requires_grad_() for x in primal]
+    expected = _loss(flat(*leaves))
+    assert_close(value, expected.detach(), case, **ROUNDOFF)
+    for got, want in zip(grads, torch.autograd.grad(expected, leaves)):
+        assert_close(got, want, f"{case}: gradient", **ROUNDOFF)
+
+
+def _route_to_the_explicit_branch(monkeypatch) -> list:
+    """`ExactOps` sends `nn.MultiheadAttention` to PyTorch's explicit-softmax branch (the
+    oracle); the list returned records its calls."""
     explicit = []
     monkeypatch.setattr(
         exact, "DECOMPOSITIONS",
         {**exact.DECOMPOSITIONS, F.multi_head_attention_forward: _spy(
             explicit, attention.multi_head_attention_explicit)},
     )  # fmt: skip
+    return explicit
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("case", list(MHA_CASES))
+def test_multi_head_attention_at_second_order_matches_module(case, batch_first, monkeypatch):
+    mha, inputs, kw = _mha_inputs(*MHA_CASES[case], batch_first)
+    explicit = _route_to_the_explicit_branch(monkeypatch)
     rule = []
     monkeypatch.setattr(attention._Attention, "apply", _spy(rule, attention._Attention.apply))
-    run = _mha_function(mha, kw)
-    params = dict(mha.named_parameters())
-    names = list(params)
-
-    def flat(*tensors):
-        return run(dict(zip(names, tensors[: len(names)])), *tensors[len(names) :])
-
-    primal = [p.detach() for p in params.values()] + list(inputs)
+    flat, primal = _mha_flat(mha, inputs, kw)
     direction = [_r(*x.shape, seed=40 + i) for i, x in enumerate(primal)]
     value, grads, hv = _hvp(flat, primal, direction, second_order=True)
     assert rule and not explicit, "the plain configuration was not written out"
-    # value and gradient: the module run the ordinary way (PyTorch's kernels, no ExactOps)
-    leaves = [x.clone().requires_grad_() for x in primal]
-    expected = _loss(flat(*leaves))
-    assert_close(value, expected.detach(), case, **ROUNDOFF)
-    for got, want in zip(grads, torch.autograd.grad(expected, leaves)):
-        assert_close(got, want, f"{case}: gradient", **ROUNDOFF)
+    _assert_module_value_and_gradient(case, flat, primal, value, grads)
     # second derivative: the explicit-softmax branch (exact decomposition), every entry
     _, _, hv_exact = _hvp(flat, primal, direction, second_order=False)
     assert explicit
@@ -284,28 +293,12 @@ def test_multi_head_attention_decomposed_matches_module(case, batch_first, monke
         attention, "scaled_dot_product_attention",
         _spy(core, attention.scaled_dot_product_attention),
     )  # fmt: skip
-    run = _mha_function(mha, kw)
-    params = dict(mha.named_parameters())
-    names = list(params)
-
-    def flat(*tensors):
-        return run(dict(zip(names, tensors[: len(names)])), *tensors[len(names) :])
-
-    primal = [p.detach() for p in params.values()] + list(inputs)
+    flat, primal = _mha_flat(mha, inputs, kw)
     direction = [_r(*x.shape, seed=50 + i) for i, x in enumerate(primal)]
     value, grads, hv = _hvp(flat, primal, direction, second_order=False)
     assert core, "the plain configuration was not written out"
-    leaves = [x.clone().requires_grad_() for x in primal]
-    expected = _loss(flat(*leaves))
-    assert_close(value, expected.detach(), case, **ROUNDOFF)
-    for got, want in zip(grads, torch.autograd.grad(expected, leaves)):
-        assert_close(got, want, f"{case}: gradient", **ROUNDOFF)
-    explicit = []
-    monkeypatch.setattr(
-        exact, "DECOMPOSITIONS",
-        {**exact.DECOMPOSITIONS, F.multi_head_attention_forward: _spy(
-            explicit, attention.multi_head_attention_explicit)},
-    )  # fmt: skip
+    _assert_module_value_and_gradient(case, flat, primal, value, grads)
+    explicit = _route_to_the_explicit_branch(monkeypatch)
     calls = len(core)
     _, _, hv_explicit = _hvp(flat, primal, direction, second_order=False)
     assert explicit and len(core) == calls
@@ -452,6 +445,21 @@ class _SelfAttention(nn.Module):
         return self.out((x + h.transpose(1, 2).reshape(n, length, dim)).flatten(1))
 
 
+def _diag3_in_blocks(loss, params, u, part, block_scores, monkeypatch):
+    """diag D³ by Taylor passes of 2 groups with `BLOCK_SCORES` = `block_scores`, asserted to
+    have gone in blocks of one sample (a batch of 4) and to agree with reverse mode (an autograd
+    graph: never in blocks)."""
+    monkeypatch.setattr(attention, "BLOCK_SCORES", block_scores)
+    split = []
+    blocks = attention._blocks
+    monkeypatch.setattr(attention, "_blocks", lambda *a: split.append(blocks(*a)) or split[-1])
+    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=2)
+    assert any(b is not None and len(b) == 4 for b in split), "no pass went in blocks"
+    expected = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
+    fd.close(got, expected, AGREE, "diag D³: Taylor passes in blocks against reverse mode")
+    return got
+
+
 def test_taylor_passes_in_blocks_match_reverse_mode(monkeypatch):
     """diag D³ and the triple by Taylor mode with the attention in blocks of one sample, against
     reverse mode (an autograd graph: never in blocks) and finite differences."""
@@ -462,14 +470,7 @@ def test_taylor_passes_in_blocks_match_reverse_mode(monkeypatch):
     params = {k: v.detach() for k, v in model.named_parameters()}
     u = {k: _r(*v.shape, seed=80 + i) * 0.3 for i, (k, v) in enumerate(params.items())}
     part = hos.Partition.per_tensor(model)
-    monkeypatch.setattr(attention, "BLOCK_SCORES", 2 * L_Q * L_Q)
-    split = []
-    blocks = attention._blocks
-    monkeypatch.setattr(attention, "_blocks", lambda *a: split.append(blocks(*a)) or split[-1])
-    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=2)
-    assert any(b is not None and len(b) == 4 for b in split), "no pass went in blocks"
-    expected = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
-    fd.close(got, expected, AGREE, "diag D³: Taylor passes in blocks against reverse mode")
+    got = _diag3_in_blocks(loss, params, u, part, 2 * L_Q * L_Q, monkeypatch)
     oracle = fd.Path(loss, params, u, part).diagonal(3)
     fd.close(got, oracle, FD_MODEL["d3"], "diag D³ against finite differences")
 
@@ -503,14 +504,7 @@ def test_taylor_passes_through_multi_head_attention_in_blocks(monkeypatch):
     u = {k: _r(*v.shape, seed=90 + i) * 0.3 for i, (k, v) in enumerate(params.items())}
     part = hos.Partition.per_tensor(model)
     # one sample's scores (2 heads) with a pass's coefficients of 2 groups at order 3
-    monkeypatch.setattr(attention, "BLOCK_SCORES", 2 * L_Q * L_Q * (2 * 3 + 1))
-    split = []
-    blocks = attention._blocks
-    monkeypatch.setattr(attention, "_blocks", lambda *a: split.append(blocks(*a)) or split[-1])
-    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=2)
-    assert any(b is not None and len(b) == 4 for b in split), "no pass went in blocks"
-    expected = hos.summary_diagonal(loss, params, u, part, 3, backend="reverse")
-    fd.close(got, expected, AGREE, "diag D³: Taylor passes in blocks against reverse mode")
+    got = _diag3_in_blocks(loss, params, u, part, 2 * L_Q * L_Q * (2 * 3 + 1), monkeypatch)
 
     def ordinary(theta):  # PyTorch's own kernels, no hos mode
         logits = torch.func.functional_call(model, theta, (x, padding))
