@@ -6,12 +6,13 @@ Three things make it cheap:
   $\theta_p + \eta_s u_p$ at $\eta_s = 0$ through `_Shift`,
   whose forward is free and whose backward is the contraction
   $\langle \partial L/\partial\theta_p, u_p\rangle$.
-* *Factored input layers.* A layer that is linear in its weight and whose
-  input does not depend on η (the first convolution or linear layer) is
-  evaluated as $f(x, \theta_W) + \eta_W f(x, u_W)$: two forward products,
-  after which every derivative of every order with respect to
-  $\eta_W$ is elementwise. No weight gradient of that layer, usually
-  the most expensive one, is ever formed.
+* *Factored layers.* A layer that is linear in its weight (linear, convolutions) is
+  evaluated as $f(x, \theta_W) + \eta_W f(x, u_W)$ at $\eta_W = 0$: no weight gradient is
+  ever formed. Where the input does not depend on η (the first layer) every derivative
+  with respect to $\eta_W$ is then elementwise (`_Shift`); where it does (hidden layers,
+  `_HiddenShift`), the η-term's share of $\partial/\partial x$ is taken once in the first
+  backward, and the nested passes contract it and $f(x, u_W)$ instead of running two
+  weight-gradient products per layer and row.
 * *Pruning.* Groups are ordered by first use in the forward pass. Row i of
   $\bar H$ differentiates $\bar g_i$ with respect to the groups
   used at or after group i only, so that backward pass stops at group i;
@@ -72,6 +73,83 @@ class _Shift(torch.autograd.Function):
         return contraction, grad_output, None
 
 
+class _AtZero(torch.autograd.Function):
+    r"""$\eta\,t$ evaluated at η = 0: zero, with the derivatives of the product.
+
+    The backward gives $\langle \bar y, t\rangle$ to η and $\eta\,\bar y$ to `t`: as this
+    same function when the backward builds a graph (nested passes differentiate it again), as
+    nothing otherwise (it is exactly zero at η = 0, so no backward runs behind `t`).
+    """
+
+    @staticmethod
+    def forward(eta, t):  # noqa: ARG004 - η enters only through the backward
+        return torch.zeros_like(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        eta, t = ctx.saved_tensors
+        contraction = None
+        if ctx.needs_input_grad[0]:
+            contraction = torch.dot(grad_output.reshape(-1), t.reshape(-1))
+        scaled = None
+        if torch.is_grad_enabled() and ctx.needs_input_grad[1]:
+            scaled = _AtZero.apply(eta, grad_output)
+        return contraction, scaled
+
+
+class _HiddenShift(torch.autograd.Function):
+    r"""$f(x, \theta) + \eta\, f(x, u)$ at η = 0, for `f` linear in its weight and in `x`,
+    with `x` moving with η: `base` = f(x, θ) and `along` = f(x, u) computed by the caller.
+
+    Its value is `base`; the backward gives $\langle \bar y, f(x, u)\rangle$ to η, $\bar y$
+    to `base`, and the η-term's share of $\partial/\partial x$, $\eta\, f_x^\top(\bar y, u)$,
+    directly to `x` (by `_AtZero`, with `transpose` = $\bar y \mapsto f_x^\top(\bar y, u)$),
+    not through `along`'s own graph: the same derivative (f is linear in x), but a nested pass
+    then contracts a tensor computed once instead of running a product per row. No weight
+    gradient of θ is ever formed (θ is a constant here).
+    """
+
+    @staticmethod
+    def forward(eta, base, along, x, transpose):  # noqa: ARG004 - see the backward
+        return base.view_as(base)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[2])
+        ctx.transpose = inputs[4]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        eta, along = ctx.saved_tensors
+        contraction = None
+        if ctx.needs_input_grad[0]:
+            contraction = torch.dot(grad_output.reshape(-1), along.reshape(-1))
+        moved = None
+        if torch.is_grad_enabled() and ctx.needs_input_grad[3]:
+            moved = _AtZero.apply(eta, ctx.transpose(grad_output))
+        return contraction, grad_output, None, moved, None
+
+
+def _input_transpose(func, x: torch.Tensor, u: torch.Tensor, rest: list, kwargs: dict):
+    """ȳ ↦ f_x^T(ȳ, u) for a function linear in x (differentiable in ȳ): a matrix product
+    for `F.linear`, else the input gradient of one evaluation at a zero input."""
+    if func is F.linear:
+        return lambda grad: grad @ u
+    shape, dtype = x.shape, x.dtype
+
+    def transpose(grad: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            probe = torch.zeros(shape, dtype=dtype, device=grad.device, requires_grad=True)
+            out = func(probe, u, *rest, **kwargs)
+            return torch.autograd.grad(out, probe, grad, create_graph=True)[0]
+
+    return transpose
+
+
 #: Functions linear in their weight (second positional argument), with `bias` third.
 _LINEAR_IN_WEIGHT = frozenset(
     {
@@ -87,7 +165,7 @@ _LINEAR_IN_WEIGHT = frozenset(
 
 
 class _Unfactor(Exception):
-    """The loss takes a derivative inside after an input layer was factored: build again
+    """The loss takes a derivative inside after a layer was factored: build again
     without factoring (the factored weight is not in the graph the inner derivative needs)."""
 
 
@@ -98,7 +176,8 @@ _INNER_DERIVATIVES = frozenset(
 
 
 class _PathMode(TorchFunctionMode):
-    """Records the order in which groups are first used and factors input layers.
+    """Records the order in which groups are first used and factors the layers linear in
+    their weight.
 
     `marked` maps `id` of each shifted parameter to `(θ_p, u_p, η_s, s, a weak reference to
     it)`: a mark counts only for the tensor it was made for (`_mark_of`), never for another that
@@ -106,17 +185,21 @@ class _PathMode(TorchFunctionMode):
     A call `f(x, W, b, ...)` of a function in `_LINEAR_IN_WEIGHT` whose
     weight is marked and whose input does not depend on η becomes
     `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`), unless `factor`
-    is False. A derivative taken inside the loss after a factoring raises `_Unfactor`.
+    is False; with `hidden` also where the input depends on η (`_HiddenShift`; off for sharded
+    models, whose gathered directions it would keep). A derivative taken inside the loss after a
+    factoring raises `_Unfactor`.
     """
 
     def __init__(
         self,
         marked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
         factor: bool = True,
+        hidden: bool = False,
     ):
         super().__init__()
         self.marked = marked
         self.factor = factor
+        self.hidden = factor and hidden
         self.factored = False
         self.first_use: dict[int, None] = {}
 
@@ -147,6 +230,8 @@ class _PathMode(TorchFunctionMode):
             and isinstance(args[0], torch.Tensor)
         ):
             entry = self._mark_of(args[1]) if isinstance(args[1], torch.Tensor) else None
+            if entry is not None and args[0].requires_grad and self.hidden:
+                return self._factor_hidden(func, args, kwargs, entry)
             if entry is not None and not args[0].requires_grad:
                 theta, u, eta = entry[:3]
                 x, rest = args[0], list(args[2:])
@@ -161,6 +246,19 @@ class _PathMode(TorchFunctionMode):
                 self.factored = True
                 return _Shift.apply(eta, base, along).clone()
         return func(*args, **kwargs)
+
+    def _factor_hidden(self, func, args, kwargs, entry) -> torch.Tensor:
+        """`f(x, θ_W + η u_W, b)` with `x` moving as `f(x, θ_W, b) + η f(x, u_W)` (`_HiddenShift`)."""
+        theta, u, eta = entry[:3]
+        x, rest = args[0], list(args[2:])
+        base = func(x, theta, *rest, **kwargs)
+        if rest:
+            rest[0] = None
+        unbiased = {**kwargs, **({"bias": None} if "bias" in kwargs else {})}
+        along = func(x, u, *rest, **unbiased)
+        transpose = _input_transpose(func, x, u, rest, unbiased)
+        self.factored = True
+        return _HiddenShift.apply(eta, base, along, x, transpose).clone()
 
 
 class PathGraph:
@@ -206,7 +304,7 @@ class PathGraph:
                 shifted = _Shift.apply(self.eta[s], theta, u)
                 moved[n] = shifted
                 marked[id(shifted)] = (theta, u, self.eta[s], s, weakref.ref(shifted))
-        mode = _PathMode(marked, factor)
+        mode = _PathMode(marked, factor, hidden=not prob.sharded)
         kernels = (
             second_order_reverse() if self.max_order and self.max_order <= 2 else nullcontext()
         )

@@ -148,8 +148,9 @@ def native(func, leaves, spec, batched: set[int]):
         if "bias" in kwargs and kwargs["bias"] is not None:
             return None
         x, w = args[0], args[1]
-        if batched == {0}:
-            return F.linear(x, w)
+        if batched == {0}:  # rows of x as one matrix: a stack PyTorch cannot view as one
+            # (m, ..., in) would go to a batched product with the weight expanded m·... times
+            return F.linear(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
         m, out_features, in_features = w.shape
         lead = x.shape[1:-1] if first_batched else x.shape[:-1]
         xs = x.reshape(m if first_batched else 1, -1, in_features)

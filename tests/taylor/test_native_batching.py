@@ -34,6 +34,8 @@ ids = torch.tensor([[0, 2, 1], [3, 3, 0]])
 #: its direction dimension (M, *shape)
 CASES = [
     ("transpose", torch.Tensor.transpose, (_t(M, 2, 3, 4), 0, -1), {}, {0}),
+    ("linear rows", F.linear, (_t(M, 2, 4), _t(3, 4, seed=1)), {}, {0}),
+    ("linear rows, strided", F.linear, (_t(M, 5, 2, 4).transpose(1, 2), _t(3, 4, seed=1)), {}, {0}),
     ("torch.transpose", torch.transpose, (_t(M, 2, 3, 4), 1, 2), {}, {0}),
     ("contiguous", torch.Tensor.contiguous, (_t(M, 2, 3).transpose(1, 2),), {}, {0}),
     ("to dtype", torch.Tensor.to, (_t(M, 2, 3), torch.float32), {}, {0}),
@@ -144,6 +146,24 @@ def test_native_declines_and_call_batched_still_agrees(label, func, args, kwargs
     got = call_batched(func, leaves, spec, replace, batched)
     expected = _by_vmap(func, leaves, spec, batched)
     assert torch.allclose(got, expected)
+
+
+def test_linear_rows_of_a_strided_stack_run_as_one_matrix_product():
+    """(m, ..., in) rows that PyTorch cannot view as one matrix: `F.linear` on them as given
+    would run a batched product with the weight expanded to every leading index."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Kernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    seen: list = []
+    x, w = _t(M, 5, 2, 4).transpose(1, 2), _t(3, 4, seed=1)
+    leaves, spec = tree_flatten(((x, w), {}))
+    with Kernels():
+        native(F.linear, leaves, spec, {0})
+    assert torch.ops.aten.bmm.default not in seen and torch.ops.aten.mm.default in seen, seen
 
 
 def test_native_leaves_memory_formats_to_vmap():
