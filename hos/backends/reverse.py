@@ -228,6 +228,7 @@ class _PathMode(TorchFunctionMode):
             and func in _LINEAR_IN_WEIGHT
             and len(args) >= 2
             and isinstance(args[0], torch.Tensor)
+            and not torch._C._are_functorch_transforms_active()  # inside vmap: as written
         ):
             entry = self._mark_of(args[1]) if isinstance(args[1], torch.Tensor) else None
             if entry is not None and args[0].requires_grad and self.hidden:

@@ -138,3 +138,27 @@ def test_a_loss_that_differentiates_inside_is_built_unfactored():
     fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
     fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
     fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+
+
+@pytest.mark.parametrize("backend", ["reverse", "taylor"])
+def test_a_per_sample_vmap_inside_the_loss_is_left_as_written(backend):
+    """Inside `torch.func.vmap` (per-sample losses) no layer is factored: the custom autograd
+    functions have no batching rule, and the layers run as written (this raised before)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, generator=gen, dtype=DT)
+    params = {"a": torch.randn(4, 3, generator=gen, dtype=DT),
+              "b": torch.randn(2, 4, generator=gen, dtype=DT)}  # fmt: skip
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+
+    def loss(p):
+        def one(sample):
+            return F.linear(torch.tanh(F.linear(sample, p["a"])), p["b"]).square().sum()
+
+        return torch.func.vmap(one)(x).mean()
+
+    part = hos.Partition.per_tensor(params)
+    s = hos.summarize(loss, params, u, part, backend=backend)
+    path = fd.Path(loss, params, u, part)
+    fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
+    fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
+    fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
