@@ -27,6 +27,7 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +183,8 @@ class _PathMode(TorchFunctionMode):
     `marked` maps `id` of each shifted parameter to `(θ_p, u_p, η_s, s, a weak reference to
     it)`: a mark counts only for the tensor it was made for (`_mark_of`), never for another that
     reuses a dead one's `id`.
-    A call `f(x, W, b, ...)` of a function in `_LINEAR_IN_WEIGHT` whose
-    weight is marked and whose input does not depend on η becomes
+    A call linear in a marked weight (`_linear_call`: `F.linear`, convolutions, `x @ W`,
+    `addmm(b, x, W)`) whose input does not depend on η becomes
     `f(x, θ_W, b, ...) + η_s·f(x, u_W, None, ...)` (at η = 0, by `_Shift`), unless `factor`
     is False; with `hidden` also where the input depends on η (`_HiddenShift`; off for sharded
     models, whose gathered directions it would keep). A derivative taken inside the loss after a
@@ -223,43 +224,72 @@ class _PathMode(TorchFunctionMode):
             raise _Unfactor
         self._note(args)
         self._note(kwargs.values())
-        if (
-            self.factor
-            and func in _LINEAR_IN_WEIGHT
-            and len(args) >= 2
-            and isinstance(args[0], torch.Tensor)
-            and not torch._C._are_functorch_transforms_active()  # inside vmap: as written
-        ):
-            entry = self._mark_of(args[1]) if isinstance(args[1], torch.Tensor) else None
-            if entry is not None and args[0].requires_grad and self.hidden:
-                return self._factor_hidden(func, args, kwargs, entry)
-            if entry is not None and not args[0].requires_grad:
+        linear = _linear_call(func, args, kwargs) if self.factor else None
+        if linear is not None and not torch._C._are_functorch_transforms_active():  # vmap: as is
+            entry = self._mark_of(linear.weight)
+            if entry is not None and (self.hidden or not linear.x.requires_grad):
                 theta, u, eta = entry[:3]
-                x, rest = args[0], list(args[2:])
-                base = func(x, theta, *rest, **kwargs)
-                if rest:
-                    rest[0] = None
-                along = func(
-                    x, u, *rest, **{**kwargs, **({"bias": None} if "bias" in kwargs else {})}
-                )
-                # a fresh tensor, not the view _Shift returns: the model may write into it
-                # (conv -> ReLU(inplace=True))
+                base, along = linear.evaluate(theta, True), linear.evaluate(u, False)
                 self.factored = True
-                return _Shift.apply(eta, base, along).clone()
+                # a fresh tensor, not the view the shift returns: the model may write into it
+                # (conv -> ReLU(inplace=True))
+                if not linear.x.requires_grad:
+                    return _Shift.apply(eta, base, along).clone()
+                transpose = linear.transpose(u)
+                return _HiddenShift.apply(eta, base, along, linear.x, transpose).clone()
         return func(*args, **kwargs)
 
-    def _factor_hidden(self, func, args, kwargs, entry) -> torch.Tensor:
-        """`f(x, θ_W + η u_W, b)` with `x` moving as `f(x, θ_W, b) + η f(x, u_W)` (`_HiddenShift`)."""
-        theta, u, eta = entry[:3]
+
+class _LinearCall(NamedTuple):
+    """A call linear in its weight operand `weight` and in its input `x`: `evaluate(w, with_bias)`
+    runs it with `w` in the weight's place (without its additive term if not `with_bias`), and
+    `transpose(u)` gives ȳ ↦ f_xᵀ(ȳ, u)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    evaluate: Callable[[torch.Tensor, bool], torch.Tensor]
+    transpose: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+#: Matrix products whose second operand may be a weight (a 2-D parameter used as `x @ W`).
+_MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+                     torch.Tensor.mm})  # fmt: skip
+#: `addmm(bias, x, W)`: Hugging Face's `Conv1D` (GPT-2) and other hand-written layers.
+_ADDMM = frozenset({torch.addmm, torch.Tensor.addmm})
+
+
+def _linear_call(func, args, kwargs) -> _LinearCall | None:
+    """The `_LinearCall` of `func(*args, **kwargs)` when it is a layer linear in a weight (the
+    functions of `_LINEAR_IN_WEIGHT` with their weight second, `x @ W` with a matrix `W`,
+    `addmm(b, x, W)`), else None."""
+    tensors = [isinstance(a, torch.Tensor) for a in args]
+    if func in _LINEAR_IN_WEIGHT and len(args) >= 2 and tensors[0] and tensors[1]:
         x, rest = args[0], list(args[2:])
-        base = func(x, theta, *rest, **kwargs)
-        if rest:
-            rest[0] = None
-        unbiased = {**kwargs, **({"bias": None} if "bias" in kwargs else {})}
-        along = func(x, u, *rest, **unbiased)
-        transpose = _input_transpose(func, x, u, rest, unbiased)
-        self.factored = True
-        return _HiddenShift.apply(eta, base, along, x, transpose).clone()
+        bare, unbiased = list(rest), {**kwargs, **({"bias": None} if "bias" in kwargs else {})}
+        if bare:
+            bare[0] = None
+
+        def evaluate(w, with_bias):
+            return func(x, w, *rest, **kwargs) if with_bias else func(x, w, *bare, **unbiased)
+
+        return _LinearCall(x, args[1], evaluate,
+                           lambda u: _input_transpose(func, x, u, bare, unbiased))  # fmt: skip
+    if func in _MATMUL and len(args) == 2 and not kwargs and all(tensors) and args[1].dim() == 2:
+        x = args[0]
+        return _LinearCall(x, args[1], lambda w, _: torch.matmul(x, w),
+                           lambda u: lambda grad: torch.matmul(grad, u.t()))  # fmt: skip
+    if func in _ADDMM and len(args) == 3 and all(tensors) and set(kwargs) <= {"beta", "alpha"}:
+        bias, x = args[0], args[1]
+        beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+
+        def evaluate_addmm(w, with_bias):
+            if with_bias:
+                return torch.addmm(bias, x, w, beta=beta, alpha=alpha)
+            return torch.mm(x, w) if alpha == 1 else alpha * torch.mm(x, w)
+
+        return _LinearCall(x, args[2], evaluate_addmm,
+                           lambda u: lambda grad: alpha * torch.mm(grad, u.t()))  # fmt: skip
+    return None
 
 
 class PathGraph:

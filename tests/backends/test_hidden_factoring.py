@@ -117,6 +117,32 @@ def test_without_factoring_the_graph_gives_the_same_triple(problem, monkeypatch)
         _close(getattr(factored, key), getattr(plain, key), key, **ROUNDOFF)
 
 
+def test_matrix_products_with_a_weight_are_factored_too(factored):
+    """`x @ W` (first and hidden layers) and `addmm(b, x, W)` with α, β (Hugging Face's
+    `Conv1D`, GPT-2's layers) against finite differences and nested `torch.func`."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=DT)
+    shapes = {"first": (5, 4), "conv1d.weight": (4, 6), "conv1d.bias": (6,), "last": (6, 2)}
+    params = {k: torch.randn(v, generator=gen, dtype=DT) for k, v in shapes.items()}
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+
+    def loss(p):
+        h = torch.tanh(x @ p["first"])  # the input layer: factored by `_Shift`
+        h = torch.addmm(p["conv1d.bias"], h.reshape(-1, 4), p["conv1d.weight"], beta=0.5, alpha=2)
+        h = torch.tanh(h).reshape(4, 3, 6)
+        return torch.matmul(h, p["last"]).sin().sum()
+
+    part = hos.Partition.per_tensor(params)
+    s = hos.summarize(loss, params, u, part, backend="reverse")
+    assert factored["hidden"] == 2, factored  # addmm and the last matmul
+    path = fd.Path(loss, params, u, part)
+    fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
+    fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
+    fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+    got = hos.summary_tensor(loss, params, u, part, order=3, backend="reverse")
+    _close(got, reference.summary_tensor(loss, params, u, part, 3), "D^(3)", **EXACT)
+
+
 def test_a_loss_that_differentiates_inside_is_built_unfactored():
     """A derivative inside the loss needs every weight in its graph: the build starts again
     without factoring (`_Unfactor`), and the result still matches finite differences."""
