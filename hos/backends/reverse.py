@@ -93,13 +93,22 @@ class _AtZero(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         eta, t = ctx.saved_tensors
-        contraction = None
-        if ctx.needs_input_grad[0]:
-            contraction = torch.dot(grad_output.reshape(-1), t.reshape(-1))
-        scaled = None
-        if torch.is_grad_enabled() and ctx.needs_input_grad[1]:
-            scaled = _AtZero.apply(eta, grad_output)
-        return contraction, scaled
+        return _contracted(ctx, grad_output, t), _scaled(ctx, 1, eta, lambda: grad_output)
+
+
+def _contracted(ctx, grad_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """⟨ȳ, t⟩, η's share of a backward whose η is input 0 (None where η is not asked for)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    return torch.dot(grad_output.reshape(-1), t.reshape(-1))
+
+
+def _scaled(ctx, index: int, eta: torch.Tensor, value: Callable) -> torch.Tensor | None:
+    """η·value() for input `index` while a graph is built (`_AtZero`); nothing otherwise, where
+    it is exactly zero at η = 0."""
+    if not (torch.is_grad_enabled() and ctx.needs_input_grad[index]):
+        return None
+    return _AtZero.apply(eta, value())
 
 
 class _HiddenShift(torch.autograd.Function):
@@ -126,13 +135,8 @@ class _HiddenShift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         eta, along = ctx.saved_tensors
-        contraction = None
-        if ctx.needs_input_grad[0]:
-            contraction = torch.dot(grad_output.reshape(-1), along.reshape(-1))
-        moved = None
-        if torch.is_grad_enabled() and ctx.needs_input_grad[3]:
-            moved = _AtZero.apply(eta, ctx.transpose(grad_output))
-        return contraction, grad_output, None, moved, None
+        moved = _scaled(ctx, 3, eta, lambda: ctx.transpose(grad_output))
+        return _contracted(ctx, grad_output, along), grad_output, None, moved, None
 
 
 def _input_transpose(func, x: torch.Tensor, u: torch.Tensor, rest: list, kwargs: dict):

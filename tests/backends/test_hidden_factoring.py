@@ -61,6 +61,23 @@ def _problem():
     return hos.model_loss(model, nn.CrossEntropyLoss(), x, y), params, u, part
 
 
+def _assert_triple_matches(summary, path: fd.Path) -> None:
+    """ḡ, H̄ and diag D³ of `summary` against finite differences of the loss."""
+    fd.close(summary.g, path.g(), FD_MODEL["g"], "ḡ")
+    fd.close(summary.H, path.H(), FD_MODEL["H"], "H̄")
+    fd.close(summary.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+
+
+def _two_layers(seed: int):
+    """(x, θ, u) of a two-layer loss on 5 samples of 3 features (weights a: 4×3, b: 2×4)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, generator=gen, dtype=DT)
+    params = {"a": torch.randn(4, 3, generator=gen, dtype=DT),
+              "b": torch.randn(2, 4, generator=gen, dtype=DT)}  # fmt: skip
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    return x, params, u
+
+
 @pytest.fixture(scope="module")
 def problem():
     return _problem()
@@ -86,9 +103,7 @@ def test_the_triple_matches_finite_differences_of_the_loss(problem, factored):
     # conv (down), grouped, transposed, conv1d, the linear twice, the head
     assert factored["hidden"] == 7, factored
     path = fd.Path(loss, params, u, part)
-    fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
-    fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
-    fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+    _assert_triple_matches(s, path)
 
 
 @pytest.mark.parametrize("order", [3, 4])
@@ -136,9 +151,7 @@ def test_matrix_products_with_a_weight_are_factored_too(factored):
     s = hos.summarize(loss, params, u, part, backend="reverse")
     assert factored["hidden"] == 2, factored  # addmm and the last matmul
     path = fd.Path(loss, params, u, part)
-    fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
-    fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
-    fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+    _assert_triple_matches(s, path)
     got = hos.summary_tensor(loss, params, u, part, order=3, backend="reverse")
     _close(got, reference.summary_tensor(loss, params, u, part, 3), "D^(3)", **EXACT)
 
@@ -146,11 +159,7 @@ def test_matrix_products_with_a_weight_are_factored_too(factored):
 def test_a_loss_that_differentiates_inside_is_built_unfactored():
     """A derivative inside the loss needs every weight in its graph: the build starts again
     without factoring (`_Unfactor`), and the result still matches finite differences."""
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(5, 3, generator=gen, dtype=DT)
-    params = {"a": torch.randn(4, 3, generator=gen, dtype=DT),
-              "b": torch.randn(2, 4, generator=gen, dtype=DT)}  # fmt: skip
-    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    x, params, u = _two_layers(4)
 
     def loss(p):
         h = torch.tanh(F.linear(x, p["a"]))
@@ -161,20 +170,14 @@ def test_a_loss_that_differentiates_inside_is_built_unfactored():
     part = hos.Partition.per_tensor(params)
     s = hos.summarize(loss, params, u, part, backend="reverse")
     path = fd.Path(loss, params, u, part, inner_grad=True)
-    fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
-    fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
-    fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+    _assert_triple_matches(s, path)
 
 
 @pytest.mark.parametrize("backend", ["reverse", "taylor"])
 def test_a_per_sample_vmap_inside_the_loss_is_left_as_written(backend):
     """Inside `torch.func.vmap` (per-sample losses) no layer is factored: the custom autograd
     functions have no batching rule, and the layers run as written (this raised before)."""
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(5, 3, generator=gen, dtype=DT)
-    params = {"a": torch.randn(4, 3, generator=gen, dtype=DT),
-              "b": torch.randn(2, 4, generator=gen, dtype=DT)}  # fmt: skip
-    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    x, params, u = _two_layers(5)
 
     def loss(p):
         def one(sample):
@@ -185,6 +188,4 @@ def test_a_per_sample_vmap_inside_the_loss_is_left_as_written(backend):
     part = hos.Partition.per_tensor(params)
     s = hos.summarize(loss, params, u, part, backend=backend)
     path = fd.Path(loss, params, u, part)
-    fd.close(s.g, path.g(), FD_MODEL["g"], "ḡ")
-    fd.close(s.H, path.H(), FD_MODEL["H"], "H̄")
-    fd.close(s.d3, path.diagonal(3), FD_MODEL["d3"], "diag D³")
+    _assert_triple_matches(s, path)
