@@ -6,7 +6,8 @@ Three things make it cheap:
   $\theta_p + \eta_s u_p$ at $\eta_s = 0$ through `_Shift`,
   whose forward is free and whose backward is the contraction
   $\langle \partial L/\partial\theta_p, u_p\rangle$.
-* *Factored layers.* A layer that is linear in its weight (linear, convolutions) is
+* *Factored layers.* A layer that is linear in its weight (`F.linear`, convolutions,
+  `x @ W`, `addmm(b, x, W)`: `_linear_call`) is
   evaluated as $f(x, \theta_W) + \eta_W f(x, u_W)$ at $\eta_W = 0$: no weight gradient is
   ever formed. Where the input does not depend on η (the first layer) every derivative
   with respect to $\eta_W$ is then elementwise (`_Shift`); where it does (hidden layers,
