@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.overrides import TorchFunctionMode
 
 from hos._attention import coefficient_rows
 from hos._exact import ExactOps, second_order_reverse
@@ -19,11 +20,12 @@ from hos._outcome import note
 from hos._problem import Problem
 from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
+from hos.taylor.cuts import CallKeys, Cuts, CutTracker
 
 __all__ = [
     "GRADIENT_MULTIPLE", "JET_BUDGET", "JET_FLOOR_BYTES", "JET_MAX_BYTES", "MAX_CHUNK",
-    "PROBE_CHUNK", "gradient_graph_bytes", "jet_diagonals", "jet_pass", "next_chunk",
-    "read_jets", "seeded",
+    "PROBE_CHUNK", "cut_gradients", "gradient_graph_bytes", "jet_diagonals", "jet_pass",
+    "next_chunk", "read_jets", "seeded",
 ]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
@@ -51,6 +53,7 @@ def jet_pass(
     groups: Sequence[int],
     usage: dict | None = None,
     max_bytes: int | None = None,
+    cuts: Cuts | None = None,
 ) -> tuple[dict[int, torch.Tensor], tuple]:
     """One forward carrying jets of order `order` along the groups `groups`.
 
@@ -59,11 +62,23 @@ def jet_pass(
     `out_of_memory`, once the coefficients outgrow `max_bytes` (default `JET_MAX_BYTES`).
     `usage`, when given, receives the pass's memory: `coefficients` (peak bytes of the
     coefficients held) and `activations` (bytes of every moving activation the pass computed).
+    `cuts` (from `cut_gradients`): the top coefficient is contracted at the layers linear in
+    their input (`hos.taylor.cuts`); a pass whose calls do not match the recorded ones runs
+    again without them (``usage["uncut"]`` then says why).
     """
-    tracker = UnivariateTracker(order, JET_MAX_BYTES if max_bytes is None else max_bytes)
+    cap = JET_MAX_BYTES if max_bytes is None else max_bytes
+    tracker = UnivariateTracker(order, cap) if cuts is None else CutTracker(order, cap, cuts)
     moved = seeded(prob, tracker, groups)
     with tracker.mode(), ExactOps(), coefficient_rows(len(groups) * order + 1):
         value = prob.loss(moved)
+    if cuts is not None and tracker.fallback is None:
+        why = tracker.broken or (None if cuts.matches(value) else "the loss's value differs")
+        if why is not None:
+            tracker.clear()
+            if usage is not None:
+                usage["uncut"] = why
+            _LOG.info("hos: a Taylor pass runs again without cuts (%s)", why)
+            return jet_pass(prob, order, groups, usage, max_bytes)
     if usage is not None:
         usage.update(coefficients=tracker.peak_bytes, activations=tracker.primal_bytes)
     return read_jets(tracker, value, groups), tracker.signature()
@@ -73,15 +88,44 @@ def read_jets(
     tracker: UnivariateTracker, value: torch.Tensor, groups: Sequence[int]
 ) -> dict[int, torch.Tensor]:
     """{s: d^k/dt^k of `value` along group s's line, k = 1..order} (k! times the
-    coefficient); raises the tracker's fallback if it fell back. Frees the coefficients."""
+    coefficient; a `CutTracker`'s cut terms added to the top one); raises the tracker's
+    fallback if it fell back. Frees the coefficients."""
     if tracker.fallback is not None:
         raise tracker.fallback
     coeffs = tracker.coefficients(value, list(groups))
+    if isinstance(tracker, CutTracker):
+        coeffs[-1] += tracker.top_terms(list(groups), coeffs)
     factorials = torch.tensor(
         [math.factorial(k) for k in range(1, tracker.order + 1)], dtype=coeffs.dtype
     ).to(coeffs.device)
     tracker.clear()
     return {s: coeffs[:, j] * factorials for j, s in enumerate(groups)}
+
+
+def cut_gradients(prob: Problem) -> Cuts:
+    """δ_c = ∂L/∂x at θ for every call linear in its input x with a weight in θ's memory
+    (`hos.taylor.cuts`), through that call only (its input enters as an alias of its own), and
+    the loss's value: one forward (as the passes run it, under `ExactOps`) and one backward to
+    the layers' inputs (no weight gradient)."""
+    owned = frozenset(t.untyped_storage().data_ptr() for t in prob.theta.values())
+    keys, inputs = CallKeys(owned), {}
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            key = keys(func, args)
+            if key is not None and args[0].requires_grad:
+                inputs[key] = args[0].view_as(args[0])
+                args = (inputs[key], *args[1:])
+            return func(*args, **(kwargs or {}))
+
+    leaves = {n: v.detach().requires_grad_() for n, v in prob.theta.items()}
+    with torch.enable_grad():
+        with Recorder(), ExactOps():
+            value = prob.loss(leaves)
+        aliases = list(inputs.values())
+        grads = torch.autograd.grad(value, aliases, allow_unused=True) if aliases else ()
+    deltas = {k: None if g is None else g.detach() for k, g in zip(inputs, grads)}
+    return Cuts(owned, deltas, value.detach())
 
 
 #: Adaptive chunks (``chunk=None``): the coefficients of one pass may hold at most this many
@@ -163,6 +207,21 @@ def gradient_graph_bytes(prob: Problem) -> int:
     return sum(s.nbytes() for s in counted.values())
 
 
+#: Whether passes past the first cut their top coefficient at the layers linear in their input
+#: (`hos.taylor.cuts`, one backward at θ for all passes; off: every pass carries it through).
+CUTS = True
+
+
+def _cut_gradients_or_none(prob: Problem) -> Cuts | None:
+    """`cut_gradients`, or None (the passes then run whole) where the loss has no gradient
+    by autograd at θ."""
+    try:
+        return cut_gradients(prob)
+    except RuntimeError as exc:
+        _LOG.info("hos: Taylor passes run without cuts (%s)", exc)
+        return None
+
+
 #: The losses whose first pass outgrew `JET_FLOOR_BYTES` (per order, θ's shapes and groups):
 #: their next calls start with the probe instead of a pass stopped half-way.
 _OUTGREW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -208,15 +267,18 @@ def jet_diagonals(
     param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
     activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
     gradient_bytes = None  # what a gradient's graph saves, once the activations' sum is large
+    cuts, cutting = None, CUTS and order >= 2 and not prob.sharded
     done: dict[int, torch.Tensor] = {}
     signatures: dict[int, tuple] = {}
     with counter(desc=f"Taylor passes (order {order})", total=len(pending), unit="group") as c:
         while pending:
             part = pending[:size]
             usage: dict = {}
+            if cutting and cuts is None and not floor_first and len(pending) > size:
+                cuts, cutting = _cut_gradients_or_none(prob), False
             try:
                 cap = min(JET_FLOOR_BYTES, JET_MAX_BYTES) if floor_first else None
-                result, ops = jet_pass(prob, order, part, usage, max_bytes=cap)
+                result, ops = jet_pass(prob, order, part, usage, max_bytes=cap, cuts=cuts)
             except TaylorFallback as exc:
                 if exc.out_of_memory and floor_first:
                     floor_first, size = False, PROBE_CHUNK
@@ -229,6 +291,8 @@ def jet_diagonals(
                     continue
                 note(prob.group_names(pending), exc.reason)
                 return done, pending, signatures
+            if "uncut" in usage:
+                cuts = None  # this forward is not the recorded one: the next passes run whole
             done.update(result)
             signatures.update(dict.fromkeys(part, ops))
             pending = pending[len(part) :]

@@ -1,0 +1,147 @@
+r"""Cuts: a pass's top Taylor coefficient contracted at every layer linear in its input.
+
+Along a line θ + t u_s, the loss's K-th coefficient L_K is linear in the K-th coefficient of
+every tensor of the forward. At a call y = f(x, W) linear in x for a fixed W (a layer whose
+weight lies in θ's memory: `F.linear`, the convolutions and their transposes, `x @ W`),
+
+    L_K = ⟨δ_c, x_K⟩ + (L_K of the pass in which x_K enters the call as zero),
+    δ_c = ∂L/∂x at θ through this call only,
+
+so a pass can add ⟨δ_c, x_K⟩ to L_K there and go on without x_K: the layer computes its
+coefficients 1..K-1 and, when its own weight moves, the term W_1 x_{K-1}, but none of the
+products W x_K. Downstream, x_K restarts from the nonlinear terms of the later ops (x_1 x_2,
+x_1³ ...) and is cut again at the next such layer. That is 1/K of the products of every layer
+after a group's first use, at the price of one forward and backward at θ for all passes
+(δ_c does not depend on the line): `hos.backends.passes.cut_gradients`.
+
+A call is known by its key: the function, where its weight lies in θ's memory (storage,
+offset, shape, strides) and how many calls with that key came before it in the forward — the
+same in the recording forward and in every pass, whatever moves. A pass whose cuts do not
+match the recorded calls (`CutTracker.broken`) or whose loss has another value is run again
+without cuts (`hos.backends.passes.jet_pass`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hos.taylor.jets import Jet
+from hos.taylor.univariate import UnivariateTracker
+
+__all__ = ["CallKeys", "CutTracker", "Cuts"]
+
+_T = torch.Tensor
+
+#: calls y = f(x, W, ...) linear in their first operand x for a fixed second one W
+LINEAR_IN_INPUT = frozenset({
+    F.linear, F.conv1d, F.conv2d, F.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+})  # fmt: skip
+#: x @ W, linear in x for a matrix W
+MATMUL = frozenset({torch.matmul, _T.matmul, _T.__matmul__, torch.mm, _T.mm})
+
+
+class CallKeys:
+    """The keys of the calls linear in their input with a weight in θ's memory, in the order
+    of a forward (one counter per forward)."""
+
+    def __init__(self, owned: frozenset[int]):
+        self.owned = owned  # the data pointers of θ's storages
+        self.seen: Counter = Counter()
+
+    def __call__(self, func, args) -> tuple | None:
+        """(function, weight's place, calls of that place before) or None."""
+        if func not in LINEAR_IN_INPUT and func not in MATMUL:
+            return None
+        if len(args) < 2 or not isinstance(args[0], _T) or not isinstance(args[1], _T):
+            return None
+        weight = args[1]
+        if func in MATMUL and weight.dim() != 2:
+            return None
+        address = weight.untyped_storage().data_ptr()
+        if address not in self.owned:
+            return None
+        place = (func, address, weight.storage_offset(), tuple(weight.shape), weight.stride())
+        count = self.seen[place]
+        self.seen[place] = count + 1
+        return place, count
+
+
+class Cuts:
+    """What one backward at θ gave the passes: δ_c per call key (None where x does not reach
+    the loss) and the loss's value there (each pass's value must match it)."""
+
+    def __init__(self, owned: frozenset[int], deltas: dict, value: torch.Tensor):
+        self.owned = owned
+        self.deltas = deltas
+        self.value = value
+
+    def matches(self, value: torch.Tensor) -> bool:
+        """Whether a pass's loss is the recorded one, to rounding (another value means
+        another forward: the keys would not name the same calls)."""
+        value = value.detach()
+        if value.shape != self.value.shape or value.dtype != self.value.dtype:
+            return False
+        rtol = 1e-4 if value.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+        return bool(torch.allclose(value, self.value, rtol=rtol, atol=rtol * 1e-3))
+
+
+class CutTracker(UnivariateTracker):
+    """A `UnivariateTracker` that cuts the top coefficient at the calls of `cuts`.
+
+    `terms`: (lines, ⟨δ_c, x_K⟩ per line) for every cut made; `broken`: why the pass's calls
+    did not match the recorded ones (a moving input with no recorded gradient, another shape),
+    None while they do.
+    """
+
+    def __init__(self, order: int, max_bytes: int, cuts: Cuts):
+        super().__init__(order, max_bytes)
+        self.cuts = cuts
+        self._keys = CallKeys(cuts.owned)
+        self._key = None
+        self.terms: list[tuple[tuple[int, ...], torch.Tensor]] = []
+        self.broken: str | None = None
+
+    def run(self, func, args, kwargs):
+        if self._depth == 0:  # the model's own calls (not those of a rule's rewrite)
+            self._key = self._keys(func, args)
+        return super().run(func, args, kwargs)
+
+    def _moving(self, func, leaves):
+        moving = super()._moving(func, leaves)
+        key, self._key = self._key, None
+        if key is not None and self._depth == 0 and 0 in moving:
+            moving[0] = self._cut(key, leaves[0], moving[0])
+        return moving
+
+    def _cut(self, key, x: torch.Tensor, jet: Jet) -> Jet:
+        top = jet.coeffs[-1]
+        if top is None or jet.mixed is not None or all(c is None for c in jet.coeffs[:-1]):
+            return jet
+        if key not in self.cuts.deltas:
+            self.broken = f"{getattr(key[0][0], '__name__', key[0][0])}: no gradient recorded"
+            return jet
+        delta = self.cuts.deltas[key]
+        if delta is not None:
+            if delta.shape != x.shape or delta.dtype != x.dtype:
+                self.broken = f"recorded input {tuple(delta.shape)}, the pass's {tuple(x.shape)}"
+                return jet
+            if tuple(top.shape[1:]) != tuple(x.shape) or top.dtype != delta.dtype:
+                return jet  # a broadcast coefficient block: kept whole
+            with torch.no_grad():
+                self.terms.append((jet.groups, torch.mv(top.reshape(len(top), -1),
+                                                        delta.reshape(-1))))  # fmt: skip
+        return Jet(jet.groups, [*jet.coeffs[:-1], None])
+
+    def top_terms(self, groups: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """Σ of the cuts' ⟨δ_c, x_K⟩ for each of `groups`, shape (len(groups),)."""
+        out = torch.zeros(len(groups), dtype=like.dtype, device=like.device)
+        where = {s: i for i, s in enumerate(groups)}
+        for lines, values in self.terms:
+            index = torch.tensor([where[s] for s in lines], device=out.device)
+            out.index_add_(0, index, values.to(out.dtype))
+        return out
