@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import hos
+from hos.taylor.cuts import CutTracker
 from tests.helpers import fd
 from tests.helpers import realmodels as R
 from tests.helpers.thirdparty import needs
@@ -92,7 +93,7 @@ def test_backends_agree_and_taylor_mode_follows(name):
     b = _built(name)
     args = (b.loss, b.params, b.direction, b.partition)
     s, _ = _taylor_summary(name)
-    r = hos.summarize(*args, backend="reverse")
+    r = _reverse_summary(name)
     agree = _agree(b)
     for key in ("g", "H", "d3"):
         fd.close(getattr(s, key), getattr(r, key), agree, f"{name} {key}: taylor vs reverse")
@@ -102,6 +103,27 @@ def test_backends_agree_and_taylor_mode_follows(name):
     d4 = hos.summary_diagonal(*args, 4)
     assert hos.last_fallback() is None, f"{name}: diag D4 fell back"
     fd.close(d4, hos.summary_diagonal(*args, 4, backend="reverse"), agree, f"{name} diag D4")
+
+
+@functools.cache
+def _reverse_summary(name: str):
+    b = _built(name)
+    return hos.summarize(b.loss, b.params, b.direction, b.partition, backend="reverse")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cut_taylor_passes_match_reverse_mode(name, monkeypatch):
+    """One group a pass: every pass cuts its top coefficient at the layers linear in their
+    input (`hos.taylor.cuts`, the gradients from one backward at θ); diag D³ against nested
+    reverse mode, with the cuts counted so that the check cannot pass without them."""
+    b = _built(name)
+    made = []
+    cut = CutTracker._cut
+    monkeypatch.setattr(CutTracker, "_cut", lambda *a: made.append(1) or cut(*a))
+    d3 = hos.summary_diagonal(b.loss, b.params, b.direction, b.partition, 3, chunk=1)
+    assert hos.last_fallback() is None, f"{name}: Taylor mode fell back"
+    assert made, f"{name}: no layer linear in its input was cut"
+    fd.close(d3, _reverse_summary(name).d3, _agree(b), f"{name} diag D3: cut passes vs reverse")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -115,6 +137,7 @@ def test_the_model_and_the_run_are_untouched(name):
     rng = torch.random.get_rng_state()
     hos.summarize(b.loss, b.params, b.direction, b.partition)
     hos.summary_diagonal(b.loss, b.params, b.direction, b.partition, 3)
+    hos.summary_diagonal(b.loss, b.params, b.direction, b.partition, 3, chunk=1)  # cut passes
     assert torch.equal(torch.random.get_rng_state(), rng), f"{name}: the global RNG moved"
     assert [m.training for m in model.modules()] == mode
     assert all(p.grad is None for p in model.parameters())

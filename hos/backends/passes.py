@@ -104,7 +104,7 @@ def read_jets(
 
 def cut_gradients(prob: Problem) -> Cuts:
     """δ_c = ∂L/∂x at θ for every call linear in its input x with a weight in θ's memory
-    (`hos.taylor.cuts`), through that call only (its input enters as an alias of its own), and
+    (`hos.taylor.cuts`: `F.linear`, convolutions and their transposes, `x @ W`, `addmm`), through that call only (its input enters as an alias of its own), and
     the loss's value: one forward (as the passes run it, under `ExactOps`) and one backward to
     the layers' inputs (no weight gradient)."""
     owned = frozenset(t.untyped_storage().data_ptr() for t in prob.theta.values())
@@ -112,10 +112,11 @@ def cut_gradients(prob: Problem) -> Cuts:
 
     class Recorder(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            key = keys(func, args)
-            if key is not None and args[0].requires_grad:
-                inputs[key] = args[0].view_as(args[0])
-                args = (inputs[key], *args[1:])
+            found = keys(func, args)
+            if found is not None and args[found[1]].requires_grad:
+                (key, at), x = found, args[found[1]]
+                inputs[key] = x.view_as(x)
+                args = (*args[:at], inputs[key], *args[at + 1 :])
             return func(*args, **(kwargs or {}))
 
     leaves = {n: v.detach().requires_grad_() for n, v in prob.theta.items()}

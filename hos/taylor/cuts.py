@@ -43,6 +43,21 @@ LINEAR_IN_INPUT = frozenset({
 })  # fmt: skip
 #: x @ W, linear in x for a matrix W
 MATMUL = frozenset({torch.matmul, _T.matmul, _T.__matmul__, torch.mm, _T.mm})
+#: addmm(b, x, W): Hugging Face's `Conv1D` (GPT-2)
+ADDMM = frozenset({torch.addmm, _T.addmm})
+
+
+def operands(func, args) -> tuple[int, torch.Tensor] | None:
+    """(position of x, W) of a call linear in x for a fixed weight W, else None."""
+    at = 1 if func in ADDMM else 0
+    if func not in LINEAR_IN_INPUT and func not in MATMUL and func not in ADDMM:
+        return None
+    if len(args) < at + 2 or not isinstance(args[at], _T) or not isinstance(args[at + 1], _T):
+        return None
+    weight = args[at + 1]
+    if func not in LINEAR_IN_INPUT and weight.dim() != 2:
+        return None
+    return at, weight
 
 
 class CallKeys:
@@ -53,22 +68,19 @@ class CallKeys:
         self.owned = owned  # the data pointers of θ's storages
         self.seen: Counter = Counter()
 
-    def __call__(self, func, args) -> tuple | None:
-        """(function, weight's place, calls of that place before) or None."""
-        if func not in LINEAR_IN_INPUT and func not in MATMUL:
+    def __call__(self, func, args) -> tuple[tuple, int] | None:
+        """((function, weight's place, calls of that place before), position of x) or None."""
+        found = operands(func, args)
+        if found is None:
             return None
-        if len(args) < 2 or not isinstance(args[0], _T) or not isinstance(args[1], _T):
-            return None
-        weight = args[1]
-        if func in MATMUL and weight.dim() != 2:
-            return None
+        at, weight = found
         address = weight.untyped_storage().data_ptr()
         if address not in self.owned:
             return None
         place = (func, address, weight.storage_offset(), tuple(weight.shape), weight.stride())
         count = self.seen[place]
         self.seen[place] = count + 1
-        return place, count
+        return (place, count), at
 
 
 class Cuts:
@@ -102,21 +114,24 @@ class CutTracker(UnivariateTracker):
         super().__init__(order, max_bytes)
         self.cuts = cuts
         self._keys = CallKeys(cuts.owned)
-        self._key = None
         self.terms: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self.broken: str | None = None
 
     def run(self, func, args, kwargs):
-        if self._depth == 0:  # the model's own calls (not those of a rule's rewrite)
-            self._key = self._keys(func, args)
+        """The model's own calls (not a rule's rewrite): at a keyed call whose input moves, the
+        input is passed as an alias of itself carrying the jet without its top coefficient."""
+        found = self._keys(func, args) if self._depth == 0 else None
+        if found is not None and self.following():
+            key, at = found
+            x = args[at]
+            jet = self.jet(x)
+            if jet is not None and (trimmed := self._cut(key, x, jet)) is not jet:
+                with torch._C.DisableTorchFunction():
+                    alias = x.view_as(x)
+                self._store(alias, trimmed)
+                self.primal_bytes -= alias.numel() * alias.element_size()  # x's, counted once
+                args = (*args[:at], alias, *args[at + 1 :])
         return super().run(func, args, kwargs)
-
-    def _moving(self, func, leaves):
-        moving = super()._moving(func, leaves)
-        key, self._key = self._key, None
-        if key is not None and self._depth == 0 and 0 in moving:
-            moving[0] = self._cut(key, leaves[0], moving[0])
-        return moving
 
     def _cut(self, key, x: torch.Tensor, jet: Jet) -> Jet:
         top = jet.coeffs[-1]

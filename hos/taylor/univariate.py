@@ -370,9 +370,8 @@ class UnivariateTracker(Tracker):
         bias, leaves2, spec2 = split_bias(leaves, spec)
         if leaves2 is leaves:  # no bias: the moving factors are the call's
             jets2 = jets
-        else:  # the moving factors' jets as the engine gave them (a cut may have trimmed one)
-            at = {id(leaf): i for i, leaf in enumerate(leaves) if i in jets}
-            jets2 = {i: jets[at[id(leaf)]] for i, leaf in enumerate(leaves2) if id(leaf) in at}
+        else:
+            jets2 = {i: j for i, leaf in enumerate(leaves2) if (j := self.jet(leaf)) is not None}
         if len(jets2) > 2:
             raise TaylorFallback("more than two moving factors in one layer")
         product = self._multilinear(func, leaves2, spec2, jets2, outs)[0] if jets2 else None
