@@ -211,6 +211,12 @@ def gradient_graph_bytes(prob: Problem) -> int:
 #: Whether passes past the first cut their top coefficient at the layers linear in their input
 #: (`hos.taylor.cuts`, one backward at θ for all passes; off: every pass carries it through).
 CUTS = True
+#: ... once the groups still to go are more than this many times the order times the first
+#: pass's groups: the backward costs about a gradient, and cutting saves at most 1/K of a pass's
+#: jet products, so a few passes do not pay it back (LeNet-5's diag D⁴, four passes of 1-5
+#: groups: 32 → 35 ms with cuts from the second pass; the 6-layer transformer's 79 groups from a
+#: first pass of 2: −15 to −20 % of the passes' time).
+CUT_PAYBACK = 4
 
 
 def _cut_gradients_or_none(prob: Problem) -> Cuts | None:
@@ -268,14 +274,14 @@ def jet_diagonals(
     param_bytes = sum(v.numel() * v.element_size() for v in prob.theta.values())
     activations = 0  # the most any pass saw: a pass seeded at the first groups sees them all
     gradient_bytes = None  # what a gradient's graph saves, once the activations' sum is large
-    cuts, cutting = None, CUTS and order >= 2 and not prob.sharded
+    cuts, cutting, first = None, CUTS and order >= 2 and not prob.sharded, 0
     done: dict[int, torch.Tensor] = {}
     signatures: dict[int, tuple] = {}
     with counter(desc=f"Taylor passes (order {order})", total=len(pending), unit="group") as c:
         while pending:
             part = pending[:size]
             usage: dict = {}
-            if cutting and cuts is None and not floor_first and len(pending) > size:
+            if cutting and done and len(pending) > CUT_PAYBACK * order * first:
                 cuts, cutting = _cut_gradients_or_none(prob), False
             try:
                 cap = min(JET_FLOOR_BYTES, JET_MAX_BYTES) if floor_first else None
@@ -294,6 +300,7 @@ def jet_diagonals(
                 return done, pending, signatures
             if "uncut" in usage:
                 cuts = None  # this forward is not the recorded one: the next passes run whole
+            first = first or len(part)
             done.update(result)
             signatures.update(dict.fromkeys(part, ops))
             pending = pending[len(part) :]

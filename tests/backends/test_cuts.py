@@ -27,8 +27,10 @@ from tests.helpers.tolerances import assert_close as _close
 
 @pytest.fixture
 def cuts(monkeypatch):
-    """The cuts the passes made ({"made": count}) and what each pass cut at (input shapes)."""
-    seen = {"made": 0, "uncut": 0}
+    """How many cuts the passes made ({"made": count}); every pass past the first cuts (the
+    small problems here would not pay the backward back: `CUT_PAYBACK`)."""
+    monkeypatch.setattr(passes, "CUT_PAYBACK", 0)
+    seen = {"made": 0}
     cut = CutTracker._cut
 
     def counted(self, key, x, jet):
@@ -108,11 +110,12 @@ def test_cut_passes_match_finite_differences(cuts):
 
 def test_every_layer_after_a_group_is_cut_once_per_pass(cuts):
     """An MLP of four layers, one group per tensor, one group a pass: the pass of a group of
-    layer l cuts at each of the 4 - l layers after it (tanh makes x_3 again between them)."""
+    layer l cuts at each of the 4 - l layers after it (tanh makes x_3 again between them), but
+    the first pass (the first layer's weight) runs whole."""
     loss, params, u = _problem("mlp")
     part = hos.Partition.per_tensor(params)
     hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
-    assert cuts["made"] == sum(2 * (4 - layer) for layer in range(1, 5))
+    assert cuts["made"] == sum(2 * (4 - layer) for layer in range(1, 5)) - 3
 
 
 def test_cut_and_whole_passes_agree_to_rounding(cuts, monkeypatch):
@@ -160,10 +163,9 @@ def test_a_forward_that_is_not_the_recorded_one_runs_whole(cuts, caplog):
         return F.linear(h, p["c"]).square().mean() + 1e-3 * calls["n"]
 
     def switching(p):
-        recording = p["b"].requires_grad
-        h = torch.tanh(F.linear(x, p["a"]))
-        h = torch.tanh(F.linear(h, p["b"]) if recording else h @ p["b"].T)
-        return F.linear(h, p["c"]).square().mean()
+        recording = p["c"].requires_grad
+        h = torch.tanh(F.linear(torch.tanh(F.linear(x, p["a"])), p["b"]))
+        return (F.linear(h, p["c"]) if recording else h @ p["c"].T).square().mean()
 
     for loss in (drifting, switching):
         with caplog.at_level(logging.INFO, logger="hos"):
@@ -184,4 +186,28 @@ def test_a_layer_that_does_not_reach_the_loss_is_cut_without_a_term(cuts):
 
     got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
     assert cuts["made"] > 0
+    _close(got, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+
+
+def test_addmm_and_matrix_products_are_cut(cuts):
+    """`addmm(b, x, W)` with α, β (Hugging Face's `Conv1D`: its Taylor rule is a rewrite, which
+    gets the trimmed jet through the alias the cut passes) and `x @ W` / `mm` with a matrix W."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=DT)
+    shapes = {"first": (5, 4), "conv1d.weight": (4, 6), "conv1d.bias": (6,), "mid": (6, 6),
+              "last": (6, 2)}  # fmt: skip
+    params = {k: torch.randn(v, generator=gen, dtype=DT) for k, v in shapes.items()}
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+
+    def loss(p):
+        h = torch.tanh(x @ p["first"])
+        h = torch.addmm(p["conv1d.bias"], h.reshape(-1, 4), p["conv1d.weight"], beta=0.5, alpha=2)
+        h = torch.tanh(torch.mm(torch.tanh(h), p["mid"])).reshape(4, 3, 6)
+        return torch.matmul(h, p["last"]).sin().sum()
+
+    part = hos.Partition.per_tensor(params)
+    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
+    # the pass of `first` runs whole; those of addmm's weight and bias cut at mm and the last
+    # matmul, that of `mid` at the last matmul
+    assert cuts["made"] == 2 * 2 + 1
     _close(got, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
