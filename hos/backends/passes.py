@@ -104,16 +104,18 @@ def read_jets(
 
 def cut_gradients(prob: Problem) -> Cuts:
     """δ_c = ∂L/∂x at θ for every call linear in its input x with a weight in θ's memory
-    (`hos.taylor.cuts`: `F.linear`, convolutions and their transposes, `x @ W`, `addmm`), through that call only (its input enters as an alias of its own), and
-    the loss's value: one forward (as the passes run it, under `ExactOps`) and one backward to
-    the layers' inputs (no weight gradient)."""
+    (`hos.taylor.cuts`: `F.linear`, convolutions and their transposes, `x @ W`, `addmm`),
+    through that call only (its input enters as an alias of its own), and the loss's value:
+    one forward (as the passes run it, under `ExactOps`) and one backward to the layers'
+    inputs (no weight gradient). Calls in the model's own `no_grad` blocks get none (the
+    passes hold them constant)."""
     owned = frozenset(t.untyped_storage().data_ptr() for t in prob.theta.values())
     keys, inputs = CallKeys(owned), {}
 
     class Recorder(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             found = keys(func, args)
-            if found is not None and args[found[1]].requires_grad:
+            if found is not None and args[found[1]].requires_grad and torch.is_grad_enabled():
                 (key, at), x = found, args[found[1]]
                 inputs[key] = x.view_as(x)
                 args = (*args[:at], inputs[key], *args[at + 1 :])

@@ -2,7 +2,8 @@ r"""Cuts: a pass's top Taylor coefficient contracted at every layer linear in it
 
 Along a line θ + t u_s, the loss's K-th coefficient L_K is linear in the K-th coefficient of
 every tensor of the forward. At a call y = f(x, W) linear in x for a fixed W (a layer whose
-weight lies in θ's memory: `F.linear`, the convolutions and their transposes, `x @ W`),
+weight lies in θ's memory: `F.linear`, the convolutions and their transposes, `x @ W`,
+`addmm(b, x, W)`),
 
     L_K = ⟨δ_c, x_K⟩ + (L_K of the pass in which x_K enters the call as zero),
     δ_c = ∂L/∂x at θ through this call only,
@@ -16,7 +17,9 @@ after a group's first use, at the price of one forward and backward at θ for al
 
 A call is known by its key: the function, where its weight lies in θ's memory (storage,
 offset, shape, strides) and how many calls with that key came before it in the forward — the
-same in the recording forward and in every pass, whatever moves. A pass whose cuts do not
+same in the recording forward and in every pass, whatever moves. The cut hands the call an
+alias of x that carries the trimmed jet, so whatever rule or rewrite follows the call sees it.
+Calls in the model's own `no_grad` blocks are neither recorded nor cut. A pass whose cuts do not
 match the recorded calls (`CutTracker.broken`) or whose loss has another value is run again
 without cuts (`hos.backends.passes.jet_pass`).
 """
@@ -121,7 +124,7 @@ class CutTracker(UnivariateTracker):
         """The model's own calls (not a rule's rewrite): at a keyed call whose input moves, the
         input is passed as an alias of itself carrying the jet without its top coefficient."""
         found = self._keys(func, args) if self._depth == 0 else None
-        if found is not None and self.following():
+        if found is not None and self.following() and torch.is_grad_enabled():
             key, at = found
             x = args[at]
             jet = self.jet(x)

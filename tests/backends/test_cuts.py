@@ -211,3 +211,27 @@ def test_addmm_and_matrix_products_are_cut(cuts):
     # matmul, that of `mid` at the last matmul
     assert cuts["made"] == 2 * 2 + 1
     _close(got, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+
+
+def test_a_layer_in_the_models_no_grad_block_is_not_cut(cuts, caplog, monkeypatch):
+    """A target computed under `torch.no_grad()` from θ (a frozen branch): both the recording
+    forward and the passes hold that call constant, so the passes neither cut it nor run again,
+    and they agree with reverse mode and with whole passes."""
+    x, params, u = _two_layers()
+    part = hos.Partition.per_tensor(params)
+
+    def loss(p):
+        h = torch.tanh(F.linear(torch.tanh(F.linear(x, p["a"])), p["b"]))
+        with torch.no_grad():
+            target = F.linear(h, p["c"]).sin()
+        return (F.linear(h, p["c"]) - target).square().mean() + h.square().mean()
+
+    with caplog.at_level(logging.INFO, logger="hos"):
+        got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
+    assert "without cuts" not in caplog.text
+    assert cuts["made"] > 0
+    _close(got, hos.summary_diagonal(loss, params, u, part, 3, backend="reverse"), "diag D³",
+           **EXACT)  # fmt: skip
+    monkeypatch.setattr(passes, "CUTS", False)
+    whole = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
+    _close(got, whole, "diag D³", **ROUNDOFF)
