@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from hos.taylor.fallback import TaylorFallback
 from hos.taylor.jets import Jet
 from hos.taylor.univariate import UnivariateTracker
 
@@ -131,7 +132,10 @@ class CutTracker(UnivariateTracker):
             if jet is not None and (trimmed := self._cut(key, x, jet)) is not jet:
                 with torch._C.DisableTorchFunction():
                     alias = x.view_as(x)
-                self._store(alias, trimmed)
+                try:
+                    self._store(alias, trimmed)
+                except TaylorFallback as exc:  # past the memory cap: the engine's protocol
+                    self.fail(exc)
                 self.primal_bytes -= alias.numel() * alias.element_size()  # x's, counted once
                 args = (*args[:at], alias, *args[at + 1 :])
         return super().run(func, args, kwargs)
