@@ -41,6 +41,7 @@ from hos._regather import LayerGather
 from hos._sharded import Layout, gathering, is_dtensor, replicated
 from hos._symmetric import symmetric_tensor
 from hos.backends.base import SummaryBackend, register
+from hos.taylor.cuts import ADDMM, LAYERS, MATMUL
 
 __all__ = [
     "PathGraph", "gradient_and_row_sums", "hessian_rows", "reverse_diagonal", "reverse_summarize",
@@ -156,20 +157,6 @@ def _input_transpose(func, x: torch.Tensor, u: torch.Tensor, rest: list, kwargs:
     return transpose
 
 
-#: Functions linear in their weight (second positional argument), with `bias` third.
-_LINEAR_IN_WEIGHT = frozenset(
-    {
-        F.linear,
-        F.conv1d,
-        F.conv2d,
-        F.conv3d,
-        F.conv_transpose1d,
-        F.conv_transpose2d,
-        F.conv_transpose3d,
-    }
-)
-
-
 class _Unfactor(Exception):
     """The loss takes a derivative inside after a layer was factored: build again
     without factoring (the factored weight is not in the graph the inner derivative needs)."""
@@ -256,19 +243,12 @@ class _LinearCall(NamedTuple):
     transpose: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
-#: Matrix products whose second operand may be a weight (a 2-D parameter used as `x @ W`).
-_MATMUL = frozenset({torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
-                     torch.Tensor.mm})  # fmt: skip
-#: `addmm(bias, x, W)`: Hugging Face's `Conv1D` (GPT-2) and other hand-written layers.
-_ADDMM = frozenset({torch.addmm, torch.Tensor.addmm})
-
-
 def _linear_call(func, args, kwargs) -> _LinearCall | None:
     """The `_LinearCall` of `func(*args, **kwargs)` when it is a layer linear in a weight (the
-    functions of `_LINEAR_IN_WEIGHT` with their weight second, `x @ W` with a matrix `W`,
+    functions of `hos.taylor.cuts.LAYERS` with their weight second, `x @ W` with a matrix `W`,
     `addmm(b, x, W)`), else None."""
     tensors = [isinstance(a, torch.Tensor) for a in args]
-    if func in _LINEAR_IN_WEIGHT and len(args) >= 2 and tensors[0] and tensors[1]:
+    if func in LAYERS and len(args) >= 2 and tensors[0] and tensors[1]:
         x, rest = args[0], list(args[2:])
         bare, unbiased = list(rest), {**kwargs, **({"bias": None} if "bias" in kwargs else {})}
         if bare:
@@ -279,11 +259,11 @@ def _linear_call(func, args, kwargs) -> _LinearCall | None:
 
         return _LinearCall(x, args[1], evaluate,
                            lambda u: _input_transpose(func, x, u, bare, unbiased))  # fmt: skip
-    if func in _MATMUL and len(args) == 2 and not kwargs and all(tensors) and args[1].dim() == 2:
+    if func in MATMUL and len(args) == 2 and not kwargs and all(tensors) and args[1].dim() == 2:
         x = args[0]
         return _LinearCall(x, args[1], lambda w, _: torch.matmul(x, w),
                            lambda u: lambda grad: torch.matmul(grad, u.t()))  # fmt: skip
-    if func in _ADDMM and len(args) == 3 and all(tensors) and set(kwargs) <= {"beta", "alpha"}:
+    if func in ADDMM and len(args) == 3 and all(tensors) and set(kwargs) <= {"beta", "alpha"}:
         bias, x = args[0], args[1]
         beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
 

@@ -36,16 +36,17 @@ from hos.taylor.fallback import TaylorFallback
 from hos.taylor.jets import Jet
 from hos.taylor.univariate import UnivariateTracker
 
-__all__ = ["CallKeys", "CutTracker", "Cuts"]
+__all__ = ["ADDMM", "LAYERS", "MATMUL", "CallKeys", "CutTracker", "Cuts"]
 
 _T = torch.Tensor
 
-#: calls y = f(x, W, ...) linear in their first operand x for a fixed second one W
-LINEAR_IN_INPUT = frozenset({
+#: the layers' products y = f(x, W, ...), linear in x and in W, the weight second (reverse mode
+#: factors the same calls: `hos.backends.reverse._linear_call`)
+LAYERS = frozenset({
     F.linear, F.conv1d, F.conv2d, F.conv3d,
     F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
 })  # fmt: skip
-#: x @ W, linear in x for a matrix W
+#: x @ W with a matrix W
 MATMUL = frozenset({torch.matmul, _T.matmul, _T.__matmul__, torch.mm, _T.mm})
 #: addmm(b, x, W): Hugging Face's `Conv1D` (GPT-2)
 ADDMM = frozenset({torch.addmm, _T.addmm})
@@ -54,12 +55,12 @@ ADDMM = frozenset({torch.addmm, _T.addmm})
 def operands(func, args) -> tuple[int, torch.Tensor] | None:
     """(position of x, W) of a call linear in x for a fixed weight W, else None."""
     at = 1 if func in ADDMM else 0
-    if func not in LINEAR_IN_INPUT and func not in MATMUL and func not in ADDMM:
+    if func not in LAYERS and func not in MATMUL and func not in ADDMM:
         return None
     if len(args) < at + 2 or not isinstance(args[at], _T) or not isinstance(args[at + 1], _T):
         return None
     weight = args[at + 1]
-    if func not in LINEAR_IN_INPUT and weight.dim() != 2:
+    if func not in LAYERS and weight.dim() != 2:
         return None
     return at, weight
 
