@@ -102,6 +102,12 @@ def read_jets(
     return {s: coeffs[:, j] * factorials for j, s in enumerate(groups)}
 
 
+def _theta_storages(prob: Problem) -> frozenset[int]:
+    """The data pointers of θ's storages (what a call's weight or a saved tensor is tested
+    against)."""
+    return frozenset(t.untyped_storage().data_ptr() for t in prob.theta.values())
+
+
 def cut_gradients(prob: Problem) -> Cuts:
     """δ_c = ∂L/∂x at θ for every call linear in its input x with a weight in θ's memory
     (`hos.taylor.cuts`: `F.linear`, convolutions and their transposes, `x @ W`, `addmm`),
@@ -109,7 +115,7 @@ def cut_gradients(prob: Problem) -> Cuts:
     one forward (as the passes run it, under `ExactOps`) and one backward to the layers'
     inputs (no weight gradient). Calls in the model's own `no_grad` blocks get none (the
     passes hold them constant)."""
-    owned = frozenset(t.untyped_storage().data_ptr() for t in prob.theta.values())
+    owned = _theta_storages(prob)
     keys, inputs = CallKeys(owned), {}
 
     class Recorder(TorchFunctionMode):
@@ -192,7 +198,7 @@ def gradient_graph_bytes(prob: Problem) -> int:
     with θ as leaves under a saved-tensors hook that counts each storage once (kept until the
     count is done, so that no address is reused; never the tensors, so no graph is kept) and,
     as the rows' graph is built, with the kernels exact to the second order."""
-    own = {t.untyped_storage().data_ptr() for t in prob.theta.values()}
+    own = _theta_storages(prob)
     counted: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: torch.Tensor) -> None:
