@@ -35,7 +35,7 @@ import contextlib
 import contextvars
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ __all__ = [
     "multi_head_attention_explicit",
     "multi_head_attention_written_out",
     "scaled_dot_product_attention",
+    "taylor_attention",
 ]
 
 _NEG_INF = float("-inf")
@@ -112,13 +113,43 @@ def scaled_dot_product_attention(
     key, value = _grouped(query, key, value, enable_gqa)
     blocks = _blocks(query, key, value, attn_mask)
     if blocks is None:
-        return torch.matmul(attention_weights(query, key, attn_mask, is_causal, scale), value)
+        return _attend(query, key, value, attn_mask, is_causal, scale)
     return torch.cat(
-        [
-            torch.matmul(attention_weights(query[b], key[b], mask, is_causal, scale), value[b])
-            for b, mask in blocks
-        ]
+        [_attend(query[b], key[b], value[b], mask, is_causal, scale) for b, mask in blocks]
     )
+
+
+def _attend(query, key, value, attn_mask, is_causal, scale):
+    """softmax(q kᵀ·scale + mask) v: the Taylor pass's rule for it where one follows the
+    call (`taylor_attention`), else the ops written out."""
+    rule = _TAYLOR_RULE.get()
+    if rule is not None:
+        c = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+        out = rule(
+            query, key, value,
+            lambda q, k: attention_weights(q, k, attn_mask, is_causal, scale), c, attn_mask,
+        )  # fmt: skip
+        if out is not None:
+            return out
+    return torch.matmul(attention_weights(query, key, attn_mask, is_causal, scale), value)
+
+
+_TAYLOR_RULE: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "hos_taylor_attention", default=None
+)
+
+
+@contextlib.contextmanager
+def taylor_attention(rule: Callable) -> Iterator[None]:
+    """Within: `scaled_dot_product_attention` offers each call to `rule(query, key, value,
+    weights, scale, mask)` first (a univariate Taylor pass's rule for attention as one op:
+    `hos.taylor.attention.follow_attention`), which returns the output with its coefficients
+    stored, or None to decline (then the written-out ops run)."""
+    token = _TAYLOR_RULE.set(rule)
+    try:
+        yield
+    finally:
+        _TAYLOR_RULE.reset(token)
 
 
 #: The most scores (q kᵀ entries) the decomposition computes at once where no autograd graph is
@@ -390,13 +421,17 @@ def multi_head_attention_written_out(attend, *args, **kwargs):
             target_type=query.dtype, check_other=False,
         )  # fmt: skip
         is_causal = False  # the merged mask holds it (PyTorch drops the hint with a padding)
-    if a["use_separate_proj_weight"]:
+    if a["use_separate_proj_weight"] or attend is scaled_dot_product_attention:
+        # one product per weight (slices of the packed one where it is packed): the packed
+        # product's output is copied apart by PyTorch, on a Taylor pass's coefficients ~4 % of
+        # a transformer's passes; the graphs reverse mode differentiates keep the packed weight
+        # (its factoring goes by the weight of a product)
+        packed = a["in_proj_weight"] if not a["use_separate_proj_weight"] else None
+        weights = packed.chunk(3) if packed is not None else (
+            a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])  # fmt: skip
         bias = a["in_proj_bias"]
         b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
-        q, k, v = F._in_projection(
-            query, key, value, a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"],
-            b_q, b_k, b_v,
-        )  # fmt: skip
+        q, k, v = F._in_projection(query, key, value, *weights, b_q, b_k, b_v)
     else:
         q, k, v = F._in_projection_packed(query, key, value, a["in_proj_weight"], a["in_proj_bias"])
     head_dim = dim // heads

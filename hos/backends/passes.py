@@ -9,17 +9,19 @@ import logging
 import math
 import weakref
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
 
-from hos._attention import coefficient_rows
+from hos._attention import coefficient_rows, taylor_attention
 from hos._exact import ExactOps, second_order_reverse
 from hos._outcome import note
 from hos._problem import Problem
 from hos._progress import counter
 from hos.taylor import TaylorFallback, Tracker, UnivariateTracker
+from hos.taylor.attention import follow_attention
 from hos.taylor.cuts import CallKeys, Cuts, CutTracker
 
 __all__ = [
@@ -69,7 +71,8 @@ def jet_pass(
     cap = JET_MAX_BYTES if max_bytes is None else max_bytes
     tracker = UnivariateTracker(order, cap) if cuts is None else CutTracker(order, cap, cuts)
     moved = seeded(prob, tracker, groups)
-    with tracker.mode(), ExactOps(), coefficient_rows(len(groups) * order + 1):
+    rows = coefficient_rows(len(groups) * order + 1)
+    with tracker.mode(), ExactOps(), rows, taylor_attention(partial(follow_attention, tracker)):
         value = prob.loss(moved)
     if cuts is not None and tracker.fallback is None:
         why = tracker.broken or (None if cuts.matches(value) else "the loss's value differs")
