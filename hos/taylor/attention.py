@@ -67,13 +67,17 @@ def _scores(q0, k0, cq: Coeffs, ck: Coeffs, scale: float, m: int) -> Coeffs:
     return out
 
 
-def _weights(P0: torch.Tensor, S: Coeffs) -> Coeffs:
-    """P_k = Σ_j r_j G_{k-j} (module docstring) from the scores' coefficients S_k."""
-    E = exp_series(S)
-    G = [None if e is None else P0 * e for e in E]
+def _weights(P0: torch.Tensor, E: Coeffs) -> Coeffs:
+    """P_k = Σ_j r_j G_{k-j} (module docstring) from E_k = [exp(Σ S_k t^k)]_k, written into
+    the blocks of E (this rule's own tensors): G_k = P_0 ⊙ E_k in place, then P_k from the
+    highest k down, so that the lower G are read before they are overwritten. One (L × L)
+    stack per order is held, not three (a pass's blocks of attention are sized for that:
+    `hos._attention.BLOCK_SCORES`)."""
+    K = len(E)
+    G = [None if e is None else e.mul_(P0) for e in E]
     z = [None if g is None else g.sum(-1, keepdim=True) for g in G]
     r: Coeffs = []  # 1/Z(t): r_k = -Σ_{j=1..k} z_j r_{k-j}
-    for k in range(1, len(S) + 1):
+    for k in range(1, K + 1):
         acc = None
         for j in range(1, k + 1):
             if z[j - 1] is None or (j < k and r[k - j - 1] is None):
@@ -81,17 +85,14 @@ def _weights(P0: torch.Tensor, S: Coeffs) -> Coeffs:
             term = z[j - 1] if j == k else z[j - 1] * r[k - j - 1]
             acc = -term if acc is None else acc - term
         r.append(acc)
-    P: Coeffs = []
-    for k in range(1, len(S) + 1):
+    P: Coeffs = [None] * K
+    for k in range(K, 0, -1):
         acc = G[k - 1]
         for j in range(1, k + 1):
             g = P0 if j == k else G[k - j - 1]
-            if r[j - 1] is None or g is None:
-                continue
-            acc = r[j - 1] * g if acc is None else (
-                torch.addcmul(acc, r[j - 1], g) if acc is G[k - 1] else acc.addcmul_(r[j - 1], g)
-            )  # fmt: skip
-        P.append(acc)
+            if r[j - 1] is not None and g is not None:
+                acc = r[j - 1] * g if acc is None else acc.addcmul_(r[j - 1], g)
+        P[k - 1] = acc
     return P
 
 
@@ -136,10 +137,8 @@ def attention_coefficients(
     weights (masks applied); cq, ck, cv: lists of K blocks (m, *primal shape) or None (0).
     """
     m = next(c.shape[0] for c in (*cq, *ck, *cv) if c is not None)
-    S = _scores(q0, k0, cq, ck, scale, m)
-    P = _weights(P0, S)
-    del S
-    return _outputs(P0, v0, P, cv, m)
+    E = exp_series(_scores(q0, k0, cq, ck, scale, m))  # the scores' blocks go with the call
+    return _outputs(P0, v0, _weights(P0, E), cv, m)
 
 
 def _plain(tracker: UnivariateTracker, tensors) -> bool:
@@ -214,9 +213,21 @@ def _follow(tracker, tensors, weights, scale, mask) -> torch.Tensor | None:
             raise RuntimeError("hos: bug in the univariate Taylor rule for attention") from exc
         tracker.fail(TaylorFallback(f"attention: {type(exc).__name__}: {exc}"))  # raises
     tracker.ops.append((F.scaled_dot_product_attention, tuple(jets)))
+    _count(tracker, P0, len(groups))
     try:
         tracker._store(out, Jet(groups, result))
     except TaylorFallback as exc:  # past the memory cap: the engine's protocol (raises)
         tracker.fail(exc)
     tracker._note_dtype(F.scaled_dot_product_attention, out.dtype)
     return out
+
+
+def _count(tracker: UnivariateTracker, P0: torch.Tensor, m: int) -> None:
+    """What the call held, as the tracker counts a pass's memory (what sizes its chunks,
+    `hos.backends.passes.next_chunk`): the scores and weights as moving activations, and at its
+    peak (`exp_series` of the scores) 2K − 1 stacks of (L × L) coefficients over the lines
+    beside the coefficients stored."""
+    size = P0.numel() * P0.element_size()
+    tracker.primal_bytes += 2 * size
+    held = tracker.bytes + (2 * tracker.order - 1) * m * size
+    tracker.peak_bytes = max(tracker.peak_bytes, held)
