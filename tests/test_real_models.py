@@ -112,19 +112,41 @@ def _reverse_summary(name: str):
     return hos.summarize(b.loss, b.params, b.direction, b.partition, backend="reverse")
 
 
+#: the models whose attention every Taylor pass takes as one rule (`hos.taylor.attention`):
+#: `F.scaled_dot_product_attention` or `nn.MultiheadAttention` with q, k, v from one projection
+#: (or moving along the same lines)
+ATTENTION_AS_ONE_RULE = {
+    "vit-torchvision", "vit-timm", "gpt2-sdpa", "gpt2-sdpa-leftpad", "gpt2-sdpa-rightpad",
+    "llama-sdpa-leftpad", "qwen2-sdpa-rightpad", "mistral-sdpa-leftpad", "bert-sdpa",
+    "encoder-post-train", "encoder-pre-train", "encoder-post-eval", "encoder-pre-eval",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_cut_taylor_passes_match_reverse_mode(name, monkeypatch):
     """One group a pass: every pass past the first cuts its top coefficient at the layers linear
-    in their input (`hos.taylor.cuts`, the gradients from one backward at θ); diag D³ against
-    nested reverse mode, with the cuts counted so that the check cannot pass without them."""
+    in their input (`hos.taylor.cuts`, the gradients from one backward at θ) and takes attention
+    as one rule; diag D³ against nested reverse mode, with the cuts and the attention rule's calls
+    counted so that the check cannot pass without them."""
     b = _built(name)
     monkeypatch.setattr(passes, "CUT_PAYBACK", 0)  # these few groups would not pay it back
-    made = []
+    made, attended = [], []
     cut = CutTracker._cut
     monkeypatch.setattr(CutTracker, "_cut", lambda *a: made.append(1) or cut(*a))
+    follow = passes.follow_attention
+
+    def counted(tracker, *args):  # attention as one rule where its inputs move
+        out = follow(tracker, *args)
+        if any(tracker.jet(t) is not None for t in args[:3]):
+            attended.append(out is not None)
+        return out
+
+    monkeypatch.setattr(passes, "follow_attention", counted)
     d3 = hos.summary_diagonal(b.loss, b.params, b.direction, b.partition, 3, chunk=1)
     assert hos.last_fallback() is None, f"{name}: Taylor mode fell back"
     assert made, f"{name}: no layer linear in its input was cut"
+    if name in ATTENTION_AS_ONE_RULE:
+        assert attended and all(attended), f"{name}: attention declined {attended}"
     fd.close(d3, _reverse_summary(name).d3, _agree(b), f"{name} diag D3: cut passes vs reverse")
 
 
