@@ -426,9 +426,10 @@ def multi_head_attention_written_out(attend, *args, **kwargs):
         # product's output is copied apart by PyTorch, on a Taylor pass's coefficients ~4 % of
         # a transformer's passes; the graphs reverse mode differentiates keep the packed weight
         # (its factoring goes by the weight of a product)
-        packed = a["in_proj_weight"] if not a["use_separate_proj_weight"] else None
-        weights = packed.chunk(3) if packed is not None else (
-            a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])  # fmt: skip
+        if a["use_separate_proj_weight"]:
+            weights = (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"])
+        else:
+            weights = a["in_proj_weight"].chunk(3)
         bias = a["in_proj_bias"]
         b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
         q, k, v = F._in_projection(query, key, value, *weights, b_q, b_k, b_v)

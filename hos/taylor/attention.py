@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from hos.taylor.engine import _context_refusal
 from hos.taylor.fallback import TaylorFallback, strict
 from hos.taylor.jets import Coeffs, Jet
 from hos.taylor.series import exp_series
@@ -142,18 +143,16 @@ def attention_coefficients(
 
 
 def _plain(tracker: UnivariateTracker, tensors) -> bool:
-    """Whether the call is one `follow_attention` takes (else the written-out ops run)."""
+    """Whether the call is one `follow_attention` takes (else the written-out ops run, and the
+    engine's gate decides what it decides for them: a `no_grad` block, autocast, a transform)."""
     if (
         tracker.pairs
         or tracker._depth
         or not tracker.following()
-        or not torch.is_grad_enabled()  # the model's own no_grad block: the engine decides
+        or not torch.is_grad_enabled()
         or any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-        or torch._C._functorch.peek_interpreter_stack() is not None
+        or _context_refusal(list(tensors[:3]), {0: None}) is not None
     ):
-        return False
-    device = tensors[0].device.type
-    if torch.is_autocast_enabled(device):
         return False
     q, k, v = tensors[:3]
     dtype = q.dtype
