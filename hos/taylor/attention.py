@@ -24,10 +24,12 @@ coefficients per line at K = 3 instead of ~22 here. The products run as few, wid
 * P_0 [v_1 … v_K] with the lines and orders folded into the columns (P_0 is shared by every
   line: no copy of it per line), and P_i [v_0 … v_{K-i}] for i ≥ 1.
 
-`follow_attention` is the tracker's side: it declines (None, and the written-out ops run under
-the tracker as before) whenever the call is not the plain case — pairs followed, the three
-inputs moving along different lines, a mask that moves, mixed precision, gradients recorded,
-a context Taylor mode refuses — so it never decides what the engine would refuse.
+`follow_attention` is the tracker's side. Inputs moving along different lines (q, k and v from
+separate projections, a pass seeded at one of them) are placed on the union of the lines, with
+zero rows where one does not move. It declines (None, and the written-out ops run under the
+tracker as before) whenever the call is not the plain case — pairs followed, a mask that moves,
+a broadcast coefficient block, mixed precision, gradients recorded, a context Taylor mode
+refuses — so it never decides what the engine would refuse.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from hos.taylor import jets as J
 from hos.taylor.engine import _context_refusal
 from hos.taylor.fallback import TaylorFallback, strict
 from hos.taylor.jets import Coeffs, Jet
@@ -192,14 +195,14 @@ def _follow(tracker, tensors, weights, scale, mask) -> torch.Tensor | None:
     jets = {i: j for i, t in enumerate(tensors) if (j := tracker.jet(t)) is not None}
     if not jets:
         return None
-    groups = next(iter(jets.values())).groups
-    if any(j.groups != groups or j.mixed is not None for j in jets.values()) or any(
-        c is not None and (c.dtype != t.dtype or c.shape != (len(groups), *t.shape))
+    if any(j.mixed is not None for j in jets.values()) or any(
+        c is not None and (c.dtype != t.dtype or c.shape != (len(jets[i].groups), *t.shape))
         for i, t in enumerate(tensors) if i in jets for c in jets[i].coeffs
     ):  # fmt: skip
-        return None  # lines that differ, a broadcast block, another precision
+        return None  # a broadcast block, another precision
+    groups = J.union(j.groups for j in jets.values())
     K = tracker.order
-    coeffs = [jets[i].coeffs if i in jets else [None] * K for i in range(3)]
+    coeffs = [_placed(jets[i], groups) if i in jets else [None] * K for i in range(3)]
     with torch.no_grad():
         q0, k0, v0 = (t.detach() for t in tensors)
         P0 = weights(q0, k0)  # PyTorch's own errors (a mask of the wrong shape) as written out
@@ -218,6 +221,24 @@ def _follow(tracker, tensors, weights, scale, mask) -> torch.Tensor | None:
     except TaylorFallback as exc:  # past the memory cap: the engine's protocol (raises)
         tracker.fail(exc)
     tracker._note_dtype(F.scaled_dot_product_attention, out.dtype)
+    return out
+
+
+def _placed(jet: Jet, lines: tuple[int, ...]) -> Coeffs:
+    """The jet's blocks on `lines` (a union of its own): zero rows for the lines it does not
+    move along (q, k and v from separate projections, the pass seeded at one of them)."""
+    if jet.groups == lines:
+        return jet.coeffs
+    device = next(c for c in jet.coeffs if c is not None).device  # a stored jet has one
+    where = J.slot(tuple(lines.index(s) for s in jet.groups), device)
+    out: Coeffs = []
+    for c in jet.coeffs:
+        if c is None:
+            out.append(None)
+            continue
+        full = c.new_zeros((len(lines), *c.shape[1:]))
+        full[where] = c
+        out.append(full)
     return out
 
 

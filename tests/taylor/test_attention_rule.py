@@ -178,19 +178,49 @@ def test_a_fourth_order_pass():
         assert_close(got[k][0], expected[k], f"O_{k + 1} at order 4", **EXACT)
 
 
+def test_inputs_moving_along_different_lines():
+    """q, k and v moving along different lines (separate projections, a pass seeded at one of
+    them): the rule takes the call on the union of the lines, and each line's coefficients are
+    nested jvp's of the definition with the inputs that do not move along it held."""
+    K = 3
+    primal, coeffs = _inputs("causal", "all", K)
+    lines = {"q": (0, 1), "k": (1, 2), "v": (2, 0)}
+    tracker = UnivariateTracker(K, 2**30)
+    tensors = {n: t.clone() for n, t in primal.items()}
+    for n, own in lines.items():
+        tracker._store(tensors[n], Jet(own, [c[list(own)] for c in coeffs[n]]))
+    hook = attention.taylor_attention(partial(rule.follow_attention, tracker))
+    with tracker.mode(), ExactOps(), hook:
+        out = attention.scaled_dot_product_attention(
+            tensors["q"], tensors["k"], tensors["v"], is_causal=True
+        )
+    assert any(op is F.scaled_dot_product_attention for op, _ in tracker.ops), "declined"
+    jet = tracker.jet(out)
+    for s in range(LINES):
+
+        def path(t, s=s):
+            moved = {
+                n: primal[n] + sum(t ** (k + 1) * c[s] for k, c in enumerate(coeffs[n]))
+                if s in lines[n] else primal[n]
+                for n in "qkv"
+            }  # fmt: skip
+            return _plain_attention(moved["q"], moved["k"], moved["v"], None, True, False, None)
+
+        expected = _nested_coefficients(path, K)
+        row = jet.groups.index(s)
+        for k in range(K):
+            assert_close(jet.coeffs[k][row], expected[k], f"line {s}: O_{k + 1}", **EXACT)
+
+
 def test_declines_what_it_does_not_take():
-    """Pairs followed, inputs moving along different lines, a moving mask, a coefficient block
-    broadcast over a dim: the rule returns None (the written-out ops then run)."""
+    """Pairs followed, a moving mask, a coefficient block broadcast over a dim: the rule returns
+    None (the written-out ops then run)."""
     primal, coeffs = _inputs("plain", "all", 2)
     tracker = UnivariateTracker(2, 2**30, pairs=True, pair_budget=100.0)
     q, k, v = (primal[n].clone() for n in "qkv")
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         tracker._store(t, Jet(tuple(range(LINES)), coeffs[n][:2]))
     assert rule.follow_attention(tracker, q, k, v, None, 0.5) is None  # pairs
-    tracker = UnivariateTracker(2, 2**30)
-    tracker._store(q, Jet((0, 1, 2), coeffs["q"][:2]))
-    tracker._store(k, Jet((3, 4, 5), coeffs["k"][:2]))
-    assert rule.follow_attention(tracker, q, k, v, None, 0.5) is None  # other lines
     tracker = UnivariateTracker(2, 2**30)
     mask = torch.zeros(L_Q, L_K, dtype=DT)
     tracker._store(q, Jet((0, 1, 2), coeffs["q"][:2]))
