@@ -202,18 +202,22 @@ def _follow(tracker, tensors, weights, scale, mask) -> torch.Tensor | None:
         return None  # a broadcast block, another precision
     groups = J.union(j.groups for j in jets.values())
     K = tracker.order
-    coeffs = [_placed(jets[i], groups) if i in jets else [None] * K for i in range(3)]
+    # on the union of the lines (separate q, k, v projections): zero rows where one is still
+    coeffs = [
+        [None if jets[i].coeffs[k] is None else J.aligned(jets[i], groups, k, t) for k in range(K)]
+        if i in jets else [None] * K
+        for i, t in enumerate(tensors)
+    ]  # fmt: skip
     with torch.no_grad():
         q0, k0, v0 = (t.detach() for t in tensors)
         P0 = weights(q0, k0)  # PyTorch's own errors (a mask of the wrong shape) as written out
         out = torch.matmul(P0, v0)
-    try:
-        with torch.no_grad():
+        try:
             result = attention_coefficients(q0, k0, v0, P0, *coeffs, scale)
-    except Exception as exc:  # a bug in this rule: loud under strict, else the exact fallback
-        if strict():
-            raise RuntimeError("hos: bug in the univariate Taylor rule for attention") from exc
-        tracker.fail(TaylorFallback(f"attention: {type(exc).__name__}: {exc}"))  # raises
+        except Exception as exc:  # a bug in this rule: loud under strict, else the exact fallback
+            if strict():
+                raise RuntimeError("hos: bug in the univariate Taylor rule for attention") from exc
+            tracker.fail(TaylorFallback(f"attention: {type(exc).__name__}: {exc}"))  # raises
     tracker.ops.append((F.scaled_dot_product_attention, tuple(jets)))
     _count(tracker, P0, len(groups))
     try:
@@ -221,24 +225,6 @@ def _follow(tracker, tensors, weights, scale, mask) -> torch.Tensor | None:
     except TaylorFallback as exc:  # past the memory cap: the engine's protocol (raises)
         tracker.fail(exc)
     tracker._note_dtype(F.scaled_dot_product_attention, out.dtype)
-    return out
-
-
-def _placed(jet: Jet, lines: tuple[int, ...]) -> Coeffs:
-    """The jet's blocks on `lines` (a union of its own): zero rows for the lines it does not
-    move along (q, k and v from separate projections, the pass seeded at one of them)."""
-    if jet.groups == lines:
-        return jet.coeffs
-    device = next(c for c in jet.coeffs if c is not None).device  # a stored jet has one
-    where = J.slot(tuple(lines.index(s) for s in jet.groups), device)
-    out: Coeffs = []
-    for c in jet.coeffs:
-        if c is None:
-            out.append(None)
-            continue
-        full = c.new_zeros((len(lines), *c.shape[1:]))
-        full[where] = c
-        out.append(full)
     return out
 
 
