@@ -6,11 +6,12 @@ With S = scale·q kᵀ + mask, P = softmax(S) (row-wise) and O = P v:
 * `scaled_dot_product_attention` writes the op in primitive ops (exact at every order), a block
   of the batch at a time where no graph is recorded and the scores are large (`BLOCK_SCORES`);
 * `attention_at_second_order` is the same function as an autograd op whose graph keeps q, k, v
-  and P only, and whose backward is again an op (`_AttentionVJP`) that keeps q, k, v, dO and
-  P — never the (L × L) dP = dO vᵀ and dS = P ⊙ (dP − r) of its backward, which it recomputes
-  (r = rowsum(P ⊙ dP)). Its own backward is the hand-derived second derivative: with cotangents
-  (a, b, c) of (dq, dk, dv) = (scale·dS k, scale·dSᵀ q, Pᵀ dO) and G = scale·(a kᵀ + q bᵀ),
-  ρ = rowsum(G ⊙ P), P̃ = P ⊙ (G − ρ),
+  and P (and O) only, and whose backward is again an op (`_AttentionVJP`) that keeps q, k, v, dO,
+  P and O — never the (L × L) dP = dO vᵀ and dS = P ⊙ (dP − r) of its backward, which it
+  recomputes (r = rowsum(P ⊙ dP) = rowsum(dO ⊙ O)). Its own backward is the hand-derived
+  second derivative: with cotangents (a, b, c) of (dq, dk, dv) = (scale·dS k, scale·dSᵀ q,
+  Pᵀ dO) and G = scale·(a kᵀ + q bᵀ) = x [k | b]ᵀ with x = scale·[a | q],
+  ρ = rowsum(G ⊙ P) = rowsum(x ⊙ P [k | b]), P̃ = P ⊙ (G − ρ),
 
       P̄ = (G − ρ) ⊙ (dP − r) + dO cᵀ,   S̄ = P ⊙ (P̄ − rowsum(P ⊙ P̄)),
       q̄ = scale·(S̄ k + dS b),   k̄ = scale·(S̄ᵀ q + dSᵀ a),   v̄ = P̃ᵀ dO,   dŌ = P̃ v + P c.
@@ -204,39 +205,45 @@ def _blocks(query, key, value, attn_mask) -> list[tuple[slice, torch.Tensor | No
 
 
 # --------------------------------------------------------------------------- second order
-def _first_backward(P, value, d_out):
-    """(dP, r, dS) of the attention's backward for the cotangent `d_out` of O = P v."""
-    d_weights = torch.matmul(d_out, value.transpose(-2, -1))
-    r = (P * d_weights).sum(-1, keepdim=True)
-    return d_weights, r, P * (d_weights - r)
+def _centred_weights_cotangent(value, d_out, out):
+    """dP − r of the attention's backward for the cotangent `d_out` of O = P v: dP = dO vᵀ and
+    r = rowsum(P ⊙ dP), read as rowsum(dO ⊙ O) (no (L × L) product)."""
+    r = torch.linalg.vecdot(d_out, out).unsqueeze(-1)
+    return torch.matmul(d_out, value.transpose(-2, -1)).sub_(r)
+
+
+def _joined(x, y):
+    """[x | y] along the last dim, their leading dims broadcast."""
+    return torch.cat(torch.broadcast_tensors(x, y), -1)
 
 
 class _Attention(torch.autograd.Function):
-    """O = P v with P = softmax(q kᵀ·scale + mask); the graph keeps q, k, v and P."""
+    """O = P v with P = softmax(q kᵀ·scale + mask); the graph keeps q, k, v, P and O."""
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale):
         P = attention_weights(query, key, attn_mask, is_causal, scale)
+        out = torch.matmul(P, value)
         ctx.scale = scale
-        ctx.save_for_backward(query, key, value, P)
-        return torch.matmul(P, value)
+        ctx.save_for_backward(query, key, value, P, out)
+        return out
 
     @staticmethod
     def backward(ctx, d_out):
-        query, key, value, P = ctx.saved_tensors
-        grads = _AttentionVJP.apply(query, key, value, d_out, P, ctx.scale)
+        query, key, value, P, out = ctx.saved_tensors
+        grads = _AttentionVJP.apply(query, key, value, d_out, P, out.detach(), ctx.scale)
         return (*grads, None, None, None)
 
 
 class _AttentionVJP(torch.autograd.Function):
     """(dq, dk, dv) of the attention for the cotangent dO; its backward is the second
-    derivative (module docstring), P the attention's weights at (q, k), read only."""
+    derivative (module docstring), P the attention's weights at (q, k) and O = P v, read only."""
 
     @staticmethod
-    def forward(ctx, query, key, value, d_out, P, scale):
+    def forward(ctx, query, key, value, d_out, P, out, scale):
         ctx.scale = scale
-        ctx.save_for_backward(query, key, value, d_out, P)
-        _, _, d_scores = _first_backward(P, value, d_out)
+        ctx.save_for_backward(query, key, value, d_out, P, out)
+        d_scores = _centred_weights_cotangent(value, d_out, out).mul_(P)
         return (
             scale * torch.matmul(d_scores, key),
             scale * torch.matmul(d_scores.transpose(-2, -1), query),
@@ -247,22 +254,24 @@ class _AttentionVJP(torch.autograd.Function):
     def backward(ctx, a, b, c):
         if torch.is_grad_enabled():  # a graph for a third derivative is being built
             raise RuntimeError(_THIRD_ORDER)
-        query, key, value, d_out, P = ctx.saved_tensors
+        query, key, value, d_out, P, out = ctx.saved_tensors
         scale = ctx.scale
-        d_weights, r, d_scores = _first_backward(P, value, d_out)
-        G = scale * (
-            torch.matmul(a, key.transpose(-2, -1)) + torch.matmul(query, b.transpose(-2, -1))
-        )
-        centred = G - (G * P).sum(-1, keepdim=True)
+        centred_dP = _centred_weights_cotangent(value, d_out, out)  # dP − r
+        d_scores = P * centred_dP
+        # G = scale·(a kᵀ + q bᵀ) as one product, and ρ = rowsum(P ⊙ G) = rowsum(x ⊙ P[k | b])
+        x, kb = _joined(a, query).mul_(scale), _joined(key, b)
+        centred = torch.matmul(x, kb.transpose(-2, -1))
+        centred.sub_(torch.linalg.vecdot(x, torch.matmul(P, kb)).unsqueeze(-1))  # G − ρ
         moved = P * centred  # P̃
-        bar_weights = centred * (d_weights - r) + torch.matmul(d_out, c.transpose(-2, -1))
-        bar_scores = P * (bar_weights - (P * bar_weights).sum(-1, keepdim=True))
+        bar = centred.mul_(centred_dP).add_(torch.matmul(d_out, c.transpose(-2, -1)))  # P̄
+        bar_scores = bar.sub_(torch.linalg.vecdot(P, bar).unsqueeze(-1)).mul_(P)  # S̄
         return (
-            scale * (torch.matmul(bar_scores, key) + torch.matmul(d_scores, b)),
-            scale * (torch.matmul(bar_scores.transpose(-2, -1), query)
-                     + torch.matmul(d_scores.transpose(-2, -1), a)),
+            torch.matmul(bar_scores, key).add_(torch.matmul(d_scores, b)).mul_(scale),
+            torch.matmul(bar_scores.transpose(-2, -1), query)
+            .add_(torch.matmul(d_scores.transpose(-2, -1), a)).mul_(scale),
             torch.matmul(moved.transpose(-2, -1), d_out),
-            torch.matmul(moved, value) + torch.matmul(P, c),
+            torch.matmul(moved, value).add_(torch.matmul(P, c)),
+            None,
             None,
             None,
         )  # fmt: skip
