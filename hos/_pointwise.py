@@ -1,0 +1,204 @@
+r"""Smooth pointwise activations for graphs that reverse mode differentiates twice.
+
+For y = σ(x) elementwise, the first backward computes dx = dy ⊙ σ'(x) and every nested pass
+(a row of H̄) goes back through both:
+
+    through y = σ(x):            ȳ ↦ x̄ = ȳ ⊙ σ'(x),
+    through dx = dy ⊙ σ'(x):     ā ↦ (d̄y, x̄) = (ā ⊙ σ'(x), ā ⊙ dy ⊙ σ''(x)).
+
+PyTorch's nodes evaluate σ' (and σ'') again in every pass: for GELU two `gelu_backward`
+kernels (erf and exp) and a handful of elementwise ops per row and layer, ~10 % of a 6-layer
+transformer's rows. Here σ'(x) is computed once by the forward and dy ⊙ σ''(x) once by the
+first backward, so a nested pass is three products. The graph holds σ'(x) beside x (and
+dy ⊙ σ''(x) in place of dy): one more activation-sized tensor per call.
+
+`ExactOps` uses these for GELU (both approximations), tanh, sigmoid and SiLU inside
+`second_order_reverse()`; anything else — an in-place or `out=` call, a tensor subclass,
+a non-floating dtype, a functorch transform — runs PyTorch's op. Like `hos._attention`'s
+rule, the graph is differentiable twice and no more: building a graph for a third derivative
+raises instead of missing the terms through σ'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["REWRITTEN", "gelu", "sigmoid", "silu", "tanh"]
+
+_THIRD_ORDER = (
+    "hos: a pointwise activation in a graph built under second_order_reverse() is "
+    "differentiable twice, not three times (hos._pointwise); build the graph without "
+    "second_order_reverse() for more."
+)
+
+
+class _Rule(NamedTuple):
+    """`forward(x)` = (σ(x), σ'(x)); `second(x)` = σ''(x)."""
+
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    second: Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Pointwise(torch.autograd.Function):
+    """y = σ(x); the graph keeps x and σ'(x)."""
+
+    @staticmethod
+    def forward(ctx, x, rule):
+        y, slope = rule.forward(x)
+        ctx.rule = rule
+        ctx.save_for_backward(x, slope)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, slope = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # a nested pass: a product
+            return dy * slope, None
+        return _PointwiseVJP.apply(dy, x, slope, ctx.rule), None
+
+
+class _PointwiseVJP(torch.autograd.Function):
+    """dx = dy ⊙ σ'(x); its backward (module docstring) keeps σ'(x) and dy ⊙ σ''(x)."""
+
+    @staticmethod
+    def forward(ctx, dy, x, slope, rule):
+        ctx.save_for_backward(slope, dy * rule.second(x))
+        return dy * slope
+
+    @staticmethod
+    def backward(ctx, a):
+        if torch.is_grad_enabled():  # a graph for a third derivative is being built
+            raise RuntimeError(_THIRD_ORDER)
+        slope, bent = ctx.saved_tensors
+        return a * slope, a * bent, None, None
+
+
+def _applies(x) -> bool:
+    """Whether the rule takes the call: a plain floating tensor, no functorch transform."""
+    return (
+        type(x) is torch.Tensor
+        and x.is_floating_point()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+# ------------------------------------------------------------------------------- the rules
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_C = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation: tanh(c·(x + k·x³))
+_K = 0.044715
+
+
+def _gelu_forward(x):
+    """x·Φ(x) (PyTorch's kernel) and Φ(x) + x·φ(x)."""
+    cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
+    return F.gelu(x), cdf + x * _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+
+
+def _gelu_second(x):
+    """φ(x)·(2 − x²)."""
+    return _INV_SQRT_2PI * torch.exp(-0.5 * x * x) * (2.0 - x * x)
+
+
+def _gelu_tanh_parts(x):
+    """(t, 1 − t², u') with t = tanh(u), u = c·(x + k·x³)."""
+    t = torch.tanh(_C * (x + _K * x**3))
+    return t, 1.0 - t * t, _C * (1.0 + 3.0 * _K * x * x)
+
+
+def _gelu_tanh_forward(x):
+    """½x(1 + t) (PyTorch's kernel) and ½(1 + t) + ½x(1 − t²)u'."""
+    t, sech2, du = _gelu_tanh_parts(x)
+    return F.gelu(x, approximate="tanh"), 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
+
+
+def _gelu_tanh_second(x):
+    """(1 − t²)·(u' − x·t·u'² + 3ck·x²)."""
+    t, sech2, du = _gelu_tanh_parts(x)
+    return sech2 * (du - x * t * du * du + 3.0 * _C * _K * x * x)
+
+
+def _tanh_forward(x):
+    y = torch.tanh(x)
+    return y, 1.0 - y * y
+
+
+def _tanh_second(x):
+    y = torch.tanh(x)
+    return -2.0 * y * (1.0 - y * y)
+
+
+def _sigmoid_forward(x):
+    s = torch.sigmoid(x)
+    return s, s * (1.0 - s)
+
+
+def _sigmoid_second(x):
+    s = torch.sigmoid(x)
+    return s * (1.0 - s) * (1.0 - 2.0 * s)
+
+
+def _silu_forward(x):
+    """x·s (PyTorch's kernel) and s·(1 + x(1 − s)), s = sigmoid(x)."""
+    s = torch.sigmoid(x)
+    return F.silu(x), s * (1.0 + x * (1.0 - s))
+
+
+def _silu_second(x):
+    """s(1 − s)·(2 + x(1 − 2s))."""
+    s = torch.sigmoid(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
+_GELU = _Rule(_gelu_forward, _gelu_second)
+_GELU_TANH = _Rule(_gelu_tanh_forward, _gelu_tanh_second)
+_TANH = _Rule(_tanh_forward, _tanh_second)
+_SIGMOID = _Rule(_sigmoid_forward, _sigmoid_second)
+_SILU = _Rule(_silu_forward, _silu_second)
+
+
+# ------------------------------------------------------------------------- the functions
+def gelu(input, approximate="none"):
+    """`F.gelu` with the same meaning; a plain floating tensor by `_Pointwise`."""
+    rule = {"none": _GELU, "tanh": _GELU_TANH}.get(approximate)
+    if rule is None or not _applies(input):
+        return F.gelu(input, approximate=approximate)
+    return _Pointwise.apply(input, rule)
+
+
+def silu(input, inplace=False):
+    """`F.silu` with the same meaning; out of place on a plain floating tensor by `_Pointwise`."""
+    if inplace or not _applies(input):
+        return F.silu(input, inplace=inplace)
+    return _Pointwise.apply(input, _SILU)
+
+
+def _plain(func: Callable, rule: _Rule) -> Callable:
+    def call(input, *args, **kwargs):
+        if args or kwargs or not _applies(input):
+            return func(input, *args, **kwargs)
+        return _Pointwise.apply(input, rule)
+
+    call.__name__ = call.__qualname__ = func.__name__
+    call.__doc__ = f"`{func.__name__}` with the same meaning; by `_Pointwise` where it applies."
+    return call
+
+
+tanh = _plain(torch.tanh, _TANH)
+sigmoid = _plain(torch.sigmoid, _SIGMOID)
+
+#: The calls `ExactOps` routes here inside `second_order_reverse()` (tensor methods included:
+#: `F.tanh` and `F.sigmoid` call them).
+REWRITTEN: dict[Callable, Callable] = {
+    F.gelu: gelu,
+    F.silu: silu,
+    torch.tanh: tanh,
+    torch.Tensor.tanh: _plain(torch.Tensor.tanh, _TANH),
+    torch.sigmoid: sigmoid,
+    torch.Tensor.sigmoid: _plain(torch.Tensor.sigmoid, _SIGMOID),
+}
