@@ -8,9 +8,10 @@ For y = σ(x) elementwise, the first backward computes dx = dy ⊙ σ'(x) and ev
 
 PyTorch's nodes evaluate σ' (and σ'') again in every pass: for GELU two `gelu_backward`
 kernels (erf and exp) and a handful of elementwise ops per row and layer, ~10 % of a 6-layer
-transformer's rows. Here σ'(x) is computed once by the forward and dy ⊙ σ''(x) once by the
-first backward, so a nested pass is three products. The graph holds σ'(x) beside x (and
-dy ⊙ σ''(x) in place of dy): one more activation-sized tensor per call.
+transformer's rows. Here σ'(x) and dy ⊙ σ''(x) are computed once, by the first backward, so a
+nested pass is three products. The forward keeps x, as PyTorch's node does (a gradient's graph
+is no larger); after the first backward the graph holds σ'(x) and dy ⊙ σ''(x) where PyTorch's
+holds dy: one more activation-sized tensor per call.
 
 `ExactOps` uses these for GELU (both approximations), tanh, sigmoid and SiLU inside
 `second_order_reverse()`; anything else — an in-place or `out=` call, a tensor subclass,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -38,28 +40,32 @@ _THIRD_ORDER = (
 
 
 class _Rule(NamedTuple):
-    """`forward(x)` = (σ(x), σ'(x)); `second(x)` = σ''(x)."""
+    """σ(x) (PyTorch's kernel), σ'(x) and σ''(x)."""
 
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    value: Callable[[torch.Tensor], torch.Tensor]
+    slope: Callable[[torch.Tensor], torch.Tensor]
     second: Callable[[torch.Tensor], torch.Tensor]
 
 
 class _Pointwise(torch.autograd.Function):
-    """y = σ(x); the graph keeps x and σ'(x)."""
+    """y = σ(x); the graph keeps x, as PyTorch's own node does (a gradient's memory is the same),
+    and σ'(x) once a backward has computed it."""
 
     @staticmethod
     def forward(ctx, x, rule):
-        y, slope = rule.forward(x)
-        ctx.rule = rule
-        ctx.save_for_backward(x, slope)
-        return y
+        ctx.rule, ctx.slope = rule, None
+        ctx.save_for_backward(x)
+        return rule.value(x)
 
     @staticmethod
     def backward(ctx, dy):
-        x, slope = ctx.saved_tensors
-        if not torch.is_grad_enabled():  # a nested pass: a product
-            return dy * slope, None
-        return _PointwiseVJP.apply(dy, x, slope, ctx.rule), None
+        (x,) = ctx.saved_tensors
+        if ctx.slope is None:
+            with torch.no_grad():  # a constant of the first backward's graph
+                ctx.slope = ctx.rule.slope(x)
+        if not torch.is_grad_enabled():  # a nested pass (or a plain gradient): a product
+            return dy * ctx.slope, None
+        return _PointwiseVJP.apply(dy, x, ctx.slope, ctx.rule), None
 
 
 class _PointwiseVJP(torch.autograd.Function):
@@ -94,10 +100,9 @@ _C = math.sqrt(2.0 / math.pi)  # GELU's tanh approximation: tanh(c·(x + k·x³)
 _K = 0.044715
 
 
-def _gelu_forward(x):
-    """x·Φ(x) (PyTorch's kernel) and Φ(x) + x·φ(x)."""
-    cdf = 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2))
-    return F.gelu(x), cdf + x * _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+def _gelu_slope(x):
+    """Φ(x) + x·φ(x)."""
+    return 0.5 * (1.0 + torch.erf(x * _INV_SQRT_2)) + x * _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
 
 
 def _gelu_second(x):
@@ -111,10 +116,10 @@ def _gelu_tanh_parts(x):
     return t, 1.0 - t * t, _C * (1.0 + 3.0 * _K * x * x)
 
 
-def _gelu_tanh_forward(x):
-    """½x(1 + t) (PyTorch's kernel) and ½(1 + t) + ½x(1 − t²)u'."""
+def _gelu_tanh_slope(x):
+    """½(1 + t) + ½x(1 − t²)u' (σ = ½x(1 + t))."""
     t, sech2, du = _gelu_tanh_parts(x)
-    return F.gelu(x, approximate="tanh"), 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
+    return 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
 
 
 def _gelu_tanh_second(x):
@@ -123,9 +128,9 @@ def _gelu_tanh_second(x):
     return sech2 * (du - x * t * du * du + 3.0 * _C * _K * x * x)
 
 
-def _tanh_forward(x):
+def _tanh_slope(x):
     y = torch.tanh(x)
-    return y, 1.0 - y * y
+    return 1.0 - y * y
 
 
 def _tanh_second(x):
@@ -133,9 +138,9 @@ def _tanh_second(x):
     return -2.0 * y * (1.0 - y * y)
 
 
-def _sigmoid_forward(x):
+def _sigmoid_slope(x):
     s = torch.sigmoid(x)
-    return s, s * (1.0 - s)
+    return s * (1.0 - s)
 
 
 def _sigmoid_second(x):
@@ -143,10 +148,10 @@ def _sigmoid_second(x):
     return s * (1.0 - s) * (1.0 - 2.0 * s)
 
 
-def _silu_forward(x):
-    """x·s (PyTorch's kernel) and s·(1 + x(1 − s)), s = sigmoid(x)."""
+def _silu_slope(x):
+    """s·(1 + x(1 − s)), s = sigmoid(x) (σ = x·s)."""
     s = torch.sigmoid(x)
-    return F.silu(x), s * (1.0 + x * (1.0 - s))
+    return s * (1.0 + x * (1.0 - s))
 
 
 def _silu_second(x):
@@ -155,11 +160,11 @@ def _silu_second(x):
     return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
 
 
-_GELU = _Rule(_gelu_forward, _gelu_second)
-_GELU_TANH = _Rule(_gelu_tanh_forward, _gelu_tanh_second)
-_TANH = _Rule(_tanh_forward, _tanh_second)
-_SIGMOID = _Rule(_sigmoid_forward, _sigmoid_second)
-_SILU = _Rule(_silu_forward, _silu_second)
+_GELU = _Rule(F.gelu, _gelu_slope, _gelu_second)
+_GELU_TANH = _Rule(partial(F.gelu, approximate="tanh"), _gelu_tanh_slope, _gelu_tanh_second)
+_TANH = _Rule(torch.tanh, _tanh_slope, _tanh_second)
+_SIGMOID = _Rule(torch.sigmoid, _sigmoid_slope, _sigmoid_second)
+_SILU = _Rule(F.silu, _silu_slope, _silu_second)
 
 
 # ------------------------------------------------------------------------- the functions
