@@ -59,7 +59,22 @@ def _scores(q0, k0, cq: Coeffs, ck: Coeffs, scale: float, m: int) -> Coeffs:
     K = len(cq)
     qs = [_lines(q0, m)] + list(cq)
     ks = [_lines(k0, m)] + list(ck)
-    out: Coeffs = []
+    top_q, top_k = _prefix(qs), _prefix(ks)
+    if top_q is not None and top_k is not None:  # q_0..q_a and k_0..k_b move (a cut top is
+        d = q0.size(-1)  # None): two concatenations, [c q_0 … c q_a] and [k_b … k_0]; S_k is a
+        left = torch.cat(qs[: top_q + 1], dim=-1).mul_(scale)  # slice of one times a slice
+        right = torch.cat(ks[top_k::-1], dim=-1)  # of the other
+        out: Coeffs = []
+        for k in range(1, K + 1):
+            lo, hi = max(0, k - top_k), min(k, top_q)  # the pairs (i, k - i), lo <= i <= hi
+            if lo > hi:
+                out.append(None)
+                continue
+            shift = top_k - k
+            out.append(torch.matmul(left[..., lo * d : (hi + 1) * d],
+                                    right[..., (shift + lo) * d : (shift + hi + 1) * d].mT))  # fmt: skip
+        return out
+    out = []
     for k in range(1, K + 1):
         pairs = [(i, k - i) for i in range(k + 1) if qs[i] is not None and ks[k - i] is not None]
         if not pairs:
@@ -69,6 +84,13 @@ def _scores(q0, k0, cq: Coeffs, ck: Coeffs, scale: float, m: int) -> Coeffs:
         right = torch.cat([ks[j] for _, j in pairs], dim=-1)
         out.append(torch.matmul(left, right.transpose(-2, -1)))
     return out
+
+
+def _prefix(coefficients: Coeffs) -> int | None:
+    """a where exactly coefficients 0..a are given (the rest None), else None."""
+    given = [c is not None for c in coefficients]
+    top = given.index(False) - 1 if False in given else len(given) - 1
+    return top if not any(given[top + 1 :]) else None
 
 
 def _weights(P0: torch.Tensor, E: Coeffs) -> Coeffs:

@@ -88,11 +88,13 @@ def _nested_coefficients(f, K):
     return out
 
 
-PATTERNS = {  # which inputs move, and whether their top coefficient was cut (None)
-    "all": ("qkv", False),
-    "top cut": ("qkv", True),
-    "values only": ("v", False),
-    "queries and keys": ("qk", False),
+PATTERNS = {  # which inputs move, and which of their coefficients are None (-1: the top, cut)
+    "all": ("qkv", {}),
+    "top cut": ("qkv", {"q": -1, "k": -1, "v": -1}),
+    "keys' top cut": ("qkv", {"k": -1}),
+    "first order zero": ("qkv", {"q": 0, "k": 0}),  # no prefix of orders: the pairs one by one
+    "values only": ("v", {}),
+    "queries and keys": ("qk", {}),
 }
 
 
@@ -101,14 +103,14 @@ def _inputs(case, pattern, K):
     primal = {"q": _r(BATCH, HEADS, L_Q, HEAD, seed=1),
               "k": _r(BATCH, heads_kv, L_K, HEAD, seed=2),
               "v": _r(BATCH, heads_kv, L_K, HEAD, seed=3)}  # fmt: skip
-    moving, cut = PATTERNS[pattern]
+    moving, dropped = PATTERNS[pattern]
     coeffs = {}
     for i, name in enumerate("qkv"):
         if name in moving:
             shape = (LINES, *primal[name].shape)
             coeffs[name] = [0.5 * _r(*shape, seed=10 * i + k) for k in range(K)]
-            if cut:
-                coeffs[name][-1] = None
+            if name in dropped:
+                coeffs[name][dropped[name]] = None
     return primal, coeffs
 
 
