@@ -31,7 +31,6 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
@@ -291,9 +290,7 @@ class Tracker:
             leaves, _ = tree_flatten((args, kwargs))
             if any(self.coefficients_of(leaf) is not None for leaf in leaves):
                 return self._write(func, args, kwargs)
-        out = _folded_linear(args, kwargs) if func is F.linear else None
-        if out is None:
-            out = func(*args, **kwargs)
+        out = func(*args, **kwargs)
         self.propagate(func, args, kwargs, out)
         return out
 
@@ -452,17 +449,3 @@ class TrackerMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return self.tracker.run(func, args, kwargs or {})
-
-
-def _folded_linear(args, kwargs) -> torch.Tensor | None:
-    """`F.linear(x, w, b)` with x's leading dims flattened first where they do not fold (a
-    transposed [L, B, E] view: `nn.MultiheadAttention`'s batch-first input), one matrix
-    product instead of PyTorch's product with the weight expanded per token; None where the
-    call is not that (a weight that requires grad folds by itself)."""
-    if len(args) < 2 or not isinstance(args[0], torch.Tensor) or args[0].dim() <= 2:
-        return None
-    x, w = args[0], args[1]
-    if x.is_contiguous() or not isinstance(w, torch.Tensor) or w.requires_grad or x.requires_grad:
-        return None
-    out = F.linear(x.reshape(-1, x.size(-1)), w, *args[2:], **kwargs)
-    return out.view(*x.shape[:-1], out.size(-1))
