@@ -6,8 +6,8 @@ With S = scale·q kᵀ + mask, P = softmax(S) (row-wise) and O = P v:
 * `scaled_dot_product_attention` writes the op in primitive ops (exact at every order), a block
   of the batch at a time where no graph is recorded and the scores are large (`BLOCK_SCORES`);
 * `attention_at_second_order` is the same function as an autograd op whose graph keeps q, k, v
-  and P (and O) only, and whose backward is again an op (`_AttentionVJP`) that keeps q, k, v, dO,
-  P and O — never the (L × L) dP = dO vᵀ and dS = P ⊙ (dP − r) of its backward, which it
+  and P only, and whose backward is again an op (`_AttentionVJP`) that keeps q, k, v, dO, P and
+  O = P v — never the (L × L) dP = dO vᵀ and dS = P ⊙ (dP − r) of its backward, which it
   recomputes (r = rowsum(P ⊙ dP) = rowsum(dO ⊙ O)). Its own backward is the hand-derived
   second derivative: with cotangents (a, b, c) of (dq, dk, dv) = (scale·dS k, scale·dSᵀ q,
   Pᵀ dO) and G = scale·(a kᵀ + q bᵀ) = x [k | b]ᵀ with x = scale·[a | q],
@@ -218,29 +218,31 @@ def _joined(x, y):
 
 
 class _Attention(torch.autograd.Function):
-    """O = P v with P = softmax(q kᵀ·scale + mask); the graph keeps q, k, v, P and O."""
+    """O = P v with P = softmax(q kᵀ·scale + mask); the graph keeps q, k, v and P (a gradient's
+    graph no more: the passes size their chunks by it)."""
 
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale):
         P = attention_weights(query, key, attn_mask, is_causal, scale)
-        out = torch.matmul(P, value)
         ctx.scale = scale
-        ctx.save_for_backward(query, key, value, P, out)
-        return out
+        ctx.save_for_backward(query, key, value, P)
+        return torch.matmul(P, value)
 
     @staticmethod
     def backward(ctx, d_out):
-        query, key, value, P, out = ctx.saved_tensors
-        grads = _AttentionVJP.apply(query, key, value, d_out, P, out.detach(), ctx.scale)
+        query, key, value, P = ctx.saved_tensors
+        grads = _AttentionVJP.apply(query, key, value, d_out, P, ctx.scale)
         return (*grads, None, None, None)
 
 
 class _AttentionVJP(torch.autograd.Function):
     """(dq, dk, dv) of the attention for the cotangent dO; its backward is the second
-    derivative (module docstring), P the attention's weights at (q, k) and O = P v, read only."""
+    derivative (module docstring), P the attention's weights at (q, k), read only; it keeps
+    O = P v, computed once, for the nested passes' r = rowsum(dO ⊙ O)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, d_out, P, out, scale):
+    def forward(ctx, query, key, value, d_out, P, scale):
+        out = torch.matmul(P, value)
         ctx.scale = scale
         ctx.save_for_backward(query, key, value, d_out, P, out)
         d_scores = _centred_weights_cotangent(value, d_out, out).mul_(P)
@@ -271,7 +273,6 @@ class _AttentionVJP(torch.autograd.Function):
             .add_(torch.matmul(d_scores.transpose(-2, -1), a)).mul_(scale),
             torch.matmul(moved.transpose(-2, -1), d_out),
             torch.matmul(moved, value).add_(torch.matmul(P, c)),
-            None,
             None,
             None,
         )  # fmt: skip
