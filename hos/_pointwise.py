@@ -8,12 +8,12 @@ For y = σ(x) elementwise, the first backward computes dx = dy ⊙ σ'(x) and ev
 
 PyTorch's nodes evaluate σ' (and σ'') again in every pass: for GELU two `gelu_backward`
 kernels (erf and exp) and a handful of elementwise ops per row and layer, ~10 % of a 6-layer
-transformer's rows. Here σ'(x) and dy ⊙ σ''(x) are computed once, by the first backward, so a
-nested pass is three products. The forward keeps x, as PyTorch's node does (a gradient's graph
+transformer's rows; for SiLU the sigmoid again. Here σ'(x) and dy ⊙ σ''(x) are computed once,
+by the first backward, so a nested pass is three products. The forward keeps x, as PyTorch's node does (a gradient's graph
 is no larger); after the first backward the graph holds σ'(x) and dy ⊙ σ''(x) where PyTorch's
 holds dy: one more activation-sized tensor per call.
 
-`ExactOps` uses these for GELU (both approximations), tanh, sigmoid and SiLU inside
+`ExactOps` uses these for GELU (both approximations) and SiLU inside
 `second_order_reverse()`; anything else — an in-place or `out=` call, a tensor subclass,
 a non-floating dtype, a functorch transform — runs PyTorch's op. Like `hos._attention`'s
 rule, the graph is differentiable twice and no more: building a graph for a third derivative
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["REWRITTEN", "gelu", "sigmoid", "silu", "tanh"]
+__all__ = ["REWRITTEN", "gelu", "silu"]
 
 _THIRD_ORDER = (
     "hos: a pointwise activation in a graph built under second_order_reverse() is "
@@ -128,26 +128,6 @@ def _gelu_tanh_second(x):
     return sech2 * (du - x * t * du * du + 3.0 * _C * _K * x * x)
 
 
-def _tanh_slope(x):
-    y = torch.tanh(x)
-    return 1.0 - y * y
-
-
-def _tanh_second(x):
-    y = torch.tanh(x)
-    return -2.0 * y * (1.0 - y * y)
-
-
-def _sigmoid_slope(x):
-    s = torch.sigmoid(x)
-    return s * (1.0 - s)
-
-
-def _sigmoid_second(x):
-    s = torch.sigmoid(x)
-    return s * (1.0 - s) * (1.0 - 2.0 * s)
-
-
 def _silu_slope(x):
     """s·(1 + x(1 − s)), s = sigmoid(x) (σ = x·s)."""
     s = torch.sigmoid(x)
@@ -162,8 +142,6 @@ def _silu_second(x):
 
 _GELU = _Rule(F.gelu, _gelu_slope, _gelu_second)
 _GELU_TANH = _Rule(partial(F.gelu, approximate="tanh"), _gelu_tanh_slope, _gelu_tanh_second)
-_TANH = _Rule(torch.tanh, _tanh_slope, _tanh_second)
-_SIGMOID = _Rule(torch.sigmoid, _sigmoid_slope, _sigmoid_second)
 _SILU = _Rule(F.silu, _silu_slope, _silu_second)
 
 
@@ -183,27 +161,7 @@ def silu(input, inplace=False):
     return _Pointwise.apply(input, _SILU)
 
 
-def _plain(func: Callable, rule: _Rule) -> Callable:
-    def call(input, *args, **kwargs):
-        if args or kwargs or not _applies(input):
-            return func(input, *args, **kwargs)
-        return _Pointwise.apply(input, rule)
-
-    call.__name__ = call.__qualname__ = func.__name__
-    call.__doc__ = f"`{func.__name__}` with the same meaning; by `_Pointwise` where it applies."
-    return call
-
-
-tanh = _plain(torch.tanh, _TANH)
-sigmoid = _plain(torch.sigmoid, _SIGMOID)
-
-#: The calls `ExactOps` routes here inside `second_order_reverse()` (tensor methods included:
-#: `F.tanh` and `F.sigmoid` call them).
-REWRITTEN: dict[Callable, Callable] = {
-    F.gelu: gelu,
-    F.silu: silu,
-    torch.tanh: tanh,
-    torch.Tensor.tanh: _plain(torch.Tensor.tanh, _TANH),
-    torch.sigmoid: sigmoid,
-    torch.Tensor.sigmoid: _plain(torch.Tensor.sigmoid, _SIGMOID),
-}
+#: The calls `ExactOps` routes here inside `second_order_reverse()`. tanh and sigmoid are not:
+#: PyTorch's nodes for them already run on the output (1 − y², y(1 − y)), and the op's own
+#: overhead made the paper MLP's (tanh) rows ~2 % slower (alternating processes).
+REWRITTEN: dict[Callable, Callable] = {F.gelu: gelu, F.silu: silu}

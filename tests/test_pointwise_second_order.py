@@ -27,13 +27,7 @@ ACTIVATIONS = {
     "F.gelu": F.gelu,
     "F.gelu tanh": lambda x: F.gelu(x, approximate="tanh"),
     "nn.GELU": nn.GELU(),
-    "torch.tanh": torch.tanh,
-    "Tensor.tanh": lambda x: x.tanh(),
-    "F.tanh": F.tanh,
-    "nn.Tanh": nn.Tanh(),
-    "torch.sigmoid": torch.sigmoid,
-    "Tensor.sigmoid": lambda x: x.sigmoid(),
-    "nn.Sigmoid": nn.Sigmoid(),
+    "nn.GELU tanh": nn.GELU(approximate="tanh"),
     "F.silu": F.silu,
     "nn.SiLU": nn.SiLU(),
 }
@@ -110,10 +104,10 @@ def test_a_third_derivative_raises():
     "call",
     [
         lambda x: F.silu(x, inplace=True),
-        lambda x: torch.tanh(x, out=torch.empty_like(x)),
+        lambda x: torch.tanh(x),
         lambda x: torch.func.vmap(F.gelu)(x),
     ],
-    ids=["in place", "out=", "vmap"],
+    ids=["in place", "tanh (PyTorch's node is cheap)", "vmap"],
 )
 def test_other_calls_run_pytorchs_op(call, monkeypatch):
     used = []
@@ -137,7 +131,7 @@ def test_the_input_is_not_modified():
 def _problem(activation):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), activation, nn.Linear(7, 6), nn.LayerNorm(6),
-                          nn.Tanh(), nn.Linear(6, 3)).to(DT)  # fmt: skip
+                          activation, nn.Linear(6, 3)).to(DT)  # fmt: skip
     x, y = _r(9, 5, seed=11), torch.tensor([0, 2, 1, 2, 0, 1, 1, 2, 0])
     loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -146,8 +140,8 @@ def _problem(activation):
 
 
 @pytest.mark.parametrize(
-    "activation", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid()],
-    ids=["gelu", "gelu tanh", "silu", "sigmoid"],
+    "activation", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()],
+    ids=["gelu", "gelu tanh", "silu"],
 )  # fmt: skip
 def test_summary_rows_through_the_rule_match_the_ops_and_differences(activation, monkeypatch):
     """H̄ by reverse mode (the rows' graph, where the rule runs), with a LayerNorm between, against
@@ -156,7 +150,7 @@ def test_summary_rows_through_the_rule_match_the_ops_and_differences(activation,
     used = []
     monkeypatch.setattr(pointwise._Pointwise, "apply", _spy(used, pointwise._Pointwise.apply))
     got = hos.summary_tensor(loss, params, u, part, 2, backend="reverse")
-    assert len(used) >= 2  # the activation and the tanh
+    assert len(used) >= 2  # the activation, twice
     rewritten = {
         f: g
         for f, g in exact.REWRITTEN_AT_SECOND_ORDER.items()
