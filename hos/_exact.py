@@ -35,6 +35,7 @@ from hos._attention import (
     scaled_dot_product_attention,
 )
 from hos._depthwise import depthwise_conv1d, depthwise_conv2d
+from hos._layer_norm import layer_norm_at_second_order
 from hos._pointwise import REWRITTEN as POINTWISE_AT_SECOND_ORDER
 from hos._refusals import (
     FORWARD_UNSOUND,
@@ -467,13 +468,15 @@ NATIVE_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
 #: Ops written out for graphs differentiated twice (`second_order_reverse`), ahead of the
 #: decompositions: depthwise convolutions, whose native double backward is slow
 #: (`hos._depthwise`), and attention as one op that keeps no (L × L) tensor of its backward
-#: (`hos._attention`: a 6-layer transformer's rows of H̄ hold 31 MiB instead of 41), and smooth
+#: (`hos._attention`: a 6-layer transformer's rows of H̄ hold 31 MiB instead of 41), layer norm
+#: with a second derivative of half PyTorch's kernels (`hos._layer_norm`), and smooth
 #: activations whose derivatives are computed once instead of in every row (`hos._pointwise`).
 REWRITTEN_AT_SECOND_ORDER: dict[Callable[..., Any], Callable[..., Any]] = {
     F.conv1d: depthwise_conv1d,
     F.conv2d: depthwise_conv2d,
     F.scaled_dot_product_attention: attention_at_second_order,
     F.multi_head_attention_forward: multi_head_attention_at_second_order,
+    F.layer_norm: layer_norm_at_second_order,
     **POINTWISE_AT_SECOND_ORDER,
 }
 

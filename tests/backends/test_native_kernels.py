@@ -2,7 +2,8 @@
 
 `batch_norm` and `layer_norm` have exact derivatives up to the second order under nested
 reverse mode (off at the third), so the rows of H̄ and (ḡ, H̄·1) keep them
-(`hos._exact.second_order_reverse`) and everything of order 3 keeps the decompositions. Checked
+(`hos._exact.second_order_reverse`; `layer_norm` with its second derivative written out,
+`hos._layer_norm`) and everything of order 3 keeps the decompositions. Checked
 in float64 against Richardson finite differences of the loss (no autograd at all) and against
 the decomposed graph, on BatchNorm in training and eval mode and on LayerNorm; the running
 statistics are never written.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import hos
@@ -74,6 +76,14 @@ def calls(monkeypatch):
                 return _f(*args, **kwargs)
 
             monkeypatch.setitem(table, func, counted)
+    rule = exact.REWRITTEN_AT_SECOND_ORDER[F.layer_norm]  # hos._layer_norm: PyTorch's kernel for
+    # the value and the first backward, its second derivative written out
+
+    def counted_rule(*args, **kwargs):
+        count["native"] += 1
+        return rule(*args, **kwargs)
+
+    monkeypatch.setitem(exact.REWRITTEN_AT_SECOND_ORDER, F.layer_norm, counted_rule)
     return count
 
 
@@ -102,6 +112,9 @@ def test_the_fused_kernel_and_the_decomposition_give_the_same_second_order(kind,
     _, loss, params, u, part = _problem(kind)
     native = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
     monkeypatch.setattr(exact, "NATIVE_AT_SECOND_ORDER", {})
+    rewritten = dict(exact.REWRITTEN_AT_SECOND_ORDER)
+    rewritten.pop(F.layer_norm)
+    monkeypatch.setattr(exact, "REWRITTEN_AT_SECOND_ORDER", rewritten)
     decomposed = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
     torch.testing.assert_close(native, decomposed, **EXACT)
 
