@@ -162,7 +162,7 @@ def _rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     where they do not fold, as a transposed [L, B, E] view does not). `torch.matmul` folds
     them only when they are contiguous or w requires grad; here w (θ or u) is a constant, and
     without the copy it multiplies x by w expanded along the first dim, one small product per
-    token (a transformer's in-projection: 3x slower, and so is its backward in every row)."""
+    token (a transformer's in-projection: about 2x slower, and so is its backward in every row)."""
     if x.dim() <= 2:
         return x @ w
     return torch.mm(x.reshape(-1, x.size(-1)), w).view(*x.shape[:-1], w.size(-1))
