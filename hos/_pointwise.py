@@ -9,13 +9,13 @@ For y = σ(x) elementwise, the first backward computes dx = dy ⊙ σ'(x) and ev
 PyTorch's nodes evaluate σ' (and σ'') again in every pass: for GELU two `gelu_backward`
 kernels (erf and exp) and a handful of elementwise ops per row and layer, ~10 % of a 6-layer
 transformer's rows; for SiLU the sigmoid again. Here σ'(x) and dy ⊙ σ''(x) are computed once,
-by the first backward, so a nested pass is three products. The forward keeps x, as PyTorch's node does (a gradient's graph
-is no larger); after the first backward the graph holds σ'(x) and dy ⊙ σ''(x) where PyTorch's
-holds dy: one more activation-sized tensor per call.
+by the first backward, so a nested pass is three products. The forward keeps x, as PyTorch's
+node does (a gradient's graph is no larger); after the first backward the graph holds σ'(x)
+and dy ⊙ σ''(x) where PyTorch's holds dy: one more activation-sized tensor per call.
 
 `ExactOps` uses these for GELU (both approximations) and SiLU inside
-`second_order_reverse()`; anything else — an in-place or `out=` call, a tensor subclass,
-a non-floating dtype, a functorch transform — runs PyTorch's op. Like `hos._attention`'s
+`second_order_reverse()`; anything else — an in-place call, a tensor subclass, a non-floating
+dtype, a functorch transform — runs PyTorch's op. Like `hos._attention`'s
 rule, the graph is differentiable twice and no more: building a graph for a third derivative
 raises instead of missing the terms through σ'.
 """
