@@ -18,6 +18,7 @@ import hos._attention as attention
 import hos._exact as exact
 from hos._exact import ExactOps, second_order_reverse
 from tests.helpers import fd
+from tests.helpers.calls import spy as _spy
 from tests.helpers.tolerances import AGREE, DT, FD, FD_MODEL, ROUNDOFF, assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -114,14 +115,6 @@ def test_attention_at_second_order_matches_pytorch(name, monkeypatch):
     oracle = fd.mixed_derivative(moved)
     got = float(sum((h * o).sum() for h, o in zip(hv, other)))
     fd.close(torch.tensor(got), torch.tensor(oracle), FD["H"], f"{name}: tᵀHo")
-
-
-def _spy(calls, function):
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return function(*args, **kwargs)
-
-    return spy
 
 
 def test_a_third_derivative_raises():

@@ -18,6 +18,7 @@ import hos._exact as exact
 import hos._layer_norm as rule
 from hos._exact import ExactOps, second_order_reverse
 from tests.helpers import fd
+from tests.helpers.calls import spy as _spy
 from tests.helpers.tolerances import AGREE, DT, FD, FD_MODEL, ROUNDOFF, assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,14 +32,6 @@ CASES = {  # input shape, normalized shape, affine
 
 def _r(*shape, seed):
     return torch.randn(*shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
-
-
-def _spy(calls, function):
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return function(*args, **kwargs)
-
-    return spy
 
 
 def _inputs(case):

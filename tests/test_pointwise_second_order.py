@@ -18,6 +18,7 @@ import hos._exact as exact
 import hos._pointwise as pointwise
 from hos._exact import ExactOps, second_order_reverse
 from tests.helpers import fd
+from tests.helpers.calls import spy as _spy
 from tests.helpers.tolerances import AGREE, DT, FD, FD_MODEL, ROUNDOFF, assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,14 +42,6 @@ def _loss(fn, x, w):
     """A scalar with non-trivial first and second derivatives in σ's output and input."""
     y = fn(x * w[0])
     return (w[1] * y).sum() + (w[2] * y * y).sum() + (torch.sin(y) * x).sum()
-
-
-def _spy(calls, function):
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return function(*args, **kwargs)
-
-    return spy
 
 
 def _hvp(fn, x, w, t, second_order):
