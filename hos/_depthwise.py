@@ -14,26 +14,54 @@ uses it for `F.conv2d` inside `second_order_reverse()` (the rows of H̄, the che
 H̄·1, the spectrum's products); everywhere else, and for any convolution that is not
 depthwise (channel multiplier 1, numeric padding, 4-D input), the native kernel runs;
 `F.conv1d` likewise, as the 2-D case on a height of one.
+
+Reverse mode factors the layers linear in a weight of θ (`hos.backends.reverse`: f(x, θ) +
+η f(x, u), no weight gradient in the rows). It sees a call only after `ExactOps` has written it
+out, so for a depthwise layer it offers its factoring here (`factoring`): the written-out form
+is then evaluated at θ and at u, both constants, and no row forms the k_h·k_w taps' gradients.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair, _single
 
-__all__ = ["depthwise_conv1d", "depthwise_conv2d"]
+__all__ = ["depthwise_conv1d", "depthwise_conv2d", "factoring"]
+
+#: `factor(function, input, weight, bias, stride, padding, dilation)`: the factored call, or None
+#: where the weight is not one to factor (reverse mode's `_PathMode.factor_call`).
+_FACTOR: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "hos_depthwise_factor", default=None
+)
 
 
-def _depthwise(input: torch.Tensor, weight: torch.Tensor, padding, groups: int) -> bool:
-    """Whether the call is a depthwise convolution this module writes out (plain tensors only:
-    a DTensor or another subclass keeps the kernel it defines)."""
+@contextlib.contextmanager
+def factoring(factor: Callable) -> Iterator[None]:
+    """Inside the block, a depthwise call is first offered to `factor` (see the module
+    docstring)."""
+    token = _FACTOR.set(factor)
+    try:
+        yield
+    finally:
+        _FACTOR.reset(token)
+
+
+def _depthwise(
+    input: torch.Tensor, weight: torch.Tensor, padding, groups: int, dim: int = 4
+) -> bool:
+    """Whether the call is a depthwise convolution this module writes out, on `dim`-D inputs
+    (plain tensors only: a DTensor or another subclass keeps the kernel it defines)."""
     return (
         type(input) is torch.Tensor
         and type(weight) is torch.Tensor
         and not isinstance(padding, str)
-        and input.dim() == 4
-        and weight.dim() == 4
+        and input.dim() == dim
+        and weight.dim() == dim
         and groups > 1
         and groups == input.shape[1] == weight.shape[0]
         and weight.shape[1] == 1
@@ -56,6 +84,17 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     """
     if not _depthwise(input, weight, padding, groups):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    factor = _FACTOR.get()
+    if factor is not None:
+        out = factor(_written_out, input, weight, bias, stride, padding, dilation)
+        if out is not None:
+            return out
+    return _written_out(input, weight, bias, stride, padding, dilation)
+
+
+def _written_out(input, weight, bias=None, stride=1, padding=0, dilation=1):
+    """A depthwise `F.conv2d` (one group per channel) as shifted multiply-adds."""
+    groups = input.shape[1]
     (kh, kw), (sh, sw) = weight.shape[-2:], _pair(stride)
     (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
     height, width = input.shape[-2:]
@@ -86,9 +125,18 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, 
 def depthwise_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """`F.conv1d` with the same meaning; a depthwise call (Mamba's and wav2vec's short causal
     convolutions) as the 2-D rewrite on a height of one."""
-    if isinstance(padding, str) or input.dim() != 3 or weight.dim() != 3:
+    if not _depthwise(input, weight, padding, groups, dim=3):
         return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
+    factor = _FACTOR.get()
+    if factor is not None:
+        out = factor(_written_out_1d, input, weight, bias, stride, padding, dilation)
+        if out is not None:
+            return out
+    return _written_out_1d(input, weight, bias, stride, padding, dilation)
+
+
+def _written_out_1d(input, weight, bias=None, stride=1, padding=0, dilation=1):
+    """A depthwise `F.conv1d` as `_written_out` on a height of one."""
     (s,), (p,), (d,) = (_single(v) for v in (stride, padding, dilation))
-    out = depthwise_conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p), (1, d),
-                           groups)  # fmt: skip
+    out = _written_out(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p), (1, d))
     return out.squeeze(-2)

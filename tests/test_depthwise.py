@@ -224,3 +224,96 @@ def test_a_causal_sequence_convolution_equals_finite_differences(monkeypatch):
     H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
     assert written
     close(H, Path(loss, params, u, part).H(), FD_MODEL["H"], "H̄ against FD")
+
+
+class _Separable(nn.Module):
+    """A depthwise layer first (its input does not move) or after a moving layer, then a head;
+    no normalisation, so that PyTorch's own nested AD is exact on it."""
+
+    def __init__(self, first: bool, call: dict, bias: bool):
+        super().__init__()
+        self.first = first
+        self.expand = nn.Conv2d(3, 3, 1)
+        self.depthwise = nn.Conv2d(3, 3, 3, groups=3, bias=bias, **call)
+        self.head = nn.LazyLinear(2)
+
+    def forward(self, x):
+        h = x if self.first else torch.tanh(self.expand(x))
+        return self.head(F.silu(self.depthwise(h)).flatten(1))
+
+
+def _dense_hessian(model, loss, params, u, part) -> torch.Tensor:
+    """H̄ by `torch.func.hessian` of η ↦ L(θ + Σ η_s u_s) on the module run the ordinary way
+    (PyTorch's convolution, no hos mode)."""
+    owner = {n: s for s, names in enumerate(part.groups) for n in names}
+
+    def phi(eta):
+        moved = {n: params[n] + eta[owner[n]] * u[n] for n in params}
+        out = torch.func.functional_call(model, moved, (loss.inputs,))
+        return loss.criterion(out, loss.targets)
+
+    return torch.func.hessian(phi)(torch.zeros(len(part), dtype=DT))
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-layer", "hidden"])
+@pytest.mark.parametrize("call", CALLS[:4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_factor_the_depthwise_weight(first, call, bias, monkeypatch):
+    """Reverse mode factors a depthwise layer (θ and u as constants in the written-out form, no
+    tap gradients per row): H̄ equals PyTorch's own dense Hessian of the path and the rows
+    without the factoring."""
+    from hos.backends import reverse
+
+    torch.manual_seed(1)
+    model = _Separable(first, call, bias).to(DT)
+    x, y = torch.randn(4, 3, 9, 8, dtype=DT), torch.randint(0, 2, (4,))
+    model(x)  # the lazy head takes its shape
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.randn_like(v) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    factored = []
+    offer = reverse._PathMode.factor_call
+
+    def counted(self, *args):
+        out = offer(self, *args)
+        factored.append(out is not None)
+        return out
+
+    monkeypatch.setattr(reverse._PathMode, "factor_call", counted)
+    H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    assert any(factored), "the depthwise layer was not factored"
+    torch.testing.assert_close(H, _dense_hessian(model, loss, params, u, part), **EXACT)
+
+    def declined(self, function, x, weight, bias, *rest):
+        self._note((x, weight, bias))
+        return None
+
+    monkeypatch.setattr(reverse._PathMode, "factor_call", declined)
+    unfactored = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    torch.testing.assert_close(H, unfactored, **EXACT)
+
+
+def test_a_causal_sequence_convolution_is_factored(monkeypatch):
+    """The 1-D depthwise call is offered with its own weight (not a 2-D view of it)."""
+    from hos.backends import reverse
+
+    factored = []
+    offer = reverse._PathMode.factor_call
+
+    def counted(self, *args):
+        out = offer(self, *args)
+        factored.append(out is not None)
+        return out
+
+    monkeypatch.setattr(reverse._PathMode, "factor_call", counted)
+    torch.manual_seed(0)
+    model = _CausalConv().to(DT)
+    x, y = torch.randn(6, 5, 3, dtype=DT), torch.randint(0, 3, (6,))
+    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    u = {k: torch.randn_like(v) for k, v in params.items()}
+    part = hos.Partition.per_tensor(params)
+    H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
+    assert factored and all(factored)
+    close(H, Path(loss, params, u, part).H(), FD_MODEL["H"], "H̄ against FD")

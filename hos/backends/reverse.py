@@ -13,7 +13,8 @@ Three things make it cheap:
   with respect to $\eta_W$ is then elementwise (`_Shift`); where it does (hidden layers,
   `_HiddenShift`), the η-term's share of $\partial/\partial x$ is taken once in the first
   backward, and the nested passes contract it and $f(x, u_W)$ instead of running two
-  weight-gradient products per layer and row.
+  weight-gradient products per layer and row. A depthwise convolution, which `ExactOps`
+  writes out before this mode sees a call, is offered from there (`_PathMode.factor_call`).
 * *Pruning.* Groups are ordered by first use in the forward pass. Row i of
   $\bar H$ differentiates $\bar g_i$ with respect to the groups
   used at or after group i only, so that backward pass stops at group i;
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from hos._depthwise import factoring
 from hos._exact import ExactOps, second_order_reverse
 from hos._problem import Problem
 from hos._progress import bar, counter
@@ -242,19 +244,42 @@ class _PathMode(TorchFunctionMode):
         self._note(args)
         self._note(kwargs.values())
         linear = _linear_call(func, args, kwargs) if self.factor else None
-        if linear is not None and not torch._C._are_functorch_transforms_active():  # vmap: as is
-            entry = self._mark_of(linear.weight)
-            if entry is not None and (self.hidden or not linear.x.requires_grad):
-                theta, u, eta = entry[:3]
-                base, along = linear.evaluate(theta, True), linear.evaluate(u, False)
-                self.factored = True
-                # a fresh tensor, not the view the shift returns: the model may write into it
-                # (conv -> ReLU(inplace=True))
-                if not linear.x.requires_grad:
-                    return _Shift.apply(eta, base, along).clone()
-                transpose = linear.transpose(u)
-                return _HiddenShift.apply(eta, base, along, linear.x, transpose).clone()
-        return func(*args, **kwargs)
+        out = self._factored(linear) if linear is not None else None
+        return func(*args, **kwargs) if out is None else out
+
+    def factor_call(self, function, x, weight, bias, *rest) -> torch.Tensor | None:
+        """`function(x, weight, bias, *rest)`, linear in `weight` and in `x`, factored where
+        `weight` is marked; else None. For a call `ExactOps` writes out before this mode sees it
+        (a depthwise convolution, `hos._depthwise.factoring`): `function` is the written-out
+        form, evaluated at θ and at u."""
+        self._note((x, weight, bias))
+        if not self.factor:
+            return None
+        linear = _LinearCall(
+            x,
+            weight,
+            lambda w, with_bias: function(x, w, bias if with_bias else None, *rest),
+            lambda u: _input_transpose(function, x, u, [None, *rest], {}),
+        )
+        return self._factored(linear)
+
+    def _factored(self, linear: _LinearCall) -> torch.Tensor | None:
+        """f(x, θ) + η f(x, u) at η = 0 for a call whose weight is marked (`_Shift`, or
+        `_HiddenShift` where x moves and `hidden`); None otherwise (and under vmap: as is)."""
+        if torch._C._are_functorch_transforms_active():
+            return None
+        entry = self._mark_of(linear.weight)
+        if entry is None or not (self.hidden or not linear.x.requires_grad):
+            return None
+        theta, u, eta = entry[:3]
+        base, along = linear.evaluate(theta, True), linear.evaluate(u, False)
+        self.factored = True
+        # a fresh tensor, not the view the shift returns: the model may write into it
+        # (conv -> ReLU(inplace=True))
+        if not linear.x.requires_grad:
+            return _Shift.apply(eta, base, along).clone()
+        transpose = linear.transpose(u)
+        return _HiddenShift.apply(eta, base, along, linear.x, transpose).clone()
 
 
 class _LinearCall(NamedTuple):
@@ -352,7 +377,7 @@ class PathGraph:
             second_order_reverse() if self.max_order and self.max_order <= 2 else nullcontext()
         )
         gathered = gathering(self.gather) if self.gather is not None else nullcontext()
-        with torch.enable_grad(), mode, ExactOps(), kernels, gathered:
+        with torch.enable_grad(), mode, ExactOps(), kernels, gathered, factoring(mode.factor_call):
             self.value = prob.loss(moved)
         return mode
 
