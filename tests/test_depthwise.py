@@ -5,7 +5,9 @@ channel for a depthwise layer; inside `second_order_reverse()` `ExactOps` writes
 shifted multiply-adds. Checked against PyTorch's own convolution (values, and its first and
 second derivatives in float64: a different route to the same function), against Richardson
 finite differences of the loss (no autograd) on a MobileNet-style block, and for staying out of
-every call it does not cover.
+every call it does not cover. Reverse mode's factoring of the layer (θ and u as constants of the
+written-out form) against `torch.func.hessian` of the module run the ordinary way and against the
+rows without the factoring.
 """
 
 from __future__ import annotations
@@ -242,6 +244,22 @@ class _Separable(nn.Module):
         return self.head(F.silu(self.depthwise(h)).flatten(1))
 
 
+def _offers(monkeypatch) -> list[bool]:
+    """Whether each depthwise call reverse mode's path graph was offered got factored."""
+    from hos.backends import reverse
+
+    factored: list[bool] = []
+    offer = reverse._PathMode.factor_call
+
+    def counted(self, *args):
+        out = offer(self, *args)
+        factored.append(out is not None)
+        return out
+
+    monkeypatch.setattr(reverse._PathMode, "factor_call", counted)
+    return factored
+
+
 def _dense_hessian(model, loss, params, u, part) -> torch.Tensor:
     """H̄ by `torch.func.hessian` of η ↦ L(θ + Σ η_s u_s) on the module run the ordinary way
     (PyTorch's convolution, no hos mode)."""
@@ -272,15 +290,7 @@ def test_rows_factor_the_depthwise_weight(first, call, bias, monkeypatch):
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     u = {k: torch.randn_like(v) for k, v in params.items()}
     part = hos.Partition.per_tensor(params)
-    factored = []
-    offer = reverse._PathMode.factor_call
-
-    def counted(self, *args):
-        out = offer(self, *args)
-        factored.append(out is not None)
-        return out
-
-    monkeypatch.setattr(reverse._PathMode, "factor_call", counted)
+    factored = _offers(monkeypatch)
     H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
     assert any(factored), "the depthwise layer was not factored"
     torch.testing.assert_close(H, _dense_hessian(model, loss, params, u, part), **EXACT)
@@ -296,17 +306,7 @@ def test_rows_factor_the_depthwise_weight(first, call, bias, monkeypatch):
 
 def test_a_causal_sequence_convolution_is_factored(monkeypatch):
     """The 1-D depthwise call is offered with its own weight (not a 2-D view of it)."""
-    from hos.backends import reverse
-
-    factored = []
-    offer = reverse._PathMode.factor_call
-
-    def counted(self, *args):
-        out = offer(self, *args)
-        factored.append(out is not None)
-        return out
-
-    monkeypatch.setattr(reverse._PathMode, "factor_call", counted)
+    factored = _offers(monkeypatch)
     torch.manual_seed(0)
     model = _CausalConv().to(DT)
     x, y = torch.randn(6, 5, 3, dtype=DT), torch.randint(0, 3, (6,))
