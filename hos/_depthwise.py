@@ -84,12 +84,14 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     """
     if not _depthwise(input, weight, padding, groups):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _offered(_written_out, input, weight, bias, stride, padding, dilation)
+
+
+def _offered(written_out: Callable, *call) -> torch.Tensor:
+    """`written_out(*call)`, offered first to reverse mode's factoring where it is on."""
     factor = _FACTOR.get()
-    if factor is not None:
-        out = factor(_written_out, input, weight, bias, stride, padding, dilation)
-        if out is not None:
-            return out
-    return _written_out(input, weight, bias, stride, padding, dilation)
+    out = factor(written_out, *call) if factor is not None else None
+    return written_out(*call) if out is None else out
 
 
 def _written_out(input, weight, bias=None, stride=1, padding=0, dilation=1):
@@ -127,12 +129,7 @@ def depthwise_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, 
     convolutions) as the 2-D rewrite on a height of one."""
     if not _depthwise(input, weight, padding, groups, dim=3):
         return F.conv1d(input, weight, bias, stride, padding, dilation, groups)
-    factor = _FACTOR.get()
-    if factor is not None:
-        out = factor(_written_out_1d, input, weight, bias, stride, padding, dilation)
-        if out is not None:
-            return out
-    return _written_out_1d(input, weight, bias, stride, padding, dilation)
+    return _offered(_written_out_1d, input, weight, bias, stride, padding, dilation)
 
 
 def _written_out_1d(input, weight, bias=None, stride=1, padding=0, dilation=1):

@@ -213,9 +213,12 @@ class _CausalConv(nn.Module):
         return self.head(F.silu(h).flatten(1))
 
 
-def test_a_causal_sequence_convolution_equals_finite_differences(monkeypatch):
+def test_a_causal_sequence_convolution_is_factored_and_equals_finite_differences(monkeypatch):
+    """Written out, and offered to reverse mode's factoring with its own 1-D weight (not a 2-D
+    view of it)."""
     written = []
     monkeypatch.setitem(exact.REWRITTEN_AT_SECOND_ORDER, F.conv1d, _spy(written, depthwise_conv1d))
+    factored = _offers(monkeypatch)
     torch.manual_seed(0)
     model = _CausalConv().to(DT)
     x, y = torch.randn(6, 5, 3, dtype=DT), torch.randint(0, 3, (6,))
@@ -224,7 +227,7 @@ def test_a_causal_sequence_convolution_equals_finite_differences(monkeypatch):
     u = {k: torch.randn_like(v) for k, v in params.items()}
     part = hos.Partition.per_tensor(params)
     H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
-    assert written
+    assert written and factored and all(factored)
     close(H, Path(loss, params, u, part).H(), FD_MODEL["H"], "H̄ against FD")
 
 
@@ -302,18 +305,3 @@ def test_rows_factor_the_depthwise_weight(first, call, bias, monkeypatch):
     monkeypatch.setattr(reverse._PathMode, "factor_call", declined)
     unfactored = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
     torch.testing.assert_close(H, unfactored, **EXACT)
-
-
-def test_a_causal_sequence_convolution_is_factored(monkeypatch):
-    """The 1-D depthwise call is offered with its own weight (not a 2-D view of it)."""
-    factored = _offers(monkeypatch)
-    torch.manual_seed(0)
-    model = _CausalConv().to(DT)
-    x, y = torch.randn(6, 5, 3, dtype=DT), torch.randint(0, 3, (6,))
-    loss = hos.model_loss(model, nn.CrossEntropyLoss(), x, y)
-    params = {k: p.detach().clone() for k, p in model.named_parameters()}
-    u = {k: torch.randn_like(v) for k, v in params.items()}
-    part = hos.Partition.per_tensor(params)
-    H = hos.summary_tensor(loss, params, u, part, 2, backend="reverse", verify=False)
-    assert factored and all(factored)
-    close(H, Path(loss, params, u, part).H(), FD_MODEL["H"], "H̄ against FD")
