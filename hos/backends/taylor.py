@@ -38,6 +38,7 @@ from hos.backends.reverse import (
     reverse_tensor,
 )
 from hos.taylor import MultivariateTracker, TaylorFallback, UnivariateTracker
+from hos.taylor.cuts import PairCutTracker
 
 __all__ = ["taylor_diagonal", "taylor_summarize", "taylor_tensor"]
 
@@ -66,34 +67,61 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
 #: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
 PAIR_MAX_GROUPS = 12
 PAIR_BUDGET = 32.0
+#: Whether that pass contracts its top rows (x_3 per line, x_ij per pair) at the layers linear
+#: in their input with the gradient of its own primal graph (`hos.taylor.cuts.PairCutTracker`).
+PAIR_CUTS = True
 
 
-def _pair_pass(prob: Problem) -> tuple[tuple[torch.Tensor, ...] | None, bool]:
+def _pair_pass(prob: Problem, cuts: bool | None = None) -> tuple[tuple | None, bool]:
     """((ḡ, H̄, diag D³, L) from one forward pass, True): the Taylor coefficients along
-    every group's line (orders 1-3) and the mixed ones of every pair.
+    every group's line (orders 1-3) and the mixed ones of every pair; with `cuts` (default
+    `PAIR_CUTS`, where gradients are on) their top rows contracted at the layers linear in
+    their input, and the pass run again whole where that backward cannot be taken.
 
     (None, True) when the tracker gave up (reverse rows take over); (None, False) when
     the certificate rejected the pass (reverse mode for everything).
     """
     S = prob.S
-    tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
+    cuts = (PAIR_CUTS if cuts is None else cuts) and torch.is_grad_enabled() and not prob.sharded
+    if cuts:
+        tracker = PairCutTracker(3, passes.JET_MAX_BYTES, PAIR_BUDGET)
+    else:
+        tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
     try:
         moved = seeded(prob, tracker, range(prob.S))
+        if cuts:  # the primal graph the cut layers' gradients come from
+            moved = {n: t.requires_grad_() for n, t in moved.items()}
         rows = 3 * S + S * (S - 1) // 2 + 1  # the lines' coefficients, the pairs', the primal
         with tracker.mode(), ExactOps(), coefficient_rows(rows):
             value = prob.loss(moved)
     except TaylorFallback as exc:  # the engine's one protocol: the pass stops, the reason kept
         tracker.fallback = tracker.fallback or exc
+    except RuntimeError as exc:
+        if not cuts:
+            raise
+        # autograd refused the primal graph (an in-place write on θ, ...): whole, as before
+        tracker.clear()
+        _LOG.info("hos: the one-pass summary runs again without cuts (%s)", exc)
+        return _pair_pass(prob, cuts=False)
     if tracker.fallback is not None:
         _LOG.info("hos: the one-pass summary gives way to reverse rows: %s", tracker.fallback)
         return None, True
     coeffs = tracker.coefficients(value, range(S))
     H = tracker.mixed_coefficients(value, S)
+    if cuts:
+        terms = tracker.contract(value, S)
+        if isinstance(terms, str):
+            tracker.clear()
+            _LOG.info("hos: the one-pass summary runs again without cuts (%s)", terms)
+            return _pair_pass(prob, cuts=False)
+        coeffs[2] += terms[0]
+        H += terms[1]
     H.diagonal().copy_(2 * coeffs[1])
     tracker.clear()
+    value = value.detach()
     if not certify_pass(prob, tracker.signature(), coeffs[0], H):
         return None, False
-    return (coeffs[0], H, 6 * coeffs[2], value.detach()), True
+    return (coeffs[0], H, 6 * coeffs[2], value), True
 
 
 #: summary_tensor of order >= 3 by multivariate Taylor mode for S at most this, while no

@@ -36,7 +36,7 @@ from hos.taylor.fallback import TaylorFallback
 from hos.taylor.jets import Jet
 from hos.taylor.univariate import UnivariateTracker
 
-__all__ = ["ADDMM", "LAYERS", "MATMUL", "CallKeys", "CutTracker", "Cuts"]
+__all__ = ["ADDMM", "LAYERS", "MATMUL", "CallKeys", "CutTracker", "Cuts", "PairCutTracker"]
 
 _T = torch.Tensor
 
@@ -168,3 +168,105 @@ class CutTracker(UnivariateTracker):
             index = torch.tensor([where[s] for s in lines], device=out.device)
             out.index_add_(0, index, values.to(out.dtype))
         return out
+
+
+class PairCutTracker(UnivariateTracker):
+    r"""The one-pass summary's tracker (lines to order 3 and the pairs' mixed coefficients),
+    cutting its top rows at every call linear in its input: x_3 along each line and x_ij of
+    each pair enter the loss's coefficient of the same degree only through
+    ⟨∂L/∂x, ·⟩ at that call (the same argument as above, for the degree-2 mixed monomials, the
+    highest the pass carries), so the call goes on without them.
+
+    No backward at θ beforehand: the pass records its own primal graph (θ's tensors are leaves
+    that require a gradient; the rules run with gradients off, so no coefficient joins it), the
+    cut input is an alias in that graph, and `contract`, after the forward, takes δ for every
+    alias from one backward of the loss (to the aliases only, no weight gradient) and returns
+    ⟨δ, x_3⟩ per line and ⟨δ, x_ij⟩ per pair. Where that backward cannot give them (the loss
+    has no graph, autograd cannot differentiate an op) `contract` says why and the caller runs
+    the pass again without cuts.
+    """
+
+    def __init__(self, order: int, max_bytes: int, pair_budget: float):
+        super().__init__(order, max_bytes, pairs=True, pair_budget=pair_budget)
+        #: (alias, lines, x_K block or None, pairs, mixed block or None) per cut made
+        self.cuts: list[tuple] = []
+        self.made = 0  # cuts made in this pass
+
+    def signature(self) -> tuple:
+        """The op sequence marked as cut (the certificate's verdicts are kept apart), before
+        the lowest precision, which stays last (`hos.backends.certificate.precision_of`)."""
+        ops, marker = super().signature(), ("pair cuts", self.made)
+        if self.precision is None:
+            return (*ops, marker)
+        return (*ops[:-1], marker, ops[-1])
+
+    def run(self, func, args, kwargs):
+        """The model's own calls: at a call linear in its moving input x (which is in the
+        primal graph), x is passed as an alias of itself whose jet lacks x_K and x_ij."""
+        found = operands(func, args) if self._depth == 0 else None
+        if found is not None and self.following() and torch.is_grad_enabled():
+            at = found[0]
+            x = args[at]
+            jet = self.jet(x)
+            cut = self._cut(x, jet) if jet is not None and x.requires_grad else None
+            if cut is not None:
+                trimmed, (top, labels, mixed) = cut
+                with torch._C.DisableTorchFunction():
+                    alias = x.view_as(x)
+                held = self.primal_bytes
+                try:
+                    self._store(alias, trimmed)
+                except TaylorFallback as exc:  # past the memory cap: the engine's protocol
+                    self.fail(exc)
+                self.primal_bytes = held  # x's bytes, counted once
+                self.cuts.append((alias, jet.groups, top, labels, mixed))
+                self.made += 1
+                args = (*args[:at], alias, *args[at + 1 :])
+        return super().run(func, args, kwargs)
+
+    def _cut(self, x: torch.Tensor, jet: Jet) -> tuple[Jet, tuple] | None:
+        """(`jet` without its top rows, (x_K block, pairs, mixed block) taken out), or None where
+        no top block is whole (a broadcast block is kept)."""
+
+        def whole(block):
+            return block is not None and tuple(block.shape[1:]) == tuple(x.shape)
+
+        top = jet.coeffs[-1] if whole(jet.coeffs[-1]) else None
+        mixed = jet.mixed if whole(jet.mixed) else None
+        if top is None and mixed is None:
+            return None
+        coeffs = [*jet.coeffs[:-1], jet.coeffs[-1] if top is None else None]
+        if mixed is None:
+            return Jet(jet.groups, coeffs, jet.pairs, jet.mixed), (top, (), None)
+        return Jet(jet.groups, coeffs), (top, jet.pairs, mixed)
+
+    def contract(self, value: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """(Σ ⟨δ, x_K⟩ per group, shape (S,); Σ ⟨δ, x_ij⟩ as a symmetric (S, S)) over the cuts,
+        δ = ∂L/∂x at θ through each cut call from one backward; or why there is none."""
+        lines = torch.zeros(S, dtype=value.dtype, device=value.device)
+        pairs = torch.zeros(S, S, dtype=value.dtype, device=value.device)
+        if not self.cuts:
+            return lines, pairs
+        if not value.requires_grad:
+            return "the loss has no graph to take the cut layers' gradients from"
+        aliases = [c[0] for c in self.cuts]
+        try:
+            deltas = torch.autograd.grad(value, aliases, allow_unused=True)
+        except RuntimeError as exc:
+            return f"the cut layers' gradients: {exc}"
+        with torch.no_grad():
+            for (_, groups, top, labels, mixed), delta in zip(self.cuts, deltas):
+                if delta is None:
+                    continue  # x does not reach the loss
+                flat = delta.reshape(-1).to(value.dtype)
+                if top is not None:
+                    index = torch.tensor(groups, device=lines.device)
+                    lines.index_add_(0, index, torch.mv(top.reshape(len(top), -1).to(flat), flat))
+                if mixed is not None:
+                    rows = torch.tensor([i for i, _ in labels], device=pairs.device)
+                    cols = torch.tensor([j for _, j in labels], device=pairs.device)
+                    terms = torch.mv(mixed.reshape(len(mixed), -1).to(flat), flat)
+                    pairs.index_put_((rows, cols), terms, accumulate=True)
+                    pairs.index_put_((cols, rows), terms, accumulate=True)
+        self.cuts = []
+        return lines, pairs

@@ -1,0 +1,168 @@
+"""The one-pass summary (S <= `PAIR_MAX_GROUPS`) with its top rows cut at the layers linear in
+their input: x_3 along each line and the pairs' mixed x_ij are contracted with ∂L/∂x from the
+pass's own primal graph, after the forward (`hos.taylor.cuts.PairCutTracker`).
+
+The oracles share none of that machinery: `hos.reference` (nested `torch.func` on the plain
+parameters), finite differences of the loss with Richardson extrapolation, and the same pass
+run whole. Each test counts the cuts, so that none passes without them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hos
+from hos import reference
+from hos.backends import taylor
+from hos.taylor.cuts import PairCutTracker
+from tests.backends.test_cuts import _problem as _small_problem
+from tests.helpers import fd
+from tests.helpers.tolerances import DT, EXACT, FD, ROUNDOFF
+from tests.helpers.tolerances import assert_close as _close
+
+
+@pytest.fixture
+def cuts(monkeypatch):
+    """The cuts the one-pass summaries made: {"made": count, "pairs": mixed blocks cut}."""
+    seen = {"made": 0, "pairs": 0}
+    cut = PairCutTracker._cut
+
+    def counted(self, x, jet):
+        found = cut(self, x, jet)
+        if found is not None:
+            seen["made"] += 1
+            seen["pairs"] += found[1][2] is not None
+        return found
+
+    monkeypatch.setattr(PairCutTracker, "_cut", counted)
+    return seen
+
+
+class Residual(nn.Module):
+    """conv → BatchNorm2d (train) → in-place SiLU, a residual block of the same, pooled into a
+    linear head: x feeds two calls (the block and the skip), and the skip's sum is written in
+    place."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.silu(self.norm(self.stem(x)), inplace=True)
+        out = self.conv(h)
+        out += h  # the skip, in place on the block's output
+        return self.head(torch.tanh(out).mean((2, 3)))
+
+
+class WrittenAfterUse(nn.Module):
+    """h feeds a linear layer and is then scaled in place: the tensor that layer saved for its
+    weight's gradient changes, so the cuts' backward cannot be taken and the pass runs again
+    whole (reverse mode, whose layers keep no input for a weight gradient, differentiates it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.a = nn.Linear(5, 5), nn.Linear(5, 6)
+        self.b, self.c = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(torch.tanh(self.pre(x)))  # x_3 and the pairs of pre's lines: cut at b
+        y = self.b(h)
+        h.mul_(2.0)
+        return y + self.c(torch.tanh(h))
+
+
+def _module_problem(model: nn.Module, x: torch.Tensor):
+    model = model.to(DT).train()
+    y = torch.arange(x.shape[0]) % 3
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    return hos.model_loss(model, nn.CrossEntropyLoss(), x, y), params, u
+
+
+def _problem(name: str):
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    if name == "residual":
+        return _module_problem(Residual(), torch.randn(3, 2, 5, 5, generator=gen, dtype=DT))
+    if name == "written":
+        return _module_problem(WrittenAfterUse(), torch.randn(4, 5, generator=gen, dtype=DT))
+    return _small_problem(name)
+
+
+def _partition(params) -> hos.Partition:
+    """One group per tensor, or per layer where that is more than the one pass takes."""
+    part = hos.Partition.per_tensor(params)
+    if len(part) > taylor.PAIR_MAX_GROUPS:
+        part = hos.Partition.per_layer(params)
+    assert len(part) <= taylor.PAIR_MAX_GROUPS
+    return part
+
+
+def _summary(loss, params, u, part, verify=True):
+    s = hos.summarize(loss, params, u, part, backend="taylor", verify=verify)
+    assert s.fallback is None, s.fallback
+    return s
+
+
+@pytest.mark.parametrize("name", ["mlp", "encoder", "tied", "residual"])
+def test_cut_pass_matches_nested_torch_func(name, cuts):
+    loss, params, u = _problem(name)
+    part = _partition(params)
+    s = _summary(loss, params, u, part)
+    assert cuts["made"] > 0 and cuts["pairs"] > 0
+    _close(s.g, reference.summary_tensor(loss, params, u, part, 1), "ḡ", **EXACT)
+    _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
+    _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+
+
+def test_cut_pass_matches_finite_differences(cuts):
+    loss, params, u = _problem("residual")
+    part = _partition(params)
+    s = _summary(loss, params, u, part)
+    assert cuts["pairs"] > 0
+    path = fd.Path(loss, params, u, part)
+    fd.close(s.H, path.H(), FD["H"], "H̄")
+    fd.close(s.d3, path.diagonal(3), FD["d3"], "diag D³")
+
+
+@pytest.mark.parametrize("name", ["encoder", "tied"])
+def test_cut_and_whole_passes_agree_to_rounding(name, cuts, monkeypatch):
+    loss, params, u = _problem(name)
+    part = _partition(params)
+    cut = _summary(loss, params, u, part)
+    made = cuts["made"]
+    assert made > 0
+    monkeypatch.setattr(taylor, "PAIR_CUTS", False)
+    whole = _summary(loss, params, u, part)
+    assert cuts["made"] == made  # none without them
+    for what in ("g", "H", "d3"):
+        _close(getattr(cut, what), getattr(whole, what), what, **ROUNDOFF)
+
+
+def test_a_pass_whose_backward_fails_runs_again_whole(cuts, caplog):
+    """The in-place write on a tensor a layer saved makes the cuts' backward raise: the pass
+    runs again without cuts (logged) and the numbers are the reference's; the parameters are
+    left as they were. (The module itself cannot be backpropagated the ordinary way either, so
+    the check against it is off: `verify=False`.)"""
+    loss, params, u = _problem("written")
+    before = {k: v.clone() for k, v in params.items()}
+    part = _partition(params)
+    with caplog.at_level(logging.INFO, logger="hos"):
+        s = _summary(loss, params, u, part, verify=False)
+    assert cuts["made"] > 0
+    assert "runs again without cuts" in caplog.text
+    assert "modified by an inplace operation" in caplog.text
+    _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
+    _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+    for k, v in params.items():
+        assert not v.requires_grad
+        assert torch.equal(v, before[k])
