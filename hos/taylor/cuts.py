@@ -27,11 +27,14 @@ without cuts (`hos.backends.passes.jet_pass`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from hos.taylor import jets as J
+from hos.taylor.batching import call_batched
 from hos.taylor.fallback import TaylorFallback
 from hos.taylor.jets import Jet
 from hos.taylor.univariate import UnivariateTracker
@@ -170,6 +173,29 @@ class CutTracker(UnivariateTracker):
         return out
 
 
+class _Crossing(NamedTuple):
+    """A layer y = f(x, w) whose pairs (i, w) with x's lines i were left to `contract`: the call
+    (its bias-free leaves, x's and w's positions among them), x's lines and their first
+    coefficients, w and its direction u_w."""
+
+    y: torch.Tensor | None
+    func: Callable
+    leaves: list
+    spec: Any
+    at: int
+    w_at: int
+    lines: tuple[int, ...]
+    first: torch.Tensor
+    w: int
+    u: torch.Tensor
+
+
+#: `PairCutTracker` contracts a layer's own-weight pairs where its input carries at least this
+#: many lines: the adjoint costs two products of the layer (its forward at u_w and its
+#: backward), the pairs one product per line.
+CROSS_MIN_LINES = 3
+
+
 class PairCutTracker(UnivariateTracker):
     r"""The one-pass summary's tracker (lines to order 3 and the pairs' mixed coefficients),
     cutting its top rows at every call linear in its input: x_3 along each line and x_ij of
@@ -184,6 +210,12 @@ class PairCutTracker(UnivariateTracker):
     ⟨δ, x_3⟩ per line and ⟨δ, x_ij⟩ per pair. Where that backward cannot give them (the loss
     has no graph, autograd cannot differentiate an op) `contract` says why and the caller runs
     the pass again without cuts.
+
+    The layer's own weight w (one line, θ + η_w u_w) makes pairs too: y_iw = f(x_i, u_w) for
+    every line i of x, again of the top degree. Where x carries `CROSS_MIN_LINES` lines or more
+    (`F.linear`, the convolutions, `x @ W`; not inside a rewrite) they are not formed:
+    ⟨δ_y, f(x_i, u_w)⟩ = ⟨f(·, u_w)ᵀ δ_y, x_i⟩ for all i at once, from δ_y = ∂L/∂y of the same
+    backward and one vector-Jacobian product of x ↦ f(x, u_w).
     """
 
     def __init__(self, order: int, max_bytes: int, pair_budget: float):
@@ -191,6 +223,9 @@ class PairCutTracker(UnivariateTracker):
         #: (alias, lines, x_K block or None, pairs, mixed block or None) per cut made
         self.cuts: list[tuple] = []
         self.made = 0  # cuts made in this pass
+        #: the layers whose own-weight pairs were left to `contract`
+        self.crossings: list[_Crossing] = []
+        self._crossing: dict | None = None  # the layer call under way, while its rule runs
 
     def signature(self) -> tuple:
         """The op sequence marked as cut (the certificate's verdicts are kept apart), before
@@ -222,7 +257,55 @@ class PairCutTracker(UnivariateTracker):
                 self.cuts.append((alias, jet.groups, top, labels, mixed))
                 self.made += 1
                 args = (*args[:at], alias, *args[at + 1 :])
+            if self.following() and args[at].requires_grad:
+                return self._crossed(func, args, kwargs, args[at], found[1])
         return super().run(func, args, kwargs)
+
+    def _crossed(self, func, args, kwargs, x: torch.Tensor, weight: torch.Tensor):
+        """Run the layer call with its rule told to leave x's pairs with w to `contract`."""
+        self._crossing = {"x": x, "w": weight}
+        try:
+            out = super().run(func, args, kwargs)
+        finally:
+            found, self._crossing = self._crossing, None
+        made = found.get("made")
+        if made is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+            self.crossings.append(made._replace(y=out))
+        elif made is not None:  # the pairs were not formed and cannot be contracted: say so
+            self.fail(TaylorFallback("a layer's own-weight pairs have no gradient to meet"))
+        return out
+
+    def _products(self, func, leaves, spec, factors, positions, terms, mixed) -> None:
+        """The layer under way (`_crossed`), at its own rule: x's pairs with the weight's line
+        are recorded instead of formed; every other product (the orders 2..K along a line x
+        and w share) as `UnivariateTracker` forms it."""
+        crossing = self._crossing
+        if crossing is not None and self._depth == 1 and "made" not in crossing:
+            at = [p for p in positions if leaves[p] is crossing["x"]]
+            w_at = [p for p in positions if leaves[p] is crossing["w"]]
+            if len(at) == 1 and len(w_at) == 1 and at != w_at:
+                i, j = positions.index(at[0]), positions.index(w_at[0])
+                x_jet, w_jet = factors[i], factors[j]
+                first, u = x_jet.coeffs[0], w_jet.coeffs[0]
+                others = tuple(s for s in x_jet.groups if s not in w_jet.groups)
+                if (
+                    len(others) >= CROSS_MIN_LINES
+                    and len(w_jet.groups) == 1
+                    and first is not None
+                    and u is not None
+                    and tuple(first.shape[1:]) == tuple(crossing["x"].shape)
+                ):
+                    crossing["made"] = _Crossing(
+                        None, func, leaves, spec, at[0], w_at[0], others,
+                        J.rows(first, [x_jet.groups.index(s) for s in others]), w_jet.groups[0],
+                        u[0],
+                    )  # fmt: skip
+                    if others == x_jet.groups:
+                        return  # no line in common: the pairs were all this call would form
+                    shared = w_jet.groups  # the line x and w share: its products, no pairs
+                    factors = list(factors)
+                    factors[i] = Jet(shared, J.restrict(x_jet, shared))
+        super()._products(func, leaves, spec, factors, positions, terms, mixed)
 
     def _cut(self, x: torch.Tensor, jet: Jet) -> tuple[Jet, tuple] | None:
         """(`jet` without its top rows, (x_K block, pairs, mixed block) taken out), or None where
@@ -245,15 +328,22 @@ class PairCutTracker(UnivariateTracker):
         δ = ∂L/∂x at θ through each cut call from one backward; or why there is none."""
         lines = torch.zeros(S, dtype=value.dtype, device=value.device)
         pairs = torch.zeros(S, S, dtype=value.dtype, device=value.device)
-        if not self.cuts:
+        if not self.cuts and not self.crossings:
             return lines, pairs
         if not value.requires_grad:
             return "the loss has no graph to take the cut layers' gradients from"
-        aliases = [c[0] for c in self.cuts]
+        inputs = [c[0] for c in self.cuts] + [c[0] for c in self.crossings]
         try:
-            deltas = torch.autograd.grad(value, aliases, allow_unused=True)
-        except RuntimeError as exc:
+            deltas = torch.autograd.grad(value, inputs, allow_unused=True)
+        except RuntimeError as exc:  # the model's graph, not a rule (those raise as they are)
             return f"the cut layers' gradients: {exc}"
+        crossed = [self._crossing_terms(c, d) for c, d in
+                   zip(self.crossings, deltas[len(self.cuts) :])]  # fmt: skip
+        for crossing, terms in zip(self.crossings, crossed):
+            if terms is not None:
+                index, w = torch.tensor(crossing.lines, device=pairs.device), crossing.w
+                pairs[index, w] += terms.to(pairs.dtype)
+                pairs[w, index] += terms.to(pairs.dtype)
         with torch.no_grad():
             for (_, groups, top, labels, mixed), delta in zip(self.cuts, deltas):
                 if delta is None:
@@ -268,5 +358,31 @@ class PairCutTracker(UnivariateTracker):
                     terms = torch.mv(mixed.reshape(len(mixed), -1).to(flat), flat)
                     pairs.index_put_((rows, cols), terms, accumulate=True)
                     pairs.index_put_((cols, rows), terms, accumulate=True)
-        self.cuts = []
+        self.cuts, self.crossings = [], []
         return lines, pairs
+
+    @staticmethod
+    def _crossing_terms(c: _Crossing, delta: torch.Tensor | None) -> torch.Tensor | None:
+        """⟨δ_y, f(x_i, u_w)⟩ for every line i of x: x_1 against the vector-Jacobian product of
+        x ↦ f(x, u_w) at δ_y, one product for `F.linear` (δ_y u_w) and x @ W (δ_y u_wᵀ);
+        otherwise by autograd through f(0, u_w) (f linear in x: the product is the same at
+        every point)."""
+        if delta is None:
+            return None  # y does not reach the loss
+        first = c.first
+        delta = delta.to(first.dtype)
+        with torch.no_grad():
+            if c.func is F.linear and (c.at, c.w_at) == (0, 1):
+                back = delta @ c.u.to(first.dtype)
+            elif c.func in MATMUL and (c.at, c.w_at) == (0, 1):
+                back = delta @ c.u.to(first.dtype).T
+            else:
+                back = None
+        if back is None:
+            with torch.enable_grad():
+                x = torch.zeros(first.shape[1:], dtype=first.dtype, device=first.device)
+                x.requires_grad_()
+                out = call_batched(c.func, c.leaves, c.spec, {c.at: x, c.w_at: c.u}, set())
+                (back,) = torch.autograd.grad(out, x, delta.to(out.dtype))
+        with torch.no_grad():
+            return torch.mv(first.reshape(len(first), -1), back.reshape(-1))

@@ -19,6 +19,7 @@ from torch import nn
 import hos
 from hos import reference
 from hos.backends import taylor
+from hos.taylor import cuts as cut_module
 from hos.taylor.cuts import PairCutTracker
 from tests.backends.test_cuts import _problem as _small_problem
 from tests.helpers import fd
@@ -28,9 +29,11 @@ from tests.helpers.tolerances import assert_close as _close
 
 @pytest.fixture
 def cuts(monkeypatch):
-    """The cuts the one-pass summaries made: {"made": count, "pairs": mixed blocks cut}."""
-    seen = {"made": 0, "pairs": 0}
-    cut = PairCutTracker._cut
+    """The cuts the one-pass summaries made: {"made": inputs cut, "pairs": mixed blocks cut,
+    "crossings": layers whose own-weight pairs were contracted, "shared": those of them whose
+    weight's line is also one of the input's}."""
+    seen = {"made": 0, "pairs": 0, "crossings": 0, "shared": 0}
+    cut, contract, products = PairCutTracker._cut, PairCutTracker.contract, PairCutTracker._products
 
     def counted(self, x, jet):
         found = cut(self, x, jet)
@@ -39,7 +42,21 @@ def cuts(monkeypatch):
             seen["pairs"] += found[1][2] is not None
         return found
 
+    def contracted(self, value, S):
+        seen["crossings"] += len(self.crossings)
+        return contract(self, value, S)
+
+    def formed(self, func, leaves, spec, factors, positions, terms, mixed):
+        crossing = self._crossing
+        before = crossing is not None and "made" in crossing
+        products(self, func, leaves, spec, factors, positions, terms, mixed)
+        if crossing is not None and "made" in crossing and not before:
+            made = crossing["made"]
+            seen["shared"] += len(made.lines) < len(factors[positions.index(made.at)].groups)
+
     monkeypatch.setattr(PairCutTracker, "_cut", counted)
+    monkeypatch.setattr(PairCutTracker, "contract", contracted)
+    monkeypatch.setattr(PairCutTracker, "_products", formed)
     return seen
 
 
@@ -118,7 +135,7 @@ def test_cut_pass_matches_nested_torch_func(name, cuts):
     loss, params, u = _problem(name)
     part = _partition(params)
     s = _summary(loss, params, u, part)
-    assert cuts["made"] > 0 and cuts["pairs"] > 0
+    assert cuts["made"] > 0 and cuts["pairs"] > 0 and cuts["crossings"] > 0
     _close(s.g, reference.summary_tensor(loss, params, u, part, 1), "ḡ", **EXACT)
     _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
     _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
@@ -132,6 +149,21 @@ def test_cut_pass_matches_finite_differences(cuts):
     path = fd.Path(loss, params, u, part)
     fd.close(s.H, path.H(), FD["H"], "H̄")
     fd.close(s.d3, path.diagonal(3), FD["d3"], "diag D³")
+
+
+@pytest.mark.parametrize("name", ["mlp", "encoder", "tied", "residual"])
+def test_every_crossing_matches_nested_torch_func(name, cuts, monkeypatch):
+    """Own-weight pairs contracted wherever the input carries a line (`CROSS_MIN_LINES` = 1),
+    also where the weight's line is one of them (the tied head)."""
+    monkeypatch.setattr(cut_module, "CROSS_MIN_LINES", 1)
+    loss, params, u = _problem(name)
+    part = _partition(params)
+    s = _summary(loss, params, u, part)
+    assert cuts["crossings"] > 0
+    if name == "tied":  # the head h @ E.T: E's line came in with the embedding
+        assert cuts["shared"] > 0
+    _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
+    _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
 
 
 @pytest.mark.parametrize("name", ["encoder", "tied"])
