@@ -26,8 +26,8 @@ from hos.taylor.cuts import CallKeys, Cuts, CutTracker
 
 __all__ = [
     "GRADIENT_MULTIPLE", "JET_BUDGET", "JET_FLOOR_BYTES", "JET_MAX_BYTES", "MAX_CHUNK",
-    "PROBE_CHUNK", "cut_gradients", "gradient_graph_bytes", "jet_diagonals", "jet_pass",
-    "next_chunk", "read_jets", "seeded",
+    "PROBE_CHUNK", "cut_gradients", "cut_gradients_or_none", "gradient_graph_bytes",
+    "jet_diagonals", "jet_pass", "next_chunk", "read_jets", "seeded",
 ]  # fmt: skip
 
 _LOG = logging.getLogger("hos")
@@ -230,7 +230,7 @@ CUTS = True
 CUT_PAYBACK = 4
 
 
-def _cut_gradients_or_none(prob: Problem) -> Cuts | None:
+def cut_gradients_or_none(prob: Problem) -> Cuts | None:
     """`cut_gradients`, or None (the passes then run whole) where the loss has no gradient
     by autograd at θ."""
     try:
@@ -293,7 +293,7 @@ def jet_diagonals(
             part = pending[:size]
             usage: dict = {}
             if cutting and done and len(pending) > CUT_PAYBACK * order * first:
-                cuts, cutting = _cut_gradients_or_none(prob), False
+                cuts, cutting = cut_gradients_or_none(prob), False
             try:
                 cap = min(JET_FLOOR_BYTES, JET_MAX_BYTES) if floor_first else None
                 result, ops = jet_pass(prob, order, part, usage, max_bytes=cap, cuts=cuts)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+import weakref
 
 import torch
 
@@ -38,7 +40,7 @@ from hos.backends.reverse import (
     reverse_tensor,
 )
 from hos.taylor import MultivariateTracker, TaylorFallback, UnivariateTracker
-from hos.taylor.cuts import PairCutTracker
+from hos.taylor.cuts import CutTracker, PairCutTracker
 
 __all__ = ["taylor_diagonal", "taylor_summarize", "taylor_tensor"]
 
@@ -67,29 +69,84 @@ def taylor_diagonal(prob: Problem, order: int, chunk: int | None = None) -> torc
 #: most this, and gives it up once those outgrow PAIR_BUDGET times the activations.
 PAIR_MAX_GROUPS = 12
 PAIR_BUDGET = 32.0
-#: Whether that pass contracts its top rows (x_3 per line, x_ij per pair) at the layers linear
-#: in their input with the gradient of its own primal graph (`hos.taylor.cuts.PairCutTracker`).
+#: Whether that pass contracts its top rows (x_3 per line, x_ij per pair, a layer's pairs with
+#: its own weight) at the layers linear in their input, with the gradient of its own primal graph
+#: after the forward (`hos.taylor.cuts.PairCutTracker`).
 PAIR_CUTS = True
+#: ... while the jets that graph keeps alive (every moving activation's, until the backward) and
+#: the rows waiting for δ hold at most this many bytes (the paper MLP at batch 100 holds 13 MiB,
+#: LeNet-5 39 MiB, at batch 400 156 MiB; an 8-block 6-layer transformer 420 MiB, ResNet-18 in 8
+#: blocks at batch 4 470 MiB). Past it, one call times the pass with δ from a backward at θ
+#: beforehand (`hos.taylor.cuts.CutTracker`: no graph kept, x_3 and x_ij cut, one forward and
+#: backward more) against the pass whole, and the loss's next calls take the faster.
+PAIR_DEFER_BYTES = 256 * 2**20
+#: loss -> {θ's shapes and groups: the mode its passes settled on past `PAIR_DEFER_BYTES`}
+_SETTLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _pair_pass(prob: Problem, cuts: bool | None = None) -> tuple[tuple | None, bool]:
+def _settled(prob: Problem, mode: str | None = None) -> str | None:
+    """The mode this loss's passes settled on ("before" or "whole"), None before they did;
+    with `mode`, settle them on it."""
+    key = (tuple(prob.groups), tuple((n, tuple(v.shape), v.dtype) for n, v in prob.theta.items()))
+    try:
+        seen = _SETTLED.setdefault(getattr(prob.loss, "wrapped", prob.loss), {})
+    except TypeError:  # a loss that takes no weak reference: never remembered
+        return None
+    if mode is not None:
+        seen[key] = mode
+    return seen.get(key)
+
+
+def _settle(prob: Problem, why: str) -> tuple[tuple | None, bool]:
+    """One pass whole and one with δ beforehand, timed without the certificate: the faster is
+    this loss's mode from now on, and gives this call's result (certified as every pass)."""
+    _LOG.info("hos: the one-pass summary's deferred cuts stop (%s); timing the others", why)
+    seconds = {}
+    for mode in ("whole", "before"):
+        start = time.perf_counter()
+        _pair_pass(prob, mode=mode, certify=False)
+        seconds[mode] = time.perf_counter() - start
+    faster = min(seconds, key=seconds.get)
+    _settled(prob, faster)
+    _LOG.info("hos: the one-pass summary's passes settle on %r (%s)", faster,
+              ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in seconds.items()))  # fmt: skip
+    return _pair_pass(prob, mode=faster)
+
+
+def _pair_tracker(prob: Problem, mode: str):
+    """The pass's tracker for `mode` ("after", "before", "whole"; "before" with no gradient at
+    θ becomes "whole") and the mode taken."""
+    if mode == "before":
+        cuts = passes.cut_gradients_or_none(prob)
+        if cuts is not None:
+            tracker = CutTracker(3, passes.JET_MAX_BYTES, cuts, pairs=True, pair_budget=PAIR_BUDGET)
+            return tracker, mode
+        mode = "whole"
+    if mode == "after":
+        return PairCutTracker(3, passes.JET_MAX_BYTES, PAIR_BUDGET, PAIR_DEFER_BYTES), mode
+    return UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET), mode
+
+
+def _pair_pass(
+    prob: Problem, mode: str | None = None, certify: bool = True
+) -> tuple[tuple | None, bool]:
     """((ḡ, H̄, diag D³, L) from one forward pass, True): the Taylor coefficients along
-    every group's line (orders 1-3) and the mixed ones of every pair; with `cuts` (default
-    `PAIR_CUTS`, where gradients are on) their top rows contracted at the layers linear in
-    their input, and the pass run again whole where that backward cannot be taken.
+    every group's line (orders 1-3) and the mixed ones of every pair, their top rows cut as
+    `PAIR_CUTS` says (`mode` "after", "before" or "whole" overrides it); a pass whose cuts
+    cannot be completed (the backward refused, the calls not the recorded ones) runs again whole.
 
     (None, True) when the tracker gave up (reverse rows take over); (None, False) when
-    the certificate rejected the pass (reverse mode for everything).
+    the certificate rejected the pass (reverse mode for everything); `certify=False` skips the
+    certificate (`_settle` times passes with it).
     """
     S = prob.S
-    cuts = (PAIR_CUTS if cuts is None else cuts) and torch.is_grad_enabled() and not prob.sharded
-    if cuts:
-        tracker = PairCutTracker(3, passes.JET_MAX_BYTES, PAIR_BUDGET)
-    else:
-        tracker = UnivariateTracker(3, passes.JET_MAX_BYTES, pairs=True, pair_budget=PAIR_BUDGET)
+    if mode is None:
+        cutting = PAIR_CUTS and torch.is_grad_enabled() and not prob.sharded
+        mode = "whole" if not cutting else _settled(prob) or "after"
+    tracker, mode = _pair_tracker(prob, mode)
     try:
         moved = seeded(prob, tracker, range(prob.S))
-        if cuts:  # the primal graph the cut layers' gradients come from
+        if mode == "after":  # the primal graph the cut layers' gradients come from
             moved = {n: t.requires_grad_() for n, t in moved.items()}
         rows = 3 * S + S * (S - 1) // 2 + 1  # the lines' coefficients, the pairs', the primal
         with tracker.mode(), ExactOps(), coefficient_rows(rows):
@@ -97,31 +154,53 @@ def _pair_pass(prob: Problem, cuts: bool | None = None) -> tuple[tuple | None, b
     except TaylorFallback as exc:  # the engine's one protocol: the pass stops, the reason kept
         tracker.fallback = tracker.fallback or exc
     except RuntimeError as exc:
-        if not cuts:
+        if mode != "after":
             raise
         # autograd refused the primal graph (an in-place write on θ, ...): whole, as before
+        return _again_whole(prob, tracker, str(exc), certify)
+    if mode == "after" and tracker.outgrew:
         tracker.clear()
-        _LOG.info("hos: the one-pass summary runs again without cuts (%s)", exc)
-        return _pair_pass(prob, cuts=False)
+        return _settle(prob, tracker.fallback.reason)
     if tracker.fallback is not None:
         _LOG.info("hos: the one-pass summary gives way to reverse rows: %s", tracker.fallback)
         return None, True
     coeffs = tracker.coefficients(value, range(S))
     H = tracker.mixed_coefficients(value, S)
-    if cuts:
+    if mode == "after":
         terms = tracker.contract(value, S)
         if isinstance(terms, str):
-            tracker.clear()
-            _LOG.info("hos: the one-pass summary runs again without cuts (%s)", terms)
-            return _pair_pass(prob, cuts=False)
+            return _again_whole(prob, tracker, terms, certify)
         coeffs[2] += terms[0]
         H += terms[1]
+    elif mode == "before":
+        why = tracker.broken or (None if tracker.cuts.matches(value) else "another loss value")
+        if why is not None:
+            return _again_whole(prob, tracker, why, certify)
+        coeffs[2] += tracker.top_terms(range(S), coeffs)
+        H += tracker.pair_matrix(S, H)
     H.diagonal().copy_(2 * coeffs[1])
     tracker.clear()
     value = value.detach()
-    if not certify_pass(prob, tracker.signature(), coeffs[0], H):
+    if certify and not certify_pass(prob, _signature(tracker, mode), coeffs[0], H):
         return None, False
     return (coeffs[0], H, 6 * coeffs[2], value), True
+
+
+def _again_whole(prob: Problem, tracker, why: str, certify: bool):
+    tracker.clear()
+    _LOG.info("hos: the one-pass summary runs again without cuts (%s)", why)
+    return _pair_pass(prob, mode="whole", certify=certify)
+
+
+def _signature(tracker, mode: str) -> tuple:
+    """The pass's op sequence marked with its cuts (the certificate keeps their verdicts apart),
+    before the lowest precision, which stays last (`certificate.precision_of`)."""
+    ops = tracker.signature()
+    if mode == "whole":
+        return ops
+    if tracker.precision is None:
+        return (*ops, ("pair cuts", mode))
+    return (*ops[:-1], ("pair cuts", mode), ops[-1])
 
 
 #: summary_tensor of order >= 3 by multivariate Taylor mode for S at most this, while no

@@ -68,6 +68,20 @@ def operands(func, args) -> tuple[int, torch.Tensor] | None:
     return at, weight
 
 
+def _whole(block: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a coefficient block has one whole row per direction (not a broadcast one)."""
+    return block is not None and tuple(block.shape[1:]) == tuple(x.shape)
+
+
+def _add_pairs(out: torch.Tensor, labels, values: torch.Tensor) -> None:
+    """Add `values` of the pairs `labels` ((i, j), i < j) to the symmetric `out`."""
+    rows = torch.tensor([i for i, _ in labels], device=out.device)
+    cols = torch.tensor([j for _, j in labels], device=out.device)
+    values = values.to(out.dtype)
+    out.index_put_((rows, cols), values, accumulate=True)
+    out.index_put_((cols, rows), values, accumulate=True)
+
+
 class CallKeys:
     """The keys of the calls linear in their input with a weight in θ's memory, in the order
     of a forward (one counter per forward)."""
@@ -115,14 +129,18 @@ class CutTracker(UnivariateTracker):
 
     `terms`: (lines, ⟨δ_c, x_K⟩ per line) for every cut made; `broken`: why the pass's calls
     did not match the recorded ones (a moving input with no recorded gradient, another shape),
-    None while they do.
+    None while they do. With `pairs` (the one-pass summary, order 3) the pairs' mixed x_ij are
+    the top rows of degree 2 and are cut the same way (`pair_terms`: (pairs, ⟨δ_c, x_ij⟩)).
     """
 
-    def __init__(self, order: int, max_bytes: int, cuts: Cuts):
-        super().__init__(order, max_bytes)
+    def __init__(
+        self, order: int, max_bytes: int, cuts: Cuts, pairs: bool = False, pair_budget: float = 0
+    ):
+        super().__init__(order, max_bytes, pairs=pairs, pair_budget=pair_budget)
         self.cuts = cuts
         self._keys = CallKeys(cuts.owned)
         self.terms: list[tuple[tuple[int, ...], torch.Tensor]] = []
+        self.pair_terms: list[tuple[tuple[tuple[int, int], ...], torch.Tensor]] = []
         self.broken: str | None = None
 
     def run(self, func, args, kwargs):
@@ -146,6 +164,8 @@ class CutTracker(UnivariateTracker):
 
     def _cut(self, key, x: torch.Tensor, jet: Jet) -> Jet:
         top = jet.coeffs[-1]
+        if jet.mixed is not None and self.pairs:
+            return self._cut_pairs(key, x, jet)
         if top is None or jet.mixed is not None or all(c is None for c in jet.coeffs[:-1]):
             return jet
         if key not in self.cuts.deltas:
@@ -162,6 +182,43 @@ class CutTracker(UnivariateTracker):
                 self.terms.append((jet.groups, torch.mv(top.reshape(len(top), -1),
                                                         delta.reshape(-1))))  # fmt: skip
         return Jet(jet.groups, [*jet.coeffs[:-1], None])
+
+    def _cut_pairs(self, key, x: torch.Tensor, jet: Jet) -> Jet:
+        """`_cut` for a jet with pairs: x_K and x_ij contracted where their blocks are whole."""
+        delta = self._delta(key, x)
+        if delta is None:
+            return jet  # no gradient recorded (`broken` says why), or x does not reach the loss
+        top = jet.coeffs[-1] if _whole(jet.coeffs[-1], x) else None
+        mixed = jet.mixed if _whole(jet.mixed, x) else None
+        flat = delta.reshape(-1)
+        with torch.no_grad():
+            if top is not None:
+                self.terms.append((jet.groups, torch.mv(top.reshape(len(top), -1), flat)))
+            if mixed is not None:
+                self.pair_terms.append((jet.pairs, torch.mv(mixed.reshape(len(mixed), -1), flat)))
+        coeffs = [*jet.coeffs[:-1], jet.coeffs[-1] if top is None else None]
+        if mixed is None:
+            return Jet(jet.groups, coeffs, jet.pairs, jet.mixed)
+        return Jet(jet.groups, coeffs)
+
+    def _delta(self, key, x: torch.Tensor) -> torch.Tensor | None:
+        """The recorded δ_c of the call `key` (None, with `broken` set, where it cannot be
+        used; None where x does not reach the loss)."""
+        if key not in self.cuts.deltas:
+            self.broken = f"{getattr(key[0][0], '__name__', key[0][0])}: no gradient recorded"
+            return None
+        delta = self.cuts.deltas[key]
+        if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
+            self.broken = f"recorded input {tuple(delta.shape)}, the pass's {tuple(x.shape)}"
+            return None
+        return delta
+
+    def pair_matrix(self, S: int, like: torch.Tensor) -> torch.Tensor:
+        """Σ of the cuts' ⟨δ_c, x_ij⟩ as a symmetric (S, S) with a zero diagonal."""
+        out = torch.zeros(S, S, dtype=like.dtype, device=like.device)
+        for labels, values in self.pair_terms:
+            _add_pairs(out, labels, values)
+        return out
 
     def top_terms(self, groups: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """Σ of the cuts' ⟨δ_c, x_K⟩ for each of `groups`, shape (len(groups),)."""
@@ -218,26 +275,27 @@ class PairCutTracker(UnivariateTracker):
     backward and one vector-Jacobian product of x ↦ f(x, u_w).
     """
 
-    def __init__(self, order: int, max_bytes: int, pair_budget: float):
+    def __init__(self, order: int, max_bytes: int, pair_budget: float, defer_bytes: int):
         super().__init__(order, max_bytes, pairs=True, pair_budget=pair_budget)
+        #: the primal graph keeps every moving activation, and so its jet, until the backward:
+        #: the jets and the rows waiting for δ may hold at most `defer_bytes`; past that the pass
+        #: stops and `outgrew` says so (the caller then takes δ from a backward beforehand,
+        #: `CutTracker`, which keeps no graph, or runs the pass whole)
+        self.defer_bytes = defer_bytes
+        self.deferred = 0
+        self.outgrew = False
         #: (alias, lines, x_K block or None, pairs, mixed block or None) per cut made
         self.cuts: list[tuple] = []
-        self.made = 0  # cuts made in this pass
         #: the layers whose own-weight pairs were left to `contract`
         self.crossings: list[_Crossing] = []
         self._crossing: dict | None = None  # the layer call under way, while its rule runs
 
-    def signature(self) -> tuple:
-        """The op sequence marked as cut (the certificate's verdicts are kept apart), before
-        the lowest precision, which stays last (`hos.backends.certificate.precision_of`)."""
-        ops, marker = super().signature(), ("pair cuts", self.made)
-        if self.precision is None:
-            return (*ops, marker)
-        return (*ops[:-1], marker, ops[-1])
-
     def run(self, func, args, kwargs):
         """The model's own calls: at a call linear in its moving input x (which is in the
         primal graph), x is passed as an alias of itself whose jet lacks x_K and x_ij."""
+        if self._depth == 0 and self.bytes + self.deferred > self.defer_bytes:
+            self.outgrew = True
+            self.fail(TaylorFallback(f"they outgrew {self.defer_bytes / 2**20:.0f} MiB"))
         found = operands(func, args) if self._depth == 0 else None
         if found is not None and self.following() and torch.is_grad_enabled():
             at = found[0]
@@ -255,7 +313,6 @@ class PairCutTracker(UnivariateTracker):
                     self.fail(exc)
                 self.primal_bytes = held  # x's bytes, counted once
                 self.cuts.append((alias, jet.groups, top, labels, mixed))
-                self.made += 1
                 args = (*args[:at], alias, *args[at + 1 :])
             if self.following() and args[at].requires_grad:
                 return self._crossed(func, args, kwargs, args[at], found[1])
@@ -310,14 +367,11 @@ class PairCutTracker(UnivariateTracker):
     def _cut(self, x: torch.Tensor, jet: Jet) -> tuple[Jet, tuple] | None:
         """(`jet` without its top rows, (x_K block, pairs, mixed block) taken out), or None where
         no top block is whole (a broadcast block is kept)."""
-
-        def whole(block):
-            return block is not None and tuple(block.shape[1:]) == tuple(x.shape)
-
-        top = jet.coeffs[-1] if whole(jet.coeffs[-1]) else None
-        mixed = jet.mixed if whole(jet.mixed) else None
+        top = jet.coeffs[-1] if _whole(jet.coeffs[-1], x) else None
+        mixed = jet.mixed if _whole(jet.mixed, x) else None
         if top is None and mixed is None:
             return None
+        self.deferred += sum(b.numel() * b.element_size() for b in (top, mixed) if b is not None)
         coeffs = [*jet.coeffs[:-1], jet.coeffs[-1] if top is None else None]
         if mixed is None:
             return Jet(jet.groups, coeffs, jet.pairs, jet.mixed), (top, (), None)
@@ -353,11 +407,9 @@ class PairCutTracker(UnivariateTracker):
                     index = torch.tensor(groups, device=lines.device)
                     lines.index_add_(0, index, torch.mv(top.reshape(len(top), -1).to(flat), flat))
                 if mixed is not None:
-                    rows = torch.tensor([i for i, _ in labels], device=pairs.device)
-                    cols = torch.tensor([j for _, j in labels], device=pairs.device)
-                    terms = torch.mv(mixed.reshape(len(mixed), -1).to(flat), flat)
-                    pairs.index_put_((rows, cols), terms, accumulate=True)
-                    pairs.index_put_((cols, rows), terms, accumulate=True)
+                    _add_pairs(
+                        pairs, labels, torch.mv(mixed.reshape(len(mixed), -1).to(flat), flat)
+                    )
         self.cuts, self.crossings = [], []
         return lines, pairs
 

@@ -241,6 +241,19 @@ def test_flop_benchmark_quick(tmp_path):
             mlp["methods"]["summarize"]["flops"])  # fmt: skip
 
 
+def test_pair_cut_benchmark_quick(tmp_path):
+    """analysis/bench_pair_cuts.py --quick: the cuts remove products (the MLP's 1024 × 200 layer
+    no longer carries x_3, the pairs, nor its weight's pairs) and give the whole pass's numbers
+    to float32 rounding."""
+    run_quick("bench_pair_cuts.py", tmp_path, timeout=300)
+    mlp = analysis_result(tmp_path, "bench_pair_cuts_quick.json")["models"]["mlp"]
+    whole, cut, crossed = (mlp["settings"][s] for s in ("whole", "cuts", "cuts + own weight"))
+    assert whole["flop_ratio"] > cut["flop_ratio"] > crossed["flop_ratio"] > 205.0 / 456.0
+    for s in (cut, crossed):
+        assert s["H_difference"] < 1e-4 and s["d3_difference"] < 1e-4
+        assert s["best"] > 0 and s["memory_ratio"] > 0
+
+
 @pytest.mark.slow
 def test_hessian_alone_benchmark_quick(tmp_path):
     """analysis/bench_hessian_alone.py --quick: every method's H̄ equals hos's (float32)."""

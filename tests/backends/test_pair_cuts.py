@@ -20,7 +20,7 @@ import hos
 from hos import reference
 from hos.backends import taylor
 from hos.taylor import cuts as cut_module
-from hos.taylor.cuts import PairCutTracker
+from hos.taylor.cuts import CutTracker, PairCutTracker
 from tests.backends.test_cuts import _problem as _small_problem
 from tests.helpers import fd
 from tests.helpers.tolerances import DT, EXACT, FD, ROUNDOFF
@@ -198,3 +198,59 @@ def test_a_pass_whose_backward_fails_runs_again_whole(cuts, caplog):
     for k, v in params.items():
         assert not v.requires_grad
         assert torch.equal(v, before[k])
+
+
+@pytest.fixture
+def cut_before(monkeypatch):
+    """The cuts made with δ from a backward beforehand (`CutTracker` with pairs): {"pairs":
+    mixed blocks contracted, "tops": x_3 blocks contracted}."""
+    seen = {"pairs": 0, "tops": 0}
+    cut = CutTracker._cut_pairs
+
+    def counted(self, key, x, jet):
+        pairs, tops = len(self.pair_terms), len(self.terms)
+        trimmed = cut(self, key, x, jet)
+        seen["pairs"] += len(self.pair_terms) - pairs
+        seen["tops"] += len(self.terms) - tops
+        return trimmed
+
+    monkeypatch.setattr(CutTracker, "_cut_pairs", counted)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["mlp", "encoder", "tied", "residual"])
+def test_cuts_with_the_gradient_beforehand_match_nested_torch_func(name, cut_before, monkeypatch):
+    """The mode a loss whose deferred cuts outgrew `PAIR_DEFER_BYTES` may settle on."""
+    monkeypatch.setattr(taylor, "_settled", lambda prob, mode=None: "before")
+    loss, params, u = _problem(name)
+    part = _partition(params)
+    s = _summary(loss, params, u, part)
+    assert cut_before["pairs"] > 0 and cut_before["tops"] > 0
+    _close(s.g, reference.summary_tensor(loss, params, u, part, 1), "ḡ", **EXACT)
+    _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
+    _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+
+
+def test_deferred_cuts_past_their_bound_settle_on_the_faster_mode(cuts, cut_before, caplog,
+                                                                   monkeypatch):  # fmt: skip
+    """Past `PAIR_DEFER_BYTES` the first call stops its deferred pass and times one pass with
+    δ beforehand against one whole; the loss's next call takes the faster, with no deferred
+    pass. Every call is exact."""
+    monkeypatch.setattr(taylor, "PAIR_DEFER_BYTES", 1)
+    loss, params, u = _problem("residual")
+    part = _partition(params)
+    H = reference.summary_tensor(loss, params, u, part, 2)
+    d3 = reference.summary_diagonal(loss, params, u, part, 3)
+    with caplog.at_level(logging.INFO, logger="hos"):
+        first = _summary(loss, params, u, part)
+    assert "deferred cuts stop (they outgrew 0 MiB)" in caplog.text
+    assert cut_before["pairs"] > 0  # the timed pass with δ beforehand
+    settled = "before" if "settle on 'before'" in caplog.text else "whole"
+    assert f"settle on '{settled}'" in caplog.text
+    deferred, before = cuts["made"], cut_before["pairs"]
+    second = _summary(loss, params, u, part)
+    assert cuts["made"] == deferred  # no deferred pass again
+    assert (cut_before["pairs"] > before) == (settled == "before")
+    for s in (first, second):
+        _close(s.H, H, "H̄", **EXACT)
+        _close(s.d3, d3, "diag D³", **EXACT)

@@ -46,6 +46,13 @@ def test_flops_table_is_generated_from_the_committed_json():
     _check("flops_kept.md", bench_flops.table(kept["models"]), "benchmarks.md")
 
 
+def test_pair_cuts_table_is_generated_from_the_committed_json():
+    from analysis import bench_pair_cuts
+
+    models = _committed("bench_pair_cuts.json")["models"]
+    _check("pair_cuts.md", bench_pair_cuts.table(models), "benchmarks.md")
+
+
 def test_hessian_alone_table_is_generated_from_the_committed_json():
     from analysis import bench_hessian_alone
 
