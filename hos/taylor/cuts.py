@@ -68,6 +68,10 @@ def operands(func, args) -> tuple[int, torch.Tensor] | None:
     return at, weight
 
 
+#: `CutTracker._delta` where the recorded gradient cannot be used
+_UNUSABLE = object()
+
+
 def _whole(block: torch.Tensor | None, x: torch.Tensor) -> bool:
     """Whether a coefficient block has one whole row per direction (not a broadcast one)."""
     return block is not None and tuple(block.shape[1:]) == tuple(x.shape)
@@ -80,6 +84,20 @@ def _add_pairs(out: torch.Tensor, labels, values: torch.Tensor) -> None:
     values = values.to(out.dtype)
     out.index_put_((rows, cols), values, accumulate=True)
     out.index_put_((cols, rows), values, accumulate=True)
+
+
+def _carrying(tracker: UnivariateTracker, x: torch.Tensor, jet: Jet) -> torch.Tensor:
+    """An alias of x (in x's autograd graph, if it has one) carrying `jet` in `tracker`, which
+    the cut call receives in place of x; x's bytes stay counted once."""
+    with torch._C.DisableTorchFunction():
+        alias = x.view_as(x)
+    held = tracker.primal_bytes
+    try:
+        tracker._store(alias, jet)
+    except TaylorFallback as exc:  # past the memory cap: the engine's protocol
+        tracker.fail(exc)
+    tracker.primal_bytes = held
+    return alias
 
 
 class CallKeys:
@@ -152,14 +170,7 @@ class CutTracker(UnivariateTracker):
             x = args[at]
             jet = self.jet(x)
             if jet is not None and (trimmed := self._cut(key, x, jet)) is not jet:
-                with torch._C.DisableTorchFunction():
-                    alias = x.view_as(x)
-                try:
-                    self._store(alias, trimmed)
-                except TaylorFallback as exc:  # past the memory cap: the engine's protocol
-                    self.fail(exc)
-                self.primal_bytes -= alias.numel() * alias.element_size()  # x's, counted once
-                args = (*args[:at], alias, *args[at + 1 :])
+                args = (*args[:at], _carrying(self, x, trimmed), *args[at + 1 :])
         return super().run(func, args, kwargs)
 
     def _cut(self, key, x: torch.Tensor, jet: Jet) -> Jet:
@@ -168,15 +179,11 @@ class CutTracker(UnivariateTracker):
             return self._cut_pairs(key, x, jet)
         if top is None or jet.mixed is not None or all(c is None for c in jet.coeffs[:-1]):
             return jet
-        if key not in self.cuts.deltas:
-            self.broken = f"{getattr(key[0][0], '__name__', key[0][0])}: no gradient recorded"
+        delta = self._delta(key, x)
+        if delta is _UNUSABLE:
             return jet
-        delta = self.cuts.deltas[key]
         if delta is not None:
-            if delta.shape != x.shape or delta.dtype != x.dtype:
-                self.broken = f"recorded input {tuple(delta.shape)}, the pass's {tuple(x.shape)}"
-                return jet
-            if tuple(top.shape[1:]) != tuple(x.shape) or top.dtype != delta.dtype:
+            if not _whole(top, x) or top.dtype != delta.dtype:
                 return jet  # a broadcast coefficient block: kept whole
             with torch.no_grad():
                 self.terms.append((jet.groups, torch.mv(top.reshape(len(top), -1),
@@ -186,8 +193,8 @@ class CutTracker(UnivariateTracker):
     def _cut_pairs(self, key, x: torch.Tensor, jet: Jet) -> Jet:
         """`_cut` for a jet with pairs: x_K and x_ij contracted where their blocks are whole."""
         delta = self._delta(key, x)
-        if delta is None:
-            return jet  # no gradient recorded (`broken` says why), or x does not reach the loss
+        if delta is None or delta is _UNUSABLE:
+            return jet  # x does not reach the loss, or no usable gradient (`broken` says why)
         top = jet.coeffs[-1] if _whole(jet.coeffs[-1], x) else None
         mixed = jet.mixed if _whole(jet.mixed, x) else None
         flat = delta.reshape(-1)
@@ -201,16 +208,16 @@ class CutTracker(UnivariateTracker):
             return Jet(jet.groups, coeffs, jet.pairs, jet.mixed)
         return Jet(jet.groups, coeffs)
 
-    def _delta(self, key, x: torch.Tensor) -> torch.Tensor | None:
-        """The recorded δ_c of the call `key` (None, with `broken` set, where it cannot be
-        used; None where x does not reach the loss)."""
+    def _delta(self, key, x: torch.Tensor):
+        """The recorded δ_c of the call `key`: None where x does not reach the loss,
+        `_UNUSABLE` (with `broken` set) where none was recorded or it is not x's shape."""
         if key not in self.cuts.deltas:
             self.broken = f"{getattr(key[0][0], '__name__', key[0][0])}: no gradient recorded"
-            return None
+            return _UNUSABLE
         delta = self.cuts.deltas[key]
         if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
             self.broken = f"recorded input {tuple(delta.shape)}, the pass's {tuple(x.shape)}"
-            return None
+            return _UNUSABLE
         return delta
 
     def pair_matrix(self, S: int, like: torch.Tensor) -> torch.Tensor:
@@ -304,14 +311,7 @@ class PairCutTracker(UnivariateTracker):
             cut = self._cut(x, jet) if jet is not None and x.requires_grad else None
             if cut is not None:
                 trimmed, (top, labels, mixed) = cut
-                with torch._C.DisableTorchFunction():
-                    alias = x.view_as(x)
-                held = self.primal_bytes
-                try:
-                    self._store(alias, trimmed)
-                except TaylorFallback as exc:  # past the memory cap: the engine's protocol
-                    self.fail(exc)
-                self.primal_bytes = held  # x's bytes, counted once
+                alias = _carrying(self, x, trimmed)
                 self.cuts.append((alias, jet.groups, top, labels, mixed))
                 args = (*args[:at], alias, *args[at + 1 :])
             if self.following() and args[at].requires_grad:
