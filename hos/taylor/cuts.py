@@ -291,7 +291,8 @@ class PairCutTracker(UnivariateTracker):
         self.defer_bytes = defer_bytes
         self.deferred = 0
         self.outgrew = False
-        #: (alias, lines, x_K block or None, pairs, mixed block or None) per cut made
+        #: (alias, lines, x_K block or None, pairs, mixed block or None, the alias's version)
+        #: per cut made
         self.cuts: list[tuple] = []
         #: the layers whose own-weight pairs were left to `contract`
         self.crossings: list[_Crossing] = []
@@ -312,7 +313,7 @@ class PairCutTracker(UnivariateTracker):
             if cut is not None:
                 trimmed, (top, labels, mixed) = cut
                 alias = _carrying(self, x, trimmed)
-                self.cuts.append((alias, jet.groups, top, labels, mixed))
+                self.cuts.append((alias, jet.groups, top, labels, mixed, alias._version))
                 args = (*args[:at], alias, *args[at + 1 :])
             if self.following() and args[at].requires_grad:
                 return self._crossed(func, args, kwargs, args[at], found[1])
@@ -326,11 +327,23 @@ class PairCutTracker(UnivariateTracker):
         finally:
             found, self._crossing = self._crossing, None
         made = found.get("made")
-        if made is not None and isinstance(out, torch.Tensor) and out.requires_grad:
-            self.crossings.append(made._replace(y=out))
-        elif made is not None:  # the pairs were not formed and cannot be contracted: say so
+        if made is None:
+            return out
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):  # no δ_y can come
             self.fail(TaylorFallback("a layer's own-weight pairs have no gradient to meet"))
-        return out
+        # δ_y must be the gradient of y as the call made it: the model gets a copy carrying y's
+        # jet, so that its in-place writes (a ReLU(inplace=True) on a convolution's output)
+        # change the copy, not the y the backward is asked about
+        self.crossings.append(made._replace(y=out))
+        with torch._C.DisableTorchFunction():
+            copy = out.clone()
+        jet = self.jet(out)
+        if jet is not None:
+            try:
+                self._store(copy, jet)
+            except TaylorFallback as exc:
+                self.fail(exc)
+        return copy
 
     def _products(self, func, leaves, spec, factors, positions, terms, mixed) -> None:
         """The layer under way (`_crossed`), at its own rule: x's pairs with the weight's line
@@ -386,6 +399,9 @@ class PairCutTracker(UnivariateTracker):
             return lines, pairs
         if not value.requires_grad:
             return "the loss has no graph to take the cut layers' gradients from"
+        written = [c for c in self.cuts if c[0]._version != c[5]]
+        if written:  # x written in place after its call: δ would be the new values' gradient
+            return f"a cut layer's input was written in place after the call ({len(written)})"
         inputs = [c[0] for c in self.cuts] + [c[0] for c in self.crossings]
         try:
             deltas = torch.autograd.grad(value, inputs, allow_unused=True)
@@ -399,7 +415,7 @@ class PairCutTracker(UnivariateTracker):
                 pairs[index, w] += terms.to(pairs.dtype)
                 pairs[w, index] += terms.to(pairs.dtype)
         with torch.no_grad():
-            for (_, groups, top, labels, mixed), delta in zip(self.cuts, deltas):
+            for (_, groups, top, labels, mixed, _), delta in zip(self.cuts, deltas):
                 if delta is None:
                     continue  # x does not reach the loss
                 flat = delta.reshape(-1).to(value.dtype)
