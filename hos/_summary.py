@@ -317,9 +317,10 @@ def summarize(
             recorded), `"taylor"`, `"reverse"` or `"forward"`.
         chunk: groups per Taylor-mode forward pass for diag D³ (`taylor`/`"auto"` only).
             Default: for S <= 12 every group in one pass with the mixed coefficients of every
-            pair (no backward pass); past that, as many groups per pass as keep the
-            coefficients within θ's bytes plus the activations (about a gradient's
-            memory; at most 16), measured on a first pass of 2 groups. An int fixes it.
+            pair (and one backward, for its cut top rows); past that, as many groups per pass
+            as keep the coefficients within θ's bytes plus the activations (about a
+            gradient's memory; at most 16), measured on a first pass of 2 groups. An int fixes
+            it.
         verify: Taylor mode's ḡ and H̄_ss are checked against reverse mode (on every call
             where the rows are computed anyway, else one gradient per new op sequence); a
             mismatch recomputes exactly, warns once and is recorded

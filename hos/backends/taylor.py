@@ -2,8 +2,8 @@ r"""The `taylor` backend: Taylor mode (`hos.taylor`), reverse mode where it cann
 
 Every *diagonal* (diag D³ in `taylor_summarize`, `taylor_diagonal` at any
 order) comes from the univariate coefficients along $t \mapsto \theta + t u_s$, all
-groups in one pass, with no backward pass; for S <= `PAIR_MAX_GROUPS` also the mixed
-coefficients of every pair (the whole triple from one pass) and, for
+groups in one pass; for S <= `PAIR_MAX_GROUPS` also the mixed coefficients of every pair
+(the whole triple from one pass, its top rows cut: `PAIR_CUTS`) and, for
 `taylor_tensor` of order >= 3 and S <= `POLY_MAX_GROUPS`, every monomial up to
 degree d. Past those sizes H̄ and full tensors come from reverse mode. Every result is
 checked by the certificate (`hos.backends.certify`).
@@ -243,8 +243,8 @@ def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Ten
     """(ḡ, H̄, diag D³, L) by Taylor mode.
 
     For S <= `PAIR_MAX_GROUPS` (and no `chunk`), first one forward pass with
-    the mixed second-order coefficients of every pair of groups: no backward pass at
-    all. Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
+    the mixed second-order coefficients of every pair of groups (its top rows contracted with the
+    gradient of its own primal graph or of a backward beforehand, `PAIR_CUTS`). Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
     diag D³ by univariate Taylor mode, in forward passes of `chunk` groups (default: as many
     as keep the coefficients within about a gradient's memory, see
     `hos.backends.passes.next_chunk`), done before the graph for the rows is built so that
