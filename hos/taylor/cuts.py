@@ -86,11 +86,13 @@ def _add_pairs(out: torch.Tensor, labels, values: torch.Tensor) -> None:
     out.index_put_((cols, rows), values, accumulate=True)
 
 
-def _carrying(tracker: UnivariateTracker, x: torch.Tensor, jet: Jet) -> torch.Tensor:
-    """An alias of x (in x's autograd graph, if it has one) carrying `jet` in `tracker`, which
-    the cut call receives in place of x; x's bytes stay counted once."""
+def _carrying(
+    tracker: UnivariateTracker, x: torch.Tensor, jet: Jet | None, copy: bool = False
+) -> torch.Tensor:
+    """An alias of x (a copy with `copy`; in x's autograd graph, if it has one) carrying `jet`
+    in `tracker`, handed on in place of x; x's bytes stay counted once."""
     with torch._C.DisableTorchFunction():
-        alias = x.view_as(x)
+        alias = x.clone() if copy else x.view_as(x)
     held = tracker.primal_bytes
     try:
         tracker._store(alias, jet)
@@ -335,15 +337,7 @@ class PairCutTracker(UnivariateTracker):
         # jet, so that its in-place writes (a ReLU(inplace=True) on a convolution's output)
         # change the copy, not the y the backward is asked about
         self.crossings.append(made._replace(y=out))
-        with torch._C.DisableTorchFunction():
-            copy = out.clone()
-        jet = self.jet(out)
-        if jet is not None:
-            try:
-                self._store(copy, jet)
-            except TaylorFallback as exc:
-                self.fail(exc)
-        return copy
+        return _carrying(self, out, self.jet(out), copy=True)
 
     def _products(self, func, leaves, spec, factors, positions, terms, mixed) -> None:
         """The layer under way (`_crossed`), at its own rule: x's pairs with the weight's line
