@@ -12,9 +12,10 @@ pushing them through the layer. This script measures three settings of the same 
 interleaved in one process (1 thread, float32, after two warm calls each):
 
 * `whole`: the pass as it was (``PAIR_CUTS = False``);
-* `cuts`: x_3 and x_ij contracted (``CROSS_MIN_LINES`` out of reach);
+* `cuts`: x_3 and x_ij contracted (``CROSS_MIN_LINES`` and ``CROSS_MIN_LINES_ONE_PRODUCT`` out
+  of reach);
 * `cuts + own weight`: also the layers' own-weight pairs, where the input carries 3 lines or more
-  (the default).
+  (2 for `F.linear` and x @ W, whose adjoint is one product) (the default).
 
 Past `PAIR_DEFER_BYTES` of jets kept alive by the pass's graph, a loss's first call times the
 pass with δ from a backward beforehand (x_3 and x_ij cut, no own-weight pairs) against the pass
@@ -49,8 +50,13 @@ import hos  # noqa: E402
 from hos.backends import taylor  # noqa: E402
 from hos.taylor import cuts  # noqa: E402
 
-#: setting -> (PAIR_CUTS, CROSS_MIN_LINES)
-SETTINGS = {"whole": (False, None), "cuts": (True, 10**9), "cuts + own weight": (True, 3)}
+#: setting -> (PAIR_CUTS, (CROSS_MIN_LINES, CROSS_MIN_LINES_ONE_PRODUCT) or None: the defaults)
+SETTINGS = {
+    "whole": (False, None),
+    "cuts": (True, (10**9, 10**9)),
+    "cuts + own weight": (True, None),
+}
+DEFAULT_LINES = (cuts.CROSS_MIN_LINES, cuts.CROSS_MIN_LINES_ONE_PRODUCT)
 #: (model, batch, partition: "tensor" or "blocks<k>")
 CASES = (("mlp", 100, "tensor"), ("lenet", 100, "tensor"), ("transformer6", 8, "blocks8"),
          ("resnet18", 4, "blocks8"))  # fmt: skip
@@ -59,7 +65,7 @@ CASES = (("mlp", 100, "tensor"), ("lenet", 100, "tensor"), ("transformer6", 8, "
 def setting(name: str) -> None:
     flag, lines = SETTINGS[name]
     taylor.PAIR_CUTS = flag
-    cuts.CROSS_MIN_LINES = 3 if lines is None else lines
+    cuts.CROSS_MIN_LINES, cuts.CROSS_MIN_LINES_ONE_PRODUCT = lines or DEFAULT_LINES
 
 
 def partition(model, params, how: str) -> hos.Partition:

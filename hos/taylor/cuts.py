@@ -258,8 +258,16 @@ class _Crossing(NamedTuple):
 
 #: `PairCutTracker` contracts a layer's own-weight pairs where its input carries at least this
 #: many lines: the adjoint costs two products of the layer (its forward at u_w and its
-#: backward), the pairs one product per line.
+#: backward), the pairs one product per line ...
 CROSS_MIN_LINES = 3
+#: ... and at least this many where the adjoint is one product (δ_y u_w for `F.linear`, δ_y u_wᵀ
+#: for x @ W; the paper MLP's second layer, two lines in: 4 → 3 products of its size).
+CROSS_MIN_LINES_ONE_PRODUCT = 2
+
+
+def _one_product(func: Callable, at: int, w_at: int) -> bool:
+    """Whether the adjoint of x ↦ func(x, u_w) is one product (`_crossing_terms`)."""
+    return (func is F.linear or func in MATMUL) and (at, w_at) == (0, 1)
 
 
 class PairCutTracker(UnivariateTracker):
@@ -352,8 +360,13 @@ class PairCutTracker(UnivariateTracker):
                 x_jet, w_jet = factors[i], factors[j]
                 first, u = x_jet.coeffs[0], w_jet.coeffs[0]
                 others = tuple(s for s in x_jet.groups if s not in w_jet.groups)
+                least = (
+                    CROSS_MIN_LINES_ONE_PRODUCT
+                    if _one_product(func, at[0], w_at[0])
+                    else CROSS_MIN_LINES
+                )
                 if (
-                    len(others) >= CROSS_MIN_LINES
+                    len(others) >= least
                     and len(w_jet.groups) == 1
                     and first is not None
                     and u is not None
@@ -433,13 +446,11 @@ class PairCutTracker(UnivariateTracker):
             return None  # y does not reach the loss
         first = c.first
         delta = delta.to(first.dtype)
-        with torch.no_grad():
-            if c.func is F.linear and (c.at, c.w_at) == (0, 1):
-                back = delta @ c.u.to(first.dtype)
-            elif c.func in MATMUL and (c.at, c.w_at) == (0, 1):
-                back = delta @ c.u.to(first.dtype).T
-            else:
-                back = None
+        back = None
+        if _one_product(c.func, c.at, c.w_at):
+            u = c.u.to(first.dtype)
+            with torch.no_grad():
+                back = delta @ (u if c.func is F.linear else u.T)
         if back is None:
             with torch.enable_grad():
                 x = torch.zeros(first.shape[1:], dtype=first.dtype, device=first.device)

@@ -31,8 +31,9 @@ from tests.helpers.tolerances import assert_close as _close
 def cuts(monkeypatch):
     """The cuts the one-pass summaries made: {"made": inputs cut, "pairs": mixed blocks cut,
     "crossings": layers whose own-weight pairs were contracted, "shared": those of them whose
-    weight's line is also one of the input's}."""
-    seen = {"made": 0, "pairs": 0, "crossings": 0, "shared": 0}
+    weight's line is also one of the input's, "lines": (the layer's function, lines crossed)
+    per crossing}."""
+    seen = {"made": 0, "pairs": 0, "crossings": 0, "shared": 0, "lines": []}
     cut, contract, products = PairCutTracker._cut, PairCutTracker.contract, PairCutTracker._products
 
     def counted(self, x, jet):
@@ -44,6 +45,7 @@ def cuts(monkeypatch):
 
     def contracted(self, value, S):
         seen["crossings"] += len(self.crossings)
+        seen["lines"] += [(c.func, len(c.lines)) for c in self.crossings]
         return contract(self, value, S)
 
     def formed(self, func, leaves, spec, factors, positions, terms, mixed):
@@ -182,12 +184,42 @@ def test_every_crossing_matches_nested_torch_func(name, cuts, monkeypatch):
     """Own-weight pairs contracted wherever the input carries a line (`CROSS_MIN_LINES` = 1),
     also where the weight's line is one of them (the tied head)."""
     monkeypatch.setattr(cut_module, "CROSS_MIN_LINES", 1)
+    monkeypatch.setattr(cut_module, "CROSS_MIN_LINES_ONE_PRODUCT", 1)
     loss, params, u = _problem(name)
     part = _partition(params)
     s = _summary(loss, params, u, part)
     assert cuts["crossings"] > 0
     if name == "tied":  # the head h @ E.T: E's line came in with the embedding
         assert cuts["shared"] > 0
+    _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
+    _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+
+
+class TwoLinesIn(nn.Module):
+    """Per tensor, two layers whose input carries two lines (their predecessor's weight and
+    bias): the linear layer `b`'s own-weight pairs are contracted (its adjoint is one product),
+    the convolution `conv`'s formed (two products)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(50, 6), nn.Linear(6, 4)
+        self.stem, self.conv = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        v = torch.tanh(self.b(torch.tanh(self.a(x.flatten(1)))))
+        c = torch.tanh(self.conv(torch.tanh(self.stem(x)))).mean((2, 3))
+        return self.head(torch.cat([v, c], 1))
+
+
+def test_two_lines_cross_a_linear_layer_not_a_convolution(cuts):
+    loss, params, u = _module_problem(
+        TwoLinesIn(), torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(5), dtype=DT)
+    )
+    part = hos.Partition.per_tensor(params)
+    s = _summary(loss, params, u, part)
+    assert (F.linear, 2) in cuts["lines"]  # b
+    assert (F.conv2d, 2) not in cuts["lines"]  # conv
     _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
     _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
 
@@ -206,11 +238,25 @@ def test_cut_and_whole_passes_agree_to_rounding(name, cuts, monkeypatch):
         _close(getattr(cut, what), getattr(whole, what), what, **ROUNDOFF)
 
 
-def test_a_pass_whose_cut_input_is_written_later_runs_again_whole(cuts, caplog):
-    """An in-place write on a cut layer's input after the call would make the backward's δ the
-    new values' gradient: the pass runs again without cuts (logged) and the numbers are the
-    reference's; the parameters are left as they were. (The module itself cannot be backpropagated the ordinary way either, so
-    the check against it is off: `verify=False`.)"""
+@pytest.mark.parametrize(
+    "one_product, why",
+    [
+        (3, "input was written in place after the call"),  # b's input cut: its alias's version
+        (2, "the cut layers' gradients: "),  # a crossed: b's input whole, the backward refuses
+    ],
+)
+def test_a_pass_whose_cut_input_is_written_later_runs_again_whole(
+    one_product, why, cuts, caplog, monkeypatch
+):
+    """An in-place write on a layer's input after the call would make the backward's δ the new
+    values' gradient: the pass runs again without cuts (logged) and the numbers are the
+    reference's; the parameters are left as they were. Where b's input is cut, the alias's
+    version says so before the backward; where layer a's own-weight pairs are contracted (two
+    lines in, one product), a's output carries no top rows, b's input is not cut, and the
+    backward itself refuses (b saved the input for its weight gradient). (The module itself
+    cannot be backpropagated the ordinary way either, so the check against it is off:
+    `verify=False`.)"""
+    monkeypatch.setattr(cut_module, "CROSS_MIN_LINES_ONE_PRODUCT", one_product)
     loss, params, u = _problem("written")
     before = {k: v.clone() for k, v in params.items()}
     part = _partition(params)
@@ -218,7 +264,7 @@ def test_a_pass_whose_cut_input_is_written_later_runs_again_whole(cuts, caplog):
         s = _summary(loss, params, u, part, verify=False)
     assert cuts["made"] > 0
     assert "runs again without cuts" in caplog.text
-    assert "input was written in place after the call" in caplog.text
+    assert why in caplog.text
     _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
     _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
     for k, v in params.items():
