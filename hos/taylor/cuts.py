@@ -37,6 +37,7 @@ from hos.taylor import jets as J
 from hos.taylor.batching import call_batched
 from hos.taylor.fallback import TaylorFallback
 from hos.taylor.jets import Jet
+from hos.taylor.trees import tree_unflatten
 from hos.taylor.univariate import UnivariateTracker
 
 __all__ = ["ADDMM", "LAYERS", "MATMUL", "CallKeys", "CutTracker", "Cuts", "PairCutTracker"]
@@ -257,17 +258,39 @@ class _Crossing(NamedTuple):
 
 
 #: `PairCutTracker` contracts a layer's own-weight pairs where its input carries at least this
-#: many lines: the adjoint costs two products of the layer (its forward at u_w and its
-#: backward), the pairs one product per line ...
+#: many lines where the adjoint costs two products of the layer (autograd: its forward at u_w
+#: and its backward; a transposed convolution or string padding), the pairs one product per
+#: line ...
 CROSS_MIN_LINES = 3
 #: ... and at least this many where the adjoint is one product (δ_y u_w for `F.linear`, δ_y u_wᵀ
-#: for x @ W; the paper MLP's second layer, two lines in: 4 → 3 products of its size).
+#: for x @ W, one transposed convolution of δ_y with u_w for a convolution: the paper MLP's
+#: second layer and LeNet-5's second convolution, two lines in each: 4 → 3 products of its size).
 CROSS_MIN_LINES_ONE_PRODUCT = 2
 
+#: a convolution's input gradient as one transposed convolution (no forward at u_w)
+_CONV_INPUT = {F.conv1d: torch.nn.grad.conv1d_input, F.conv2d: torch.nn.grad.conv2d_input,
+               F.conv3d: torch.nn.grad.conv3d_input}  # fmt: skip
+_CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
-def _one_product(func: Callable, at: int, w_at: int) -> bool:
+
+def _conv_settings(func: Callable, leaves: list, spec: Any) -> dict | None:
+    """The stride, padding, dilation and groups of a batched convolution call whose input and
+    weight come first, or None (string padding, an unbatched input: autograd takes those)."""
+    if func not in _CONV_INPUT:
+        return None
+    args, kwargs = tree_unflatten(leaves, spec)
+    named = {**dict(zip(("stride", "padding", "dilation", "groups"), args[3:])), **kwargs}
+    settings = {k: named.get(k, v) for k, v in _CONV_DEFAULTS.items()}
+    if isinstance(settings["padding"], str) or args[0].dim() != args[1].dim():
+        return None
+    return settings
+
+
+def _one_product(func: Callable, leaves: list, spec: Any, at: int, w_at: int) -> bool:
     """Whether the adjoint of x ↦ func(x, u_w) is one product (`_crossing_terms`)."""
-    return (func is F.linear or func in MATMUL) and (at, w_at) == (0, 1)
+    if (at, w_at) != (0, 1):
+        return False
+    return func is F.linear or func in MATMUL or _conv_settings(func, leaves, spec) is not None
 
 
 class PairCutTracker(UnivariateTracker):
@@ -286,8 +309,9 @@ class PairCutTracker(UnivariateTracker):
     the pass again without cuts.
 
     The layer's own weight w (one line, θ + η_w u_w) makes pairs too: y_iw = f(x_i, u_w) for
-    every line i of x, again of the top degree. Where x carries `CROSS_MIN_LINES` lines or more
-    (`F.linear`, the convolutions, `x @ W`; not inside a rewrite) they are not formed:
+    every line i of x, again of the top degree. Where x carries `CROSS_MIN_LINES_ONE_PRODUCT`
+    lines or more (`F.linear`, `x @ W`, the convolutions: the adjoint is one product) or
+    `CROSS_MIN_LINES` (the transposed convolutions; not inside a rewrite) they are not formed:
     ⟨δ_y, f(x_i, u_w)⟩ = ⟨f(·, u_w)ᵀ δ_y, x_i⟩ for all i at once, from δ_y = ∂L/∂y of the same
     backward and one vector-Jacobian product of x ↦ f(x, u_w).
     """
@@ -362,7 +386,7 @@ class PairCutTracker(UnivariateTracker):
                 others = tuple(s for s in x_jet.groups if s not in w_jet.groups)
                 least = (
                     CROSS_MIN_LINES_ONE_PRODUCT
-                    if _one_product(func, at[0], w_at[0])
+                    if _one_product(func, leaves, spec, at[0], w_at[0])
                     else CROSS_MIN_LINES
                 )
                 if (
@@ -439,18 +463,25 @@ class PairCutTracker(UnivariateTracker):
     @staticmethod
     def _crossing_terms(c: _Crossing, delta: torch.Tensor | None) -> torch.Tensor | None:
         """⟨δ_y, f(x_i, u_w)⟩ for every line i of x: x_1 against the vector-Jacobian product of
-        x ↦ f(x, u_w) at δ_y, one product for `F.linear` (δ_y u_w) and x @ W (δ_y u_wᵀ);
-        otherwise by autograd through f(0, u_w) (f linear in x: the product is the same at
-        every point)."""
+        x ↦ f(x, u_w) at δ_y, one product for `F.linear` (δ_y u_w), x @ W (δ_y u_wᵀ) and a
+        convolution (`torch.nn.grad.conv2d_input` and its 1-D / 3-D kin: δ_y transposed-convolved
+        with u_w); otherwise by autograd through f(0, u_w) (f linear in x: the product is the
+        same at every point)."""
         if delta is None:
             return None  # y does not reach the loss
         first = c.first
         delta = delta.to(first.dtype)
         back = None
-        if _one_product(c.func, c.at, c.w_at):
+        if _one_product(c.func, c.leaves, c.spec, c.at, c.w_at):
             u = c.u.to(first.dtype)
             with torch.no_grad():
-                back = delta @ (u if c.func is F.linear else u.T)
+                if c.func is F.linear:
+                    back = delta @ u
+                elif c.func in MATMUL:
+                    back = delta @ u.T
+                else:
+                    settings = _conv_settings(c.func, c.leaves, c.spec)
+                    back = _CONV_INPUT[c.func](first.shape[1:], u, delta, **settings)
         if back is None:
             with torch.enable_grad():
                 x = torch.zeros(first.shape[1:], dtype=first.dtype, device=first.device)

@@ -196,30 +196,36 @@ def test_every_crossing_matches_nested_torch_func(name, cuts, monkeypatch):
 
 
 class TwoLinesIn(nn.Module):
-    """Per tensor, two layers whose input carries two lines (their predecessor's weight and
-    bias): the linear layer `b`'s own-weight pairs are contracted (its adjoint is one product),
-    the convolution `conv`'s formed (two products)."""
+    """Per tensor, three layers whose input carries two lines (their predecessor's weight and
+    bias): the own-weight pairs of the linear layer `b` and of the convolution `conv` (stride,
+    padding, dilation and groups of its own) are contracted, their adjoint being one product;
+    the transposed convolution `up`'s are formed (its adjoint by autograd: two products)."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(50, 6), nn.Linear(6, 4)
-        self.stem, self.conv = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
-        self.head = nn.Linear(8, 3)
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+        self.head = nn.Linear(10, 3)
 
     def forward(self, x):
         v = torch.tanh(self.b(torch.tanh(self.a(x.flatten(1)))))
-        c = torch.tanh(self.conv(torch.tanh(self.stem(x)))).mean((2, 3))
-        return self.head(torch.cat([v, c], 1))
+        h = torch.tanh(self.stem(x))
+        c = torch.tanh(self.conv(h)).mean((2, 3))
+        t = torch.tanh(self.up(h)).mean((2, 3))
+        return self.head(torch.cat([v, c, t], 1))
 
 
-def test_two_lines_cross_a_linear_layer_not_a_convolution(cuts):
+def test_two_lines_cross_a_layer_whose_adjoint_is_one_product(cuts):
     loss, params, u = _module_problem(
         TwoLinesIn(), torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(5), dtype=DT)
     )
     part = hos.Partition.per_tensor(params)
     s = _summary(loss, params, u, part)
     assert (F.linear, 2) in cuts["lines"]  # b
-    assert (F.conv2d, 2) not in cuts["lines"]  # conv
+    assert (F.conv2d, 2) in cuts["lines"]  # conv
+    assert (F.conv_transpose2d, 2) not in cuts["lines"]  # up
     _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
     _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
 
