@@ -1,6 +1,6 @@
 """Taylor passes that cut their top coefficient at the layers linear in their input.
 
-A pass past the first contracts x_K with δ = ∂L/∂x (one backward at θ, recorded per call) at
+A pass contracts x_K with δ = ∂L/∂x (one backward at θ, recorded per call) at
 every `F.linear`, convolution, transposed convolution and `x @ W` whose weight lies in θ's
 memory, and goes on without x_K (`hos.taylor.cuts`). The oracles share none of that machinery:
 `hos.reference` (nested `torch.func` on the plain parameters) and finite differences of the loss
@@ -27,8 +27,8 @@ from tests.helpers.tolerances import assert_close as _close
 
 @pytest.fixture
 def cuts(monkeypatch):
-    """How many cuts the passes made ({"made": count}); every pass past the first cuts (the
-    small problems here would not pay the backward back: `CUT_PAYBACK`)."""
+    """How many cuts the passes made ({"made": count}); every pass cuts but the floor's one pass
+    (the small problems here would not pay the backward back: `CUT_PAYBACK`)."""
     monkeypatch.setattr(passes, "CUT_PAYBACK", 0)
     seen = {"made": 0}
     cut = CutTracker._cut
@@ -110,12 +110,12 @@ def test_cut_passes_match_finite_differences(cuts):
 
 def test_every_layer_after_a_group_is_cut_once_per_pass(cuts):
     """An MLP of four layers, one group per tensor, one group a pass: the pass of a group of
-    layer l cuts at each of the 4 - l layers after it (tanh makes x_3 again between them), but
-    the first pass (the first layer's weight) runs whole."""
+    layer l cuts at each of the 4 - l layers after it (tanh makes x_3 again between them), the
+    first pass (the first layer's weight) too: with a chunk given there is no floor pass."""
     loss, params, u = _problem("mlp")
     part = hos.Partition.per_tensor(params)
     hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
-    assert cuts["made"] == sum(2 * (4 - layer) for layer in range(1, 5)) - 3
+    assert cuts["made"] == sum(2 * (4 - layer) for layer in range(1, 5))
 
 
 def test_cut_and_whole_passes_agree_to_rounding(cuts, monkeypatch):
@@ -130,14 +130,32 @@ def test_cut_and_whole_passes_agree_to_rounding(cuts, monkeypatch):
     _close(cut, whole, "diag D³", **ROUNDOFF)
 
 
-def test_the_adaptive_passes_cut_past_the_probe(cuts, monkeypatch):
-    """With chunks sized by memory (the default) the first pass is whole and later ones cut."""
-    monkeypatch.setattr(passes, "JET_FLOOR_BYTES", 1)
+def test_the_adaptive_passes_cut_from_the_probe_on(cuts, monkeypatch):
+    """With chunks sized by memory (the default): a floor pass carrying every group runs whole
+    (it may be the only one); once it outgrows the floor, the probe and every later pass cut,
+    on this call and on the next (which starts with the probe)."""
     loss, params, u = _problem("mlp")
     part = hos.Partition.per_tensor(params)
-    got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor")
-    assert cuts["made"] > 0
-    _close(got, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+    seen: list[tuple[int, bool]] = []
+    run = passes.jet_pass
+
+    def recorded(prob, order, groups, usage=None, max_bytes=None, cuts=None):
+        seen.append((len(groups), cuts is not None))
+        return run(prob, order, groups, usage, max_bytes, cuts)
+
+    monkeypatch.setattr(passes, "jet_pass", recorded)
+    hos.summary_diagonal(loss, params, u, part, 3, backend="taylor")
+    assert seen == [(len(part), False)]  # one floor pass, whole
+    monkeypatch.setattr(passes, "JET_FLOOR_BYTES", 1)
+    for call in ("first", "next"):
+        seen.clear()
+        got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor")
+        if call == "first":  # the floor pass, stopped at once, then the probe
+            assert seen[0] == (len(part), False)
+            seen.pop(0)
+        assert seen[0] == (passes.PROBE_CHUNK, True)
+        assert all(cut for _, cut in seen) and sum(n for n, _ in seen) == len(part)
+        _close(got, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
 
 
 def _two_layers():
@@ -207,9 +225,9 @@ def test_addmm_and_matrix_products_are_cut(cuts):
 
     part = hos.Partition.per_tensor(params)
     got = hos.summary_diagonal(loss, params, u, part, 3, backend="taylor", chunk=1)
-    # the pass of `first` runs whole; those of addmm's weight and bias cut at mm and the last
-    # matmul, that of `mid` at the last matmul
-    assert cuts["made"] == 2 * 2 + 1
+    # the pass of `first` cuts at addmm, mm and the last matmul; those of addmm's weight and
+    # bias at mm and the last matmul, that of `mid` at the last matmul
+    assert cuts["made"] == 3 + 2 * 2 + 1
     _close(got, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
 
 
