@@ -16,13 +16,14 @@ and Taylor mode must follow every one of them without falling back to reverse mo
 from __future__ import annotations
 
 import functools
+import logging
 
 import pytest
 import torch
 
 import hos
-from hos.backends import passes
-from hos.taylor.cuts import CutTracker
+from hos.backends import passes, taylor
+from hos.taylor.cuts import CutTracker, PairCutTracker
 from tests.helpers import fd
 from tests.helpers import realmodels as R
 from tests.helpers.thirdparty import needs
@@ -120,6 +121,38 @@ ATTENTION_AS_ONE_RULE = {
     "llama-sdpa-leftpad", "qwen2-sdpa-rightpad", "mistral-sdpa-leftpad", "bert-sdpa",
     "encoder-post-train", "encoder-pre-train", "encoder-post-eval", "encoder-pre-eval",
 }  # fmt: skip
+
+
+#: the models with at most `PAIR_MAX_GROUPS` tensors: one group per tensor takes the one-pass
+#: summary
+PER_TENSOR_ONE_PASS = _params(["mixtral-router", "lstm-tied"])
+
+
+@pytest.mark.parametrize("name", PER_TENSOR_ONE_PASS)
+def test_the_one_pass_summary_per_tensor_matches_reverse_mode(name, monkeypatch, caplog):
+    """One group per tensor (S <= 12): the one pass, its top rows cut and its layers' own-weight
+    pairs contracted, against reverse mode; and it runs (the pairs' budget: once the two-line
+    layers of Mixtral's router crossed, they no longer weighed in it and the pass gave way to
+    reverse rows, at 2.5 times the time)."""
+    b = _built(name)
+    part = hos.Partition.per_tensor(b.params)
+    assert len(part) <= taylor.PAIR_MAX_GROUPS
+    crossed, contract = [], PairCutTracker.contract
+
+    def counted(self, value, S):
+        crossed.append(len(self.crossings))
+        return contract(self, value, S)
+
+    monkeypatch.setattr(PairCutTracker, "contract", counted)
+    with caplog.at_level(logging.INFO, logger="hos"):
+        s = hos.summarize(b.loss, b.params, b.direction, part)
+    assert hos.last_fallback() is None, f"{name}: Taylor mode fell back"
+    assert "gives way" not in caplog.text and crossed and crossed[0] > 0, caplog.text
+    r = hos.summarize(b.loss, b.params, b.direction, part, backend="reverse")
+    for what in ("g", "H", "d3"):
+        fd.close(
+            getattr(s, what), getattr(r, what), _agree(b), f"{name} {what}: one pass vs reverse"
+        )
 
 
 @pytest.mark.parametrize("name", ALL)

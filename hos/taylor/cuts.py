@@ -91,15 +91,13 @@ def _carrying(
     tracker: UnivariateTracker, x: torch.Tensor, jet: Jet | None, copy: bool = False
 ) -> torch.Tensor:
     """An alias of x (a copy with `copy`; in x's autograd graph, if it has one) carrying `jet`
-    in `tracker`, handed on in place of x; x's bytes stay counted once."""
+    in `tracker`, handed on in place of x; x's bytes and mixed block stay counted once."""
     with torch._C.DisableTorchFunction():
         alias = x.clone() if copy else x.view_as(x)
-    held = tracker.primal_bytes
     try:
-        tracker._store(alias, jet)
+        tracker._store(alias, jet, alias=True)
     except TaylorFallback as exc:  # past the memory cap: the engine's protocol
         tracker.fail(exc)
-    tracker.primal_bytes = held
     return alias
 
 
@@ -275,13 +273,14 @@ _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 def _conv_settings(func: Callable, leaves: list, spec: Any) -> dict | None:
     """The stride, padding, dilation and groups of a batched convolution call whose input and
-    weight come first, or None (string padding, an unbatched input: autograd takes those)."""
+    weight are its first two leaves (positional or by keyword), or None (string padding, an
+    unbatched input: autograd takes those)."""
     if func not in _CONV_INPUT:
         return None
     args, kwargs = tree_unflatten(leaves, spec)
     named = {**dict(zip(("stride", "padding", "dilation", "groups"), args[3:])), **kwargs}
     settings = {k: named.get(k, v) for k, v in _CONV_DEFAULTS.items()}
-    if isinstance(settings["padding"], str) or args[0].dim() != args[1].dim():
+    if isinstance(settings["padding"], str) or leaves[0].dim() != leaves[1].dim():
         return None
     return settings
 
@@ -365,6 +364,17 @@ class PairCutTracker(UnivariateTracker):
             return out
         if not (isinstance(out, torch.Tensor) and out.requires_grad):  # no δ_y can come
             self.fail(TaylorFallback("a layer's own-weight pairs have no gradient to meet"))
+        # the pairs' budget counts the pairs left to `contract` as if formed, so that where the
+        # one pass runs does not depend on which layers cross (uncounted, Mixtral's router gave
+        # its pairs up: its cheap two-line layers no longer weighed in the budget)
+        jet = self.jet(out)
+        try:
+            self.count_pairs(
+                len(made.lines) * out.numel(),
+                0 if jet is not None and jet.mixed is not None else out.numel(),
+            )
+        except TaylorFallback as exc:
+            self.fail(exc)
         # δ_y must be the gradient of y as the call made it: the model gets a copy carrying y's
         # jet, so that its in-place writes (a ReLU(inplace=True) on a convolution's output)
         # change the copy, not the y the backward is asked about

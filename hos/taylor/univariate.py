@@ -154,20 +154,30 @@ class UnivariateTracker(Tracker):
         out.index_put_((cols, rows), values)
         return out
 
-    def _store(self, tensor: torch.Tensor, jet: Jet) -> None:
+    def count_pairs(self, mixed_numel: int, primal_numel: int) -> None:
+        """Count mixed coefficients and the activations that carry them towards the pairs'
+        budget; raises `TaylorFallback` once the first outgrow `pair_budget` times the second."""
+        self._mixed_numel += mixed_numel
+        self._primal_numel += primal_numel
+        if self._mixed_numel > self.pair_budget * max(self._primal_numel, 1):
+            raise TaylorFallback(
+                f"mixed coefficients exceed {self.pair_budget:g}x the activations; "
+                "the mixed entries of H̄ go to reverse mode"
+            )
+
+    def _store(self, tensor: torch.Tensor, jet: Jet, alias: bool = False) -> None:
+        """Record `jet` as `tensor`'s; `alias`: `tensor` stands for one already counted (the
+        cuts' aliases and copies, `hos.taylor.cuts`), so neither its activation nor its mixed
+        block counts again towards the pairs' budget and the activations' bytes."""
         if jet is None or (all(c is None for c in jet.coeffs) and jet.mixed is None):
             return
         blocks = [c for c in jet.coeffs if c is not None]
         if jet.mixed is not None:
             blocks.append(jet.mixed)
-            self._mixed_numel += jet.mixed.numel()
-            self._primal_numel += tensor.numel()
-            if self._mixed_numel > self.pair_budget * max(self._primal_numel, 1):
-                raise TaylorFallback(
-                    f"mixed coefficients exceed {self.pair_budget:g}x the activations; "
-                    "the mixed entries of H̄ go to reverse mode"
-                )
-        self.primal_bytes += tensor.numel() * tensor.element_size()
+        if jet.mixed is not None and not alias:
+            self.count_pairs(jet.mixed.numel(), tensor.numel())
+        if not alias:
+            self.primal_bytes += tensor.numel() * tensor.element_size()
         self._forget(id(tensor))
         held = self._hold(blocks)
         self.peak_bytes = max(self.peak_bytes, self.bytes)

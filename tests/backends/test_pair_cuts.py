@@ -230,6 +230,30 @@ def test_two_lines_cross_a_layer_whose_adjoint_is_one_product(cuts):
     _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
 
 
+def test_convolutions_called_with_keywords_cross(cuts):
+    """`F.conv2d` with its settings given by keyword, or some positionally and some by keyword:
+    the adjoint reads the call's stride, padding and dilation wherever they were given. (The
+    cuts take a call whose input and weight come first, positionally: a weight given by keyword
+    runs the layer whole.)"""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 6, 6, generator=gen, dtype=DT)
+    shapes = {"stem": (4, 2, 3, 3), "stem_b": (4,), "k1": (3, 4, 3, 3), "k2": (2, 4, 3, 3)}
+    params = {k: 0.5 * torch.randn(v, generator=gen, dtype=DT) for k, v in shapes.items()}
+    u = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+
+    def loss(p):
+        h = torch.tanh(F.conv2d(x, p["stem"], p["stem_b"], padding=1))
+        a = torch.tanh(F.conv2d(h, p["k1"], stride=2, padding=1))
+        b = torch.tanh(F.conv2d(h, p["k2"], None, 1, dilation=2, padding=2))
+        return a.mean() + b.square().mean()
+
+    part = hos.Partition.per_tensor(params)
+    s = _summary(loss, params, u, part)
+    assert cuts["lines"].count((F.conv2d, 2)) == 2
+    _close(s.H, reference.summary_tensor(loss, params, u, part, 2), "H̄", **EXACT)
+    _close(s.d3, reference.summary_diagonal(loss, params, u, part, 3), "diag D³", **EXACT)
+
+
 @pytest.mark.parametrize("name", ["encoder", "tied"])
 def test_cut_and_whole_passes_agree_to_rounding(name, cuts, monkeypatch):
     loss, params, u = _problem(name)
