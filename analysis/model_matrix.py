@@ -12,13 +12,14 @@ torch.nn; random weights, nothing downloaded):
   `torch.autograd.grad`) for diag D³ and `torch.func.hessian` for H̄, against hos;
 * **cost** (float32, one tensor per group, S = the number of parameter tensors): `summarize`
   and `summary_diagonal(order=3)` as multiples of one plain `criterion(model(x), y).backward()`
-  on the module timed in the same run (best of 3 after a warm-up), and summarize per group,
-  `ratio / S`.
+  on the module: the median of 3 calls, each divided by the unit timed right before and right
+  after it (`toolkit.bracketed_ratio`: this shared machine's speed drifts over minutes), and
+  summarize per group, `ratio / S`.
 
 Writes analysis/results/model_matrix.json and docs/models.md (the table in the docs; both under
 $HOS_ANALYSIS_OUT when it is set).
 
-    python analysis/model_matrix.py [--only NAME ...] [--skip-cost]
+    python analysis/model_matrix.py [--only NAME ...] [--skip-cost | --cost-only]
 """
 
 from __future__ import annotations
@@ -156,21 +157,27 @@ def cost(b: R.Built) -> dict:
         p = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in params.items())}
         torch.autograd.grad(f32(p), list(p.values()))
 
-    # the unit: a plain criterion(model(x), y).backward() on the module (no hos mode in the way)
-    grad_s = toolkit.best_time(unit, 3)
-    hos_grad_s = toolkit.best_time(gradient_through_hos, 3)
-    summarize_s = toolkit.best_time(lambda: hos.summarize(f32, params, u, part), 3)
+    # the unit: a plain criterion(model(x), y).backward() on the module (no hos mode in the way),
+    # timed right before and after each measured call (`toolkit.bracketed_ratio`)
+    grad = toolkit.bracketed_ratio(gradient_through_hos, unit, rounds=3)
+    summ = toolkit.bracketed_ratio(lambda: hos.summarize(f32, params, u, part), unit, rounds=3)
     fallback = hos.last_fallback()
-    diag_s = toolkit.best_time(lambda: hos.summary_diagonal(f32, params, u, part, 3), 3)
+    diag = toolkit.bracketed_ratio(
+        lambda: hos.summary_diagonal(f32, params, u, part, 3), unit, rounds=3
+    )
     S = len(part)
     return {
         "S": S,
         "parameters": sum(v.numel() for v in params.values()),
-        "gradient_s": grad_s,
-        "model_loss_gradient_s": hos_grad_s,
-        "summarize": summarize_s / grad_s,
-        "summarize_per_group": summarize_s / grad_s / S,
-        "diag3": diag_s / grad_s,
+        "timing": "median of 3 calls, each against the unit timed right before and after it",
+        "gradient_s": summ["unit_seconds"],
+        "model_loss_gradient_s": grad["seconds"],
+        "model_loss_gradient": grad["ratio"],
+        "summarize": summ["ratio"],
+        "summarize_rounds": summ["ratios"],
+        "summarize_per_group": summ["ratio"] / S,
+        "diag3": diag["ratio"],
+        "diag3_rounds": diag["ratios"],
         "fallback": None if fallback is None else list(fallback.reasons),
     }
 
@@ -217,9 +224,9 @@ def write_docs(results: dict) -> None:
         "  PyTorch's fused kernels (batch/layer norm, attention) having wrong higher derivatives.",
         "* **cost**: float32, one group per parameter tensor (S = tensors), `summarize` and",
         "  `summary_diagonal(order=3)` as multiples of one plain",
-        "  `criterion(model(x), y).backward()` on the module in the same run (the unit of every",
-        "  benchmark; a gradient through `hos.model_loss` is in the JSON), and `summarize` per",
-        "  group.",
+        "  `criterion(model(x), y).backward()` on the module (the unit of every benchmark; a",
+        "  gradient through `hos.model_loss` is in the JSON), each the median of 3 calls divided",
+        "  by the unit timed right before and after the call, and `summarize` per group.",
         "",
         "| model | S (oracle) | error vs oracle ḡ / H̄ / d³ | Taylor mode | PyTorch alone: 3rd backward d³ / func.hessian H̄ | S (cost) | summarize (gradients) | per group | diag D³ (gradients) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -252,6 +259,10 @@ def main() -> None:
         "--only", nargs="*", default=None, help="model names (tests/helpers/realmodels.py)"
     )
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument(
+        "--cost-only", action="store_true",
+        help="time the models again, keeping their exactness columns from the JSON",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -266,9 +277,13 @@ def main() -> None:
         t = time.perf_counter()
         try:
             b = entry.build()
-            row = exactness(b)
-            summary = row.pop("summary")
-            row["pytorch"] = pytorch_nested(b, summary)
+            kept = previous["models"].get(entry.name, {})
+            if args.cost_only and "fd_error" in kept:
+                row = {k: v for k, v in kept.items() if k not in ("cost", "label", "family")}
+            else:
+                row = exactness(b)
+                summary = row.pop("summary")
+                row["pytorch"] = pytorch_nested(b, summary)
             row["cost"] = None if args.skip_cost else cost(b)
         except Exception as exc:  # a model the matrix cannot run is a result to report
             row = {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "S": None}

@@ -21,7 +21,10 @@ Timing (wall clock):
 
 * `best_time(fn, repeats, warm=True, collect=False)`: the fastest of `repeats` calls (after one
   untimed call if `warm`; a garbage collection before each timed call if `collect`);
-* `timed(fn, collect=False)`: `(fn(), seconds)` of one call.
+* `timed(fn, collect=False)`: `(fn(), seconds)` of one call;
+* `bracketed_ratio(fn, unit, rounds=3)`: `fn`'s time in units of `unit` when the machine's
+  speed drifts: each round times one call of `fn` between two best-of-3 timings of `unit`
+  and divides by the faster of those two; the median over the rounds (with every round's).
 
 Memory and processes:
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +75,7 @@ __all__ = [
     "ROOT",
     "TABLES",
     "best_time",
+    "bracketed_ratio",
     "evaluate",
     "free_port",
     "generated_block",
@@ -182,6 +187,34 @@ def best_time(
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def bracketed_ratio(
+    fn: Callable[[], object], unit: Callable[[], object], rounds: int = 3, unit_repeats: int = 3
+) -> dict:
+    """`fn`'s wall time in units of `unit`, each call measured against the unit timed right
+    before and right after it (the faster of two best-of-`unit_repeats`), so that a machine
+    whose speed drifts over minutes (a shared host: the unit moved by 50 % between runs of the
+    same script here) changes both sides of a ratio together; a best-of for each side, taken
+    minutes apart, does not. One untimed call of each first.
+
+    Returns ``{"ratio": median over the rounds, "ratios": [...], "seconds": median seconds of
+    fn, "unit_seconds": median of the rounds' units}``.
+    """
+    fn()
+    unit()
+    ratios, seconds, units = [], [], []
+    before = best_time(unit, unit_repeats, warm=False, collect=True)
+    for _ in range(max(rounds, 1)):
+        _, took = timed(fn, collect=True)
+        after = best_time(unit, unit_repeats, warm=False, collect=True)
+        base = min(before, after)
+        ratios.append(took / base)
+        seconds.append(took)
+        units.append(base)
+        before = after  # the next round's "before" is this round's "after"
+    return {"ratio": statistics.median(ratios), "ratios": ratios,
+            "seconds": statistics.median(seconds), "unit_seconds": statistics.median(units)}  # fmt: skip
 
 
 def timed(fn: Callable[[], Any], collect: bool = False) -> tuple[Any, float]:
