@@ -155,27 +155,23 @@ class UnivariateTracker(Tracker):
         return out
 
     def count_pairs(self, mixed_numel: int, primal_numel: int) -> None:
-        """Count mixed coefficients and the activations that carry them towards the pairs'
-        budget; raises `TaylorFallback` once the first outgrow `pair_budget` times the second."""
+        """Count mixed coefficients and their activations; past `pair_budget`: TaylorFallback."""
         self._mixed_numel += mixed_numel
         self._primal_numel += primal_numel
         if self._mixed_numel > self.pair_budget * max(self._primal_numel, 1):
-            raise TaylorFallback(
-                f"mixed coefficients exceed {self.pair_budget:g}x the activations; "
-                "the mixed entries of H̄ go to reverse mode"
-            )
+            why = f"mixed coefficients exceed {self.pair_budget:g}x the activations"
+            raise TaylorFallback(why + "; the mixed entries of H̄ go to reverse mode")
 
     def _store(self, tensor: torch.Tensor, jet: Jet, alias: bool = False) -> None:
-        """Record `jet` as `tensor`'s; `alias`: `tensor` stands for one already counted (the
-        cuts' aliases and copies, `hos.taylor.cuts`), so neither its activation nor its mixed
-        block counts again towards the pairs' budget and the activations' bytes."""
+        """Record `jet` as `tensor`'s (`alias`: for a tensor counted already, the cuts' aliases
+        and copies: not again in the pairs' budget nor in the activations' bytes)."""
         if jet is None or (all(c is None for c in jet.coeffs) and jet.mixed is None):
             return
         blocks = [c for c in jet.coeffs if c is not None]
         if jet.mixed is not None:
             blocks.append(jet.mixed)
-        if jet.mixed is not None and not alias:
-            self.count_pairs(jet.mixed.numel(), tensor.numel())
+            if not alias:
+                self.count_pairs(jet.mixed.numel(), tensor.numel())
         if not alias:
             self.primal_bytes += tensor.numel() * tensor.element_size()
         self._forget(id(tensor))
