@@ -272,9 +272,9 @@ _CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
 def _conv_settings(func: Callable, leaves: list, spec: Any) -> dict | None:
-    """The stride, padding, dilation and groups of a batched convolution call whose input and
-    weight are its first two leaves (positional or by keyword), or None (string padding, an
-    unbatched input: autograd takes those)."""
+    """The stride, padding, dilation and groups (positional or by keyword) of a batched
+    convolution call whose input and weight are its first two leaves (positional, as the cuts
+    take them), or None (string padding, an unbatched input: autograd takes those)."""
     if func not in _CONV_INPUT:
         return None
     args, kwargs = tree_unflatten(leaves, spec)
@@ -364,9 +364,9 @@ class PairCutTracker(UnivariateTracker):
             return out
         if not (isinstance(out, torch.Tensor) and out.requires_grad):  # no δ_y can come
             self.fail(TaylorFallback("a layer's own-weight pairs have no gradient to meet"))
-        # the pairs' budget counts the pairs left to `contract` as if formed, so that where the
-        # one pass runs does not depend on which layers cross (uncounted, Mixtral's router gave
-        # its pairs up: its cheap two-line layers no longer weighed in the budget)
+        # the pairs' budget counts the pairs left to `contract` as if formed here (uncounted,
+        # Mixtral's router gave its pairs up: its cheap two-line layers no longer weighed in the
+        # budget); downstream, a crossing can still spare mixed blocks (after a ReLU, say)
         jet = self.jet(out)
         try:
             self.count_pairs(
