@@ -242,10 +242,10 @@ def taylor_tensor(prob: Problem, order: int) -> torch.Tensor:
 def taylor_summarize(prob: Problem, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
     """(ḡ, H̄, diag D³, L) by Taylor mode.
 
-    For S <= `PAIR_MAX_GROUPS` (and no `chunk`), first one forward pass with
-    the mixed second-order coefficients of every pair of groups (its top rows contracted with the
-    gradient of its own primal graph or of a backward beforehand, `PAIR_CUTS`). Otherwise (or when that outgrows its budget) reverse rows for ḡ and H̄ and
-    diag D³ by univariate Taylor mode, in forward passes of `chunk` groups (default: as many
+    For S <= `PAIR_MAX_GROUPS` (and no `chunk`), first one forward pass with the mixed
+    second-order coefficients of every pair of groups (its top rows contracted with the gradient
+    of its own primal graph or of a backward beforehand, `PAIR_CUTS`). Otherwise (or when that
+    outgrows its budget) reverse rows for ḡ and H̄ and diag D³ by univariate Taylor mode, in forward passes of `chunk` groups (default: as many
     as keep the coefficients within about a gradient's memory, see
     `hos.backends.passes.next_chunk`), done before the graph for the rows is built so that
     the two never hold memory together. Groups Taylor mode cannot follow get d3 from a third

@@ -241,7 +241,8 @@ class CutTracker(UnivariateTracker):
 class _Crossing(NamedTuple):
     """A layer y = f(x, w) whose pairs (i, w) with x's lines i were left to `contract`: the call
     (its bias-free leaves, x's and w's positions among them), x's lines and their first
-    coefficients, w and its direction u_w."""
+    coefficients, w and its direction u_w, and whether its adjoint is one product
+    (`_one_product`)."""
 
     y: torch.Tensor | None
     func: Callable
@@ -253,6 +254,7 @@ class _Crossing(NamedTuple):
     first: torch.Tensor
     w: int
     u: torch.Tensor
+    one_product: bool
 
 
 #: `PairCutTracker` contracts a layer's own-weight pairs where its input carries at least this
@@ -394,11 +396,8 @@ class PairCutTracker(UnivariateTracker):
                 x_jet, w_jet = factors[i], factors[j]
                 first, u = x_jet.coeffs[0], w_jet.coeffs[0]
                 others = tuple(s for s in x_jet.groups if s not in w_jet.groups)
-                least = (
-                    CROSS_MIN_LINES_ONE_PRODUCT
-                    if _one_product(func, leaves, spec, at[0], w_at[0])
-                    else CROSS_MIN_LINES
-                )
+                one = _one_product(func, leaves, spec, at[0], w_at[0])
+                least = CROSS_MIN_LINES_ONE_PRODUCT if one else CROSS_MIN_LINES
                 if (
                     len(others) >= least
                     and len(w_jet.groups) == 1
@@ -409,7 +408,7 @@ class PairCutTracker(UnivariateTracker):
                     crossing["made"] = _Crossing(
                         None, func, leaves, spec, at[0], w_at[0], others,
                         J.rows(first, [x_jet.groups.index(s) for s in others]), w_jet.groups[0],
-                        u[0],
+                        u[0], one,
                     )  # fmt: skip
                     if others == x_jet.groups:
                         return  # no line in common: the pairs were all this call would form
@@ -482,7 +481,7 @@ class PairCutTracker(UnivariateTracker):
         first = c.first
         delta = delta.to(first.dtype)
         back = None
-        if _one_product(c.func, c.leaves, c.spec, c.at, c.w_at):
+        if c.one_product:
             u = c.u.to(first.dtype)
             with torch.no_grad():
                 if c.func is F.linear:
